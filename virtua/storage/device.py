@@ -1,0 +1,144 @@
+"""The block-device interface the storage engine offers to the layers above it.
+
+Everything is addressed by byte offset and length. The data path (read/write/zero/
+discard/block_status) is synchronous and non-blocking in practice (page-cache I/O with
+os.pread/os.pwrite), so an asyncio server calls it inline: handing small requests to a
+thread pool costs 5-10x here. flush() does fdatasync and a metadata commit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Protocol, runtime_checkable
+
+# Extent flags, chosen to equal NBD's base:allocation bits.
+HOLE = 1  # not allocated
+ZERO = 2  # reads as zeros
+
+
+class Extent(NamedTuple):
+    offset: int
+    length: int
+    flags: int  # HOLE | ZERO bits; 0 = allocated data
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    """A disk-like object: a volume, a snapshot, or a plain file."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def readonly(self) -> bool: ...
+
+    @property
+    def block_size(self) -> int:
+        """Preferred I/O granularity in bytes (the engine's chunk size)."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill buf (len(buf) bytes) from offset; the zero-copy read path."""
+        ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        """Make the range read as zeros; may_trim lets it release space (no NBD NO_HOLE)."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """TRIM: release space; the range reads as zeros afterwards."""
+        ...
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable (survives kill -9 and power loss)."""
+        ...
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents covering [offset, offset+length) in order, adjacent ones with equal flags merged."""
+        ...
+
+
+class FileDevice:
+    """A plain file (or block device) as a BlockDevice: the baseline and a test double.
+
+    Block status reports the file's holes through SEEK_DATA/SEEK_HOLE.
+    """
+
+    def __init__(self, path: str, readonly: bool = False, block_size: int = 4096) -> None:
+        self.path = path
+        self._readonly = readonly
+        self._block_size = block_size
+        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        self._size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        n = os.preadv(self.fd, [buf], offset)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        os.pwrite(self.fd, data, offset)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        from virtua.storage.fallocate import punch_hole
+
+        if not (may_trim and punch_hole(self.fd, offset, length)):
+            os.pwrite(self.fd, bytes(length), offset)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, may_trim=True)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        end = offset + length
+        out: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = end
+            if data > pos:
+                hole_end = min(data, end)
+                out.append(Extent(pos, hole_end - pos, HOLE | ZERO))
+                pos = hole_end
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            data_end = min(hole, end)
+            out.append(Extent(pos, data_end - pos, 0))
+            pos = data_end
+        return out

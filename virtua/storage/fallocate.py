@@ -1,0 +1,28 @@
+"""fallocate(2) hole punching, which Python's os module does not expose."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) so it reads as zeros. False if unsupported."""
+    if length <= 0:
+        return True
+    rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (95, 38):  # EOPNOTSUPP, ENOSYS
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
