@@ -1,0 +1,869 @@
+"""A storage pool: one data file of fixed-size chunks, metadata in SQLite.
+
+Invariants (docs/storage.md explains them):
+- Every physical chunk is owned by at most one layer (``owner[phys]``), or is free.
+- A committed extent row never points at data that is not durable: flush() runs
+  fdatasync on the data file before it commits the rows written since the last flush.
+- A chunk freed since the last commit is not reused until that commit is durable, and a
+  free chunk is hole-punched, so a newly allocated chunk always reads as zeros.
+- A frozen layer (one a snapshot refers to, or one with children) is never written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from virtua.errors import (
+    AlreadyExists,
+    Busy,
+    DependencyError,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+)
+from virtua.storage.blockmap import HOLE_V, ZERO_V, BlockMap
+from virtua.storage.fallocate import punch_hole
+from virtua.storage.meta import SCHEMA_VERSION, Tx, connect
+from virtua.storage.names import check_name
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_OVERCOMMIT = 20.0
+SECTOR = 512
+# Commit metadata by itself once this many chunk mappings are pending, so memory stays
+# bounded for a writer that never flushes.
+AUTO_COMMIT_ROWS = 65536
+_DELETE = None  # pending-row marker: remove the row
+
+
+@dataclass
+class Layer:
+    id: int
+    parent: int | None
+    volume: int
+
+
+@dataclass
+class Snapshot:
+    id: int
+    volume: int
+    name: str
+    layer: int
+    size: int
+    created: float
+
+
+@dataclass
+class Volume:
+    id: int
+    name: str
+    size: int
+    layer: int
+    origin: int | None
+    created: float
+    # In-memory I/O state, built on first use.
+    map: BlockMap | None = field(default=None, repr=False)
+    parent_map: BlockMap | None = field(default=None, repr=False)
+    deleted: bool = False
+
+
+class Pool:
+    """An open pool. One process at a time holds it (an exclusive flock)."""
+
+    def __init__(self, path: Path, wait: float = 10.0) -> None:
+        self.path = Path(path)
+        if not (self.path / "meta.db").exists():
+            raise NotFound(f"no pool at {self.path}")
+        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
+                    os.close(self._lock_fd)
+                    raise Busy(
+                        f"pool at {self.path} is in use by process {holder or '?'}; "
+                        "run the command through `virtua serve` or stop that process"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        self.db = connect(self.path / "meta.db")
+        settings = dict(self.db.execute("SELECT key, value FROM settings").fetchall())
+        if int(settings.get("version", "0")) != SCHEMA_VERSION:
+            raise InvalidArgument(f"pool at {self.path}: unsupported format {settings.get('version')}")
+        self.name: str = settings["name"]
+        self.chunk_size = int(settings["chunk_size"])
+        self.chunk_shift = self.chunk_size.bit_length() - 1
+        self.chunk_mask = self.chunk_size - 1
+        self.capacity = int(settings["capacity"])
+        self.capacity_chunks = self.capacity >> self.chunk_shift
+        self.overcommit = float(settings["overcommit"])
+        self.created = float(settings.get("created", "0"))
+        self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
+        self.zeros = bytes(self.chunk_size)
+        self.closed = False
+        self._load()
+
+    # ------------------------------------------------------------------ creation / open
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        name: str,
+        capacity: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        overcommit: float = DEFAULT_OVERCOMMIT,
+    ) -> Pool:
+        check_name(name, "pool name")
+        if chunk_size < 4096 or chunk_size > 16 << 20 or chunk_size & (chunk_size - 1):
+            raise InvalidArgument(
+                f"bad chunk size {chunk_size}: must be a power of two from 4K to 16M"
+            )
+        if overcommit < 1.0:
+            raise InvalidArgument(f"bad overcommit ratio {overcommit}: must be >= 1.0")
+        path = Path(path)
+        if (path / "meta.db").exists():
+            raise AlreadyExists(f"a pool already exists at {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        if capacity is None:
+            st = os.statvfs(path)
+            capacity = st.f_bavail * st.f_frsize
+        capacity -= capacity % chunk_size
+        if capacity < 2 * chunk_size:
+            raise InvalidArgument(f"capacity too small: need at least {2 * chunk_size} bytes")
+        db = connect(path / "meta.db")
+        with Tx(db):
+            db.executemany(
+                "INSERT INTO settings (key, value) VALUES (?, ?)",
+                [
+                    ("version", str(SCHEMA_VERSION)),
+                    ("name", name),
+                    ("chunk_size", str(chunk_size)),
+                    ("capacity", str(capacity)),
+                    ("overcommit", str(overcommit)),
+                    ("created", str(time.time())),
+                ],
+            )
+        db.close()
+        return cls(path)
+
+    def _load(self) -> None:
+        db = self.db
+        self.layers: dict[int, Layer] = {
+            r[0]: Layer(r[0], r[1], r[2]) for r in db.execute("SELECT id, parent, volume FROM layers")
+        }
+        self.volumes: dict[int, Volume] = {
+            r[0]: Volume(*r)
+            for r in db.execute("SELECT id, name, size, layer, origin, created FROM volumes")
+        }
+        self.volumes_by_name: dict[str, Volume] = {v.name: v for v in self.volumes.values()}
+        self.snapshots: dict[int, Snapshot] = {
+            r[0]: Snapshot(*r)
+            for r in db.execute("SELECT id, volume, name, layer, size, created FROM snapshots")
+        }
+        # owner[phys] = layer id; 0 = free. Grows with the high-water mark, never with
+        # the capacity, so a big empty pool costs nothing.
+        self.owner = array("i")
+        hwm = 1  # chunk 0 is never used
+        rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
+        if rows:
+            hwm = max(p for p, _ in rows) + 1
+        self.owner = array("i", bytes(4 * hwm))
+        for p, lid in rows:
+            self.owner[p] = lid
+        self.hwm = hwm
+        self.free: list[int] = [p for p in range(hwm - 1, 0, -1) if self.owner[p] == 0]
+        self.used = hwm - 1 - len(self.free)
+        self._pending: dict[tuple[int, int], int | None] = {}
+        self._pending_free: list[int] = []
+        self.frozen: dict[int, BlockMap] = {}
+        # A crash between a commit and its hole punch leaves stale data in free chunks.
+        self._punch_chunks(self.free)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        self.db.close()
+        os.close(self.data_fd)
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ chunk allocator
+
+    @property
+    def free_chunks(self) -> int:
+        return self.capacity_chunks - self.used
+
+    def reserve(self, n: int) -> None:
+        """Raise NoSpace unless n chunks can be allocated now."""
+        if n > self.capacity_chunks - self.used:
+            if self._pending_free and n <= self.capacity_chunks - self.used + len(self._pending_free):
+                self.flush()  # freed chunks become reusable once their commit is durable
+            if n > self.capacity_chunks - self.used:
+                raise NoSpace(
+                    f"pool {self.name} is full: need {n} chunk(s) of {self.chunk_size} bytes, "
+                    f"{self.capacity_chunks - self.used} free"
+                )
+
+    def alloc(self, layer: int) -> int:
+        """One zeroed chunk for layer; call reserve() first."""
+        if self.free:
+            p = self.free.pop()
+        else:
+            p = self.hwm
+            self.hwm += 1
+            self.owner.append(0)
+        self.owner[p] = layer
+        self.used += 1
+        return p
+
+    def release(self, phys: Iterable[int]) -> None:
+        """Give chunks back; they become reusable after the next commit."""
+        for p in phys:
+            self.owner[p] = 0
+            self._pending_free.append(p)
+
+    def _punch_chunks(self, chunks: list[int]) -> None:
+        if not chunks:
+            return
+        sh = self.chunk_shift
+        for start, count in _runs(sorted(chunks)):
+            if not punch_hole(self.data_fd, start << sh, count << sh):
+                os.pwrite(self.data_fd, bytes(count << sh), start << sh)
+
+    def set_row(self, layer: int, chunk: int, phys: int | None) -> None:
+        """Record a mapping change to commit at the next flush (None deletes the row)."""
+        self._pending[(layer, chunk)] = phys
+        if len(self._pending) >= AUTO_COMMIT_ROWS:
+            self.flush()
+
+    # ------------------------------------------------------------------ durability
+
+    def flush(self) -> None:
+        """Data first, then the metadata that points at it, then recycle freed chunks."""
+        os.fdatasync(self.data_fd)
+        if not self._pending and not self._pending_free:
+            return
+        pending, self._pending = self._pending, {}
+        upserts = [(lid, c, p) for (lid, c), p in pending.items() if p is not None]
+        deletes = [(lid, c) for (lid, c), p in pending.items() if p is None]
+        try:
+            with Tx(self.db) as db:
+                if deletes:
+                    db.executemany("DELETE FROM extents WHERE layer = ? AND chunk = ?", deletes)
+                if upserts:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO extents (layer, chunk, phys) VALUES (?, ?, ?)",
+                        upserts,
+                    )
+        except BaseException:
+            pending.update(self._pending)
+            self._pending = pending
+            raise
+        self._recycle()
+
+    def _recycle(self) -> None:
+        freed, self._pending_free = self._pending_free, []
+        if freed:
+            self._punch_chunks(freed)
+            self.free.extend(sorted(freed, reverse=True))
+            self.used -= len(freed)
+
+    # ------------------------------------------------------------------ block maps
+
+    def frozen_map(self, layer_id: int | None) -> BlockMap | None:
+        """The merged, read-only content of a frozen layer (cached; built from the DB)."""
+        if layer_id is None:
+            return None
+        chain: list[int] = []
+        lid: int | None = layer_id
+        while lid is not None and lid not in self.frozen:
+            chain.append(lid)
+            lid = self.layers[lid].parent
+        base = self.frozen.get(lid) if lid is not None else None
+        for lid in reversed(chain):
+            m = base.fork() if base is not None else BlockMap()
+            self._apply_rows(m, lid)
+            self.frozen[lid] = m
+            base = m
+        return self.frozen[layer_id]
+
+    def _apply_rows(self, m: BlockMap, layer_id: int) -> None:
+        for chunk, phys in self.db.execute(
+            "SELECT chunk, phys FROM extents WHERE layer = ?", (layer_id,)
+        ):
+            m.set(chunk, phys)
+        for (lid, chunk), phys in self._pending.items():
+            if lid == layer_id:
+                m.set(chunk, HOLE_V if phys is None else phys)
+
+    def volume_map(self, vol: Volume) -> BlockMap:
+        if vol.map is None:
+            top = self.layers[vol.layer]
+            vol.parent_map = self.frozen_map(top.parent)
+            m = vol.parent_map.fork() if vol.parent_map is not None else BlockMap()
+            self._apply_rows(m, vol.layer)
+            vol.map = m
+        return vol.map
+
+    def _invalidate(self, root_layer: int) -> None:
+        """Forget cached maps of root_layer and every layer above it."""
+        below: dict[int, list[int]] = {}
+        for layer in self.layers.values():
+            if layer.parent is not None:
+                below.setdefault(layer.parent, []).append(layer.id)
+        todo = [root_layer]
+        subtree = set()
+        while todo:
+            lid = todo.pop()
+            subtree.add(lid)
+            todo.extend(below.get(lid, []))
+        for lid in subtree:
+            self.frozen.pop(lid, None)
+        for vol in self.volumes.values():
+            if vol.layer in subtree:
+                vol.map = None
+                vol.parent_map = None
+
+    # ------------------------------------------------------------------ lookups
+
+    def volume(self, name: str) -> Volume:
+        vol = self.volumes_by_name.get(name)
+        if vol is None:
+            raise NotFound(f"volume {self.name}/{name} does not exist")
+        return vol
+
+    def snapshot(self, volume: str, name: str) -> Snapshot:
+        vol = self.volume(volume)
+        for s in self.snapshots.values():
+            if s.volume == vol.id and s.name == name:
+                return s
+        raise NotFound(f"snapshot {self.name}/{volume}@{name} does not exist")
+
+    def snapshot_ref(self, s: Snapshot) -> str:
+        return f"{self.name}/{self.volumes[s.volume].name}@{s.name}"
+
+    def snapshots_of(self, vol: Volume) -> list[Snapshot]:
+        return sorted((s for s in self.snapshots.values() if s.volume == vol.id), key=lambda s: s.id)
+
+    def clones_of(self, snap: Snapshot) -> list[Volume]:
+        return sorted((v for v in self.volumes.values() if v.origin == snap.id), key=lambda v: v.id)
+
+    def provisioned(self) -> int:
+        return sum(v.size for v in self.volumes.values())
+
+    def _check_provision(self, extra: int) -> None:
+        limit = int(self.capacity * self.overcommit)
+        if self.provisioned() + extra > limit:
+            raise NoSpace(
+                f"pool {self.name}: provisioning {extra} more bytes would exceed the overcommit "
+                f"limit ({self.overcommit:g} x capacity = {limit} bytes; "
+                f"{self.provisioned()} provisioned)"
+            )
+
+    @staticmethod
+    def _check_size(size: int) -> None:
+        if size <= 0 or size % SECTOR:
+            raise InvalidArgument(f"bad volume size {size}: must be a positive multiple of {SECTOR}")
+        if size > 1 << 60:
+            raise InvalidArgument(f"bad volume size {size}: larger than 1 EiB")
+
+    # ------------------------------------------------------------------ volumes
+
+    def create_volume(self, name: str, size: int) -> Volume:
+        check_name(name, "volume name")
+        self._check_size(size)
+        if name in self.volumes_by_name:
+            raise AlreadyExists(f"volume {self.name}/{name} already exists")
+        self._check_provision(size)
+        now = time.time()
+        with Tx(self.db) as db:
+            vid = _next_id(db, "volumes")
+            lid = db.execute("INSERT INTO layers (parent, volume) VALUES (NULL, ?)", (vid,)).lastrowid
+            assert lid is not None
+            db.execute(
+                "INSERT INTO volumes (id, name, size, layer, origin, created) VALUES (?, ?, ?, ?, NULL, ?)",
+                (vid, name, size, lid, now),
+            )
+        self.layers[lid] = Layer(lid, None, vid)
+        vol = Volume(vid, name, size, lid, None, now)
+        self.volumes[vid] = vol
+        self.volumes_by_name[name] = vol
+        return vol
+
+    def resize_volume(self, name: str, size: int, force: bool = False) -> Volume:
+        vol = self.volume(name)
+        self._check_size(size)
+        if size < vol.size:
+            if not force:
+                raise InvalidArgument(
+                    f"refusing to shrink {self.name}/{name} from {vol.size} to {size} bytes: "
+                    "data past the new end is lost; use --force"
+                )
+            # Zero the cut-off tail first so that growing again reads zeros there.
+            from virtua.storage.volume import VolumeDevice
+
+            VolumeDevice(self, vol).write_zeroes(size, vol.size - size)
+        elif size > vol.size:
+            self._check_provision(size - vol.size)
+        self.flush()
+        self.db.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, vol.id))
+        vol.size = size
+        return vol
+
+    def delete_volume(self, name: str, recursive: bool = False) -> list[str]:
+        """Delete a volume; with recursive, its snapshots and their clones too."""
+        vol = self.volume(name)
+        snaps = self.snapshots_of(vol)
+        if snaps and not recursive:
+            deps = [f"{self.name}/{name}@{s.name}" for s in snaps]
+            clones = [f"{self.name}/{c.name}" for s in snaps for c in self.clones_of(s)]
+            what = f"snapshot(s) {', '.join(deps)}"
+            if clones:
+                what += f" and clone(s) {', '.join(clones)}"
+            raise DependencyError(f"volume {self.name}/{name} has {what}; use --recursive")
+        self.flush()
+        removed: list[str] = []
+        for snap in snaps:
+            for c in self.clones_of(snap):
+                removed += self.delete_volume(c.name, recursive=True)
+        with Tx(self.db) as db:
+            db.execute("DELETE FROM snapshots WHERE volume = ?", (vol.id,))
+            db.execute("DELETE FROM volumes WHERE id = ?", (vol.id,))
+        for snap in snaps:
+            del self.snapshots[snap.id]
+        del self.volumes[vol.id]
+        del self.volumes_by_name[vol.name]
+        vol.deleted = True
+        vol.map = vol.parent_map = None
+        removed.append(f"{self.name}/{name}")
+        removed += [f"{self.name}/{name}@{snap.name}" for snap in snaps]
+        # Newest first: each layer then has no children left and is freed outright.
+        self._collect(vol.layer)
+        for snap in reversed(snaps):
+            self._collect(snap.layer)
+        return removed
+
+    # ------------------------------------------------------------------ snapshots
+
+    def create_snapshot(self, volume: str, name: str) -> Snapshot:
+        vol = self.volume(volume)
+        check_name(name, "snapshot name")
+        if any(s.volume == vol.id and s.name == name for s in self.snapshots.values()):
+            raise AlreadyExists(f"snapshot {self.name}/{volume}@{name} already exists")
+        self.flush()
+        now = time.time()
+        frozen_layer = vol.layer
+        with Tx(self.db) as db:
+            sid = db.execute(
+                "INSERT INTO snapshots (volume, name, layer, size, created) VALUES (?, ?, ?, ?, ?)",
+                (vol.id, name, frozen_layer, vol.size, now),
+            ).lastrowid
+            assert sid is not None
+            new_top = db.execute(
+                "INSERT INTO layers (parent, volume) VALUES (?, ?)", (frozen_layer, vol.id)
+            ).lastrowid
+            assert new_top is not None
+            db.execute("UPDATE volumes SET layer = ? WHERE id = ?", (new_top, vol.id))
+        snap = Snapshot(sid, vol.id, name, frozen_layer, vol.size, now)
+        self.snapshots[sid] = snap
+        self.layers[new_top] = Layer(new_top, frozen_layer, vol.id)
+        vol.layer = new_top
+        if vol.map is not None:  # O(1): the live map becomes the frozen one
+            self.frozen[frozen_layer] = vol.map
+            vol.parent_map = vol.map
+            vol.map = vol.map.fork()
+        return snap
+
+    def delete_snapshot(self, volume: str, name: str, recursive: bool = False) -> list[str]:
+        snap = self.snapshot(volume, name)
+        clones = self.clones_of(snap)
+        if clones and not recursive:
+            raise DependencyError(
+                f"snapshot {self.snapshot_ref(snap)} has clone(s) "
+                f"{', '.join(self.name + '/' + c.name for c in clones)}; use --recursive"
+            )
+        self.flush()
+        return self._delete_snapshot(snap, recursive)
+
+    def _delete_snapshot(self, snap: Snapshot, recursive: bool) -> list[str]:
+        removed: list[str] = []
+        for c in self.clones_of(snap):
+            removed += self.delete_volume(c.name, recursive=True)
+        ref = self.snapshot_ref(snap)
+        with Tx(self.db) as db:
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snap.id,))
+        del self.snapshots[snap.id]
+        removed.append(ref)
+        self._collect(snap.layer)
+        return removed
+
+    def rollback(self, volume: str, name: str) -> Volume:
+        snap = self.snapshot(volume, name)
+        vol = self.volumes[snap.volume]
+        return self._repoint(vol, snap, snap.size, vol.origin)
+
+    def clone(self, volume: str, snapshot: str | None, new: str, count: int = 1) -> list[Volume]:
+        """Writable clones of volume@snapshot (an implicit snapshot when None): O(1) each."""
+        if count < 1 or count > 10000:
+            raise InvalidArgument(f"bad clone count {count}: must be 1..10000")
+        check_name(new, "volume name")
+        names = [new] if count == 1 else [f"{new}-{i}" for i in range(1, count + 1)]
+        for n in names:
+            check_name(n, "volume name")
+            if n in self.volumes_by_name:
+                raise AlreadyExists(f"volume {self.name}/{n} already exists")
+        src = self.volume(volume)
+        if snapshot is None:
+            snap_name = f"clone-{new}"
+            if any(s.volume == src.id and s.name == snap_name for s in self.snapshots.values()):
+                raise AlreadyExists(f"snapshot {self.name}/{volume}@{snap_name} already exists")
+            self._check_provision(src.size * count)
+            snap = self.create_snapshot(volume, snap_name)
+        else:
+            snap = self.snapshot(volume, snapshot)
+            self._check_provision(snap.size * count)
+        now = time.time()
+        made: list[tuple[int, int, str]] = []
+        with Tx(self.db) as db:
+            vid = _next_id(db, "volumes")
+            for n in names:
+                lid = db.execute(
+                    "INSERT INTO layers (parent, volume) VALUES (?, ?)", (snap.layer, vid)
+                ).lastrowid
+                assert lid is not None
+                db.execute(
+                    "INSERT INTO volumes (id, name, size, layer, origin, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (vid, n, snap.size, lid, snap.id, now),
+                )
+                made.append((vid, lid, n))
+                vid += 1
+        out = []
+        for vid, lid, n in made:
+            self.layers[lid] = Layer(lid, snap.layer, vid)
+            vol = Volume(vid, n, snap.size, lid, snap.id, now)
+            self.volumes[vid] = vol
+            self.volumes_by_name[n] = vol
+            out.append(vol)
+        return out
+
+    def reset(self, volume: str) -> Volume:
+        """Throw away a clone's changes: back to the snapshot it was cloned from."""
+        vol = self.volume(volume)
+        if vol.origin is None:
+            raise InvalidArgument(f"volume {self.name}/{volume} is not a clone: nothing to reset to")
+        snap = self.snapshots[vol.origin]
+        return self._repoint(vol, snap, max(vol.size, snap.size), snap.id)
+
+    def rebase(self, volume: str, target_volume: str, target_snapshot: str) -> Volume:
+        """Point a clone at another snapshot; its private changes are discarded."""
+        vol = self.volume(volume)
+        snap = self.snapshot(target_volume, target_snapshot)
+        if snap.volume == vol.id:
+            raise InvalidArgument(
+                f"{self.snapshot_ref(snap)} is a snapshot of {self.name}/{volume} itself; "
+                "use snapshot rollback"
+            )
+        if self._descends_from(snap.layer, vol):
+            raise InvalidArgument(
+                f"{self.snapshot_ref(snap)} is derived from {self.name}/{volume}: would be a cycle"
+            )
+        return self._repoint(vol, snap, max(vol.size, snap.size), snap.id)
+
+    def _descends_from(self, layer_id: int, vol: Volume) -> bool:
+        lid: int | None = layer_id
+        while lid is not None:
+            if self.layers[lid].volume == vol.id:
+                return True
+            lid = self.layers[lid].parent
+        return False
+
+    def _repoint(self, vol: Volume, snap: Snapshot, size: int, origin: int | None) -> Volume:
+        """Replace vol's top layer by an empty one over snap's layer."""
+        self.flush()
+        old_top = vol.layer
+        with Tx(self.db) as db:
+            new_top = db.execute(
+                "INSERT INTO layers (parent, volume) VALUES (?, ?)", (snap.layer, vol.id)
+            ).lastrowid
+            assert new_top is not None
+            db.execute(
+                "UPDATE volumes SET layer = ?, size = ?, origin = ? WHERE id = ?",
+                (new_top, size, origin, vol.id),
+            )
+        self.layers[new_top] = Layer(new_top, snap.layer, vol.id)
+        vol.layer = new_top
+        vol.size = size
+        vol.origin = origin
+        vol.map = vol.parent_map = None
+        self._collect(old_top)
+        return vol
+
+    def flatten(self, volume: str) -> int:
+        """Copy what vol reads from its origin into its own bottom layer. Returns bytes copied."""
+        vol = self.volume(volume)
+        bottom = self.layers[vol.layer]
+        while bottom.parent is not None and self.layers[bottom.parent].volume == vol.id:
+            bottom = self.layers[bottom.parent]
+        if bottom.parent is None:
+            if vol.origin is not None:
+                vol.origin = None
+                self.db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
+            return 0
+        self.flush()
+        parent_id = bottom.parent
+        parent = self.frozen_map(parent_id)
+        assert parent is not None
+        own = {c for (c,) in self.db.execute("SELECT chunk FROM extents WHERE layer = ?", (bottom.id,))}
+        limit = (vol.size + self.chunk_mask) >> self.chunk_shift
+        todo = [(c, p) for c, p in parent.items() if p > 0 and c < limit and c not in own]
+        self.reserve(len(todo))
+        sh = self.chunk_shift
+        rows = []
+        new_phys = []
+        try:
+            for c, p in todo:
+                q = self.alloc(bottom.id)
+                new_phys.append(q)
+                _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
+                rows.append((bottom.id, c, q))
+            os.fdatasync(self.data_fd)
+            with Tx(self.db) as db:
+                db.executemany("INSERT INTO extents (layer, chunk, phys) VALUES (?, ?, ?)", rows)
+                db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (bottom.id,))
+                db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
+        except BaseException:
+            for q in new_phys:
+                self.owner[q] = 0
+                self.used -= 1
+                self.free.append(q)
+            raise
+        bottom.parent = None
+        vol.origin = None
+        self._invalidate(bottom.id)
+        self._collect(parent_id)
+        return len(rows) * self.chunk_size
+
+    # ------------------------------------------------------------------ layer GC
+
+    def _referenced(self, lid: int) -> bool:
+        return any(v.layer == lid for v in self.volumes.values()) or any(
+            s.layer == lid for s in self.snapshots.values()
+        )
+
+    def _collect(self, lid: int | None) -> None:
+        """Drop layers nothing needs; merge a nameless layer into its only child."""
+        while lid is not None:
+            if lid not in self.layers or self._referenced(lid):
+                return
+            children = [layer for layer in self.layers.values() if layer.parent == lid]
+            parent = self.layers[lid].parent
+            if len(children) > 1:
+                return
+            if not children:
+                with Tx(self.db) as db:
+                    freed = [p for (p,) in db.execute(
+                        "SELECT phys FROM extents WHERE layer = ? AND phys > 0", (lid,))]
+                    db.execute("DELETE FROM extents WHERE layer = ?", (lid,))
+                    db.execute("DELETE FROM layers WHERE id = ?", (lid,))
+                del self.layers[lid]
+                self.frozen.pop(lid, None)
+                self.release(freed)
+                self._recycle()
+                lid = parent
+                continue
+            child = children[0]
+            self._merge_into_child(lid, child)
+            return
+
+    def _merge_into_child(self, lid: int, child: Layer) -> None:
+        parent = self.layers[lid].parent
+        shadowed = "SELECT chunk FROM extents WHERE layer = ?"
+        with Tx(self.db) as db:
+            freed = [p for (p,) in db.execute(
+                f"SELECT phys FROM extents WHERE layer = ? AND phys > 0 AND chunk IN ({shadowed})",
+                (lid, child.id))]
+            moved = [p for (p,) in db.execute(
+                f"SELECT phys FROM extents WHERE layer = ? AND phys > 0 AND chunk NOT IN ({shadowed})",
+                (lid, child.id))]
+            db.execute(f"DELETE FROM extents WHERE layer = ? AND chunk IN ({shadowed})", (lid, child.id))
+            db.execute("UPDATE extents SET layer = ? WHERE layer = ?", (child.id, lid))
+            db.execute("UPDATE layers SET parent = ? WHERE id = ?", (parent, child.id))
+            db.execute("DELETE FROM layers WHERE id = ?", (lid,))
+        for p in moved:
+            self.owner[p] = child.id
+        child.parent = parent
+        del self.layers[lid]
+        self.frozen.pop(lid, None)
+        for vol in self.volumes.values():
+            if vol.layer == child.id and vol.map is not None:
+                vol.parent_map = self.frozen_map(parent)
+        self.release(freed)
+        self._recycle()
+
+    # ------------------------------------------------------------------ reports
+
+    def info(self) -> dict[str, Any]:
+        used = self.used * self.chunk_size
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "chunk_size": self.chunk_size,
+            "capacity": self.capacity,
+            "used": used,
+            "free": self.capacity - used,
+            "used_percent": round(100.0 * used / self.capacity, 2),
+            "provisioned": self.provisioned(),
+            "overcommit": self.overcommit,
+            "volumes": len(self.volumes),
+            "snapshots": len(self.snapshots),
+        }
+
+    def volume_info(self, name: str) -> dict[str, Any]:
+        vol = self.volume(name)
+        m = self.volume_map(vol)
+        own_layers = {lid for lid, layer in self.layers.items() if layer.volume == vol.id}
+        allocated = unique = 0
+        owner = self.owner
+        limit = (vol.size + self.chunk_mask) >> self.chunk_shift
+        for c, p in m.items():
+            if p > 0 and c < limit:
+                allocated += 1
+                if owner[p] in own_layers:
+                    unique += 1
+        cs = self.chunk_size
+        origin = self.snapshot_ref(self.snapshots[vol.origin]) if vol.origin is not None else None
+        children = sorted(
+            f"{self.name}/{c.name}" for s in self.snapshots_of(vol) for c in self.clones_of(s)
+        )
+        return {
+            "name": f"{self.name}/{vol.name}",
+            "size": vol.size,
+            "allocated": allocated * cs,
+            "unique": unique * cs,
+            "shared": (allocated - unique) * cs,
+            "origin": origin,
+            "children": children,
+            "snapshots": [s.name for s in self.snapshots_of(vol)],
+            "created": vol.created,
+        }
+
+    def snapshot_info(self, s: Snapshot) -> dict[str, Any]:
+        return {
+            "name": self.snapshot_ref(s),
+            "size": s.size,
+            "created": s.created,
+            "clones": [f"{self.name}/{c.name}" for c in self.clones_of(s)],
+        }
+
+    def check(self) -> dict[str, Any]:
+        """Verify reference counts and ownership against the metadata; report problems."""
+        self.flush()
+        problems: list[str] = []
+        db = self.db
+        layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
+        for lid, parent in db.execute("SELECT id, parent FROM layers"):
+            if parent is not None and parent not in layer_ids:
+                problems.append(f"layer {lid}: parent {parent} is missing")
+        refs: dict[int, int] = {}
+        for lid in layer_ids:
+            refs[lid] = 0
+        for (lid,) in db.execute("SELECT layer FROM volumes"):
+            refs[lid] = refs.get(lid, 0) + 1
+        for (lid,) in db.execute("SELECT layer FROM snapshots"):
+            refs[lid] = refs.get(lid, 0) + 1
+        for (parent,) in db.execute("SELECT parent FROM layers WHERE parent IS NOT NULL"):
+            refs[parent] = refs.get(parent, 0) + 1
+        for lid, n in refs.items():
+            if lid not in layer_ids:
+                problems.append(f"layer {lid} is referenced but missing")
+            elif n == 0:
+                problems.append(f"layer {lid} is leaked: no volume, snapshot or child uses it")
+        for (lid,) in db.execute("SELECT DISTINCT layer FROM extents"):
+            if lid not in layer_ids:
+                problems.append(f"extents of missing layer {lid} are leaked")
+        for phys, n in db.execute(
+            "SELECT phys, COUNT(*) FROM extents WHERE phys > 0 GROUP BY phys HAVING COUNT(*) > 1"
+        ):
+            problems.append(f"chunk {phys} is owned {n} times")
+        rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
+        for phys, lid in rows:
+            if phys >= self.capacity_chunks:
+                problems.append(f"chunk {phys} lies beyond the capacity")
+            if phys >= len(self.owner) or self.owner[phys] != lid:
+                problems.append(f"chunk {phys}: owner in memory disagrees with the metadata")
+        in_memory = sum(1 for p in range(1, self.hwm) if self.owner[p] != 0)
+        if in_memory != len(rows):
+            problems.append(
+                f"{in_memory} chunks owned in memory but {len(rows)} in the metadata (leak)"
+            )
+        if self.used != len(rows):
+            problems.append(f"usage counter {self.used} != {len(rows)} allocated chunks")
+        for vid, vname, lid in db.execute("SELECT id, name, layer FROM volumes"):
+            if lid in layer_ids and db.execute(
+                "SELECT volume FROM layers WHERE id = ?", (lid,)
+            ).fetchone()[0] != vid:
+                problems.append(f"volume {vname}: top layer {lid} belongs to another volume")
+        return {
+            "pool": self.name,
+            "ok": not problems,
+            "problems": problems,
+            "layers": len(layer_ids),
+            "chunks_allocated": len(rows),
+            "volumes": len(self.volumes),
+            "snapshots": len(self.snapshots),
+        }
+
+
+def _next_id(db: sqlite3.Connection, table: str) -> int:
+    row = db.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {table}").fetchone()
+    return int(row[0])
+
+
+def _runs(sorted_chunks: list[int]) -> Iterable[tuple[int, int]]:
+    start = prev = sorted_chunks[0]
+    for p in sorted_chunks[1:]:
+        if p != prev + 1:
+            yield start, prev - start + 1
+            start = p
+        prev = p
+    yield start, prev - start + 1
+
+
+def _copy(fd: int, src: int, dst: int, length: int) -> None:
+    """Copy within the data file, in the kernel where it can (copy_file_range)."""
+    while length > 0:
+        try:
+            n = os.copy_file_range(fd, fd, length, src, dst)
+        except OSError:
+            n = 0
+        if n <= 0:
+            data = os.pread(fd, length, src)
+            data += bytes(length - len(data))
+            os.pwrite(fd, data, dst)
+            return
+        src += n
+        dst += n
+        length -= n
+
+
+ZERO_MARK = ZERO_V
