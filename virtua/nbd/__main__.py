@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="CA to verify client certificates (identity = CN)")
     p.add_argument("--tls-psk", help="PSK key file (username:hexkey lines)")
     p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument(
+        "--sparse-reads",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="answer structured reads of holes with OFFSET_HOLE (auto: per device)",
+    )
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -57,7 +63,14 @@ async def _run(args: argparse.Namespace) -> None:
     tls = None
     if args.tls != "off":
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk)
-    server = NBDServer(provider, tls=tls, tls_mode=args.tls, max_connections=args.max_connections)
+    sparse = {"auto": None, "on": True, "off": False}[args.sparse_reads]
+    server = NBDServer(
+        provider,
+        tls=tls,
+        tls_mode=args.tls,
+        max_connections=args.max_connections,
+        sparse_reads=sparse,
+    )
     await server.start(
         host=None if args.no_tcp else args.host,
         port=None if args.no_tcp else args.port,
