@@ -149,7 +149,7 @@ class NBDServer:
     def port(self) -> int | None:
         """The TCP port actually bound (useful with port=0)."""
         for srv in self._servers:
-            for sock in srv.sockets or ():
+            for sock in getattr(srv, "sockets", None) or ():
                 name = sock.getsockname()
                 if isinstance(name, tuple):
                     return int(name[1])
@@ -680,7 +680,7 @@ class _Connection(asyncio.BufferedProtocol):
             if pos != len(data):
                 return None
             return name, queries
-        except (Exception,):
+        except Exception:
             return None
 
     def _opt_meta_context(self, opt: int, data: bytes) -> None:
@@ -1002,15 +1002,15 @@ class _Connection(asyncio.BufferedProtocol):
         pos, end = offset, offset + length
         for ext in extents:
             s = max(ext.offset, pos)
-            e = min(ext.offset + ext.length, end)
-            if e <= s or s != pos:
+            stop = min(ext.offset + ext.length, end)
+            if stop <= s or s != pos:
                 break  # stop at a gap or disorder: a shorter answer is allowed
             st = ext.flags & (P.STATE_HOLE | P.STATE_ZERO)
             if descs and descs[-1][1] == st:
-                descs[-1] = (descs[-1][0] + e - s, st)
+                descs[-1] = (descs[-1][0] + stop - s, st)
             else:
-                descs.append((e - s, st))
-            pos = e
+                descs.append((stop - s, st))
+            pos = stop
             if len(descs) > 65536:
                 break
         if not descs:
