@@ -724,7 +724,7 @@ class Pool:
 
     def info(self) -> dict[str, Any]:
         used = self.used * self.chunk_size
-        return {
+        info: dict[str, Any] = {
             "name": self.name,
             "path": str(self.path),
             "chunk_size": self.chunk_size,
@@ -737,6 +737,12 @@ class Pool:
             "volumes": len(self.volumes),
             "snapshots": len(self.snapshots),
         }
+        if used > 0.8 * self.capacity:
+            info["warning"] = (
+                f"pool {self.name} is {info['used_percent']:.0f}% full: writes will fail with "
+                "ENOSPC when it is full; free space or grow the pool"
+            )
+        return info
 
     def volume_info(self, name: str) -> dict[str, Any]:
         vol = self.volume(name)

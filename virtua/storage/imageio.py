@@ -1,0 +1,173 @@
+"""Raw (and, through qemu-img, qcow2) images in and out of volumes, sparse-aware.
+
+Zero runs stay unallocated on import (SEEK_DATA/SEEK_HOLE skip the source's holes, and
+all-zero chunks are not written) and become holes on export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from virtua.errors import InvalidArgument, NotFound, Unavailable
+from virtua.storage.device import BlockDevice
+
+Progress = Callable[[int], None]  # bytes done so far
+COPY_BLOCK = 4 << 20
+
+
+def image_format(path: str) -> str:
+    """'raw' or what qemu-img says ('qcow2', ...)."""
+    if path == "-" or not os.path.isfile(path):
+        return "raw"
+    if shutil.which("qemu-img") is None:
+        return "raw"
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", path], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        return "raw"
+    return str(json.loads(out.stdout).get("format", "raw"))
+
+
+@contextmanager
+def raw_source(path: str) -> Iterator[str]:
+    """A raw file to read: the path itself, a conversion of a qcow2, or a copy of stdin."""
+    if path != "-" and not os.path.exists(path):
+        raise NotFound(f"no such file: {path}")
+    with tempfile.TemporaryDirectory(prefix="virtua-import-") as tmp:
+        if path == "-":
+            dst = os.path.join(tmp, "stdin.raw")
+            with open(dst, "wb") as f:
+                _copy_sparse_stream(sys.stdin.buffer, f)
+            yield dst
+            return
+        fmt = image_format(path)
+        if fmt == "raw":
+            yield path
+            return
+        dst = os.path.join(tmp, "image.raw")
+        r = subprocess.run(
+            ["qemu-img", "convert", "-f", fmt, "-O", "raw", path, dst], capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise InvalidArgument(f"cannot read {path} ({fmt}): {r.stderr.strip()}")
+        yield dst
+
+
+def _copy_sparse_stream(src: object, dst: object) -> None:
+    read = src.read  # type: ignore[attr-defined]
+    total = 0
+    while True:
+        block = read(COPY_BLOCK)
+        if not block:
+            break
+        if block.count(0) == len(block):
+            dst.seek(len(block), os.SEEK_CUR)  # type: ignore[attr-defined]
+        else:
+            dst.write(block)  # type: ignore[attr-defined]
+        total += len(block)
+    dst.truncate(total)  # type: ignore[attr-defined]
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data regions of a file, by SEEK_DATA/SEEK_HOLE."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            end = size
+        yield start, min(end, size) - start
+        pos = end
+
+
+def import_into(raw_path: str, dev: BlockDevice, progress: Progress | None = None) -> int:
+    """Copy a raw file into dev; returns the bytes actually written (zeros are skipped)."""
+    written = 0
+    chunk = max(dev.block_size, 1)
+    step = max(COPY_BLOCK - COPY_BLOCK % chunk, chunk)
+    with open(raw_path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        for start, length in data_ranges(fd, size):
+            # align to the device's chunks so all-zero chunks can be skipped whole
+            pos = start - start % chunk
+            end = start + length
+            while pos < end:
+                n = min(step, end - pos, dev.size - pos)
+                if n <= 0:
+                    break
+                block = os.pread(fd, n, pos)
+                view = memoryview(block)
+                for off in range(0, len(block), chunk):
+                    piece = view[off : off + chunk]
+                    if piece.nbytes and bytes(piece).count(0) != piece.nbytes:
+                        dev.write(pos + off, piece)
+                        written += piece.nbytes
+                pos += n
+                if progress:
+                    progress(pos)
+    dev.flush()
+    return written
+
+
+def export_from(dev: BlockDevice, dest: str, fmt: str = "raw", progress: Progress | None = None) -> None:
+    """Write dev to a raw file (holes stay holes), stdout ('-'), or qcow2 via qemu-img."""
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
+    if fmt == "qcow2":
+        if dest == "-":
+            raise InvalidArgument("qcow2 cannot be written to stdout")
+        if shutil.which("qemu-img") is None:
+            raise Unavailable("qemu-img is not installed (apt-get install qemu-utils)")
+        with tempfile.TemporaryDirectory(prefix="virtua-export-", dir=os.path.dirname(os.path.abspath(dest))) as tmp:
+            raw = os.path.join(tmp, "image.raw")
+            export_from(dev, raw, "raw", progress)
+            r = subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, dest], capture_output=True, text=True
+            )
+            if r.returncode != 0:
+                raise InvalidArgument(f"qemu-img convert failed: {r.stderr.strip()}")
+        return
+    size = dev.size
+    if dest == "-":
+        out = sys.stdout.buffer
+        for ext in dev.block_status(0, size):
+            pos = ext.offset
+            while pos < ext.offset + ext.length:
+                n = min(COPY_BLOCK, ext.offset + ext.length - pos)
+                out.write(bytes(n) if ext.flags & 2 else dev.read(pos, n))
+                pos += n
+                if progress:
+                    progress(pos)
+        out.flush()
+        return
+    path = Path(dest)
+    with open(path, "wb") as f:
+        fd = f.fileno()
+        os.ftruncate(fd, size)
+        for ext in dev.block_status(0, size):
+            if ext.flags & 2:  # reads as zeros: leave a hole
+                if progress:
+                    progress(ext.offset + ext.length)
+                continue
+            pos = ext.offset
+            while pos < ext.offset + ext.length:
+                n = min(COPY_BLOCK, ext.offset + ext.length - pos)
+                os.pwrite(fd, dev.read(pos, n), pos)
+                pos += n
+                if progress:
+                    progress(pos)
+        os.fsync(fd)

@@ -1,0 +1,137 @@
+"""The storage service of one process: the pool catalog and the pools it has open.
+
+The catalog ($VIRTUA_HOME/catalog.db, SQLite) maps pool names to directories. A pool is
+opened once per process and held (it takes an exclusive lock); `virtua serve` holds every
+pool, and CLI commands then reach them through its API.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from virtua.errors import AlreadyExists, InvalidArgument, NotFound
+from virtua.storage.device import BlockDevice
+from virtua.storage.meta import Tx
+from virtua.storage.names import check_name, parse_ref
+from virtua.storage.pool import DEFAULT_CHUNK_SIZE, DEFAULT_OVERCOMMIT, Pool
+from virtua.storage.volume import SnapshotDevice, VolumeDevice
+
+
+def default_home() -> Path:
+    env = os.environ.get("VIRTUA_HOME")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "virtua"
+
+
+class Storage:
+    def __init__(self, home: Path | None = None) -> None:
+        import sqlite3
+
+        self.home = Path(home) if home else default_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.catalog = sqlite3.connect(
+            str(self.home / "catalog.db"), isolation_level=None, check_same_thread=False, timeout=30
+        )
+        self.catalog.execute("PRAGMA journal_mode=WAL")
+        self.catalog.execute(
+            "CREATE TABLE IF NOT EXISTS pools (name TEXT PRIMARY KEY, path TEXT NOT NULL)"
+        )
+        self.open_pools: dict[str, Pool] = {}
+
+    def close(self) -> None:
+        for pool in self.open_pools.values():
+            pool.close()
+        self.open_pools.clear()
+        self.catalog.close()
+
+    def flush(self) -> None:
+        for pool in self.open_pools.values():
+            pool.flush()
+
+    # ---------------------------------------------------------------- pools
+
+    def pool_paths(self) -> dict[str, Path]:
+        return {n: Path(p) for n, p in self.catalog.execute("SELECT name, path FROM pools ORDER BY name")}
+
+    def pool(self, name: str) -> Pool:
+        pool = self.open_pools.get(name)
+        if pool is None:
+            check_name(name, "pool name")
+            row = self.catalog.execute("SELECT path FROM pools WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"pool {name} does not exist")
+            pool = Pool(Path(row[0]))
+            self.open_pools[name] = pool
+        return pool
+
+    def create_pool(
+        self,
+        name: str,
+        path: str | None = None,
+        capacity: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        overcommit: float = DEFAULT_OVERCOMMIT,
+    ) -> Pool:
+        check_name(name, "pool name")
+        if name in self.pool_paths():
+            raise AlreadyExists(f"pool {name} already exists")
+        where = Path(path).absolute() if path else self.home / "pools" / name
+        if where.exists() and any(where.iterdir()) and not (where / "meta.db").exists():
+            raise InvalidArgument(f"{where} is not empty; give an empty or new directory")
+        pool = Pool.create(where, name, capacity, chunk_size, overcommit)
+        with Tx(self.catalog) as db:
+            db.execute("INSERT INTO pools (name, path) VALUES (?, ?)", (name, str(where)))
+        self.open_pools[name] = pool
+        return pool
+
+    def delete_pool(self, name: str, force: bool = False) -> None:
+        import shutil
+
+        pool = self.pool(name)
+        if pool.volumes and not force:
+            from virtua.errors import DependencyError
+
+            raise DependencyError(f"pool {name} has {len(pool.volumes)} volume(s); use --force")
+        path = pool.path
+        pool.close()
+        del self.open_pools[name]
+        with Tx(self.catalog) as db:
+            db.execute("DELETE FROM pools WHERE name = ?", (name,))
+        shutil.rmtree(path, ignore_errors=True)
+
+    # ---------------------------------------------------------------- devices / exports
+
+    def open_device(self, ref: str) -> VolumeDevice | SnapshotDevice:
+        r = parse_ref(ref)
+        pool = self.pool(r.pool)
+        if r.snapshot is not None:
+            return SnapshotDevice(pool, pool.snapshot(r.volume, r.snapshot))
+        return VolumeDevice(pool, pool.volume(r.volume))
+
+    def open_export(self, name: str) -> BlockDevice | None:
+        try:
+            return self.open_device(name)
+        except (NotFound, InvalidArgument):
+            return None
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for pname in self.pool_paths():
+            try:
+                pool = self.pool(pname)
+            except Exception:
+                continue
+            for v in sorted(pool.volumes.values(), key=lambda v: v.name):
+                out.append((f"{pname}/{v.name}", f"volume, {v.size} bytes"))
+            for s in sorted(pool.snapshots.values(), key=lambda s: s.id):
+                out.append((pool.snapshot_ref(s), f"snapshot (read-only), {s.size} bytes"))
+        return out
+
+    def allowed(self, name: str, identity: str | None) -> bool:
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        return {"home": str(self.home), "pools": list(self.pool_paths())}
