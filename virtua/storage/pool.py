@@ -813,7 +813,7 @@ class Pool:
             problems.append(f"chunk {phys} is owned {n} times")
         rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
         for phys, lid in rows:
-            if phys >= self.capacity_chunks:
+            if phys > self.capacity_chunks:
                 problems.append(f"chunk {phys} lies beyond the capacity")
             if phys >= len(self.owner) or self.owner[phys] != lid:
                 problems.append(f"chunk {phys}: owner in memory disagrees with the metadata")
