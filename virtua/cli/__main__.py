@@ -1,0 +1,3 @@
+from virtua.cli.main import main
+
+main()
