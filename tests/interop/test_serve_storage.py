@@ -1,0 +1,121 @@
+"""`virtua serve` end to end: volumes appear as NBD exports without a restart, CLI
+commands go through the daemon, data written by one client is read by others, and
+SIGTERM flushes before exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.interop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "virtua.cli", "serve", "--listen", f"127.0.0.1:{self.port}"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("VIRTUA_READY"), line + (self.proc.stderr.read() if self.proc.stderr else "")
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def cli(self, *args: str) -> object:
+        r = subprocess.run([sys.executable, "-m", "virtua.cli", *args, "--json"], env=self.env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=20)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    home = tmp_path / "home"
+    env = dict(os.environ, VIRTUA_HOME=str(home))
+    subprocess.run([sys.executable, "-m", "virtua.cli", "pool", "create", "p", "--capacity", "1G"], env=env, check=True, capture_output=True)
+    d = Daemon(home)
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def run(*cmd: str) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stderr}"
+    return r.stdout
+
+
+def test_exports_follow_volumes_and_data_crosses_clients(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.cli("volume", "create", "p/disk", "--size", "64M")
+    exports = json.loads(run("nbdinfo", "--list", "--json", daemon.uri("")))["exports"]
+    assert "p/disk" in [e["export-name"] for e in exports]
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0x11 40M 64k", daemon.uri("p/disk"))
+    daemon.cli("snapshot", "create", "p/disk@s1")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x77 1M 64k", daemon.uri("p/disk"))
+    # the snapshot export is read-only and holds the old data
+    run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x5a 1M 3M", daemon.uri("p/disk@s1"))
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", daemon.uri("p/disk@s1")], capture_output=True, text=True)
+    assert r.returncode != 0 or "Permission denied" in r.stdout + r.stderr
+    info = json.loads(run("nbdinfo", "--json", daemon.uri("p/disk@s1")))
+    assert info["exports"][0]["is_read_only"] is True
+    # map: data where written, holes elsewhere
+    extents = json.loads(run("nbdinfo", "--map", "--json", daemon.uri("p/disk")))
+    data = [(e["offset"], e["length"]) for e in extents if not e["type"] & 1]
+    assert data == [(1 << 20, 3 << 20), (40 << 20, 64 << 10)], extents
+    # clones appear as exports; nbdcopy reads one out
+    daemon.cli("clone", "p/disk@s1", "p/node", "--count", "2")
+    out = tmp_path / "node1.raw"
+    run("nbdcopy", "--connections=2", daemon.uri("p/node-1"), str(out))
+    blob = out.read_bytes()
+    assert blob[1 << 20 : 4 << 20] == b"\x5a" * (3 << 20) and blob[40 << 20 : (40 << 20) + 65536] == b"\x11" * 65536
+    # deleting a volume removes its export without a restart
+    daemon.cli("volume", "rm", "p/node-2")
+    r = subprocess.run(["nbdinfo", daemon.uri("p/node-2")], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert daemon.cli("pool", "check", "p")["ok"]  # type: ignore[index]
+
+
+def test_sigterm_flushes_and_pool_reopens(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.cli("volume", "create", "p/d", "--size", "16M")
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(16 << 20))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), daemon.uri("p/d"))
+    err = daemon.stop()
+    assert "stopped" in err
+    # the pool is free again: the CLI opens it in-process and sees every byte
+    out = tmp_path / "out.raw"
+    env = dict(os.environ, VIRTUA_HOME=str(daemon.home))
+    subprocess.run([sys.executable, "-m", "virtua.cli", "volume", "export", "p/d", str(out)], env=env, check=True, capture_output=True)
+    assert out.read_bytes() == src.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "virtua.cli", "pool", "check", "p"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_errors_through_daemon_are_the_same(daemon: Daemon) -> None:
+    r = subprocess.run([sys.executable, "-m", "virtua.cli", "volume", "info", "p/none"], env=daemon.env, capture_output=True, text=True)
+    assert r.returncode == 3 and r.stderr.strip() == "virtua: error: volume p/none does not exist"
