@@ -149,7 +149,7 @@ async def serve(cfg: ServeConfig) -> None:
     uv = uvicorn.Server(
         uvicorn.Config(build_api(storage), uds=str(cfg.api_socket), log_level="warning", lifespan="off")
     )
-    uv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     api_task = asyncio.create_task(uv.serve())
 
     stop = asyncio.Event()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
 
 import typer
 
@@ -14,12 +13,12 @@ from virtua.cli.main import State, app
 @app.command("serve")
 def serve_cmd(
     listen: str = typer.Option("127.0.0.1:10809", "--listen", help="NBD TCP address HOST:PORT ('' for none)"),
-    socket: Optional[str] = typer.Option(None, "--socket", help="NBD unix socket (default $VIRTUA_HOME/nbd.sock)"),
+    socket: str | None = typer.Option(None, "--socket", help="NBD unix socket (default $VIRTUA_HOME/nbd.sock)"),
     tls: str = typer.Option("off", "--tls", help="off, on (offer STARTTLS) or require"),
-    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="X.509 certificate (PEM)"),
-    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="X.509 private key (PEM)"),
-    tls_ca: Optional[str] = typer.Option(None, "--tls-ca", help="CA to verify client certificates"),
-    tls_psk: Optional[str] = typer.Option(None, "--tls-psk", help="PSK file, username:hexkey lines (psktool format)"),
+    tls_cert: str | None = typer.Option(None, "--tls-cert", help="X.509 certificate (PEM)"),
+    tls_key: str | None = typer.Option(None, "--tls-key", help="X.509 private key (PEM)"),
+    tls_ca: str | None = typer.Option(None, "--tls-ca", help="CA to verify client certificates"),
+    tls_psk: str | None = typer.Option(None, "--tls-psk", help="PSK file, username:hexkey lines (psktool format)"),
     allow: list[str] = typer.Option([], "--allow", help="EXPORT-GLOB=ID[,ID]: only these TLS identities may use matching exports"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -43,7 +43,7 @@ def call(op: str, columns: list[str] | None = None, **args: Any) -> Any:
 
 @app.callback()
 def _global(
-    home: Optional[Path] = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
+    home: Path | None = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
 ) -> None:
     if home is not None:
         State.home = home
@@ -57,10 +57,10 @@ POOL_COLUMNS = ["name", "capacity", "used", "free", "used_percent", "provisioned
 @pool_app.command("create")
 def pool_create(
     name: str,
-    path: Optional[str] = typer.Option(None, "--path", help="directory for the pool's files"),
-    capacity: Optional[str] = typer.Option(None, "--capacity", help="e.g. 100G (default: free space of the directory)"),
-    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="allocation unit, power of two 4K..16M (default 64K)"),
-    overcommit: Optional[float] = typer.Option(None, "--overcommit", help="max provisioned/capacity ratio (default 20)"),
+    path: str | None = typer.Option(None, "--path", help="directory for the pool's files"),
+    capacity: str | None = typer.Option(None, "--capacity", help="e.g. 100G (default: free space of the directory)"),
+    chunk_size: str | None = typer.Option(None, "--chunk-size", help="allocation unit, power of two 4K..16M (default 64K)"),
+    overcommit: float | None = typer.Option(None, "--overcommit", help="max provisioned/capacity ratio (default 20)"),
 ) -> None:
     """Create a pool."""
     call("pool.create", name=name, path=path, capacity=capacity, chunk_size=chunk_size, overcommit=overcommit)
@@ -104,7 +104,7 @@ def volume_create(ref: str, size: str = typer.Option(..., "--size", help="virtua
 
 
 @volume_app.command("list")
-def volume_list(pool: Optional[str] = typer.Argument(None)) -> None:
+def volume_list(pool: str | None = typer.Argument(None)) -> None:
     """List volumes (of one pool, or all)."""
     call("volume.list", VOLUME_COLUMNS, pool=pool)
 

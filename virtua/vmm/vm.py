@@ -136,10 +136,15 @@ class VMProcess:
         while time.monotonic() < deadline:
             client = QMPClient(self.spec.name)
             try:
-                await client.connect(str(self.spec.qmp_socket))
+                # a QMP chardev serves one client at a time: a second client's connect is
+                # accepted by the kernel but never greeted, so bound it
+                await asyncio.wait_for(
+                    client.connect(str(self.spec.qmp_socket)),
+                    max(0.5, min(3.0, deadline - time.monotonic())),
+                )
                 self._qmp = client
                 return client
-            except (QMPError, OSError) as e:
+            except (QMPError, OSError, asyncio.TimeoutError) as e:
                 last = e
                 with contextlib.suppress(Exception):
                     await client.disconnect()
