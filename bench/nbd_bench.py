@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Benchmark virtua's NBD server against qemu-nbd and nbdkit's file plugin with fio.
+
+    .venv/bin/python bench/nbd_bench.py [--duration 10] [--size 1G] [--where tmpfs,disk]
+        [--servers virtua,qemu-nbd,nbdkit] [--rounds 1]
+        [--add-server 'volume=python -m virtua.nbd --provider mymod:make --port {port}@vol1']
+
+Every server serves the same pre-filled file (random data, so reads never hit holes).
+Runs are interleaved (workload by workload, server by server, rotating the order each
+round) because run-to-run noise on this machine is large.  Server CPU is measured from
+/proc/PID/stat (utime+stime) over each fio run, as % of one core.
+
+--add-server NAME=CMD@EXPORT adds a server (e.g. one exporting a storage-engine volume):
+CMD is a shell command template with {port}, {dir} and {file}; EXPORT is the export name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = [  # name, rw, bs, iodepth
+    ("seq-read 1M QD8", "read", "1M", 8),
+    ("seq-write 1M QD8", "write", "1M", 8),
+    ("rand-read 4K QD32", "randread", "4k", 32),
+    ("rand-write 4K QD32", "randwrite", "4k", 32),
+]
+LOCATIONS = {"tmpfs": "/dev/shm/virtua-nbd-bench", "disk": "/var/tmp/virtua-nbd-bench"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: str  # template
+    export: str
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    results: dict = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def start(srv: Server, directory: str, file: str) -> None:
+    srv.port = free_port()
+    cmd = srv.cmd.format(port=srv.port, dir=directory, file=file, python=sys.executable)
+    srv.proc = subprocess.Popen(
+        ["/bin/sh", "-c", "exec " + cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", srv.port), timeout=0.5).close()
+            return
+        except OSError:
+            if srv.proc.poll() is not None:
+                raise SystemExit(f"{srv.name} exited at startup: {cmd}") from None
+            time.sleep(0.1)
+    raise SystemExit(f"{srv.name} did not start: {cmd}")
+
+
+def stop(srv: Server) -> None:
+    if srv.proc is not None and srv.proc.poll() is None:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int) -> dict:
+    assert srv.proc is not None
+    uri = f"nbd://127.0.0.1:{srv.port}/{srv.export}"
+    args = [
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        f"--iodepth={depth}", f"--numjobs={conns}", "--group_reporting", "--time_based",
+        f"--runtime={duration}", "--ramp_time=1", "--output-format=json",
+    ]
+    t0, c0 = time.monotonic(), cpu_ticks(srv.proc.pid)
+    p = subprocess.run(args, capture_output=True, text=True)
+    t1, c1 = time.monotonic(), cpu_ticks(srv.proc.pid)
+    if p.returncode != 0 or "{" not in p.stdout:
+        raise SystemExit(f"fio failed against {srv.name}:\n{p.stdout}\n{p.stderr}")
+    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "mbps": side["bw_bytes"] / 1e6,
+        "iops": side["iops"],
+        "p99_us": pct.get("99.000000", 0) / 1000,
+        "cpu": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0),
+    }
+
+
+def prepare(directory: str, size: int) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "disk.img")
+    if not (os.path.exists(path) and os.path.getsize(path) == size):
+        chunk = os.urandom(1 << 20)
+        with open(path, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(chunk)
+    return path
+
+
+def parse_size(s: str) -> int:
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * mult[s[-1].upper()] if s[-1].upper() in mult else int(s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per fio run")
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--where", default="tmpfs,disk", help="tmpfs,disk")
+    ap.add_argument("--servers", default="virtua,qemu-nbd,nbdkit")
+    ap.add_argument("--conns", default="1,2")
+    ap.add_argument("--workloads", default="all", help="comma list of indexes 0-3, or all")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--virtua-cmd", default="{python} -m virtua.nbd --dir {dir} --port {port}")
+    ap.add_argument("--add-server", action="append", default=[], metavar="NAME=CMD@EXPORT")
+    ap.add_argument("--json-out", help="also write raw results here")
+    args = ap.parse_args()
+
+    for b in ("fio", "qemu-nbd", "nbdkit"):
+        if not shutil.which(b):
+            raise SystemExit(f"{b} is required")
+    known = {
+        "virtua": Server("virtua", args.virtua_cmd, "disk.img"),
+        "qemu-nbd": Server("qemu-nbd", "qemu-nbd -f raw -x disk.img -p {port} -b 127.0.0.1 -t -e 16 "
+                           "--cache=writeback --aio=threads {file}", "disk.img"),
+        "nbdkit": Server("nbdkit", "nbdkit -f -i 127.0.0.1 -p {port} file file={file}", ""),
+    }
+    servers = [known[n] for n in args.servers.split(",") if n]
+    for spec in args.add_server:
+        name, _, rest = spec.partition("=")
+        cmd, _, export = rest.rpartition("@")
+        servers.append(Server(name, cmd, export))
+    size = parse_size(args.size)
+    workloads = WORKLOADS if args.workloads == "all" else [WORKLOADS[int(i)] for i in args.workloads.split(",")]
+    conns_list = [int(c) for c in args.conns.split(",")]
+    rows = []
+    for where in args.where.split(","):
+        directory = LOCATIONS[where]
+        path = prepare(directory, size)
+        for s in servers:
+            start(s, directory, path)
+        try:
+            for wname, rw, bs, depth in workloads:
+                for conns in conns_list:
+                    acc: dict[str, list[dict]] = {s.name: [] for s in servers}
+                    for rnd in range(args.rounds):
+                        order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
+                        for s in order:
+                            r = run_fio(s, rw, bs, depth, conns, args.duration)
+                            acc[s.name].append(r)
+                            print(f"  {where:5} {wname:18} c={conns} {s.name:9} {r['mbps']:8.0f} MB/s "
+                                  f"{r['iops']:9.0f} IOPS p99 {r['p99_us']:8.0f} us cpu {r['cpu']:4.0f}%",
+                                  file=sys.stderr, flush=True)
+                    for s in servers:
+                        rs = acc[s.name]
+                        avg = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+                        rows.append({"where": where, "workload": wname, "conns": conns, "server": s.name, **avg})
+        finally:
+            for s in servers:
+                stop(s)
+    ref = {(r["where"], r["workload"], r["conns"]): r["mbps"] for r in rows if r["server"] == "nbdkit"}
+    print("| where | workload | conns | server | MB/s | IOPS | p99 (us) | server CPU % | vs nbdkit |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        base = ref.get((r["where"], r["workload"], r["conns"]))
+        ratio = f"{r['mbps'] / base:.2f}x" if base else "-"
+        print(f"| {r['where']} | {r['workload']} | {r['conns']} | {r['server']} | {r['mbps']:.0f} | "
+              f"{r['iops']:.0f} | {r['p99_us']:.0f} | {r['cpu']:.0f} | {ratio} |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
