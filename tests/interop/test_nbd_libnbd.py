@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 
-
 pytestmark = pytest.mark.interop
 
 
