@@ -90,7 +90,7 @@ class GuestAgent:
                 return None
             try:
                 line = await asyncio.wait_for(self._reader.readline(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
             if not line:
                 await self.close()
@@ -99,7 +99,7 @@ class GuestAgent:
             idx = line.find(prefix)
             if idx < 0:
                 continue
-            rest = line[idx + len(prefix):]
+            rest = line[idx + len(prefix) :]
             rc_s, _, out_b64 = rest.partition(b" ")
             try:
                 rc = int(rc_s)

@@ -61,7 +61,11 @@ def default_cache_dir() -> Path:
 
 def _require(tool: str) -> str:
     path = shutil.which(tool) or next(
-        (p for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin") if os.access(p := f"{d}/{tool}", os.X_OK)),
+        (
+            p
+            for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+            if os.access(p := f"{d}/{tool}", os.X_OK)
+        ),
         None,
     )
     if not path:
@@ -177,12 +181,26 @@ class _Cpio:
         self.buf = io.BytesIO()
         self.ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         nameb = name.encode() + b"\0"
         hdr = "070701" + "".join(
             f"{v:08x}"
             for v in (
-                self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0,
+                self.ino,
+                mode,
+                0,
+                0,
+                1,
+                0,
+                len(data),
+                0,
+                0,
+                rdev[0],
+                rdev[1],
+                len(nameb),
+                0,
             )
         )
         self.ino += 1
@@ -403,9 +421,11 @@ export PS1='\h:\w# '
 def _busybox() -> Path:
     p = Path(_require("busybox")).resolve()
     # must be the static one: the guest has no libc
-    out = subprocess.run(["file", "-b", str(p)], capture_output=True, text=True) if shutil.which(
-        "file"
-    ) else None
+    out = (
+        subprocess.run(["file", "-b", str(p)], capture_output=True, text=True)
+        if shutil.which("file")
+        else None
+    )
     if out and "dynamically linked" in out.stdout:
         raise Unavailable(f"{p} is dynamically linked; install busybox-static")
     return p
@@ -452,8 +472,23 @@ def build_initramfs(out_dir: Path, kernel: Path | None = None) -> Path:
         return out
 
     c = _Cpio()
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc",
-              "newroot", "lib", "lib/modules", "tmp", "run", "root"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "etc",
+        "newroot",
+        "lib",
+        "lib/modules",
+        "tmp",
+        "run",
+        "root",
+    ):
         c.dir(d)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3, 0o666)
@@ -486,8 +521,24 @@ def build_initramfs(out_dir: Path, kernel: Path | None = None) -> Path:
 
 
 def _rootfs_tree(root: Path, bb: Path) -> None:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc/acpi/PWRF",
-              "etc/virtua", "root", "tmp", "run", "var/log", "mnt", "data", "home"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "etc/acpi/PWRF",
+        "etc/virtua",
+        "root",
+        "tmp",
+        "run",
+        "var/log",
+        "mnt",
+        "data",
+        "home",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").chmod(0o1777)
     (root / "root").chmod(0o700)
@@ -547,9 +598,24 @@ def build_rootfs(out_path: Path, size: int = 64 * 1024 * 1024) -> Path:
         with tmp.open("wb") as f:
             f.truncate(size)
         r = subprocess.run(
-            [mkfs, "-q", "-F", "-t", "ext4", "-L", "virtua-root", "-E", "root_owner=0:0",
-             "-O", "^metadata_csum_seed", "-d", str(tree), str(tmp)],
-            capture_output=True, text=True,
+            [
+                mkfs,
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                "virtua-root",
+                "-E",
+                "root_owner=0:0",
+                "-O",
+                "^metadata_csum_seed",
+                "-d",
+                str(tree),
+                str(tmp),
+            ],
+            capture_output=True,
+            text=True,
             env={**os.environ, "E2FSPROGS_FAKE_TIME": "1"},
         )
         if r.returncode != 0:
@@ -603,8 +669,16 @@ def build_seed(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", hostname):
         raise InvalidArgument(f"bad hostname {hostname!r}")
     text = seed_text(
-        hostname=hostname, ip=ip, gateway=gateway, vc=vc, node_index=node_index,
-        ssh_key=ssh_key, swap=swap, run=run, dns=dns, **extra,
+        hostname=hostname,
+        ip=ip,
+        gateway=gateway,
+        vc=vc,
+        node_index=node_index,
+        ssh_key=ssh_key,
+        swap=swap,
+        run=run,
+        dns=dns,
+        **extra,
     ).encode()
     if len(text) >= SEED_SIZE:
         raise InvalidArgument("seed too large")
@@ -643,7 +717,9 @@ class GuestArtifacts:
         return kernel_version(self.kernel)
 
 
-def ensure_artifacts(cache_dir: Path | None = None, rootfs_size: int = 64 * 1024 * 1024) -> GuestArtifacts:
+def ensure_artifacts(
+    cache_dir: Path | None = None, rootfs_size: int = 64 * 1024 * 1024
+) -> GuestArtifacts:
     """Kernel + initramfs + pristine rootfs image in ``cache_dir`` (built once)."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

@@ -136,8 +136,12 @@ def _blockdev(i: int, d: DiskSpec) -> list[str]:
         if d.reconnect_delay:
             opts.append(("reconnect-delay", str(d.reconnect_delay)))
     else:
-        opts = [("driver", d.format), ("node-name", node), ("file.driver", "file"),
-                ("file.filename", d.source)]
+        opts = [
+            ("driver", d.format),
+            ("node-name", node),
+            ("file.driver", "file"),
+            ("file.filename", d.source),
+        ]
     opts.append(("read-only", "on" if d.readonly else "off"))
     if d.discard and not d.readonly:
         opts.append(("discard", "unmap"))
@@ -145,8 +149,10 @@ def _blockdev(i: int, d: DiskSpec) -> list[str]:
     if d.serial:
         dev.append(("serial", d.serial))
     return [
-        "-blockdev", ",".join(f"{k}={_esc(v)}" for k, v in opts),
-        "-device", ",".join(f"{k}={_esc(v)}" for k, v in dev),
+        "-blockdev",
+        ",".join(f"{k}={_esc(v)}" for k, v in opts),
+        "-device",
+        ",".join(f"{k}={_esc(v)}" for k, v in dev),
     ]
 
 
@@ -180,13 +186,22 @@ def build_cmdline(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     cpu = spec.cpu_model or ("host" if spec.accel == "kvm" else "max")
     argv = [
         qemu,
-        "-name", f"guest={_esc(spec.name)},process=virtua-{_esc(spec.name)}",
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", f"{spec.machine},accel={spec.accel}",
-        "-cpu", cpu,
-        "-smp", str(spec.cpus),
-        "-m", str(spec.memory_mib),
-        "-kernel", str(spec.kernel),
+        "-name",
+        f"guest={_esc(spec.name)},process=virtua-{_esc(spec.name)}",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        f"{spec.machine},accel={spec.accel}",
+        "-cpu",
+        cpu,
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        str(spec.memory_mib),
+        "-kernel",
+        str(spec.kernel),
     ]
     if spec.initrd:
         argv += ["-initrd", str(spec.initrd)]
@@ -197,17 +212,23 @@ def build_cmdline(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-chardev",
         f"socket,id=console,path={_sock(spec.console_socket)},server=on,wait=off,"
         f"logfile={_esc(str(spec.serial_log))},logappend=on",
-        "-serial", "chardev:console",
+        "-serial",
+        "chardev:console",
     ]
     if spec.agent_socket:
         argv += [
-            "-chardev", f"socket,id=agent,path={_sock(spec.agent_socket)},server=on,wait=off",
-            "-serial", "chardev:agent",
+            "-chardev",
+            f"socket,id=agent,path={_sock(spec.agent_socket)},server=on,wait=off",
+            "-serial",
+            "chardev:agent",
         ]
     argv += [
-        "-chardev", f"socket,id=qmp,path={_sock(spec.qmp_socket)},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
-        "-pidfile", str(spec.pidfile),
+        "-chardev",
+        f"socket,id=qmp,path={_sock(spec.qmp_socket)},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-pidfile",
+        str(spec.pidfile),
     ]
     if spec.daemonize:
         argv.append("-daemonize")
@@ -312,14 +333,31 @@ def _boot_probe(kernel: Path, initrd: Path, timeout: float) -> tuple[bool, str]:
 
     argv = [
         shutil.which(QEMU_BINARY) or QEMU_BINARY,
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "128", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=-1 quiet virtua.probe",
-        "-serial", "stdio",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        "pc,accel=kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "128",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 panic=-1 quiet virtua.probe",
+        "-serial",
+        "stdio",
     ]
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:

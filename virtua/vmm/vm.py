@@ -59,8 +59,9 @@ def make_spec(
         append=kernel_cmdline(root, extra=append_extra),
         disks=disks or [],
         nics=nics or [],
-        accel=select_accel(accel, cache_dir=cache_dir, kernel=artifacts.kernel,
-                           initrd=artifacts.initrd),
+        accel=select_accel(
+            accel, cache_dir=cache_dir, kernel=artifacts.kernel, initrd=artifacts.initrd
+        ),
         serial_log=run_dir / "serial.log",
         console_socket=run_dir / "console.sock",
         agent_socket=run_dir / "agent.sock",
@@ -144,7 +145,7 @@ class VMProcess:
                 )
                 self._qmp = client
                 return client
-            except (QMPError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, QMPError, OSError) as e:
                 last = e
                 with contextlib.suppress(Exception):
                     await client.disconnect()
@@ -169,8 +170,12 @@ class VMProcess:
         if self.is_running():
             raise Busy(f"VM {self.spec.name} is already running (pid {self.pid})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for p in (self.spec.qmp_socket, self.spec.console_socket, self.spec.agent_socket,
-                  self.spec.pidfile):
+        for p in (
+            self.spec.qmp_socket,
+            self.spec.console_socket,
+            self.spec.agent_socket,
+            self.spec.pidfile,
+        ):
             if p is not None:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
@@ -181,7 +186,10 @@ class VMProcess:
         with stderr_path.open("wb") as err:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
                     start_new_session=True,
                 )
             except FileNotFoundError as e:
@@ -271,7 +279,9 @@ class VMProcess:
                 break
             if st in ("failed", "cancelled"):
                 await self.qmp("cont")
-                raise Unavailable(f"suspend of {self.spec.name} failed: {info.get('error-desc', st)}")
+                raise Unavailable(
+                    f"suspend of {self.spec.name} failed: {info.get('error-desc', st)}"
+                )
             if time.monotonic() > deadline:
                 with contextlib.suppress(QMPError):
                     await self.qmp("migrate_cancel")
