@@ -29,7 +29,7 @@ from typing import Literal
 from qemu.qmp import QMPClient, QMPError
 
 from virtua.errors import Busy, InvalidArgument, NotFound, Unavailable
-from virtua.vmm.agent import GuestAgent
+from virtua.vmm.agent import AgentResult, GuestAgent
 from virtua.vmm.image import GuestArtifacts, kernel_cmdline
 from virtua.vmm.qemu import DiskSpec, NicSpec, VMSpec, build_cmdline, select_accel
 
@@ -351,8 +351,8 @@ class VMProcess:
                 )
             await asyncio.sleep(0.1)
 
-    async def run(self, script: str, timeout: float = 30.0, check: bool = True):  # type: ignore[no-untyped-def]
-        """Run ``script`` in the guest via the agent (see :class:`GuestAgent.run`)."""
+    async def run(self, script: str, timeout: float = 30.0, check: bool = True) -> AgentResult:
+        """Run ``script`` in the guest via the agent; ``check`` raises GuestCommandError on rc != 0."""
         if self.agent is None:
             raise InvalidArgument(f"VM {self.spec.name} has no agent socket")
         return await self.agent.run(script, timeout=timeout, check=check)
