@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import inspect
 import json
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from virtua.api import ops
 from virtua.errors import InvalidArgument, VirtuaError
@@ -40,6 +42,11 @@ class ServeConfig:
     tls_ca: str | None = None
     tls_psk: str | None = None
     allow: dict[str, set[str]] = field(default_factory=dict)  # export glob -> identities
+    api_listen: str = "127.0.0.1:8780"  # the manager's API for agents (TCP)
+    advertise: str | None = None  # the address agents and VMs use to reach this host
+    local_agent: bool = True
+    agent_listen: str = "127.0.0.1:8781"
+    host_networks: list[str] = field(default_factory=list)
 
     @property
     def api_socket(self) -> Path:
@@ -101,8 +108,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def build_api(storage: Storage) -> Any:
+def build_api(storage: Storage, manager: Any = None) -> Any:
     api = FastAPI(title="virtua", version="0.1")
+
+    def error(e: VirtuaError) -> JSONResponse:
+        return JSONResponse(e.to_dict(), status_code=e.http_status)
 
     @api.get("/v1/status")
     async def status() -> dict[str, Any]:
@@ -116,13 +126,113 @@ def build_api(storage: Storage) -> Any:
             args = json.loads(body) if body else {}
             if not isinstance(args, dict):
                 raise InvalidArgument("arguments must be a JSON object")
-            return ops.run(storage, name, args)
+            result = ops.run(storage, name, args, manager)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
         except VirtuaError as e:
-            return JSONResponse(e.to_dict(), status_code=e.http_status)
+            return error(e)
         except TypeError as e:
-            return JSONResponse(InvalidArgument(f"{name}: {e}").to_dict(), status_code=400)
+            return error(InvalidArgument(f"{name}: {e}"))
+
+    if manager is None:
+        return api
+
+    @api.post("/v1/hosts/register")
+    async def register(request: Request) -> Any:
+        try:
+            return manager.register_host(await request.json())
+        except VirtuaError as e:
+            return error(e)
+        except (ValueError, TypeError) as e:
+            return error(InvalidArgument(f"bad registration: {e}"))
+
+    @api.post("/v1/hosts/{name}/heartbeat")
+    async def heartbeat(name: str, request: Request) -> Any:
+        body = await request.json()
+        return manager.heartbeat(name, body.get("vms", []))
+
+    @api.get("/v1/templates/{name}/{which}")
+    async def template_file(name: str, which: str) -> Any:
+        try:
+            return FileResponse(manager.template_file(name, which))
+        except VirtuaError as e:
+            return error(e)
+
+    @api.put("/v1/vmstate/{vc}/{node}")
+    async def put_state(vc: str, node: str, request: Request) -> Any:
+        try:
+            path = manager.save_state_upload(f"{vc}/{node}")
+        except VirtuaError as e:
+            return error(e)
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            async for block in request.stream():
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return {"stored": str(path), "size": path.stat().st_size}
+
+    @api.get("/v1/vmstate/{vc}/{node}")
+    async def get_state(vc: str, node: str) -> Any:
+        try:
+            return FileResponse(manager.state_file(f"{vc}/{node}"))
+        except VirtuaError as e:
+            return error(e)
 
     return api
+
+
+def _bind_tcp(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise InvalidArgument(f"cannot listen on {listen}: {e.strerror}") from e
+    s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | None:
+    """Start `virtua agent` for this machine unless one already runs; it outlives us."""
+    import subprocess
+    import sys
+
+    agent_home = cfg.home / "agent"
+    agent_home.mkdir(parents=True, exist_ok=True)
+    pidfile = agent_home / "agent.pid"
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+        if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            log.info("local agent already running (pid %d)", pid)
+            return pid
+    except (OSError, ValueError):
+        pass
+    logf = open(agent_home / "agent.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtua.cli", "--home", str(agent_home), "agent",
+         "--listen", cfg.agent_listen, "--manager", f"http://{advertise}:{api_port}"],
+        stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    pidfile.write_text(str(proc.pid))
+    log.info("started the local agent (pid %d) on %s", proc.pid, cfg.agent_listen)
+    return proc.pid
 
 
 async def serve(cfg: ServeConfig) -> None:
@@ -144,21 +254,33 @@ async def serve(cfg: ServeConfig) -> None:
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
 
-    with contextlib.suppress(FileNotFoundError):
-        cfg.api_socket.unlink()
+    from virtua.cluster.manager import Manager
+    from virtua.cluster.store import SQLiteStore
+
+    api_host, api_port = parse_listen(cfg.api_listen)
+    advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")
+    store = SQLiteStore(cfg.home / "manager.db")
+    manager = Manager(
+        cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
+        api_port=api_port, host_networks=cfg.host_networks,
+    )
+    await manager.start()
+    sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]
     uv = uvicorn.Server(
-        uvicorn.Config(build_api(storage), uds=str(cfg.api_socket), log_level="warning", lifespan="off")
+        uvicorn.Config(build_api(storage, manager), log_level="warning", lifespan="off")
     )
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
-    api_task = asyncio.create_task(uv.serve())
+    api_task = asyncio.create_task(uv.serve(sockets=sockets))
+    if cfg.local_agent:
+        start_local_agent(cfg, advertise, api_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     where = f"{host}:{nbd.port}" if host else ""
-    log.info("virtua serve: NBD on %s %s, API on %s (pid %d)", where, nbd_socket, cfg.api_socket, os.getpid())
-    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} api={cfg.api_socket}", flush=True)
+    log.info("virtua serve: NBD on %s %s, API on %s and %s (pid %d)", where, nbd_socket, cfg.api_socket, cfg.api_listen, os.getpid())
+    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} api={cfg.api_socket} api_tcp={cfg.api_listen}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -167,6 +289,8 @@ async def serve(cfg: ServeConfig) -> None:
         uv.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(api_task, 5)
+        await manager.close()
+        store.close()
         storage.close()
         with contextlib.suppress(FileNotFoundError):
             cfg.api_socket.unlink()

@@ -16,6 +16,7 @@ from virtua.units import parse_size
 
 Op = Callable[..., Any]
 OPS: dict[str, Op] = {}
+CLUSTER_OPS: dict[str, Op] = {}  # these need the manager, i.e. `virtua serve`
 
 
 def op(name: str) -> Callable[[Op], Op]:
@@ -26,11 +27,29 @@ def op(name: str) -> Callable[[Op], Op]:
     return register
 
 
-def run(storage: Storage, name: str, args: dict[str, Any]) -> Any:
+def cluster_op(name: str) -> Callable[[Op], Op]:
+    def register(fn: Op) -> Op:
+        CLUSTER_OPS[name] = fn
+        return fn
+
+    return register
+
+
+def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) -> Any:
+    """Run an operation; a cluster operation may return an awaitable (the daemon awaits it)."""
     fn = OPS.get(name)
-    if fn is None:
+    if fn is not None:
+        return fn(storage, **args)
+    cfn = CLUSTER_OPS.get(name)
+    if cfn is None:
         raise InvalidArgument(f"unknown operation {name!r}")
-    return fn(storage, **args)
+    if manager is None:
+        from virtua.errors import Unavailable
+
+        raise Unavailable(
+            f"`{name.replace('.', ' ')}` needs the manager: start `virtua serve` first"
+        )
+    return cfn(manager, **args)
 
 
 def _size(v: str | int | None) -> int | None:
@@ -198,3 +217,130 @@ def snapshot_rollback(st: Storage, ref: str) -> dict[str, Any]:
     pool = st.pool(r.pool)
     pool.rollback(r.volume, r.snapshot)
     return pool.volume_info(r.volume)
+
+
+# ---------------------------------------------------------------------- cluster (manager)
+
+
+@cluster_op("host.list")
+def host_list(m: Any) -> Any:
+    return m.host_list()
+
+
+@cluster_op("host.info")
+def host_info(m: Any, name: str) -> Any:
+    async def go() -> Any:
+        info = m.host_info(name)
+        try:
+            info["leftovers"] = await m.host_leftovers(name)
+        except Exception as e:  # an offline host still has a record to show
+            info["leftovers"] = {"error": str(e)}
+        return info
+
+    return go()
+
+
+@cluster_op("host.add")
+def host_add(m: Any, name: str, address: str, cores: int | None = None, memory: str | None = None) -> Any:
+    return m.add_host(name, address, cores, memory)
+
+
+@cluster_op("host.remove")
+def host_remove(m: Any, name: str, force: bool = False) -> Any:
+    return m.remove_host(name, force)
+
+
+@cluster_op("host.drain")
+def host_drain(m: Any, name: str) -> Any:
+    return m.drain_host(name)
+
+
+@cluster_op("template.build")
+def template_build(m: Any, name: str, pool: str | None = None, size: str | None = None) -> Any:
+    return m.template_build(name, pool, size)
+
+
+@cluster_op("template.import")
+def template_import(m: Any, name: str, image: str, kernel: str | None = None, initrd: str | None = None,
+                    cmdline: str | None = None, pool: str | None = None) -> Any:
+    return m.template_import(name, image, kernel, initrd, cmdline, pool)
+
+
+@cluster_op("template.list")
+def template_list(m: Any) -> Any:
+    return m.template_list()
+
+
+@cluster_op("template.info")
+def template_info(m: Any, name: str) -> Any:
+    return m.template_info(name)
+
+
+@cluster_op("template.rm")
+def template_rm(m: Any, name: str) -> Any:
+    return m.template_rm(name)
+
+
+@cluster_op("vc.create")
+def vc_create(m: Any, **args: Any) -> Any:
+    return m.vc_create(**args)
+
+
+@cluster_op("vc.start")
+def vc_start(m: Any, name: str) -> Any:
+    return m.vc_start(name)
+
+
+@cluster_op("vc.stop")
+def vc_stop(m: Any, name: str, force: bool = False) -> Any:
+    return m.vc_stop(name, force)
+
+
+@cluster_op("vc.suspend")
+def vc_suspend(m: Any, name: str) -> Any:
+    return m.vc_suspend(name)
+
+
+@cluster_op("vc.resume")
+def vc_resume(m: Any, name: str) -> Any:
+    return m.vc_resume(name)
+
+
+@cluster_op("vc.destroy")
+def vc_destroy(m: Any, name: str, force: bool = False) -> Any:
+    return m.vc_destroy(name, force)
+
+
+@cluster_op("vc.remap")
+def vc_remap(m: Any, name: str, strategy: str | None = None, mode: str | None = None) -> Any:
+    return m.vc_remap(name, strategy, mode)
+
+
+@cluster_op("vc.reset")
+def vc_reset(m: Any, name: str) -> Any:
+    return m.vc_reset(name)
+
+
+@cluster_op("vc.update")
+def vc_update(m: Any, name: str, template: str) -> Any:
+    return m.vc_update(name, template)
+
+
+@cluster_op("vc.list")
+def vc_list(m: Any) -> Any:
+    return m.vc_list()
+
+
+@cluster_op("vc.info")
+def vc_info(m: Any, name: str) -> Any:
+    return m.vc_info(name)
+
+
+@cluster_op("vm.console")
+def vm_console(m: Any, ref: str, offset: int = 0) -> Any:
+    return m.vm_console_text(ref, offset)
+
+
+@cluster_op("vm.exec")
+def vm_exec(m: Any, ref: str, script: str, timeout: float = 30.0) -> Any:
+    return m.vm_exec(ref, script, timeout)

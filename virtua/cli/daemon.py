@@ -20,6 +20,11 @@ def serve_cmd(
     tls_ca: str | None = typer.Option(None, "--tls-ca", help="CA to verify client certificates"),
     tls_psk: str | None = typer.Option(None, "--tls-psk", help="PSK file, username:hexkey lines (psktool format)"),
     allow: list[str] = typer.Option([], "--allow", help="EXPORT-GLOB=ID[,ID]: only these TLS identities may use matching exports"),
+    api_listen: str = typer.Option("127.0.0.1:8780", "--api-listen", help="manager API for agents, HOST:PORT"),
+    advertise: str | None = typer.Option(None, "--advertise", help="address agents and VMs use to reach this host (default: the API address)"),
+    no_agent: bool = typer.Option(False, "--no-agent", help="do not start an agent for this machine"),
+    agent_listen: str = typer.Option("127.0.0.1:8781", "--agent-listen", help="the local agent's address"),
+    host_network: list[str] = typer.Option([], "--host-network", help="CIDR the hosts use (VC subnets never overlap it)"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -45,6 +50,44 @@ def serve_cmd(
         tls_ca=tls_ca,
         tls_psk=tls_psk,
         allow=parse_allow(allow),
+        api_listen=api_listen,
+        advertise=advertise,
+        local_agent=not no_agent,
+        agent_listen=agent_listen,
+        host_networks=host_network,
     )
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(cfg))
+
+
+@app.command("agent")
+def agent_cmd(
+    manager: str = typer.Option("http://127.0.0.1:8780", "--manager", help="the manager's API URL"),
+    listen: str = typer.Option("127.0.0.1:8781", "--listen", help="HOST:PORT for this agent's API (what the manager calls)"),
+    name: str | None = typer.Option(None, "--name", help="host name (default: hostname)"),
+    cores: int | None = typer.Option(None, "--cores", help="cores to offer (default: all)"),
+    memory: str | None = typer.Option(None, "--memory", help="memory to offer, e.g. 8G (default: all)"),
+    template: list[str] = typer.Option([], "--template", help="templates this host can run (default: any)"),
+    accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, fall back to TCG), kvm or tcg"),
+    no_network: bool = typer.Option(False, "--no-network", help="no taps/routes (VMs without NICs)"),
+    host_network: list[str] = typer.Option([], "--host-network", help="CIDR of this host's network"),
+) -> None:
+    """Run the agent of one physical host: registers with the manager and runs its VMs."""
+    import asyncio
+
+    import uvloop
+
+    from virtua.cluster.agent import AgentConfig, default_name, run_agent
+    from virtua.units import parse_size
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    cfg = AgentConfig(
+        name=name or default_name(), listen=listen, manager=manager.rstrip("/"), home=State.home,
+        templates=template or None, accel=accel, network=not no_network, host_networks=host_network,
+    )
+    if cores:
+        cfg.cores = cores
+    if memory:
+        cfg.memory_mb = parse_size(memory) >> 20
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(run_agent(cfg))

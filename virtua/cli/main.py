@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--json" in args:  # accepted anywhere, for every command
         State.json = True
         args = [a for a in args if a != "--json"]
-    try:
-        from virtua.cli import daemon  # noqa: F401  (registers serve/demo when present)
-    except ImportError:
-        pass
+    from virtua.cli import cluster, daemon  # noqa: F401  (register their commands)
     try:
         app(args=args, prog_name="virtua", standalone_mode=False)
     except VirtuaError as e:

@@ -1,0 +1,215 @@
+"""CLI commands of the cluster layer: host, template, vc, vm (they talk to `virtua serve`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import typer
+
+from virtua.cli import render
+from virtua.cli.main import State, app, call
+
+host_app = typer.Typer(no_args_is_help=True, help="Physical hosts (each runs `virtua agent`)")
+template_app = typer.Typer(no_args_is_help=True, help="VM templates: a read-only volume plus boot metadata")
+vc_app = typer.Typer(no_args_is_help=True, help="Virtual clusters")
+vm_app = typer.Typer(no_args_is_help=True, help="Single VMs of a virtual cluster (VC/NODE)")
+app.add_typer(host_app, name="host")
+app.add_typer(template_app, name="template")
+app.add_typer(vc_app, name="vc")
+app.add_typer(vm_app, name="vm")
+
+HOST_COLUMNS = ["name", "address", "state", "alive", "cores", "cores_used", "memory_mb", "memory_used_mb", "accel", "vms"]
+
+
+@host_app.command("list")
+def host_list() -> None:
+    """Registered hosts, their capacity and load."""
+    call("host.list", HOST_COLUMNS)
+
+
+@host_app.command("info")
+def host_info(name: str) -> None:
+    """A host's record, VMs and leftover network state (taps, routes, rules)."""
+    call("host.info", name=name)
+
+
+@host_app.command("add")
+def host_add(
+    name: str, address: str = typer.Option(..., "--address", help="agent HOST:PORT"),
+    cores: int | None = typer.Option(None, "--cores"), memory: str | None = typer.Option(None, "--memory"),
+) -> None:
+    """Register a host by hand (its agent normally registers itself)."""
+    call("host.add", name=name, address=address, cores=cores, memory=memory)
+
+
+@host_app.command("remove")
+def host_remove(name: str, force: bool = typer.Option(False, "--force")) -> None:
+    """Forget a host (refused while it runs VMs, unless --force)."""
+    call("host.remove", name=name, force=force)
+
+
+@host_app.command("drain")
+def host_drain(name: str) -> None:
+    """Place nothing more on a host and move its VMs away."""
+    call("host.drain", name=name)
+
+
+@template_app.command("build")
+def template_build(
+    name: str, pool: str | None = typer.Option(None, "--pool"),
+    size: str | None = typer.Option(None, "--size", help="root filesystem size (default 64M)"),
+) -> None:
+    """Build a bootable Linux template from Debian packages (cloud kernel + busybox ext4 root)."""
+    call("template.build", name=name, pool=pool, size=size)
+
+
+@template_app.command("import")
+def template_import(
+    name: str, image: str = typer.Argument(..., help="raw or qcow2 root disk"),
+    kernel: str | None = typer.Option(None, "--kernel"), initrd: str | None = typer.Option(None, "--initrd"),
+    cmdline: str | None = typer.Option(None, "--cmdline"), pool: str | None = typer.Option(None, "--pool"),
+) -> None:
+    """Make a template of an existing root disk image."""
+    import os
+
+    call("template.import", name=name, image=os.path.abspath(image), kernel=kernel and os.path.abspath(kernel),
+         initrd=initrd and os.path.abspath(initrd), cmdline=cmdline, pool=pool)
+
+
+@template_app.command("list")
+def template_list() -> None:
+    call("template.list", ["name", "snapshot", "size", "allocated", "snapshots", "vcs"])
+
+
+@template_app.command("info")
+def template_info(name: str) -> None:
+    call("template.info", name=name)
+
+
+@template_app.command("rm")
+def template_rm(name: str) -> None:
+    call("template.rm", name=name)
+
+
+@vc_app.command("create")
+def vc_create(
+    name: str,
+    template: str = typer.Option(..., "--template", "-t"),
+    nodes: int = typer.Option(..., "--nodes", "-n"),
+    cpus: int = typer.Option(1, "--cpus"),
+    memory: str = typer.Option("256M", "--memory"),
+    disk: str | None = typer.Option(None, "--disk", help="node disk size (default: the template's)"),
+    swap: str = typer.Option("64M", "--swap"),
+    strategy: str = typer.Option("block", "--strategy", help="block or cyclic"),
+    mode: str = typer.Option("strict", "--mode", help="strict (1 vCPU per core) or lazy"),
+    subnet: str | None = typer.Option(None, "--subnet", help="private CIDR (default: allocated)"),
+    start: bool = typer.Option(False, "--start", help="boot the nodes right away"),
+) -> None:
+    """Create a virtual cluster: one clone of the template per node, swap, per-node seeds."""
+    t0 = time.monotonic()
+    call("vc.create", VC_INFO_ONLY, name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
+         disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start)
+    if not State.json:
+        render.err.print(f"done in {time.monotonic() - t0:.1f} s")
+
+
+VC_INFO_ONLY = None
+NODE_COLUMNS = ["name", "host", "state", "address", "accel", "disk_unique", "disk_shared"]
+
+
+def _show_vc(result: dict) -> None:  # type: ignore[type-arg]
+    if State.json:
+        return
+    render.emit(result["nodes"], False, NODE_COLUMNS)
+
+
+def vc_call(op: str, **args: object) -> None:
+    result = State.client().call(op, **{k: v for k, v in args.items() if v is not None})
+    if State.json:
+        render.emit(result, True)
+        return
+    if isinstance(result, dict) and "nodes" in result:
+        summary = {k: result[k] for k in ("name", "template", "state", "subnet", "strategy", "mode", "cpus",
+                                          "memory_mb", "disk_unique_total", "template_allocated",
+                                          "full_copies_would_use")}
+        render.emit(summary, False)
+        _show_vc(result)
+    else:
+        render.emit(result, False)
+
+
+for _op in ("start", "suspend", "resume", "reset", "info"):
+    def _make(op: str) -> None:
+        def cmd(name: str) -> None:
+            vc_call(f"vc.{op}", name=name)
+
+        cmd.__doc__ = {
+            "start": "Boot every node (waits until each is up).",
+            "suspend": "Save every node's memory state and stop it; resume continues where it stopped.",
+            "resume": "Resume a suspended VC (on the hosts its mapping names now).",
+            "reset": "Every node disk back to the template snapshot (VC must be stopped).",
+            "info": "Nodes, host of each, state, address, disk unique/shared.",
+        }[op]
+        vc_app.command(op)(cmd)
+
+    _make(_op)
+
+
+
+@vc_app.command("stop")
+def vc_stop(name: str, force: bool = typer.Option(False, "--force", help="kill instead of powering off")) -> None:
+    """Power off every node."""
+    vc_call("vc.stop", name=name, force=force)
+
+
+@vc_app.command("destroy")
+def vc_destroy(name: str, force: bool = typer.Option(False, "--force", help="also when running (stops it first)")) -> None:
+    """Delete a VC: its VMs, disks, swap, seeds and saved states."""
+    vc_call("vc.destroy", name=name, force=force)
+
+
+@vc_app.command("remap")
+def vc_remap(
+    name: str, strategy: str | None = typer.Option(None, "--strategy"), mode: str | None = typer.Option(None, "--mode"),
+) -> None:
+    """Change the VM -> host mapping while the VC is suspended or stopped."""
+    vc_call("vc.remap", name=name, strategy=strategy, mode=mode)
+
+
+@vc_app.command("update")
+def vc_update(name: str, template: str = typer.Option(..., "--template", help="TEMPLATE@SNAPSHOT")) -> None:
+    """Rebase every node disk onto a newer template snapshot (VC must be stopped)."""
+    vc_call("vc.update", name=name, template=template)
+
+
+@vc_app.command("list")
+def vc_list() -> None:
+    call("vc.list", ["name", "template", "nodes", "running", "state", "subnet", "hosts", "strategy", "mode"])
+
+
+@vm_app.command("console")
+def vm_console(ref: str = typer.Argument(..., help="VC/NODE"), follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    """Print a VM's console log (-f to follow)."""
+    offset = 0
+    while True:
+        r = State.client().call("vm.console", ref=ref, offset=offset)
+        sys.stdout.write(r["text"])
+        sys.stdout.flush()
+        offset = r["offset"]
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
+@vm_app.command("exec")
+def vm_exec(ref: str = typer.Argument(..., help="VC/NODE"), script: str = typer.Argument(...),
+            timeout: float = typer.Option(30.0, "--timeout")) -> None:
+    """Run a shell command in a guest (through its agent serial port)."""
+    r = State.client().call("vm.exec", ref=ref, script=script, timeout=timeout)
+    if State.json:
+        render.emit(r, True)
+    else:
+        sys.stdout.write(r["output"])
+    if r["rc"]:
+        raise typer.Exit(r["rc"])

@@ -1,0 +1,426 @@
+"""`virtua agent`: the daemon of one physical host.
+
+It registers with the manager (name, address, cores, memory, templates), heartbeats,
+and runs the VMs the manager assigns it as QEMU processes whose disks are the manager's
+NBD exports. QEMU runs in its own session, so VMs outlive an agent restart; a restarted
+agent reattaches to them through their pidfiles and QMP sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from virtua.cluster.model import VMLaunch
+from virtua.errors import InvalidArgument, NotFound, Unavailable, VirtuaError
+
+log = logging.getLogger("virtua.agent")
+
+HEARTBEAT_INTERVAL = 1.0
+BOOT_TIMEOUT = 180.0
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    listen: str  # host:port the agent's API listens on (and what it advertises)
+    manager: str  # http://host:port
+    home: Path
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    memory_mb: int = 0
+    templates: list[str] | None = None
+    accel: str = "auto"
+    network: bool = True
+    host_networks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunningVM:
+    id: str
+    proc: Any  # virtua.vmm.vm.VMProcess
+    launch: VMLaunch
+    state: str = "starting"
+    error: str | None = None
+
+
+def _memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 1024
+
+
+def _safe(vm_id: str) -> str:
+    return vm_id.replace("/", "~")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        if not cfg.memory_mb:
+            cfg.memory_mb = _memory_mb()
+        self.vms: dict[str, RunningVM] = {}
+        self.run_dir = cfg.home / "vms"
+        self.cache = cfg.home / "cache"
+        self.http = httpx.AsyncClient(timeout=600)
+        self.accel = "unknown"
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.net: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        if self.cfg.network:
+            from virtua.net.hostnet import HostNetwork
+
+            self.net = HostNetwork(self.cfg.name)
+        await self._reattach()
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.http.aclose()
+
+    async def _reattach(self) -> None:
+        from virtua.vmm.vm import VMProcess
+
+        for d in sorted(self.run_dir.iterdir()):
+            launch_file = d / "launch.json"
+            if not launch_file.exists():
+                continue
+            try:
+                proc = await VMProcess.attach(d)
+            except (VirtuaError, OSError) as e:
+                log.warning("cannot reattach %s: %s", d.name, e)
+                continue
+            launch = VMLaunch.model_validate_json(launch_file.read_text())
+            state = "running" if proc.is_running() else "stopped"
+            self.vms[launch.id] = RunningVM(launch.id, proc, launch, state)
+            log.info("reattached %s (%s)", launch.id, state)
+
+    def registration(self) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name, "address": self.cfg.listen, "cores": self.cfg.cores,
+            "memory_mb": self.cfg.memory_mb, "templates": self.cfg.templates, "accel": self.accel,
+            "networks": self.cfg.host_networks,
+        }
+
+    async def _heartbeat_loop(self) -> None:
+        registered = False
+        while True:
+            try:
+                if not registered:
+                    r = await self.http.post(f"{self.cfg.manager}/v1/hosts/register", json=self.registration())
+                    r.raise_for_status()
+                    registered = True
+                    log.info("registered with %s", self.cfg.manager)
+                r = await self.http.post(
+                    f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report()}
+                )
+                r.raise_for_status()
+                if r.json().get("register"):
+                    registered = False
+                    continue
+            except (httpx.HTTPError, ValueError) as e:
+                if registered:
+                    log.warning("manager %s unreachable: %s", self.cfg.manager, e)
+                registered = False
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def report(self) -> list[dict[str, Any]]:
+        out = []
+        for vm in self.vms.values():
+            if vm.state in ("running", "starting") and not vm.proc.is_running():
+                vm.state = "stopped"
+                vm.error = "QEMU exited"
+            out.append({"id": vm.id, "state": vm.state, "error": vm.error, "pid": vm.proc.pid})
+        return out
+
+    # ------------------------------------------------------------------ artifacts
+
+    async def _fetch(self, url: str, digest: str | None, name: str) -> Path:
+        key = digest or hashlib.sha256(url.encode()).hexdigest()
+        path = self.cache / f"{name}-{key[:16]}"
+        if path.exists():
+            return path
+        tmp = path.with_suffix(".part")
+        h = hashlib.sha256()
+        try:
+            async with self.http.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise Unavailable(f"cannot fetch {url}: HTTP {r.status_code}")
+                with open(tmp, "wb") as f:
+                    async for block in r.aiter_bytes(1 << 20):
+                        f.write(block)
+                        h.update(block)
+        except httpx.HTTPError as e:
+            raise Unavailable(f"cannot fetch {url}: {e}") from e
+        if digest and h.hexdigest() != digest:
+            tmp.unlink(missing_ok=True)
+            raise Unavailable(f"{url}: checksum mismatch")
+        os.replace(tmp, path)
+        return path
+
+    async def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
+        kernel = await self._fetch(body["kernel_url"], body.get("kernel_digest"), "kernel")
+        initrd = None
+        if body.get("initrd_url"):
+            initrd = await self._fetch(body["initrd_url"], body.get("initrd_digest"), "initrd")
+        if self.accel == "unknown":
+            await self._probe_accel(kernel, initrd)
+        return {"kernel": str(kernel), "initrd": str(initrd) if initrd else None, "accel": self.accel}
+
+    async def _probe_accel(self, kernel: Path, initrd: Path | None) -> None:
+        from virtua.vmm.qemu import select_accel
+
+        self.accel = await asyncio.to_thread(
+            select_accel, self.cfg.accel, cache_dir=self.cache, kernel=kernel, initrd=initrd
+        )
+
+    # ------------------------------------------------------------------ VMs
+
+    def _spec(self, launch: VMLaunch, kernel: Path, initrd: Path | None) -> Any:
+        from virtua.vmm.qemu import DiskSpec, NicSpec, VMSpec
+
+        d = self.run_dir / _safe(launch.id)
+        d.mkdir(parents=True, exist_ok=True)
+        nics = []
+        if launch.nic is not None and self.net is not None:
+            nics.append(NicSpec(kind="tap", ifname=launch.nic.tap, mac=launch.nic.mac))
+        return VMSpec(
+            name=launch.hostname, cpus=launch.cpus, memory_mib=launch.memory_mb, kernel=kernel,
+            initrd=initrd, append=launch.cmdline,
+            # reconnect: QEMU queues guest I/O while the NBD server restarts or moves
+            disks=[DiskSpec(source=uri, reconnect_delay=60) for uri in launch.disks],
+            nics=nics, accel="kvm" if self.accel == "kvm" else "tcg",
+            serial_log=d / "serial.log", console_socket=d / "console.sock",
+            agent_socket=d / "agent.sock", qmp_socket=d / "qmp.sock", pidfile=d / "qemu.pid",
+        )
+
+    async def _launch(self, launch: VMLaunch, incoming_state: Path | None) -> RunningVM:
+        from virtua.vmm.vm import VMProcess
+
+        cur = self.vms.get(launch.id)
+        if cur is not None and cur.proc.is_running():
+            raise InvalidArgument(f"VM {launch.id} is already running here")
+        art = await self.prepare(launch.model_dump())
+        spec = self._spec(launch, Path(art["kernel"]), Path(art["initrd"]) if art["initrd"] else None)
+        d = self.run_dir / _safe(launch.id)
+        (d / "launch.json").write_text(launch.model_dump_json())
+        if launch.nic is not None and self.net is not None:
+            await asyncio.to_thread(self.net.plug, launch.nic)
+        proc = VMProcess(spec)
+        vm = RunningVM(launch.id, proc, launch, "starting")
+        self.vms[launch.id] = vm
+        try:
+            if incoming_state is not None:
+                await proc.resume(incoming_state)
+            else:
+                await proc.start()
+        except Exception as e:
+            vm.state = "failed"
+            vm.error = str(e)
+            await self._unplug(vm)
+            raise Unavailable(f"QEMU for {launch.id} failed to start: {e}") from e
+        return vm
+
+    async def _unplug(self, vm: RunningVM) -> None:
+        if vm.launch.nic is not None and self.net is not None:
+            await asyncio.to_thread(self.net.unplug, vm.launch.nic)
+
+    async def vm_start(self, body: dict[str, Any]) -> dict[str, Any]:
+        launch = VMLaunch(**body["launch"])
+        vm = await self._launch(launch, None)
+        if body.get("wait", True):
+            await self._wait_ready(vm)
+        return self._status(vm)
+
+    async def _wait_ready(self, vm: RunningVM) -> None:
+        from virtua.vmm.image import READY_MARKER
+
+        try:
+            await vm.proc.wait_for_console(READY_MARKER, timeout=BOOT_TIMEOUT)
+        except (TimeoutError, VirtuaError) as e:
+            vm.state = "failed"
+            vm.error = str(e)[-400:]
+            raise Unavailable(f"VM {vm.id} did not boot: {vm.error}") from e
+        vm.state = "running"
+
+    def _status(self, vm: RunningVM) -> dict[str, Any]:
+        return {"id": vm.id, "state": vm.state, "accel": vm.proc.spec.accel, "pid": vm.proc.pid,
+                "error": vm.error}
+
+    def _get(self, vm_id: str) -> RunningVM:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id} is not on host {self.cfg.name}")
+        return vm
+
+    async def vm_stop(self, body: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(body["id"])
+        if vm is None:
+            return {"id": body["id"], "state": "stopped"}
+        if vm.proc.is_running():
+            if body.get("force"):
+                await vm.proc.kill()
+            else:
+                await vm.proc.stop(timeout=20)
+        vm.state = "stopped"
+        await self._unplug(vm)
+        self._forget(vm)
+        return {"id": vm.id, "state": "stopped"}
+
+    def _forget(self, vm: RunningVM) -> None:
+        self.vms.pop(vm.id, None)
+        d = self.run_dir / _safe(vm.id)
+        with contextlib.suppress(OSError):
+            (d / "launch.json").unlink()
+
+    async def vm_suspend(self, body: dict[str, Any]) -> dict[str, Any]:
+        vm = self._get(body["id"])
+        state_file = self.run_dir / _safe(vm.id) / "memory.state"
+        await vm.proc.suspend(state_file)
+        try:
+            with open(state_file, "rb") as f:
+                r = await self.http.put(body["upload_url"], content=_chunks(f))
+            if r.status_code >= 300:
+                raise Unavailable(f"uploading the state of {vm.id} failed: HTTP {r.status_code} {r.text[:200]}")
+        finally:
+            state_file.unlink(missing_ok=True)
+        vm.state = "suspended"
+        await self._unplug(vm)
+        self._forget(vm)
+        return {"id": vm.id, "state": "suspended"}
+
+    async def vm_resume(self, body: dict[str, Any]) -> dict[str, Any]:
+        launch = VMLaunch(**body["launch"])
+        if not launch.state_url:
+            raise InvalidArgument("resume needs the saved state's URL")
+        d = self.run_dir / _safe(launch.id)
+        d.mkdir(parents=True, exist_ok=True)
+        state_file = d / "incoming.state"
+        try:
+            async with self.http.stream("GET", launch.state_url) as r:
+                if r.status_code != 200:
+                    raise Unavailable(f"cannot fetch the saved state of {launch.id}: HTTP {r.status_code}")
+                with open(state_file, "wb") as f:
+                    async for block in r.aiter_bytes(1 << 20):
+                        f.write(block)
+            vm = await self._launch(launch, state_file)
+        finally:
+            state_file.unlink(missing_ok=True)
+        vm.state = "running"
+        return self._status(vm)
+
+    async def vm_console(self, body: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(body["id"])
+        d = self.run_dir / _safe(body["id"])
+        log_path = d / "serial.log"
+        if vm is None and not log_path.exists():
+            raise NotFound(f"VM {body['id']} has no console on host {self.cfg.name}")
+        offset = int(body.get("offset", 0))
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        return {"id": body["id"], "text": text, "offset": offset + len(text.encode())}
+
+    async def vm_exec(self, body: dict[str, Any]) -> dict[str, Any]:
+        vm = self._get(body["id"])
+        res = await vm.proc.run(body["script"], timeout=float(body.get("timeout", 30)), check=False)
+        return {"id": vm.id, "rc": res.rc, "output": res.output}
+
+    def net_state(self) -> dict[str, Any]:
+        if self.net is None:
+            return {"host": self.cfg.name, "network": "off", "taps": [], "routes": [], "rules": []}
+        return {"host": self.cfg.name, **self.net.leftovers()}
+
+
+async def _chunks(f: Any) -> Any:
+    while True:
+        block = f.read(1 << 20)
+        if not block:
+            return
+        yield block
+
+
+def build_agent_api(agent: Agent) -> FastAPI:
+    api = FastAPI(title="virtua agent")
+
+    def wrap(fn: Any) -> Any:
+        async def handler(request: Request) -> Any:
+            try:
+                body = await request.json() if await request.body() else {}
+                return await fn(body)
+            except VirtuaError as e:
+                return JSONResponse(e.to_dict(), status_code=e.http_status)
+            except (KeyError, TypeError, ValueError) as e:
+                return JSONResponse(InvalidArgument(f"bad request: {e}").to_dict(), status_code=400)
+
+        return handler
+
+    api.post("/v1/prepare")(wrap(agent.prepare))
+    api.post("/v1/vm/start")(wrap(agent.vm_start))
+    api.post("/v1/vm/stop")(wrap(agent.vm_stop))
+    api.post("/v1/vm/suspend")(wrap(agent.vm_suspend))
+    api.post("/v1/vm/resume")(wrap(agent.vm_resume))
+    api.post("/v1/vm/console")(wrap(agent.vm_console))
+    api.post("/v1/vm/exec")(wrap(agent.vm_exec))
+
+    @api.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"name": agent.cfg.name, "vms": agent.report(), "accel": agent.accel}
+
+    @api.get("/v1/net")
+    async def net() -> dict[str, Any]:
+        return agent.net_state()
+
+    return api
+
+
+async def run_agent(cfg: AgentConfig) -> None:
+    import signal
+
+    import uvicorn
+
+    agent = Agent(cfg)
+    await agent.start()
+    host, _, port = cfg.listen.rpartition(":")
+    uv = uvicorn.Server(uvicorn.Config(build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off"))
+    uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    task = asyncio.create_task(uv.serve())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"VIRTUA_AGENT_READY name={cfg.name} listen={cfg.listen} pid={os.getpid()}", flush=True)
+    log.info("agent %s on %s, manager %s (VMs keep running when the agent stops)", cfg.name, cfg.listen, cfg.manager)
+    await stop.wait()
+    uv.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, 5)
+    await agent.close()
+
+
+def default_name() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+__all__ = ["Agent", "AgentConfig", "run_agent", "default_name", "time"]

@@ -1,0 +1,938 @@
+"""The virtual-cluster manager: hosts, templates and virtual clusters.
+
+It runs inside `virtua serve`, next to the storage engine and the NBD server. Agents
+(one per physical host) register over HTTP and run the VMs the manager assigns them;
+the VMs' disks are this process's NBD exports. State lives in a StateStore (SQLite by
+default), so VMs keep running and `vc info` stays right across a manager restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from virtua.cluster import netplan
+from virtua.cluster.model import HostRecord, NicLaunch, TemplateRecord, VCRecord, VMLaunch, VMRecord
+from virtua.cluster.placement import HostCapacity, HostLoad, VMRequest, place, restart_plan
+from virtua.cluster.plan import Plan
+from virtua.cluster.store import StateStore
+from virtua.errors import (
+    AlreadyExists,
+    Busy,
+    DependencyError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    VirtuaError,
+)
+from virtua.storage.names import check_name, parse_ref
+from virtua.storage.service import Storage
+from virtua.units import parse_size
+
+log = logging.getLogger("virtua.manager")
+
+HEARTBEAT_TIMEOUT = 6.0  # seconds without a heartbeat before a host is offline
+AGENT_TIMEOUT = 180.0
+DEFAULT_POOL = "default"
+
+
+class Manager:
+    def __init__(
+        self,
+        home: Path,
+        storage: Storage,
+        store: StateStore,
+        *,
+        advertise: str = "127.0.0.1",
+        nbd_port: int = 10809,
+        api_port: int = 8780,
+        host_networks: list[str] | None = None,
+        restart_dead: bool = True,
+    ) -> None:
+        self.home = home
+        self.storage = storage
+        self.store = store
+        self.advertise = advertise
+        self.nbd_port = nbd_port
+        self.api_port = api_port
+        self.host_networks = [IPv4Network(n) for n in host_networks or []]
+        self.restart_dead = restart_dead
+        self.http = httpx.AsyncClient(timeout=AGENT_TIMEOUT)
+        self.states_dir = home / "vmstate"
+        self.templates_dir = home / "templates"
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.advertise}:{self.api_port}"
+
+    def nbd_uri(self, export: str) -> str:
+        return f"nbd://{self.advertise}:{self.nbd_port}/{export}"
+
+    def lock(self, key: str) -> asyncio.Lock:
+        """One admin operation at a time per VC (concurrent commands queue, never interleave)."""
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def start(self) -> None:
+        self._watch = asyncio.create_task(self._watch_hosts())
+
+    async def close(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+        await self.http.aclose()
+
+    # ================================================================== hosts
+
+    def hosts(self) -> list[HostRecord]:
+        return [HostRecord(**v) for _, v in self.store.range("/hosts/")]
+
+    def host(self, name: str) -> HostRecord:
+        v = self.store.get(f"/hosts/{name}")
+        if v is None:
+            raise NotFound(f"host {name} is not registered (virtua host list shows the hosts)")
+        return HostRecord(**v)
+
+    def _put_host(self, h: HostRecord) -> None:
+        self.store.put(f"/hosts/{h.name}", h.model_dump())
+
+    def register_host(self, rec: dict[str, Any]) -> dict[str, Any]:
+        h = HostRecord(**rec)
+        check_name(h.name, "host name")
+        old = self.store.get(f"/hosts/{h.name}")
+        now = time.time()
+        h.registered = old["registered"] if old else now
+        h.draining = bool(old and old.get("draining"))
+        h.state = "draining" if h.draining else "online"
+        h.last_seen = now
+        self._put_host(h)
+        log.info("host %s registered at %s (%d cores, %d MiB, accel %s)", h.name, h.address, h.cores, h.memory_mb, h.accel)
+        return {"ok": True, "manager": self.api_url, "nbd": f"{self.advertise}:{self.nbd_port}"}
+
+    def heartbeat(self, name: str, vms: list[dict[str, Any]]) -> dict[str, Any]:
+        v = self.store.get(f"/hosts/{name}")
+        if v is None:
+            return {"register": True}
+        h = HostRecord(**v)
+        h.last_seen = time.time()
+        if h.state == "offline":
+            h.state = "draining" if h.draining else "online"
+            log.info("host %s is back", name)
+        self._put_host(h)
+        # what the agent reports is the truth about its VMs
+        for report in vms:
+            rec = self._vm_or_none(report.get("id", ""))
+            if rec is None or rec.host != name:
+                continue
+            state = report.get("state")
+            if rec.state in ("running", "starting") and state in ("stopped", "failed"):
+                rec.state = state
+                rec.error = report.get("error")
+                self._put_vm(rec)
+        return {"ok": True}
+
+    def add_host(self, name: str, address: str, cores: int | None = None, memory: str | None = None) -> dict[str, Any]:
+        """Register a host by hand (normally its agent registers itself)."""
+        check_name(name, "host name")
+        if self.store.get(f"/hosts/{name}") is not None:
+            raise AlreadyExists(f"host {name} is already registered")
+        rec = {
+            "name": name, "address": address, "cores": cores or 1,
+            "memory_mb": (parse_size(memory) >> 20) if memory else 1024,
+        }
+        self.register_host(rec)
+        h = self.host(name)
+        h.last_seen = 0.0
+        h.state = "offline"  # until its agent heartbeats
+        self._put_host(h)
+        return self.host_info(name)
+
+    def remove_host(self, name: str, force: bool = False) -> dict[str, Any]:
+        self.host(name)
+        vms = [v for v in self.vms() if v.host == name and v.state in ("running", "starting", "suspended")]
+        if vms and not force:
+            raise DependencyError(
+                f"host {name} runs {len(vms)} VM(s) ({', '.join(v.key for v in vms)}); "
+                "drain it first or use --force"
+            )
+        self.store.delete(f"/hosts/{name}")
+        return {"removed": [name]}
+
+    async def drain_host(self, name: str) -> dict[str, Any]:
+        """Stop placing VMs on a host and move its running VMs elsewhere (suspend, resume)."""
+        h = self.host(name)
+        h.draining = True
+        h.state = "draining"
+        self._put_host(h)
+        moved: list[str] = []
+        for vc in {v.vc for v in self.vms() if v.host == name}:
+            async with self.lock(f"vc/{vc}"):
+                rec = self.vc(vc)
+                vms = self.vc_vms(vc)
+                running = [v for v in vms if v.host == name and v.state == "running"]
+                plan = self._place(rec, vms, current={v.name: v.host for v in vms})
+                for v in vms:
+                    new_host = plan.get(v.name, v.host)
+                    if new_host == v.host:
+                        continue
+                    if v in running:
+                        await self._suspend_vm(v)
+                    v.host = new_host
+                    self._put_vm(v)
+                    if v.state == "suspended":
+                        await self._resume_vm(rec, v)
+                    moved.append(f"{v.key} -> {new_host}")
+        return {"host": name, "state": "draining", "moved": moved}
+
+    def host_info(self, name: str) -> dict[str, Any]:
+        h = self.host(name)
+        vms = [v for v in self.vms() if v.host == name]
+        running = [v for v in vms if v.state in ("running", "starting")]
+        return {
+            **h.model_dump(),
+            "alive": time.time() - h.last_seen < HEARTBEAT_TIMEOUT,
+            "vms": [v.key for v in vms],
+            "cores_used": sum(self.vc(v.vc).cpus for v in running),
+            "memory_used_mb": sum(self.vc(v.vc).memory_mb for v in running),
+        }
+
+    def host_list(self) -> list[dict[str, Any]]:
+        return [self.host_info(h.name) for h in self.hosts()]
+
+    async def host_leftovers(self, name: str) -> dict[str, Any]:
+        """Ask the host's agent what network state it still holds (taps, routes, rules)."""
+        h = self.host(name)
+        return await self._agent(h, "GET", "/v1/net")
+
+    # ================================================================== templates
+
+    def templates(self) -> list[TemplateRecord]:
+        return [TemplateRecord(**v) for _, v in self.store.range("/templates/")]
+
+    def template(self, name: str) -> TemplateRecord:
+        v = self.store.get(f"/templates/{name}")
+        if v is None:
+            known = ", ".join(t.name for t in self.templates()) or "none"
+            raise NotFound(f"template {name} does not exist (known: {known})")
+        return TemplateRecord(**v)
+
+    def _default_pool(self, pool: str | None) -> str:
+        if pool:
+            self.storage.pool(pool)
+            return pool
+        names = list(self.storage.pool_paths())
+        if DEFAULT_POOL in names:
+            return DEFAULT_POOL
+        if names:
+            return names[0]
+        self.storage.create_pool(DEFAULT_POOL)
+        return DEFAULT_POOL
+
+    def _template_files(self, name: str, kernel: Path, initrd: Path | None) -> dict[str, Any]:
+        d = self.templates_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        out: dict[str, Any] = {}
+        shutil.copyfile(kernel, d / "vmlinuz")
+        out["kernel"] = str(d / "vmlinuz")
+        out["kernel_digest"] = _digest(d / "vmlinuz")
+        if initrd:
+            shutil.copyfile(initrd, d / "initrd.img")
+            out["initrd"] = str(d / "initrd.img")
+            out["initrd_digest"] = _digest(d / "initrd.img")
+        return out
+
+    def template_build(self, name: str, pool: str | None = None, size: str | None = None) -> dict[str, Any]:
+        """A small bootable Linux from Debian packages: cloud kernel, busybox root on ext4."""
+        from virtua.vmm.image import ensure_artifacts, kernel_cmdline
+
+        check_name(name, "template name")
+        if self.store.get(f"/templates/{name}") is not None:
+            raise AlreadyExists(f"template {name} already exists")
+        rootfs_size = parse_size(size) if size else 64 << 20
+        art = ensure_artifacts(self.home / "cache" / "guest", rootfs_size=rootfs_size)
+        return self._template_from(name, pool, str(art.rootfs), art.kernel, art.initrd, kernel_cmdline("/dev/vda"))
+
+    def template_import(
+        self, name: str, image: str, kernel: str | None = None, initrd: str | None = None,
+        cmdline: str | None = None, pool: str | None = None,
+    ) -> dict[str, Any]:
+        """An existing raw/qcow2 root disk; boots with the given (or the cloud) kernel."""
+        from virtua.vmm.image import ensure_artifacts, kernel_cmdline
+
+        check_name(name, "template name")
+        if self.store.get(f"/templates/{name}") is not None:
+            raise AlreadyExists(f"template {name} already exists")
+        ipath: Path | None
+        if kernel is None:
+            art = ensure_artifacts(self.home / "cache" / "guest")
+            kpath, ipath = art.kernel, art.initrd
+        else:
+            kpath, ipath = Path(kernel), Path(initrd) if initrd else None
+            if not kpath.exists():
+                raise NotFound(f"no such kernel file: {kernel}")
+        return self._template_from(name, pool, image, kpath, ipath, cmdline or kernel_cmdline("/dev/vda"))
+
+    def _template_from(
+        self, name: str, pool: str | None, image: str, kernel: Path, initrd: Path | None, cmdline: str
+    ) -> dict[str, Any]:
+        from virtua.storage import imageio
+
+        pname = self._default_pool(pool)
+        p = self.storage.pool(pname)
+        vol = f"template-{name}"
+        with imageio.raw_source(image) as raw:
+            size = Path(raw).stat().st_size
+            p.create_volume(vol, (size + 511) // 512 * 512)
+            try:
+                imageio.import_into(raw, self.storage.open_device(f"{pname}/{vol}"))
+                p.create_snapshot(vol, "base")
+            except BaseException:
+                p.delete_volume(vol, recursive=True)
+                raise
+        files = self._template_files(name, kernel, initrd)
+        rec = TemplateRecord(
+            name=name, volume=f"{pname}/{vol}", snapshot=f"{pname}/{vol}@base",
+            cmdline=cmdline, created=time.time(), **files,
+        )
+        self.store.put(f"/templates/{name}", rec.model_dump())
+        return self.template_info(name)
+
+    def template_info(self, name: str) -> dict[str, Any]:
+        t = self.template(name)
+        r = parse_ref(t.volume)
+        info = self.storage.pool(r.pool).volume_info(r.volume)
+        users = [vc.name for vc in self.vcs() if vc.template == name]
+        return {**t.model_dump(), "size": info["size"], "allocated": info["allocated"],
+                "snapshots": info["snapshots"], "vcs": users}
+
+    def template_list(self) -> list[dict[str, Any]]:
+        return [self.template_info(t.name) for t in self.templates()]
+
+    def template_rm(self, name: str) -> dict[str, Any]:
+        t = self.template(name)
+        users = [vc.name for vc in self.vcs() if vc.template == name]
+        if users:
+            raise DependencyError(f"template {name} is used by VC(s) {', '.join(users)}; destroy them first")
+        r = parse_ref(t.volume)
+        removed = self.storage.pool(r.pool).delete_volume(r.volume, recursive=True)
+        self.store.delete(f"/templates/{name}")
+        shutil.rmtree(self.templates_dir / name, ignore_errors=True)
+        return {"removed": [name, *removed]}
+
+    def template_file(self, name: str, which: str) -> Path:
+        t = self.template(name)
+        path = t.kernel if which == "kernel" else t.initrd if which == "initrd" else None
+        if not path:
+            raise NotFound(f"template {name} has no {which}")
+        return Path(path)
+
+    # ================================================================== VC records
+
+    def vcs(self) -> list[VCRecord]:
+        return [VCRecord(**v) for _, v in self.store.range("/vcs/")]
+
+    def vc(self, name: str) -> VCRecord:
+        v = self.store.get(f"/vcs/{name}")
+        if v is None:
+            raise NotFound(f"virtual cluster {name} does not exist")
+        return VCRecord(**v)
+
+    def vms(self) -> list[VMRecord]:
+        return [VMRecord(**v) for _, v in self.store.range("/vms/")]
+
+    def vc_vms(self, vc: str) -> list[VMRecord]:
+        return sorted((VMRecord(**v) for _, v in self.store.range(f"/vms/{vc}/")), key=lambda v: v.index)
+
+    def _vm_or_none(self, key: str) -> VMRecord | None:
+        v = self.store.get(f"/vms/{key}")
+        return None if v is None else VMRecord(**v)
+
+    def _put_vm(self, vm: VMRecord) -> None:
+        self.store.put(f"/vms/{vm.key}", vm.model_dump())
+
+    def _put_vc(self, vc: VCRecord) -> None:
+        self.store.put(f"/vcs/{vc.name}", vc.model_dump())
+
+    # ================================================================== placement
+
+    def _capacities(self) -> list[HostCapacity]:
+        now = time.time()
+        return [
+            HostCapacity(
+                name=h.name, cores=h.cores, memory_mb=h.memory_mb, reserved_memory_mb=h.reserved_memory_mb,
+                online=now - h.last_seen < HEARTBEAT_TIMEOUT, draining=h.draining,
+                templates=set(h.templates) if h.templates is not None else None,
+            )
+            for h in self.hosts()
+        ]
+
+    def _load(self, exclude_vc: str) -> dict[str, HostLoad]:
+        load: dict[str, HostLoad] = {}
+        for vm in self.vms():
+            if vm.vc == exclude_vc or vm.state not in ("running", "starting", "suspended"):
+                continue
+            if vm.state == "suspended":
+                continue  # a suspended VM holds no cores or memory
+            vc = self.vc(vm.vc)
+            cur = load.get(vm.host, HostLoad())
+            load[vm.host] = HostLoad(
+                cores_used=cur.cores_used + vc.cpus,
+                memory_used_mb=cur.memory_used_mb + vc.memory_mb,
+                vms=cur.vms + 1,
+            )
+        return load
+
+    def _place(
+        self, vc: VCRecord, vms: list[VMRecord] | None = None, current: dict[str, str] | None = None,
+        strategy: str | None = None, mode: str | None = None, names: list[str] | None = None,
+    ) -> dict[str, str]:
+        hosts = self._capacities()
+        if not hosts:
+            raise Unavailable("no hosts are registered: start `virtua agent` on each host")
+        node_names = names or [v.name for v in vms or []]
+        requests = [VMRequest(name=n, cpus=vc.cpus, memory_mb=vc.memory_mb) for n in node_names]
+        result = place(
+            requests, hosts, load=self._load(vc.name), strategy=strategy or vc.strategy,
+            mode=mode or vc.mode, template=vc.template, current=current,
+        )
+        return dict(result.mapping)
+
+    # ================================================================== VC lifecycle
+
+    async def vc_create(
+        self, name: str, template: str, nodes: int, cpus: int = 1, memory: str = "256M",
+        disk: str | None = None, swap: str = "64M", strategy: str = "block", mode: str = "strict",
+        subnet: str | None = None, start: bool = False, pool: str | None = None,
+    ) -> dict[str, Any]:
+        check_name(name, "VC name")
+        if len(name) > 40:
+            raise InvalidArgument(f"bad VC name {name!r}: at most 40 characters")
+        if not 1 <= nodes <= 1000:
+            raise InvalidArgument(f"bad node count {nodes}: must be 1..1000")
+        if not 1 <= cpus <= 64:
+            raise InvalidArgument(f"bad vCPU count {cpus}: must be 1..64")
+        if strategy not in ("block", "cyclic"):
+            raise InvalidArgument(f"bad strategy {strategy!r}: use block or cyclic")
+        if mode not in ("strict", "lazy"):
+            raise InvalidArgument(f"bad mode {mode!r}: use strict or lazy")
+        async with self.lock(f"vc/{name}"):
+            if self.store.get(f"/vcs/{name}") is not None:
+                raise AlreadyExists(f"virtual cluster {name} already exists")
+            t = self.template(template)
+            snap = parse_ref(t.snapshot)
+            pname = pool or snap.pool
+            if pname != snap.pool:
+                raise InvalidArgument(f"template {template} lives in pool {snap.pool}; clones stay in that pool")
+            p = self.storage.pool(pname)
+            tsize = p.snapshot(snap.volume, snap.snapshot or "").size
+            disk_size = max(parse_size(disk), tsize) if disk else tsize
+            mem_mb = parse_size(memory) >> 20
+            if mem_mb < 64:
+                raise InvalidArgument(f"bad memory {memory!r}: at least 64M")
+            swap_size = parse_size(swap)
+            existing = {vc.name: IPv4Network(vc.subnet) for vc in self.vcs()}
+            host_nets = self.host_networks + [IPv4Network(n) for h in self.hosts() for n in h.networks]
+            if subnet:
+                net = netplan.validate_subnet(subnet, existing, nodes, host_nets)
+            else:
+                net = netplan.allocate_subnet(existing, prefix=netplan.prefix_for(nodes), host_networks=host_nets)
+            rec = VCRecord(
+                name=name, template=template, snapshot=t.snapshot, nodes=nodes, cpus=cpus,
+                memory_mb=mem_mb, disk=disk_size, swap=swap_size, strategy=strategy, mode=mode,
+                subnet=str(net), pool=pname, state="stopped", created=time.time(),
+            )
+            node_names = [f"{name}-{i}" for i in range(1, nodes + 1)]
+            mapping = self._place(rec, names=node_names)  # stage 1: refuse before touching anything
+            vms = [
+                VMRecord(
+                    vc=name, name=n, index=i, host=mapping[n], state="stopped",
+                    address=str(netplan.node_address(net, i - 1)), mac=netplan.mac_for(name, i),
+                    tap=netplan.tap_name(name, i), disk=f"{pname}/vc-{n}", swap=f"{pname}/vc-{n}-swap",
+                    seed=f"{pname}/vc-{n}-seed",
+                )
+                for i, n in enumerate(node_names, 1)
+            ]
+            plan = Plan(f"vc create {name}")
+            plan.add(
+                f"clone {t.snapshot} x{nodes}",
+                lambda: self._clone_disks(p, snap.volume, snap.snapshot or "", vms, disk_size),
+                lambda: self._rm_volumes(p, [v.disk for v in vms]),
+            )
+            plan.add(
+                "create swap volumes",
+                lambda: [p.create_volume(parse_ref(v.swap).volume, swap_size) for v in vms],
+                lambda: self._rm_volumes(p, [v.swap for v in vms]),
+            )
+            plan.add(
+                "write per-node seeds",
+                lambda: self._write_seeds(rec, vms, net),
+                lambda: self._rm_volumes(p, [v.seed for v in vms]),
+            )
+            plan.add("prepare hosts", lambda: self._prepare_hosts(t, vms))
+            plan.add(
+                "record the VC",
+                lambda: self._record_vc(rec, vms),
+                lambda: self._forget_vc(name),
+            )
+            await plan.run()
+        if start:
+            return await self.vc_start(name)
+        return self.vc_info(name)
+
+    def _clone_disks(self, p: Any, volume: str, snapshot: str, vms: list[VMRecord], size: int) -> None:
+        made: list[str] = []
+        try:
+            for v in vms:
+                made.append(parse_ref(v.disk).volume)
+                p.clone(volume, snapshot, made[-1])
+                if size > p.volume(made[-1]).size:
+                    p.resize_volume(made[-1], size)
+        except BaseException:
+            self._rm_volumes(p, [f"{p.name}/{m}" for m in made])
+            raise
+
+    def _rm_volumes(self, p: Any, refs: list[str]) -> None:
+        for ref in refs:
+            vol = parse_ref(ref).volume
+            if vol in p.volumes_by_name:
+                p.delete_volume(vol, recursive=True)
+
+    def _write_seeds(self, vc: VCRecord, vms: list[VMRecord], net: IPv4Network) -> None:
+        from virtua.storage import imageio
+        from virtua.vmm.image import build_seed
+
+        p = self.storage.pool(vc.pool)
+        made: list[str] = []
+        try:
+            with tempfile.TemporaryDirectory(prefix="virtua-seed-") as tmp:
+                for v in vms:
+                    path = Path(tmp) / f"{v.name}.seed"
+                    build_seed(
+                        path, hostname=v.name, ip=f"{v.address}/{net.prefixlen}",
+                        gateway=str(netplan.gateway_address(net)), vc=vc.name, node_index=v.index,
+                    )
+                    vol = parse_ref(v.seed).volume
+                    p.create_volume(vol, (path.stat().st_size + 511) // 512 * 512)
+                    made.append(v.seed)
+                    imageio.import_into(str(path), self.storage.open_device(v.seed))
+        except BaseException:
+            self._rm_volumes(p, made)
+            raise
+
+    async def _prepare_hosts(self, t: TemplateRecord, vms: list[VMRecord]) -> None:
+        """Every chosen host must answer and hold the template's kernel before we commit."""
+        for host in sorted({v.host for v in vms}):
+            h = self.host(host)
+            await self._agent(h, "POST", "/v1/prepare", json=self._artifacts(t))
+
+    def _record_vc(self, rec: VCRecord, vms: list[VMRecord]) -> None:
+        with self.store.txn():
+            self._put_vc(rec)
+            for v in vms:
+                self._put_vm(v)
+
+    def _forget_vc(self, name: str) -> None:
+        with self.store.txn():
+            for key, _ in self.store.range(f"/vms/{name}/"):
+                self.store.delete(key)
+            self.store.delete(f"/vcs/{name}")
+
+    def _artifacts(self, t: TemplateRecord) -> dict[str, Any]:
+        return {
+            "kernel_url": f"{self.api_url}/v1/templates/{t.name}/kernel",
+            "kernel_digest": t.kernel_digest,
+            "initrd_url": f"{self.api_url}/v1/templates/{t.name}/initrd" if t.initrd else None,
+            "initrd_digest": t.initrd_digest,
+        }
+
+    def _launch(self, vc: VCRecord, vm: VMRecord, resume: bool = False) -> VMLaunch:
+        t = self.template(vc.template)
+        net = IPv4Network(vc.subnet)
+        art = self._artifacts(t)
+        return VMLaunch(
+            id=vm.key, hostname=vm.name, cpus=vc.cpus, memory_mb=vc.memory_mb,
+            kernel_url=art["kernel_url"], kernel_digest=art["kernel_digest"] or "",
+            initrd_url=art["initrd_url"], initrd_digest=art["initrd_digest"],
+            cmdline=t.cmdline, disks=[self.nbd_uri(vm.disk), self.nbd_uri(vm.swap), self.nbd_uri(vm.seed)],
+            nic=NicLaunch(
+                tap=vm.tap, mac=vm.mac, address=vm.address, gateway=str(netplan.gateway_address(net)),
+                subnet=vc.subnet, vc=vc.name,
+            ),
+            state_url=f"{self.api_url}/v1/vmstate/{vm.key}" if resume else None,
+        )
+
+    async def _each(self, vms: list[VMRecord], fn: Callable[[VMRecord], Awaitable[None]]) -> list[str]:
+        """Run fn on every VM concurrently; collect failures instead of stopping at the first."""
+        errors: list[str] = []
+
+        async def one(v: VMRecord) -> None:
+            try:
+                await fn(v)
+            except VirtuaError as e:
+                errors.append(f"{v.name} on {v.host}: {e.message}")
+
+        await asyncio.gather(*(one(v) for v in vms))
+        return errors
+
+    async def _start_vm(self, vc: VCRecord, vm: VMRecord) -> None:
+        vm.state = "starting"
+        vm.error = None
+        self._put_vm(vm)
+        try:
+            r = await self._agent(self.host(vm.host), "POST", "/v1/vm/start",
+                                  json={"launch": self._launch(vc, vm).model_dump(), "wait": True})
+        except VirtuaError as e:
+            vm.state = "failed"
+            vm.error = e.message
+            self._put_vm(vm)
+            raise
+        vm.state = r.get("state", "running")
+        vm.accel = r.get("accel")
+        self._put_vm(vm)
+
+    async def vc_start(self, name: str) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            vms = [v for v in self.vc_vms(name) if v.state in ("stopped", "defined", "failed")]
+            suspended = [v for v in self.vc_vms(name) if v.state == "suspended"]
+            if suspended:
+                raise InvalidArgument(f"VC {name} is suspended: use `virtua vc resume {name}`")
+            errors = await self._each(vms, lambda v: self._start_vm(vc, v))
+            vc.state = "running" if not errors else "degraded"
+            self._put_vc(vc)
+            if errors:
+                raise Unavailable(f"VC {name}: {len(errors)} node(s) failed to start: " + "; ".join(errors))
+        return self.vc_info(name)
+
+    async def _stop_vm(self, vm: VMRecord, force: bool = False) -> None:
+        if vm.state in ("running", "starting", "failed"):
+            try:
+                await self._agent(self.host(vm.host), "POST", "/v1/vm/stop", json={"id": vm.key, "force": force})
+            except Unavailable:
+                if not force:
+                    raise
+        vm.state = "stopped"
+        self._put_vm(vm)
+
+    async def vc_stop(self, name: str, force: bool = False) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            vms = self.vc_vms(name)
+            if any(v.state == "suspended" for v in vms) and not force:
+                raise InvalidArgument(f"VC {name} is suspended: resume it first, or stop --force to drop the saved state")
+            for v in vms:
+                if v.state == "suspended":
+                    self._drop_state(v)
+                    v.state = "stopped"
+                    self._put_vm(v)
+            errors = await self._each(vms, lambda v: self._stop_vm(v, force))
+            vc.state = "stopped" if not errors else "degraded"
+            self._put_vc(vc)
+            if errors:
+                raise Unavailable(f"VC {name}: " + "; ".join(errors))
+        return self.vc_info(name)
+
+    def _state_path(self, vm: VMRecord) -> Path:
+        return self.states_dir / vm.vc / f"{vm.name}.state"
+
+    def _drop_state(self, vm: VMRecord) -> None:
+        self._state_path(vm).unlink(missing_ok=True)
+        vm.suspended_state = None
+
+    async def _suspend_vm(self, vm: VMRecord) -> None:
+        if vm.state != "running":
+            return
+        self._state_path(vm).parent.mkdir(parents=True, exist_ok=True)
+        await self._agent(self.host(vm.host), "POST", "/v1/vm/suspend",
+                          json={"id": vm.key, "upload_url": f"{self.api_url}/v1/vmstate/{vm.key}"})
+        if not self._state_path(vm).exists():
+            raise Unavailable(f"{vm.key}: the agent reported success but no saved state arrived")
+        vm.state = "suspended"
+        vm.suspended_state = str(self._state_path(vm))
+        self._put_vm(vm)
+
+    async def vc_suspend(self, name: str) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            vms = self.vc_vms(name)
+            if not any(v.state == "running" for v in vms):
+                raise InvalidArgument(f"VC {name} has no running node to suspend")
+            errors = await self._each(vms, self._suspend_vm)
+            vc.state = "suspended" if not errors else "degraded"
+            self._put_vc(vc)
+            if errors:
+                raise Unavailable(f"VC {name}: " + "; ".join(errors))
+        return self.vc_info(name)
+
+    async def _resume_vm(self, vc: VCRecord, vm: VMRecord) -> None:
+        if vm.state != "suspended":
+            return
+        vm.state = "starting"
+        self._put_vm(vm)
+        try:
+            r = await self._agent(self.host(vm.host), "POST", "/v1/vm/resume",
+                                  json={"launch": self._launch(vc, vm, resume=True).model_dump()})
+        except VirtuaError as e:
+            vm.state = "suspended"
+            vm.error = e.message
+            self._put_vm(vm)
+            raise
+        self._drop_state(vm)
+        vm.state = r.get("state", "running")
+        vm.accel = r.get("accel", vm.accel)
+        self._put_vm(vm)
+
+    async def vc_resume(self, name: str) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            vms = self.vc_vms(name)
+            if not any(v.state == "suspended" for v in vms):
+                raise InvalidArgument(f"VC {name} is not suspended")
+            errors = await self._each(vms, lambda v: self._resume_vm(vc, v))
+            vc.state = "running" if not errors else "degraded"
+            self._put_vc(vc)
+            if errors:
+                raise Unavailable(f"VC {name}: " + "; ".join(errors))
+        return self.vc_info(name)
+
+    async def vc_remap(self, name: str, strategy: str | None = None, mode: str | None = None) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            vms = self.vc_vms(name)
+            if any(v.state in ("running", "starting") for v in vms):
+                raise InvalidArgument(f"VC {name} is running: suspend (or stop) it before remapping")
+            if strategy is not None and strategy not in ("block", "cyclic"):
+                raise InvalidArgument(f"bad strategy {strategy!r}: use block or cyclic")
+            if mode is not None and mode not in ("strict", "lazy"):
+                raise InvalidArgument(f"bad mode {mode!r}: use strict or lazy")
+            new_vc = vc.model_copy(update={"strategy": strategy or vc.strategy, "mode": mode or vc.mode})
+            mapping = self._place(new_vc, vms)  # a fresh mapping with the new strategy
+            with self.store.txn():
+                for v in vms:
+                    v.host = mapping[v.name]
+                    self._put_vm(v)
+                self._put_vc(new_vc)
+        return self.vc_info(name)
+
+    async def vc_destroy(self, name: str, force: bool = False) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            vms = self.vc_vms(name)
+            live = [v for v in vms if v.state in ("running", "starting")]
+            if live and not force:
+                raise DependencyError(
+                    f"VC {name} is running ({len(live)} node(s)): stop it first or use --force"
+                )
+            await self._each(vms, lambda v: self._stop_vm(v, force=True))
+            p = self.storage.pool(vc.pool)
+            for v in vms:
+                self._rm_volumes(p, [v.disk, v.swap, v.seed])
+                self._drop_state(v)
+            shutil.rmtree(self.states_dir / name, ignore_errors=True)
+            self._forget_vc(name)
+        return {"removed": [name, *(v.key for v in vms)]}
+
+    async def vc_reset(self, name: str) -> dict[str, Any]:
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            self._require_stopped(vc)
+            p = self.storage.pool(vc.pool)
+            for v in self.vc_vms(name):
+                p.reset(parse_ref(v.disk).volume)
+        return self.vc_info(name)
+
+    async def vc_update(self, name: str, template: str) -> dict[str, Any]:
+        """Rebase every node disk onto TEMPLATE@SNAP (or POOL/VOL@SNAP)."""
+        async with self.lock(f"vc/{name}"):
+            vc = self.vc(name)
+            self._require_stopped(vc)
+            tname, _, snapname = template.partition("@")
+            if not snapname:
+                raise InvalidArgument(f"bad --template {template!r}: expected TEMPLATE@SNAPSHOT")
+            if "/" in tname:
+                target = parse_ref(template, snapshot=True)
+            else:
+                t = self.template(tname)
+                target = parse_ref(f"{t.volume}@{snapname}", snapshot=True)
+            p = self.storage.pool(vc.pool)
+            p.snapshot(target.volume, target.snapshot or "")  # exists?
+            for v in self.vc_vms(name):
+                p.rebase(parse_ref(v.disk).volume, target.volume, target.snapshot or "")
+            vc.snapshot = str(target)
+            self._put_vc(vc)
+        return self.vc_info(name)
+
+    def _require_stopped(self, vc: VCRecord) -> None:
+        busy = [v.name for v in self.vc_vms(vc.name) if v.state not in ("stopped", "defined", "failed")]
+        if busy:
+            raise InvalidArgument(f"VC {vc.name} has node(s) not stopped ({', '.join(busy)}): stop it first")
+
+    def vc_list(self) -> list[dict[str, Any]]:
+        out = []
+        for vc in self.vcs():
+            vms = self.vc_vms(vc.name)
+            out.append({
+                "name": vc.name, "template": vc.template, "nodes": vc.nodes, "state": _vc_state(vms),
+                "running": sum(v.state == "running" for v in vms), "subnet": vc.subnet,
+                "hosts": sorted({v.host for v in vms}), "strategy": vc.strategy, "mode": vc.mode,
+            })
+        return out
+
+    def vc_info(self, name: str) -> dict[str, Any]:
+        vc = self.vc(name)
+        vms = self.vc_vms(name)
+        p = self.storage.pool(vc.pool)
+        nodes = []
+        unique = shared = 0
+        for v in vms:
+            vol = parse_ref(v.disk).volume
+            info = p.volume_info(vol) if vol in p.volumes_by_name else {"unique": 0, "shared": 0}
+            unique += info["unique"]
+            shared = max(shared, info["shared"])
+            nodes.append({
+                "name": v.name, "index": v.index, "host": v.host, "state": v.state, "address": v.address,
+                "accel": v.accel, "disk": v.disk, "disk_unique": info["unique"], "disk_shared": info["shared"],
+                "error": v.error,
+            })
+        tsnap = parse_ref(vc.snapshot)
+        tsize = p.volume_info(tsnap.volume)["allocated"] if tsnap.volume in p.volumes_by_name else 0
+        return {
+            **vc.model_dump(), "state": _vc_state(vms), "nodes": nodes, "node_count": vc.nodes,
+            "disk_unique_total": unique, "template_allocated": tsize,
+            "full_copies_would_use": tsize * len(vms) + unique,
+        }
+
+    def vm_console(self, key: str) -> Any:
+        vm = self._vm_or_none(key)
+        if vm is None:
+            raise NotFound(f"VM {key} does not exist (VC/NODE, e.g. web/web-1)")
+        return vm
+
+    async def vm_console_text(self, key: str, offset: int = 0) -> dict[str, Any]:
+        vm = self.vm_console(key)
+        return await self._agent(self.host(vm.host), "POST", "/v1/vm/console", json={"id": key, "offset": offset})
+
+    async def vm_exec(self, key: str, script: str, timeout: float = 30.0) -> dict[str, Any]:
+        vm = self.vm_console(key)
+        if vm.state != "running":
+            raise InvalidArgument(f"VM {key} is {vm.state}, not running")
+        return await self._agent(self.host(vm.host), "POST", "/v1/vm/exec",
+                                 json={"id": key, "script": script, "timeout": timeout})
+
+    # ================================================================== agents
+
+    async def _agent(self, h: HostRecord, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        try:
+            r = await self.http.request(method, f"{h.url}{path}", json=json)
+        except httpx.HTTPError as e:
+            raise Unavailable(f"host {h.name} ({h.address}) is not answering: {type(e).__name__} {e}") from e
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"error": "VirtuaError", "message": r.text[:500]}
+        if r.status_code >= 400:
+            from virtua.errors import from_dict
+
+            err = from_dict(body if isinstance(body, dict) else {"message": str(body)})
+            err.message = f"host {h.name}: {err.message}"
+            raise err
+        return body if isinstance(body, dict) else {"result": body}
+
+    async def _watch_hosts(self) -> None:
+        """Mark silent hosts offline and restart their VMs elsewhere."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._check_hosts()
+            except Exception:  # keep watching
+                log.exception("host watch failed")
+
+    async def _check_hosts(self) -> None:
+        now = time.time()
+        for h in self.hosts():
+            if h.state == "offline" or now - h.last_seen < HEARTBEAT_TIMEOUT:
+                continue
+            h.state = "offline"
+            self._put_host(h)
+            lost = [v for v in self.vms() if v.host == h.name and v.state in ("running", "starting")]
+            log.warning("host %s is offline (silent for %.0f s); %d VM(s) lost", h.name, now - h.last_seen, len(lost))
+            for vc_name in sorted({v.vc for v in lost}):
+                await self._restart_elsewhere(vc_name, h.name)
+
+    async def _restart_elsewhere(self, vc_name: str, dead: str) -> None:
+        async with self.lock(f"vc/{vc_name}"):
+            vc = self.vc(vc_name)
+            vms = self.vc_vms(vc_name)
+            lost = [v for v in vms if v.host == dead and v.state in ("running", "starting")]
+            for v in lost:
+                v.state = "failed"
+                v.error = f"host {dead} went offline"
+                self._put_vm(v)
+            if not self.restart_dead:
+                return
+            try:
+                requests = [VMRequest(name=v.name, cpus=vc.cpus, memory_mb=vc.memory_mb) for v in vms]
+                plan = restart_plan(
+                    dead, requests, self._capacities(), {v.name: v.host for v in vms},
+                    load=self._load(vc_name), strategy=vc.strategy, mode=vc.mode, template=vc.template,
+                )
+            except VirtuaError as e:
+                log.error("cannot restart VMs of %s lost with %s: %s", vc_name, dead, e.message)
+                return
+            for v in lost:
+                v.host = plan.mapping[v.name]
+                self._put_vm(v)
+                log.info("restarting %s on %s", v.key, v.host)
+                try:
+                    await self._start_vm(vc, v)
+                except VirtuaError as e:
+                    log.error("restart of %s on %s failed: %s", v.key, v.host, e.message)
+
+    def save_state_upload(self, key: str) -> Path:
+        vm = self._vm_or_none(key)
+        if vm is None:
+            raise NotFound(f"VM {key} does not exist")
+        path = self._state_path(vm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def state_file(self, key: str) -> Path:
+        vm = self._vm_or_none(key)
+        if vm is None:
+            raise NotFound(f"VM {key} does not exist")
+        path = self._state_path(vm)
+        if not path.exists():
+            raise NotFound(f"VM {key} has no saved state")
+        return path
+
+
+def _vc_state(vms: list[VMRecord]) -> str:
+    states = {v.state for v in vms}
+    if len(states) == 1:
+        return states.pop()
+    if "failed" in states:
+        return "degraded"
+    if "starting" in states:
+        return "starting"
+    return "mixed"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["Manager", "Busy"]
