@@ -150,7 +150,7 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     @api.post("/v1/hosts/{name}/heartbeat")
     async def heartbeat(name: str, request: Request) -> Any:
         body = await request.json()
-        return manager.heartbeat(name, body.get("vms", []))
+        return manager.heartbeat(name, body.get("vms", []), body.get("accel"))
 
     @api.get("/v1/templates/{name}/{which}")
     async def template_file(name: str, which: str) -> Any:

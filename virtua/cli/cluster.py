@@ -108,13 +108,12 @@ def vc_create(
 ) -> None:
     """Create a virtual cluster: one clone of the template per node, swap, per-node seeds."""
     t0 = time.monotonic()
-    call("vc.create", VC_INFO_ONLY, name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
+    vc_call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
          disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start)
     if not State.json:
         render.err.print(f"done in {time.monotonic() - t0:.1f} s")
 
 
-VC_INFO_ONLY = None
 NODE_COLUMNS = ["name", "host", "state", "address", "accel", "disk_unique", "disk_shared"]
 
 

@@ -40,6 +40,7 @@ def serve_cmd(
     if tls != "off" and not ((tls_cert and tls_key) or tls_psk):
         raise InvalidArgument("--tls on/require needs --tls-cert and --tls-key, or --tls-psk")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = ServeConfig(
         home=State.home,
         listen=listen or None,
@@ -81,6 +82,7 @@ def agent_cmd(
     from virtua.units import parse_size
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = AgentConfig(
         name=name or default_name(), listen=listen, manager=manager.rstrip("/"), home=State.home,
         templates=template or None, accel=accel, network=not no_network, host_networks=host_network,

@@ -26,7 +26,7 @@ def fmt(key: str, value: Any) -> str:
         return "-"
     if key in SIZE_KEYS and isinstance(value, int):
         return format_size(value)
-    if key == "created" and isinstance(value, float):
+    if key in ("created", "registered", "last_seen") and isinstance(value, float):
         import datetime
 
         return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")

@@ -130,7 +130,7 @@ class Agent:
                     registered = True
                     log.info("registered with %s", self.cfg.manager)
                 r = await self.http.post(
-                    f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report()}
+                    f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report(), "accel": self.accel}
                 )
                 r.raise_for_status()
                 if r.json().get("register"):

@@ -119,12 +119,14 @@ class Manager:
         log.info("host %s registered at %s (%d cores, %d MiB, accel %s)", h.name, h.address, h.cores, h.memory_mb, h.accel)
         return {"ok": True, "manager": self.api_url, "nbd": f"{self.advertise}:{self.nbd_port}"}
 
-    def heartbeat(self, name: str, vms: list[dict[str, Any]]) -> dict[str, Any]:
+    def heartbeat(self, name: str, vms: list[dict[str, Any]], accel: str | None = None) -> dict[str, Any]:
         v = self.store.get(f"/hosts/{name}")
         if v is None:
             return {"register": True}
         h = HostRecord(**v)
         h.last_seen = time.time()
+        if accel and accel != "unknown":
+            h.accel = accel
         if h.state == "offline":
             h.state = "draining" if h.draining else "online"
             log.info("host %s is back", name)

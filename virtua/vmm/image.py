@@ -269,6 +269,10 @@ if [ -n "$root" ]; then
   fi
 fi
 hostname initramfs
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi 2>/dev/null
 echo "VIRTUA-READY hostname=initramfs ip=none"
 while :; do setsid cttyhack sh -l; sleep 1; done
 """

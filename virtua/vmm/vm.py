@@ -152,7 +152,10 @@ class VMProcess:
                 if not self.is_running():
                     break
                 await asyncio.sleep(0.1)
-        raise Unavailable(f"cannot connect QMP {self.spec.qmp_socket}: {last}")
+        raise Unavailable(
+            f"cannot connect QMP {self.spec.qmp_socket}: {last} "
+            "(QMP serves one client at a time: is another controller attached?)"
+        )
 
     async def qmp(self, cmd: str, **args: object) -> object:
         client = await self._connect_qmp()
@@ -170,6 +173,7 @@ class VMProcess:
         if self.is_running():
             raise Busy(f"VM {self.spec.name} is already running (pid {self.pid})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)  # the agent socket is a root shell
         for p in (
             self.spec.qmp_socket,
             self.spec.console_socket,
