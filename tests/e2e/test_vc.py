@@ -1,0 +1,272 @@
+"""Virtual clusters end to end: three namespaced hosts, real QEMU guests on virtua disks."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.netcluster import NetCluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
+    c = NetCluster(tmp_path_factory.mktemp("vc"), hosts=3, cores=2, memory="2G")
+    try:
+        c.start()
+        c.cli("template", "build", "tiny")
+        yield c
+    finally:
+        c.close()
+
+
+def debugfs_cat(image: Path, path: str) -> str:
+    # replay the journal first: a guest that was powered off holds recent writes there
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True)
+    return r.stdout
+
+
+def counter(c: NetCluster, ref: str) -> int:
+    return int(c.exec(ref, "cat /tmp/counter").strip())
+
+
+def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -> None:
+    c = cluster
+    t0 = time.monotonic()
+    info = c.json(
+        "vc",
+        "create",
+        "lab",
+        "--template",
+        "tiny",
+        "--nodes",
+        "3",
+        "--strategy",
+        "cyclic",
+        "--memory",
+        "128M",
+        "--start",
+    )
+    boot = time.monotonic() - t0
+    nodes = info["nodes"]
+    assert [n["state"] for n in nodes] == ["running"] * 3, nodes
+    assert sorted(n["host"] for n in nodes) == ["h1", "h2", "h3"], (
+        "cyclic spreads one node per host"
+    )
+    assert len({n["address"] for n in nodes}) == 3
+    print(f"3-node VC created and booted in {boot:.1f} s")
+
+    # every node came up with its own hostname and address, and writes them to its disk
+    for n in nodes:
+        ref = f"lab/{n['name']}"
+        out = c.exec(ref, "hostname; ip -4 -o addr show eth0")
+        assert out.split()[0] == n["name"]
+        assert n["address"] in out
+        c.exec(ref, f"echo node={n['name']} > /root/whoami; sync")
+
+    # suspend/resume keeps a counter running in the guest
+    c.exec(
+        "lab/lab-1",
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) & sleep 1",
+    )
+    before = counter(c, "lab/lab-1")
+    assert before > 0
+    info = c.json("vc", "suspend", "lab")
+    assert {n["state"] for n in info["nodes"]} == {"suspended"}
+    assert not c.qemu_pids(), "suspended VMs hold no QEMU process"
+    time.sleep(1)
+    info = c.json("vc", "resume", "lab")
+    assert {n["state"] for n in info["nodes"]} == {"running"}
+    after = counter(c, "lab/lab-1")
+    assert after >= before, f"counter restarted: {before} -> {after}"
+    time.sleep(1)
+    assert counter(c, "lab/lab-1") > after, "the counter keeps running after resume"
+
+    # each clone holds its own hostname; the template is unchanged
+    c.json("vc", "stop", "lab")
+    for n in nodes:
+        img = tmp_path / f"{n['name']}.raw"
+        c.cli("volume", "export", n["disk"], str(img))
+        assert debugfs_cat(img, "/root/whoami").strip() == f"node={n['name']}"
+        assert debugfs_cat(img, "/etc/hostname").strip() == n["name"]
+        info_vol = c.json("volume", "info", n["disk"])
+        assert info_vol["origin"] == "default/template-tiny@base" and info_vol["shared"] > 0
+    tmpl = tmp_path / "template.raw"
+    c.cli("volume", "export", "default/template-tiny@base", str(tmpl))
+    assert debugfs_cat(tmpl, "/root/whoami") == ""
+    assert "lab" not in debugfs_cat(tmpl, "/etc/hostname")
+
+    # vc reset: every node disk back to the template
+    c.json("vc", "reset", "lab")
+    img = tmp_path / "reset.raw"
+    c.cli("volume", "export", nodes[0]["disk"], str(img))
+    assert debugfs_cat(img, "/root/whoami") == ""
+
+    # destroy frees every volume, process and tap
+    c.json("vc", "destroy", "lab")
+    names = [v["name"] for v in c.json("volume", "list")]
+    assert not [n for n in names if "vc-lab" in n], names
+    assert not c.qemu_pids()
+    for h in c.hosts:
+        left = c.json("host", "info", h)["leftovers"]
+        assert left["taps"] == [] and left["routes"] == [], left
+    assert c.json("pool", "check", "default")["ok"]
+
+
+def test_remap_moves_a_suspended_vc(cluster: NetCluster) -> None:
+    c = cluster
+    info = c.json(
+        "vc",
+        "create",
+        "mv",
+        "--template",
+        "tiny",
+        "--nodes",
+        "2",
+        "--strategy",
+        "cyclic",
+        "--mode",
+        "lazy",
+        "--memory",
+        "128M",
+        "--start",
+    )
+    assert sorted(n["host"] for n in info["nodes"]) == ["h1", "h2"]
+    c.exec(
+        "mv/mv-2",
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) & sleep 1",
+    )
+    before = counter(c, "mv/mv-2")
+    r = c.cli("vc", "remap", "mv", "--strategy", "block", check=False)
+    assert r.returncode != 0 and "suspend" in r.stderr, "remap of a running VC is refused"
+    c.json("vc", "suspend", "mv")
+    info = c.json("vc", "remap", "mv", "--strategy", "block")
+    assert [n["host"] for n in info["nodes"]] == ["h1", "h1"]
+    info = c.json("vc", "resume", "mv")
+    assert [(n["host"], n["state"]) for n in info["nodes"]] == [("h1", "running")] * 2
+    assert counter(c, "mv/mv-2") >= before
+    c.json("vc", "destroy", "mv", "--force")
+
+
+def test_bad_input(cluster: NetCluster) -> None:
+    c = cluster
+
+    def fails(code: int, *args: str, match: str) -> None:
+        r = c.cli(*args, check=False)
+        assert r.returncode == code, (r.returncode, r.stderr)
+        assert re.search(match, r.stderr), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    fails(
+        3,
+        "vc",
+        "create",
+        "x",
+        "--template",
+        "nope",
+        "--nodes",
+        "1",
+        match="template nope does not exist",
+    )
+    # 3 hosts x 2 cores: 7 single-vCPU nodes cannot be placed strictly
+    fails(
+        9,
+        "vc",
+        "create",
+        "big",
+        "--template",
+        "tiny",
+        "--nodes",
+        "7",
+        "--memory",
+        "128M",
+        match=r"cannot place 7 VMs .* strict mode: host h1 has 0 free cores of 2",
+    )
+    fails(2, "vc", "create", "bad!", "--template", "tiny", "--nodes", "1", match="bad VC name")
+    fails(
+        2,
+        "vc",
+        "create",
+        "sub",
+        "--template",
+        "tiny",
+        "--nodes",
+        "9",
+        "--subnet",
+        "10.200.9.0/29",
+        match="too small",
+    )
+    assert [
+        v for v in c.json("volume", "list") if "vc-big" in v["name"] or "vc-sub" in v["name"]
+    ] == []
+    c.json("vc", "create", "dup", "--template", "tiny", "--nodes", "1", "--memory", "128M")
+    fails(4, "vc", "create", "dup", "--template", "tiny", "--nodes", "1", match="already exists")
+    c.json("vc", "start", "dup")
+    fails(5, "vc", "destroy", "dup", match="running.*--force")
+    c.json("vc", "destroy", "dup", "--force")
+    assert c.json("vc", "list") == []
+
+
+def test_host_vanishing_mid_create_rolls_back(cluster: NetCluster) -> None:
+    c = cluster
+    c.kill_agent("h3", signal.SIGKILL)  # still "online" for a few seconds: placement picks it
+    try:
+        r = c.cli(
+            "vc",
+            "create",
+            "gone",
+            "--template",
+            "tiny",
+            "--nodes",
+            "3",
+            "--strategy",
+            "cyclic",
+            "--memory",
+            "128M",
+            check=False,
+        )
+        assert r.returncode == 10 and "h3" in r.stderr, r.stderr
+        assert c.json("vc", "list") == []
+        assert not [v for v in c.json("volume", "list") if "vc-gone" in v["name"]]
+        assert c.json("pool", "check", "default")["ok"]
+    finally:
+        c.start_agent("h3")
+        c.wait_hosts(3)
+
+
+def test_manager_restart_keeps_vms_running(cluster: NetCluster) -> None:
+    c = cluster
+    c.json(
+        "vc",
+        "create",
+        "keep",
+        "--template",
+        "tiny",
+        "--nodes",
+        "2",
+        "--strategy",
+        "cyclic",
+        "--memory",
+        "128M",
+        "--start",
+    )
+    pids = c.qemu_pids()
+    assert len(pids) == 2
+    c.stop_manager()
+    time.sleep(1)
+    assert sorted(c.qemu_pids()) == sorted(pids), "VMs keep running without the manager"
+    c.start_manager()
+    info = c.json("vc", "info", "keep")
+    assert [n["state"] for n in info["nodes"]] == ["running", "running"]
+    # the guests' disks reconnect to the restarted NBD server
+    out = c.exec("keep/keep-1", "echo after > /root/after; sync; cat /root/after", timeout=60)
+    assert "after" in out
+    c.json("vc", "destroy", "keep", "--force")
