@@ -269,7 +269,7 @@ if [ -n "$root" ]; then
   fi
 fi
 hostname initramfs
-mkdir -p /etc/acpi/PWRF
+mkdir -p /etc/acpi/PWRF /var/log /var/run
 printf '#!/bin/sh\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 755 /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi 2>/dev/null

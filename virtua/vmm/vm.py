@@ -84,6 +84,8 @@ class VMProcess:
         self.run_dir = spec.pidfile.parent
         self._qmp: QMPClient | None = None
         self.agent = GuestAgent(spec.agent_socket) if spec.agent_socket else None
+        # console log offset when this controller last started QEMU (the log is appended)
+        self.start_offset = 0
 
     # ------------------------------------------------------------------ paths/identity
     @property
@@ -183,6 +185,7 @@ class VMProcess:
             if p is not None:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+        self.start_offset = self.console_offset()
         spec = self.spec.model_copy(update={"incoming": incoming, "daemonize": True})
         self.spec_file.write_text(self.spec.model_dump_json(indent=2))
         argv = build_cmdline(spec)
@@ -333,10 +336,16 @@ class VMProcess:
             return ""
 
     async def wait_for_console(
-        self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, start: int = 0
+        self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, start: int | None = None
     ) -> re.Match[str]:
-        """Wait until ``pattern`` appears in the console log after byte ``start``."""
+        """Wait until ``pattern`` appears in the console log after byte ``start``.
+
+        ``start`` defaults to where the log ended when this controller last started QEMU
+        (0 for an attached VM), so an earlier boot's output does not match.
+        """
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        if start is None:
+            start = self.start_offset
         deadline = time.monotonic() + timeout
         while True:
             text = self.console_text(start)
