@@ -90,6 +90,14 @@ async def test_boot_over_nbd_write_and_read_back(artifacts, short_tmp: Path, nbd
     assert "ssh-ed25519 AAAAtest t@x" in res.output
     assert (await vm.run("mount | grep ' / '")).output.startswith("/dev/vda on / type ext4 (rw")
 
+    # the interactive console: a root shell on ttyS0 behind console.sock, logged
+    off = vm.console_offset()
+    reader, writer = await asyncio.open_unix_connection(str(spec.console_socket))
+    writer.write(b"echo console-$((6 * 7))\n")
+    await writer.drain()
+    await vm.wait_for_console(r"console-42", timeout=20, start=off)
+    writer.close()
+
     await vm.run(
         "echo virtua-pattern-$(hostname) > /root/marker.txt && "
         f"dd if=/dev/zero bs=65536 count=1 2>/dev/null | tr '\\000' '\\{PATTERN:03o}' | "

@@ -393,6 +393,7 @@ done
 AGENT_SCRIPT = r"""#!/bin/sh
 # virtua guest agent: runs base64-encoded scripts received on a serial port
 tty="${1:-/dev/ttyS1}"
+dir="${VIRTUA_AGENT_DIR:-/run}"
 stty -F "$tty" raw -echo 2>/dev/null
 exec 3<>"$tty"
 printf 'VXO hello 0 \n' >&3
@@ -400,11 +401,11 @@ while :; do
   if ! read -r id payload <&3; then sleep 1; continue; fi
   id=$(printf '%s' "$id" | tr -cd 'A-Za-z0-9_-')
   [ -n "$id" ] || continue
-  printf '%s' "$payload" | tr -d '\r' | base64 -d > /run/agent.cmd 2>/dev/null
-  sh /run/agent.cmd </dev/null >/run/agent.out 2>&1
+  printf '%s' "$payload" | tr -d '\r' | base64 -d > "$dir/agent.cmd" 2>/dev/null
+  sh "$dir/agent.cmd" </dev/null >"$dir/agent.out" 2>&1
   rc=$?
   printf 'VXO %s %s ' "$id" "$rc" >&3
-  base64 /run/agent.out | tr -d '\n' >&3
+  base64 "$dir/agent.out" | tr -d '\n' >&3
   printf '\n' >&3
 done
 """
