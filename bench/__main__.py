@@ -1,0 +1,46 @@
+"""``python -m bench storage|nbd [options]``: run one benchmark suite."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+SUITES = {
+    "storage": (
+        "bench.storage_bench",
+        "storage engine: clones, copy-on-write, depth, baseline, memory",
+    ),
+    "nbd": ("bench.nbd_bench", "NBD server"),
+}
+
+
+def usage() -> str:
+    lines = [
+        "usage: python -m bench SUITE [options]   (SUITE --help for its options)",
+        "",
+        "suites:",
+    ]
+    lines += [f"  {name:8} {desc}" for name, (_, desc) in SUITES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    suite = SUITES.get(argv[0])
+    if suite is None:
+        print(f"unknown suite {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(suite[0])
+    # A suite's main takes argv, or (argparse style) reads sys.argv itself.
+    if inspect.signature(module.main).parameters:
+        return int(module.main(argv[1:]) or 0)
+    sys.argv = [f"python -m bench {argv[0]}", *argv[1:]]
+    return int(module.main() or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
