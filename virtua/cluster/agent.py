@@ -111,6 +111,11 @@ class Agent:
             launch = VMLaunch.model_validate_json(launch_file.read_text())
             state = "running" if proc.is_running() else "stopped"
             self.vms[launch.id] = RunningVM(launch.id, proc, launch, state)
+            if launch.nic is not None and self.net is not None:
+                if state == "running":
+                    self.net.adopt(launch.nic)
+                else:
+                    self.net.unplug(launch.nic)
             log.info("reattached %s (%s)", launch.id, state)
 
     def registration(self) -> dict[str, Any]:
@@ -133,9 +138,14 @@ class Agent:
                     f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report(), "accel": self.accel}
                 )
                 r.raise_for_status()
-                if r.json().get("register"):
+                reply = r.json()
+                if reply.get("register"):
                     registered = False
                     continue
+                if self.net is not None and "network" in reply:
+                    await asyncio.to_thread(self.net.sync, reply["network"])
+            except VirtuaError as e:
+                log.error("network sync failed: %s", e.message)
             except (httpx.HTTPError, ValueError) as e:
                 if registered:
                     log.warning("manager %s unreachable: %s", self.cfg.manager, e)

@@ -141,7 +141,18 @@ class Manager:
                 rec.state = state
                 rec.error = report.get("error")
                 self._put_vm(rec)
-        return {"ok": True}
+        return {"ok": True, "network": self.network_for(name)}
+
+    def network_for(self, host: str) -> dict[str, Any]:
+        """What a host must route and filter: every VC subnet, and a /32 route to each VM
+        that runs elsewhere, via the address of the host that runs it."""
+        addresses = {h.name: h.address.rpartition(":")[0] for h in self.hosts()}
+        routes = [
+            {"dst": f"{vm.address}/32", "via": addresses[vm.host]}
+            for vm in self.vms()
+            if vm.host != host and vm.host in addresses and vm.state in ("running", "starting")
+        ]
+        return {"vc_subnets": sorted(vc.subnet for vc in self.vcs()), "routes": routes}
 
     def add_host(self, name: str, address: str, cores: int | None = None, memory: str | None = None) -> dict[str, Any]:
         """Register a host by hand (normally its agent registers itself)."""

@@ -1,6 +1,6 @@
 """The block map: virtual chunk number -> physical chunk, with O(1) copy-on-write forks.
 
-A map is a dict of fixed-size segments (arrays of SEG entries). fork() shares the whole
+A map is a dict of fixed-size segments (arrays of SEG = 16 entries). fork() shares the whole
 dict; the first write after a fork copies the dict of segment references, and the first
 write into a segment copies that one segment. So a clone costs O(1), reads cost two
 lookups whatever the snapshot depth, and memory grows with what is written, never with
@@ -15,7 +15,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
-SEG_SHIFT = 6
+SEG_SHIFT = 4  # 16 entries: even scattered writes cost < 4 MiB of map per GiB
 SEG = 1 << SEG_SHIFT
 SEG_MASK = SEG - 1
 HOLE_V = 0
