@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.netcluster import NetCluster, sh
+from tests.helpers.netcluster import NetCluster
+from virtua.net.lab import sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

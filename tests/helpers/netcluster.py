@@ -1,6 +1,7 @@
 """Several physical hosts on one machine: a network namespace per host, veth pairs on a
 bridge in the root namespace where `virtua serve` (the manager and NBD server) runs.
 
+The plumbing is virtua.net.lab's; this adds process control for tests.
 Everything crosses a real network: agents reach the manager's API and QEMU reaches the
 NBD exports over the veths, never through shared Python objects.
 """
@@ -17,15 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from virtua.net.lab import Lab
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def sh(*cmd: str, check: bool = True, ns: str | None = None) -> subprocess.CompletedProcess[str]:
-    full = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
-    r = subprocess.run(full, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(full)}: {r.stderr.strip()}")
-    return r
 
 
 class NetCluster:
@@ -39,10 +34,11 @@ class NetCluster:
         self.bridge = f"vtb{self.tag}"
         self.home = tmp / "manager"
         self.env = dict(os.environ, VIRTUA_HOME=str(self.home), COLUMNS="200", PYTHONPATH=str(ROOT))
-        self.hosts = [f"h{i}" for i in range(1, hosts + 1)]
-        self.ns = {h: f"vt{self.tag}{h}" for h in self.hosts}
-        self.addr = {h: f"{self.net}.{10 + i}" for i, h in enumerate(self.hosts, 1)}
-        self.manager_addr = f"{self.net}.1"
+        self.lab = Lab(tag=f"vt{self.tag}", prefix=self.net, hosts=hosts)
+        self.hosts = self.lab.names()
+        self.ns = {h: self.lab.ns(h) for h in self.hosts}
+        self.addr = {h: self.lab.address(h) for h in self.hosts}
+        self.manager_addr = self.lab.gateway
         self.procs: list[subprocess.Popen[str]] = []
         self.agents: dict[str, subprocess.Popen[str]] = {}
         self.cores = cores
@@ -52,28 +48,10 @@ class NetCluster:
     # ------------------------------------------------------------------ network
 
     def setup_network(self) -> None:
-        self.teardown_network()
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{self.manager_addr}/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
-        for i, h in enumerate(self.hosts, 1):
-            ns = self.ns[h]
-            outside, inside = f"vte{self.tag}{i}", f"vti{self.tag}{i}"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-            sh("ip", "link", "set", outside, "master", self.bridge)
-            sh("ip", "link", "set", outside, "up")
-            sh("ip", "link", "set", inside, "netns", ns)
-            sh("ip", "link", "set", "lo", "up", ns=ns)
-            sh("ip", "link", "set", inside, "name", "eth0", ns=ns)
-            sh("ip", "addr", "add", f"{self.addr[h]}/24", "dev", "eth0", ns=ns)
-            sh("ip", "link", "set", "eth0", "up", ns=ns)
-            sh("ip", "route", "add", "default", "via", self.manager_addr, ns=ns)
+        self.lab.create()
 
     def teardown_network(self) -> None:
-        for h in self.hosts:
-            sh("ip", "netns", "del", self.ns[h], check=False)
-        sh("ip", "link", "del", self.bridge, check=False)
+        self.lab.destroy()
 
     # ------------------------------------------------------------------ processes
 
@@ -107,9 +85,7 @@ class NetCluster:
         home = self.tmp / f"agent-{h}"
         home.mkdir(exist_ok=True)
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[h], sys.executable, "-m", "virtua.cli", "--home", str(home), "agent",
-             "--name", h, "--listen", f"{self.addr[h]}:8781", "--manager", f"http://{self.manager_addr}:8780",
-             "--cores", str(self.cores), "--memory", self.memory, "--host-network", f"{self.net}.0/24"],
+            self.lab.agent_command(h, home, f"http://{self.manager_addr}:8780", self.cores, self.memory),
             env=self.env, stdout=open(home / "agent.out", "a"), stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )

@@ -344,3 +344,8 @@ def vm_console(m: Any, ref: str, offset: int = 0) -> Any:
 @cluster_op("vm.exec")
 def vm_exec(m: Any, ref: str, script: str, timeout: float = 30.0) -> Any:
     return m.vm_exec(ref, script, timeout)
+
+
+@cluster_op("net.list")
+def net_list(m: Any) -> Any:
+    return m.net_list()

@@ -212,3 +212,45 @@ def vm_exec(ref: str = typer.Argument(..., help="VC/NODE"), script: str = typer.
         sys.stdout.write(r["output"])
     if r["rc"]:
         raise typer.Exit(r["rc"])
+
+
+lab_app = typer.Typer(no_args_is_help=True, help="A lab of N hosts on this machine (network namespaces)")
+net_app = typer.Typer(no_args_is_help=True, help="VC networks")
+app.add_typer(lab_app, name="lab")
+app.add_typer(net_app, name="net")
+
+
+@net_app.command("list")
+def net_list() -> None:
+    """The private subnet of every VC, its gateway and its nodes' addresses."""
+    call("net.list", ["vc", "subnet", "gateway", "nodes", "addresses", "hosts"])
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: int = typer.Option(3, "--hosts"), prefix: str = typer.Option("10.213.0", "--prefix", help="first three octets of the hosts' /24"),
+    cores: int = typer.Option(2, "--cores", help="cores each host offers"), memory: str = typer.Option("2G", "--memory"),
+) -> None:
+    """Create N namespaced hosts on a bridge and start an agent in each (manager at PREFIX.1:8780)."""
+    from virtua.net.lab import Lab
+
+    lab = Lab(prefix=prefix, hosts=hosts)
+    home = State.home / "lab"
+    Lab.stop_agents(home)
+    lab.create()
+    pids = lab.start_agents(home, f"http://{lab.gateway}:8780", cores, memory)
+    render.emit({"bridge": f"{lab.bridge} {lab.gateway}/24", "hosts": [f"{h} {lab.address(h)} (pid {p})" for h, p in pids.items()],
+                 "serve": f"virtua serve --no-agent --listen {lab.gateway}:10809 --api-listen {lab.gateway}:8780 --host-network {lab.network}"},
+                State.json)
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Stop the lab's agents and VMs and remove its namespaces and bridge."""
+    from virtua.net.lab import Lab
+
+    home = State.home / "lab"
+    lab = Lab.load(home)
+    Lab.stop_agents(home)
+    lab.destroy()
+    render.emit({"removed": [lab.bridge, *(lab.ns(h) for h in lab.names())]}, State.json)

@@ -825,6 +825,16 @@ class Manager:
             "full_copies_would_use": tsize * len(vms) + unique,
         }
 
+    def net_list(self) -> list[dict[str, Any]]:
+        out = []
+        for vc in self.vcs():
+            vms = self.vc_vms(vc.name)
+            out.append({
+                "vc": vc.name, "subnet": vc.subnet, "gateway": str(netplan.gateway_address(IPv4Network(vc.subnet))),
+                "nodes": len(vms), "addresses": [v.address for v in vms], "hosts": sorted({v.host for v in vms}),
+            })
+        return out
+
     def vm_console(self, key: str) -> Any:
         vm = self._vm_or_none(key)
         if vm is None:

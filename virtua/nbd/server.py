@@ -7,7 +7,7 @@ phase is a manual parser in buffer_updated() that executes every request inline
 requests to threads costs 5-10x).  Replies are batched per receive into one
 writelines() call; read buffers come from a per-connection pool and go back to
 it as soon as the transport reports an empty write buffer.  Large write payloads
-are received straight into a pooled buffer of the exact size (no copies).
+are streamed to the device straight from the receive buffer as they arrive.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import os
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from virtua.errors import VirtuaError
@@ -29,11 +30,20 @@ from virtua.storage.device import BlockDevice, FileDevice
 TLSMode = Literal["off", "on", "require"]
 
 _RBUF_SIZE = 256 * 1024
-_DIRECT_PAYLOAD_MIN = 128 * 1024  # write payloads at least this big are received in place
+# Write payloads at least this big are streamed: each piece is written to the device
+# straight from the receive buffer as it arrives (no reassembly copy).  Pieces end on
+# _STREAM_ALIGN boundaries (one storage-engine chunk, many pages) except the last one.
+_STREAM_MIN = 128 * 1024
+_STREAM_ALIGN = 64 * 1024
 _POOL_MAX_BYTES = 64 * 1024 * 1024
 _HANDSHAKE_PAUSE = 128 * 1024
 _WRITE_HIGH_WATER = 8 * 1024 * 1024
 _SPARSE_READ_MIN = 64 * 1024  # structured reads this big report holes as OFFSET_HOLE
+# Reads this big from a thread-safe device run in worker threads (the copy then runs
+# beside the event loop, which matters when a few connections share two cores).
+_OFFLOAD_MIN = 256 * 1024
+_OFFLOAD_THREADS = 4
+_INFLIGHT_MAX = 16 * 1024 * 1024  # per connection: stop parsing while this much is out
 
 _REQ_MAGIC = P.REQUEST_MAGIC
 _REQ_SIZE = P.REQUEST_SIZE
@@ -95,6 +105,7 @@ class NBDServer:
         handshake_timeout: float = 30.0,
         sparse_read_min: int = _SPARSE_READ_MIN,
         sparse_reads: bool | None = None,
+        offload_min: int = _OFFLOAD_MIN,
     ) -> None:
         if tls_mode not in ("off", "on", "require"):
             raise ValueError(f"tls_mode must be off, on or require, not {tls_mode!r}")
@@ -113,6 +124,11 @@ class NBDServer:
         # FileDevice, whose SEEK_HOLE-based block_status costs O(allocated run) on tmpfs
         # (7 ms for a 1 GiB file) -- far too slow to run on every read.
         self.sparse_reads = sparse_reads
+        # 0 turns offloading off.  Only devices that say they are thread-safe (a
+        # `thread_safe` attribute; FileDevice is) are used from worker threads: the storage
+        # engine's volumes are single-threaded by design and stay inline.
+        self.offload_min = offload_min
+        self._executor: ThreadPoolExecutor | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[_Connection] = set()
         self._devices: dict[int, BlockDevice] = {}
@@ -182,6 +198,9 @@ class NBDServer:
                 self.log.error("nbd: flush on close failed: %s", e)
         for c in conns:
             c.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 2.0)
@@ -193,6 +212,11 @@ class NBDServer:
 
     def _register_device(self, dev: BlockDevice) -> None:
         self._devices[id(dev)] = dev
+
+    def _submit(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(_OFFLOAD_THREADS, thread_name_prefix="nbd-io")
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -229,16 +253,22 @@ class _Connection(asyncio.BufferedProtocol):
         self.size = 0
         self.readonly = True
         self.sparse_min = 1 << 62
+        self.offload_min = 1 << 62
+        self.inflight = 0  # offloaded requests not yet answered
+        self.inflight_bytes = 0
         self.out: list[Any] = []
         self._used: list[bytearray] = []
         self._lent: list[bytearray] = []
         self._pool: dict[int, list[bytearray]] = {}
         self._pool_bytes = 0
         self._skip = 0
-        self._pl: bytearray | None = None
-        self._pl_mv: memoryview | None = None
-        self._pl_fill = 0
-        self._pl_req: tuple[int, int, int] = (0, 0, 0)
+        # the write being streamed: payload bytes still to come, where they go, and the
+        # error to answer with (the rest of the payload is then read and dropped)
+        self._ws_left = 0
+        self._ws_off = 0
+        self._ws_handle = 0
+        self._ws_fua = False
+        self._ws_err: tuple[int, str] | None = None
         self.peer = ""
 
     # -- asyncio callbacks -----------------------------------------------------------
@@ -271,7 +301,6 @@ class _Connection(asyncio.BufferedProtocol):
             w.set_exception(ConnectionResetError("client disconnected"))
         self._pool.clear()
         self._lent.clear()
-        self._pl = self._pl_mv = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -282,12 +311,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._reclaim()
         if self.transmission and not self.closed:
             self._process()
-        if not self.write_paused:
+        if not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
             self._resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._pl_mv is not None:
-            return self._pl_mv[self._pl_fill :]
         free = len(self.rbuf) - self.end
         if free < 65536:
             self._compact()
@@ -300,14 +327,6 @@ class _Connection(asyncio.BufferedProtocol):
         return self.rmv[self.end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._pl_mv is not None:
-            self._pl_fill += nbytes
-            if self._pl_fill == len(self._pl_mv):
-                self._payload_complete()
-                if self.closed:
-                    return
-                self._process()
-            return
         self.end += nbytes
         if self.transmission:
             self._process()
@@ -358,6 +377,8 @@ class _Connection(asyncio.BufferedProtocol):
     def busy(self) -> bool:
         if self.closed:
             return False
+        if self.inflight:
+            return True
         try:
             return bool(self.transport.get_write_buffer_size())
         except Exception:
@@ -724,6 +745,8 @@ class _Connection(asyncio.BufferedProtocol):
         if sparse is None:
             sparse = bool(getattr(dev, "sparse_reads", not isinstance(dev, FileDevice)))
         self.sparse_min = self.srv.sparse_read_min if sparse else 1 << 62
+        if self.srv.offload_min and getattr(dev, "thread_safe", isinstance(dev, FileDevice)):
+            self.offload_min = self.srv.offload_min
         self.srv._register_device(dev)
         if self._timer is not None:
             self._timer.cancel()
@@ -741,13 +764,15 @@ class _Connection(asyncio.BufferedProtocol):
             return
         rbuf = self.rbuf
         try:
-            while not self.write_paused:
+            while not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
                 if self._skip:
                     k = min(self._skip, self.end - self.start)
                     self._skip -= k
                     self.start += k
                     if self._skip:
                         break
+                if self._ws_left and not self._stream_write():
+                    break
                 start = self.start
                 avail = self.end - start
                 if avail < _REQ_SIZE:
@@ -769,18 +794,14 @@ class _Connection(asyncio.BufferedProtocol):
                         self.start = start + total
                         self._write(flags, handle, offset, self.rmv[p : p + length])
                         continue
-                    if length >= _DIRECT_PAYLOAD_MIN:
-                        # receive the rest of the payload straight into its own buffer
-                        buf = self._get_buf(length)
-                        mv = memoryview(buf)
-                        have = avail - _REQ_SIZE
-                        mv[:have] = self.rmv[start + _REQ_SIZE : self.end]
-                        self.start = self.end = 0
-                        self._pl = buf
-                        self._pl_mv = mv
-                        self._pl_fill = have
-                        self._pl_req = (flags, handle, offset)
-                        break
+                    if length >= _STREAM_MIN:
+                        self.start = start + _REQ_SIZE
+                        self._ws_left = length
+                        self._ws_off = offset
+                        self._ws_handle = handle
+                        self._ws_fua = bool(flags & P.CMD_FLAG_FUA)
+                        self._ws_err = self._write_check(flags, offset, length)
+                        continue
                     if start + total > len(rbuf):
                         self._compact()
                     break
@@ -790,7 +811,8 @@ class _Connection(asyncio.BufferedProtocol):
                 elif cmd == 2:  # NBD_CMD_DISC
                     self.disconnecting = True
                     self._flush_out()
-                    self.close()
+                    if not self.inflight:  # else the last offloaded reply closes
+                        self.close()
                     return
                 else:
                     self._other(cmd, flags, handle, offset, length)
@@ -802,21 +824,38 @@ class _Connection(asyncio.BufferedProtocol):
             self._abort(f"internal error: {e}")
             return
         self._flush_out()
-        if self.write_paused:
+        if self.write_paused or self.inflight_bytes >= _INFLIGHT_MAX:
             self._pause_reading()
 
-    def _payload_complete(self) -> None:
-        buf, mv = self._pl, self._pl_mv
-        assert buf is not None and mv is not None
-        self._pl = self._pl_mv = None
-        flags, handle, offset = self._pl_req
-        try:
-            self._write(flags, handle, offset, mv)
-        except Exception as e:  # noqa: BLE001
-            self.log.exception("nbd %s: internal error", self.peer)
-            self._abort(f"internal error: {e}")
-            return
-        self._put_buf(buf)
+    def _stream_write(self) -> bool:
+        """Write what the buffer holds of a streamed payload; True once it is complete."""
+        start = self.start
+        left = self._ws_left
+        k = self.end - start
+        if k < left:
+            # stop at an aligned boundary; wait for more if that leaves a small piece
+            k = ((self._ws_off + k) & -_STREAM_ALIGN) - self._ws_off
+            if k < _STREAM_ALIGN:
+                return False
+        else:
+            k = left
+        self.start = start + k
+        self._ws_left = left = left - k
+        if self._ws_err is None:
+            try:
+                self.dev.write(  # type: ignore[union-attr]
+                    self._ws_off, self.rmv[start : start + k], self._ws_fua and not left
+                )
+            except Exception as e:  # noqa: BLE001
+                self._ws_err = (nbd_errno(e), f"write failed: {e}")
+        self._ws_off += k
+        if left:
+            return False
+        if self._ws_err is not None:
+            self._error(self._ws_handle, self._ws_err[0], self._ws_err[1], 1)
+        else:
+            self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, self._ws_handle))
+        return True
 
     def _ok(self, handle: int) -> None:
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
@@ -833,15 +872,22 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self.out.append(_pack_simple(_SIMPLE_MAGIC, err, handle))
 
-    def _write(self, flags: int, handle: int, offset: int, data: memoryview) -> None:
+    def _write_check(self, flags: int, offset: int, length: int) -> tuple[int, str] | None:
         if flags & ~P.CMD_FLAG_FUA:
-            return self._error(handle, P.NBD_EINVAL, "invalid flags for WRITE", 1)
+            return P.NBD_EINVAL, "invalid flags for WRITE"
         if self.readonly:
-            return self._error(handle, P.NBD_EPERM, "export is read-only", 1)
-        if offset + len(data) > self.size:
-            return self._error(handle, P.NBD_ENOSPC, "write beyond end of export", 1)
+            return P.NBD_EPERM, "export is read-only"
+        if offset + length > self.size:
+            return P.NBD_ENOSPC, "write beyond end of export"
         if self.shutting_down:
-            return self._error(handle, P.NBD_ESHUTDOWN, "server shutting down", 1)
+            return P.NBD_ESHUTDOWN, "server shutting down"
+        return None
+
+    def _write(self, flags: int, handle: int, offset: int, data: memoryview) -> None:
+        if flags & ~P.CMD_FLAG_FUA or self.readonly or self.shutting_down or offset + len(data) > self.size:
+            err = self._write_check(flags, offset, len(data))
+            assert err is not None
+            return self._error(handle, err[0], err[1], 1)
         try:
             self.dev.write(offset, data, bool(flags & 1))  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001
@@ -861,6 +907,8 @@ class _Connection(asyncio.BufferedProtocol):
             buf = self._get_buf(16 + length)
             _pack_simple_into(buf, 0, _SIMPLE_MAGIC, 0, handle)
             mv = memoryview(buf)
+            if length >= self.offload_min:
+                return self._offload_read(buf, mv[16:], offset, handle)
             try:
                 dev.readinto(offset, mv[16:])
             except Exception as e:  # noqa: BLE001
@@ -881,14 +929,17 @@ class _Connection(asyncio.BufferedProtocol):
                 extents = []
             if len(extents) > 1 or (extents and extents[0].flags & P.STATE_ZERO):
                 return self._sparse_read(handle, offset, length, extents)
-        self._read_chunk(handle, offset, length, True)
+        self._read_chunk(handle, offset, length, True, length >= self.offload_min)
 
-    def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:
+    def _read_chunk(self, handle: int, offset: int, length: int, done: bool, offload: bool = False) -> bool:
         buf = self._get_buf(28 + length)
         _pack_data_hdr_into(
             buf, 0, _STRUCT_MAGIC, 1 if done else 0, P.REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset
         )
         mv = memoryview(buf)
+        if offload:  # only a reply's single chunk: nothing may follow the DONE chunk
+            self._offload_read(buf, mv[28:], offset, handle)
+            return True
         try:
             self.dev.readinto(offset, mv[28:])  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001
@@ -898,6 +949,35 @@ class _Connection(asyncio.BufferedProtocol):
         self.out.append(buf)
         self._used.append(buf)
         return True
+
+    def _offload_read(self, buf: bytearray, view: memoryview, offset: int, handle: int) -> None:
+        """readinto in a worker thread; the reply (buf) is sent when it is done."""
+        self.inflight += 1
+        self.inflight_bytes += len(buf)
+        fut = self.srv._submit(self.dev.readinto, offset, view)  # type: ignore[union-attr]
+        fut.add_done_callback(lambda f: self._offload_done(f, buf, handle))
+
+    def _offload_done(self, fut: asyncio.Future[Any], buf: bytearray, handle: int) -> None:
+        self.inflight -= 1
+        self.inflight_bytes -= len(buf)
+        if self.closed:
+            return
+        exc = fut.exception() if not fut.cancelled() else ConnectionError("cancelled")
+        if exc is None:
+            self.out.append(buf)
+            self._used.append(buf)
+        else:
+            self._put_buf(buf)
+            self._error(handle, nbd_errno(exc), f"read failed: {exc}", 0)
+        self._flush_out()
+        if self.disconnecting:
+            if not self.inflight:
+                self.close()
+            return
+        if self.reading_paused and not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
+            self._process()
+            if not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
+                self._resume_reading()
 
     def _sparse_read(self, handle: int, offset: int, length: int, extents: list[Any]) -> None:
         end = offset + length
