@@ -82,7 +82,9 @@ class Lab:
             sh("ip", "route", "add", "default", "via", self.gateway, ns=ns)
 
     def destroy(self) -> None:
-        for h in self.names():
+        for i, h in enumerate(self.names(), 1):
+            # the outside end explicitly: a namespace lingers while a process still runs in it
+            sh("ip", "link", "del", f"{self.tag}o{i}", check=False)
             sh("ip", "netns", "del", self.ns(h), check=False)
         sh("ip", "link", "del", self.bridge, check=False)
 
