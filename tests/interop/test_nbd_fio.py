@@ -10,7 +10,9 @@ pytestmark = pytest.mark.interop
 
 
 def _fio(sh, uri: str, *extra: str) -> dict:
+    # --verify_state_save=0: fio would otherwise leave local-*-verify.state in the cwd
     p = sh(["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--output-format=json",
+            "--verify_state_save=0",
             *extra], timeout=120)
     text = p.stdout[p.stdout.index("{"):]
     return json.loads(text)
