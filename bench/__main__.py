@@ -1,4 +1,4 @@
-"""``python -m bench storage|nbd [options]``: run one benchmark suite."""
+"""``python -m bench storage|nbd|vc [options]``: run one benchmark suite."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SUITES = {
         "storage engine: clones, copy-on-write, depth, baseline, memory",
     ),
     "nbd": ("bench.nbd_bench", "NBD server"),
+    "vc": ("bench.vc_bench", "virtual clusters: create + boot 1/4/8 nodes, disk space"),
 }
 
 
