@@ -2,13 +2,24 @@
 """Benchmark virtua's NBD server against qemu-nbd and nbdkit's file plugin with fio.
 
     .venv/bin/python bench/nbd_bench.py [--duration 10] [--size 1G] [--where tmpfs,disk]
-        [--servers virtua,qemu-nbd,nbdkit] [--rounds 1]
-        [--add-server 'volume=python -m virtua.nbd --provider mymod:make --port {port}@vol1']
+        [--servers virtua-vol,virtua-clone,virtua,qemu-nbd,nbdkit] [--rounds 3]
+        [--add-server 'mine=python -m virtua.nbd --provider mymod:make --port {port}@vol1']
 
-Every server serves the same pre-filled file (random data, so reads never hit holes).
-Runs are interleaved (workload by workload, server by server, rotating the order each
-round) because run-to-run noise on this machine is large.  Server CPU is measured from
-/proc/PID/stat (utime+stime) over each fio run, as % of one core.
+Servers (all on the same backing filesystem, one per --where):
+
+* virtua-vol: `virtua serve` (a temp VIRTUA_HOME in the backing dir) exporting a thin
+  storage-engine volume p/vol, filled with the test data by `virtua volume import`.
+* virtua-clone: the same `virtua serve` process exporting p/clone, a clone of the template
+  p/tmpl@s (template filled with the test data).  Reads hit the template's chunks; the
+  first write to each chunk is a copy-on-write, later rounds overwrite the clone's own.
+* virtua: `python -m virtua.nbd --dir`, virtua's NBD server over the plain file.
+* qemu-nbd and nbdkit (file plugin) over the plain file.
+
+Every export holds the same random data, so reads never hit holes.  Runs are interleaved
+(workload by workload, server by server, rotating the order each round) because
+run-to-run noise on this machine is large; with --rounds N each row is the median of N
+runs.  Server CPU is measured from /proc/PID/stat (utime+stime) over each fio run, as %
+of one core.  The fio job files' latencies are completion latencies (clat).
 
 --add-server NAME=CMD@EXPORT adds a server (e.g. one exporting a storage-engine volume):
 CMD is a shell command template with {port}, {dir} and {file}; EXPORT is the export name.
@@ -21,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +57,8 @@ class Server:
     proc: subprocess.Popen | None = None
     port: int = 0
     results: dict = field(default_factory=dict)
+    share: str = ""  # name of another server whose process (and port) this one uses
+    env: dict = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -61,9 +75,12 @@ def cpu_ticks(pid: int) -> int:
 
 def start(srv: Server, directory: str, file: str) -> None:
     srv.port = free_port()
-    cmd = srv.cmd.format(port=srv.port, dir=directory, file=file, python=sys.executable)
+    cmd = srv.cmd.format(
+        port=srv.port, dir=directory, file=file, python=sys.executable, apiport=free_port()
+    )
     srv.proc = subprocess.Popen(
-        ["/bin/sh", "-c", "exec " + cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["/bin/sh", "-c", "exec " + cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **srv.env},
     )
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -78,6 +95,9 @@ def start(srv: Server, directory: str, file: str) -> None:
 
 
 def stop(srv: Server) -> None:
+    if srv.share:
+        srv.proc = None
+        return
     if srv.proc is not None and srv.proc.poll() is None:
         srv.proc.terminate()
         try:
@@ -122,6 +142,30 @@ def prepare(directory: str, size: int) -> str:
     return path
 
 
+VIRTUA = os.path.join(os.path.dirname(sys.executable), "virtua")
+
+
+def prepare_storage(directory: str, image: str, size: int) -> str:
+    """A fresh VIRTUA_HOME in `directory`: pool p holding p/vol and p/clone (of p/tmpl@s),
+    both with the contents of `image`.  Returns the home."""
+    home = os.path.join(directory, "virtua-home")
+    shutil.rmtree(home, ignore_errors=True)
+    env = {**os.environ, "VIRTUA_HOME": home}
+    cap = f"{(4 * size) >> 20}M"
+    steps = [
+        ["pool", "create", "p", "--capacity", cap],
+        ["volume", "import", image, "p/vol"],
+        ["volume", "import", image, "p/tmpl"],
+        ["snapshot", "create", "p/tmpl@s"],
+        ["clone", "p/tmpl@s", "p/clone"],
+    ]
+    for step in steps:
+        p = subprocess.run([VIRTUA, *step], env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"virtua {' '.join(step)} failed:\n{p.stdout}\n{p.stderr}")
+    return home
+
+
 def parse_size(s: str) -> int:
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(s[:-1]) * mult[s[-1].upper()] if s[-1].upper() in mult else int(s)
@@ -132,7 +176,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10, help="seconds per fio run")
     ap.add_argument("--size", default="1G")
     ap.add_argument("--where", default="tmpfs,disk", help="tmpfs,disk")
-    ap.add_argument("--servers", default="virtua,qemu-nbd,nbdkit")
+    ap.add_argument("--servers", default="virtua-vol,virtua-clone,virtua,qemu-nbd,nbdkit")
     ap.add_argument("--conns", default="1,2")
     ap.add_argument("--workloads", default="all", help="comma list of indexes 0-3, or all")
     ap.add_argument("--rounds", type=int, default=1)
@@ -144,13 +188,19 @@ def main() -> None:
     for b in ("fio", "qemu-nbd", "nbdkit"):
         if not shutil.which(b):
             raise SystemExit(f"{b} is required")
+    serve = ("{python} -m virtua.cli serve --listen 127.0.0.1:{port} --no-agent "
+             "--api-listen 127.0.0.1:{apiport}")
     known = {
+        "virtua-vol": Server("virtua-vol", serve, "p/vol"),
+        "virtua-clone": Server("virtua-clone", serve, "p/clone", share="virtua-vol"),
         "virtua": Server("virtua", args.virtua_cmd, "disk.img"),
         "qemu-nbd": Server("qemu-nbd", "qemu-nbd -f raw -x disk.img -p {port} -b 127.0.0.1 -t -e 16 "
                            "--cache=writeback --aio=threads {file}", "disk.img"),
         "nbdkit": Server("nbdkit", "nbdkit -f -i 127.0.0.1 -p {port} file file={file}", ""),
     }
     servers = [known[n] for n in args.servers.split(",") if n]
+    if any(s.share == "virtua-vol" for s in servers) and known["virtua-vol"] not in servers:
+        servers.insert(0, known["virtua-vol"])
     for spec in args.add_server:
         name, _, rest = spec.partition("=")
         cmd, _, export = rest.rpartition("@")
@@ -162,8 +212,18 @@ def main() -> None:
     for where in args.where.split(","):
         directory = LOCATIONS[where]
         path = prepare(directory, size)
+        if any(s.name.startswith("virtua-") for s in servers):
+            home = prepare_storage(directory, path, size)
+            for s in servers:
+                s.env = {"VIRTUA_HOME": home}
+        byname = {s.name: s for s in servers}
         for s in servers:
+            if s.share:
+                continue
             start(s, directory, path)
+        for s in servers:
+            if s.share:
+                s.proc, s.port = byname[s.share].proc, byname[s.share].port
         try:
             for wname, rw, bs, depth in workloads:
                 for conns in conns_list:
@@ -178,12 +238,14 @@ def main() -> None:
                                   file=sys.stderr, flush=True)
                     for s in servers:
                         rs = acc[s.name]
-                        avg = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
-                        rows.append({"where": where, "workload": wname, "conns": conns, "server": s.name, **avg})
+                        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                        rows.append({"where": where, "workload": wname, "conns": conns, "server": s.name,
+                                     "runs": [r["mbps"] for r in rs], **med})
         finally:
             for s in servers:
                 stop(s)
     ref = {(r["where"], r["workload"], r["conns"]): r["mbps"] for r in rows if r["server"] == "nbdkit"}
+    print(f"Medians of {args.rounds} run(s) of {args.duration} s each.\n")
     print("| where | workload | conns | server | MB/s | IOPS | p99 (us) | server CPU % | vs nbdkit |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -191,6 +253,19 @@ def main() -> None:
         ratio = f"{r['mbps'] / base:.2f}x" if base else "-"
         print(f"| {r['where']} | {r['workload']} | {r['conns']} | {r['server']} | {r['mbps']:.0f} | "
               f"{r['iops']:.0f} | {r['p99_us']:.0f} | {r['cpu']:.0f} | {ratio} |")
+    # compact side-by-side view: MB/s per server, ratio to nbdkit
+    names = [s.name for s in servers]
+    print("\n| where | workload | conns | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---:|" * len(names))
+    keys = list(dict.fromkeys((r["where"], r["workload"], r["conns"]) for r in rows))
+    by = {(r["where"], r["workload"], r["conns"], r["server"]): r for r in rows}
+    for k in keys:
+        base = ref.get(k)
+        cells = []
+        for n in names:
+            r = by[(*k, n)]
+            cells.append(f"{r['mbps']:.0f} ({r['mbps'] / base:.2f}x)" if base and n != "nbdkit" else f"{r['mbps']:.0f}")
+        print(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)

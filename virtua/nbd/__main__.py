@@ -53,12 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="answer structured reads of holes with OFFSET_HOLE (auto: per device)",
     )
-    p.add_argument(
-        "--offload-min",
-        type=int,
-        default=256 * 1024,
-        help="reads this big from a thread-safe device (a plain file) run in worker threads; 0 = never",
-    )
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -76,7 +70,6 @@ async def _run(args: argparse.Namespace) -> None:
         tls_mode=args.tls,
         max_connections=args.max_connections,
         sparse_reads=sparse,
-        offload_min=args.offload_min,
     )
     await server.start(
         host=None if args.no_tcp else args.host,

@@ -18,7 +18,6 @@ import logging
 import os
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from virtua.errors import VirtuaError
@@ -39,11 +38,9 @@ _POOL_MAX_BYTES = 64 * 1024 * 1024
 _HANDSHAKE_PAUSE = 128 * 1024
 _WRITE_HIGH_WATER = 8 * 1024 * 1024
 _SPARSE_READ_MIN = 64 * 1024  # structured reads this big report holes as OFFSET_HOLE
-# Reads this big from a thread-safe device run in worker threads (the copy then runs
-# beside the event loop, which matters when a few connections share two cores).
-_OFFLOAD_MIN = 256 * 1024
-_OFFLOAD_THREADS = 4
-_INFLIGHT_MAX = 16 * 1024 * 1024  # per connection: stop parsing while this much is out
+# A read reply this big is handed to the transport at once instead of at the end of the
+# batch, so the client receives it while the next reads of the batch run.
+_EAGER_REPLY = 128 * 1024
 
 _REQ_MAGIC = P.REQUEST_MAGIC
 _REQ_SIZE = P.REQUEST_SIZE
@@ -105,7 +102,6 @@ class NBDServer:
         handshake_timeout: float = 30.0,
         sparse_read_min: int = _SPARSE_READ_MIN,
         sparse_reads: bool | None = None,
-        offload_min: int = _OFFLOAD_MIN,
     ) -> None:
         if tls_mode not in ("off", "on", "require"):
             raise ValueError(f"tls_mode must be off, on or require, not {tls_mode!r}")
@@ -124,11 +120,6 @@ class NBDServer:
         # FileDevice, whose SEEK_HOLE-based block_status costs O(allocated run) on tmpfs
         # (7 ms for a 1 GiB file) -- far too slow to run on every read.
         self.sparse_reads = sparse_reads
-        # 0 turns offloading off.  Only devices that say they are thread-safe (a
-        # `thread_safe` attribute; FileDevice is) are used from worker threads: the storage
-        # engine's volumes are single-threaded by design and stay inline.
-        self.offload_min = offload_min
-        self._executor: ThreadPoolExecutor | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[_Connection] = set()
         self._devices: dict[int, BlockDevice] = {}
@@ -198,9 +189,6 @@ class NBDServer:
                 self.log.error("nbd: flush on close failed: %s", e)
         for c in conns:
             c.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 2.0)
@@ -212,11 +200,6 @@ class NBDServer:
 
     def _register_device(self, dev: BlockDevice) -> None:
         self._devices[id(dev)] = dev
-
-    def _submit(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(_OFFLOAD_THREADS, thread_name_prefix="nbd-io")
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -253,9 +236,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.size = 0
         self.readonly = True
         self.sparse_min = 1 << 62
-        self.offload_min = 1 << 62
-        self.inflight = 0  # offloaded requests not yet answered
-        self.inflight_bytes = 0
         self.out: list[Any] = []
         self._used: list[bytearray] = []
         self._lent: list[bytearray] = []
@@ -311,7 +291,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._reclaim()
         if self.transmission and not self.closed:
             self._process()
-        if not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
+        if not self.write_paused:
             self._resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -377,8 +357,6 @@ class _Connection(asyncio.BufferedProtocol):
     def busy(self) -> bool:
         if self.closed:
             return False
-        if self.inflight:
-            return True
         try:
             return bool(self.transport.get_write_buffer_size())
         except Exception:
@@ -745,8 +723,6 @@ class _Connection(asyncio.BufferedProtocol):
         if sparse is None:
             sparse = bool(getattr(dev, "sparse_reads", not isinstance(dev, FileDevice)))
         self.sparse_min = self.srv.sparse_read_min if sparse else 1 << 62
-        if self.srv.offload_min and getattr(dev, "thread_safe", isinstance(dev, FileDevice)):
-            self.offload_min = self.srv.offload_min
         self.srv._register_device(dev)
         if self._timer is not None:
             self._timer.cancel()
@@ -764,7 +740,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         rbuf = self.rbuf
         try:
-            while not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
+            while not self.write_paused:
                 if self._skip:
                     k = min(self._skip, self.end - self.start)
                     self._skip -= k
@@ -811,8 +787,7 @@ class _Connection(asyncio.BufferedProtocol):
                 elif cmd == 2:  # NBD_CMD_DISC
                     self.disconnecting = True
                     self._flush_out()
-                    if not self.inflight:  # else the last offloaded reply closes
-                        self.close()
+                    self.close()
                     return
                 else:
                     self._other(cmd, flags, handle, offset, length)
@@ -824,7 +799,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._abort(f"internal error: {e}")
             return
         self._flush_out()
-        if self.write_paused or self.inflight_bytes >= _INFLIGHT_MAX:
+        if self.write_paused:
             self._pause_reading()
 
     def _stream_write(self) -> bool:
@@ -907,8 +882,6 @@ class _Connection(asyncio.BufferedProtocol):
             buf = self._get_buf(16 + length)
             _pack_simple_into(buf, 0, _SIMPLE_MAGIC, 0, handle)
             mv = memoryview(buf)
-            if length >= self.offload_min:
-                return self._offload_read(buf, mv[16:], offset, handle)
             try:
                 dev.readinto(offset, mv[16:])
             except Exception as e:  # noqa: BLE001
@@ -916,6 +889,8 @@ class _Connection(asyncio.BufferedProtocol):
                 return self._error(handle, nbd_errno(e), f"read failed: {e}", 0)
             self.out.append(buf)
             self._used.append(buf)
+            if length >= _EAGER_REPLY:
+                self._flush_out()
             return
         if length == 0:
             self.out.append(
@@ -929,17 +904,14 @@ class _Connection(asyncio.BufferedProtocol):
                 extents = []
             if len(extents) > 1 or (extents and extents[0].flags & P.STATE_ZERO):
                 return self._sparse_read(handle, offset, length, extents)
-        self._read_chunk(handle, offset, length, True, length >= self.offload_min)
+        self._read_chunk(handle, offset, length, True)
 
-    def _read_chunk(self, handle: int, offset: int, length: int, done: bool, offload: bool = False) -> bool:
+    def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:
         buf = self._get_buf(28 + length)
         _pack_data_hdr_into(
             buf, 0, _STRUCT_MAGIC, 1 if done else 0, P.REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset
         )
         mv = memoryview(buf)
-        if offload:  # only a reply's single chunk: nothing may follow the DONE chunk
-            self._offload_read(buf, mv[28:], offset, handle)
-            return True
         try:
             self.dev.readinto(offset, mv[28:])  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001
@@ -948,36 +920,9 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         self.out.append(buf)
         self._used.append(buf)
+        if length >= _EAGER_REPLY:
+            self._flush_out()
         return True
-
-    def _offload_read(self, buf: bytearray, view: memoryview, offset: int, handle: int) -> None:
-        """readinto in a worker thread; the reply (buf) is sent when it is done."""
-        self.inflight += 1
-        self.inflight_bytes += len(buf)
-        fut = self.srv._submit(self.dev.readinto, offset, view)  # type: ignore[union-attr]
-        fut.add_done_callback(lambda f: self._offload_done(f, buf, handle))
-
-    def _offload_done(self, fut: asyncio.Future[Any], buf: bytearray, handle: int) -> None:
-        self.inflight -= 1
-        self.inflight_bytes -= len(buf)
-        if self.closed:
-            return
-        exc = fut.exception() if not fut.cancelled() else ConnectionError("cancelled")
-        if exc is None:
-            self.out.append(buf)
-            self._used.append(buf)
-        else:
-            self._put_buf(buf)
-            self._error(handle, nbd_errno(exc), f"read failed: {exc}", 0)
-        self._flush_out()
-        if self.disconnecting:
-            if not self.inflight:
-                self.close()
-            return
-        if self.reading_paused and not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
-            self._process()
-            if not self.write_paused and self.inflight_bytes < _INFLIGHT_MAX:
-                self._resume_reading()
 
     def _sparse_read(self, handle: int, offset: int, length: int, extents: list[Any]) -> None:
         end = offset + length
