@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -71,6 +72,19 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
         assert out.split()[0] == n["name"]
         assert n["address"] in out
         c.exec(ref, f"echo node={n['name']} > /root/whoami; sync")
+
+    # a raw pattern written by a guest onto its virtio disk reads back on the host through
+    # another NBD client, over the network, while the guest still runs
+    ref = f"lab/{nodes[0]['name']}"
+    c.exec(ref, "swapoff /dev/vdb; dd if=/dev/zero bs=64k count=1 2>/dev/null | tr '\\000' U > /tmp/p; "
+                "dd if=/tmp/p of=/dev/vdb bs=64k seek=32 conv=fsync 2>/dev/null; sync")
+    uri = f"nbd://{c.manager_addr}:10809/{nodes[0]['disk']}-swap"
+    r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x55 2M 64k", uri], capture_output=True, text=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    extents = json.loads(subprocess.run(["nbdinfo", "--map", "--json", uri], capture_output=True, text=True,
+                                        check=True).stdout)
+    at = [e for e in extents if e["offset"] <= 2 << 20 < e["offset"] + e["length"]]
+    assert at and at[0]["type"] & 1 == 0, f"the written range must map as data: {extents}"
 
     # suspend/resume keeps a counter running in the guest
     c.exec(
