@@ -73,6 +73,9 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
         assert n["address"] in out
         c.exec(ref, f"echo node={n['name']} > /root/whoami; sync")
 
+    console = c.cli("vm", "console", f"lab/{nodes[1]['name']}").stdout
+    assert f"VIRTUA-READY hostname={nodes[1]['name']}" in console
+
     # a raw pattern written by a guest onto its virtio disk reads back on the host through
     # another NBD client, over the network, while the guest still runs
     ref = f"lab/{nodes[0]['name']}"
@@ -124,6 +127,21 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
     c.cli("volume", "export", nodes[0]["disk"], str(img))
     assert debugfs_cat(img, "/root/whoami") == ""
 
+    # vc update: upgrade the template once, snapshot it, rebase every node disk onto it
+    tmpl_uri = f"nbd://{c.manager_addr}:10809/default/template-tiny"
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 60M 64k", tmpl_uri], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    c.json("snapshot", "create", "default/template-tiny@v2")
+    info = c.json("vc", "update", "lab", "--template", "tiny@v2")
+    assert info["snapshot"] == "default/template-tiny@v2"
+    for n in nodes:
+        assert c.json("volume", "info", n["disk"])["origin"] == "default/template-tiny@v2"
+        uri = f"nbd://{c.manager_addr}:10809/{n['disk']}"
+        r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x7e 60M 64k", uri], capture_output=True, text=True)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+    r = c.cli("vc", "update", "lab", "--template", "tiny@nope", check=False)
+    assert r.returncode == 3 and "does not exist" in r.stderr
+
     # destroy frees every volume, process and tap
     c.json("vc", "destroy", "lab")
     names = [v["name"] for v in c.json("volume", "list")]
@@ -168,6 +186,42 @@ def test_remap_moves_a_suspended_vc(cluster: NetCluster) -> None:
     assert [(n["host"], n["state"]) for n in info["nodes"]] == [("h1", "running")] * 2
     assert counter(c, "mv/mv-2") >= before
     c.json("vc", "destroy", "mv", "--force")
+
+
+def test_drain_moves_vms_off_a_host(cluster: NetCluster) -> None:
+    c = cluster
+    info = c.json("vc", "create", "dr", "--template", "tiny", "--nodes", "3", "--strategy", "cyclic",
+                  "--mode", "lazy", "--memory", "128M", "--start")
+    assert sorted(n["host"] for n in info["nodes"]) == ["h1", "h2", "h3"]
+    result = c.json("host", "drain", "h2")
+    assert result["state"] == "draining" and len(result["moved"]) == 1
+    info = c.json("vc", "info", "dr")
+    assert "h2" not in [n["host"] for n in info["nodes"]]
+    assert [n["state"] for n in info["nodes"]] == ["running"] * 3
+    assert c.json("host", "info", "h2")["vms"] == []
+    r = c.cli("vc", "create", "dr2", "--template", "tiny", "--nodes", "3", "--strategy", "cyclic",
+              "--mode", "lazy", "--memory", "128M", check=False)
+    placed = {n["host"] for n in c.json("vc", "info", "dr2")["nodes"]} if r.returncode == 0 else set()
+    assert "h2" not in placed, "nothing is placed on a draining host"
+    for vc in ("dr", "dr2"):
+        c.cli("vc", "destroy", vc, "--force", check=False)
+    # undrain: the agent re-registers as online
+    c.kill_agent("h2")
+    c.cli("host", "remove", "h2")
+    c.start_agent("h2")
+    c.wait_hosts(3)
+
+
+def test_template_import(cluster: NetCluster, tmp_path: Path) -> None:
+    c = cluster
+    img = tmp_path / "root.raw"
+    c.cli("volume", "export", "default/template-tiny@base", str(img))
+    info = c.json("template", "import", "copy", str(img))
+    assert info["snapshot"] == "default/template-copy@base" and info["size"] == img.stat().st_size
+    assert "copy" in [t["name"] for t in c.json("template", "list")]
+    r = c.cli("template", "import", "copy", str(img), check=False)
+    assert r.returncode == 4
+    c.json("template", "rm", "copy")
 
 
 def test_bad_input(cluster: NetCluster) -> None:

@@ -30,7 +30,8 @@ class Daemon:
         self.port = free_port()
         self.env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "virtua.cli", "serve", "--listen", f"127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{self.port}",
+             "--api-listen", f"127.0.0.1:{free_port()}"],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert self.proc.stdout is not None
@@ -119,3 +120,54 @@ def test_sigterm_flushes_and_pool_reopens(daemon: Daemon, tmp_path: Path) -> Non
 def test_cli_errors_through_daemon_are_the_same(daemon: Daemon) -> None:
     r = subprocess.run([sys.executable, "-m", "virtua.cli", "volume", "info", "p/none"], env=daemon.env, capture_output=True, text=True)
     assert r.returncode == 3 and r.stderr.strip() == "virtua: error: volume p/none does not exist"
+
+
+def test_tls_psk_with_per_export_allow_list(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200")
+    v = [sys.executable, "-m", "virtua.cli"]
+    subprocess.run([*v, "pool", "create", "p", "--capacity", "1G"], env=env, check=True, capture_output=True)
+    for name in ("secret", "shared"):
+        subprocess.run([*v, "volume", "create", f"p/{name}", "--size", "8M"], env=env, check=True, capture_output=True)
+    keys = tmp_path / "keys.psk"
+    keys.write_text(f"alice:{os.urandom(32).hex()}\nbob:{os.urandom(32).hex()}\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [*v, "serve", "--no-agent", "--listen", f"127.0.0.1:{port}", "--api-listen", f"127.0.0.1:{free_port()}",
+         "--tls", "require", "--tls-psk", str(keys), "--allow", "p/secret*=alice"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("VIRTUA_READY")
+
+        def info(user: str, export: str) -> subprocess.CompletedProcess[str]:
+            uri = f"nbds://{user}@127.0.0.1:{port}/{export}?tls-psk-file={keys}"
+            return subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True)
+
+        assert info("alice", "p/secret").stdout.strip() == str(8 << 20)
+        assert info("bob", "p/secret").returncode != 0, "bob is not on p/secret's allow-list"
+        assert info("bob", "p/shared").stdout.strip() == str(8 << 20)
+        plain = subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}/p/shared"], capture_output=True, text=True)
+        assert plain.returncode != 0, "plaintext is refused when TLS is required"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+
+
+def test_many_volumes_written_concurrently(daemon: Daemon, tmp_path: Path) -> None:
+    sources = []
+    for i in range(4):
+        daemon.cli("volume", "create", f"p/c{i}", "--size", "32M")
+        src = tmp_path / f"src{i}"
+        src.write_bytes(os.urandom(32 << 20))
+        sources.append(src)
+    procs = [
+        subprocess.Popen(["nbdcopy", "--connections=2", str(src), daemon.uri(f"p/c{i}")])
+        for i, src in enumerate(sources)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    for i, src in enumerate(sources):
+        out = tmp_path / f"out{i}"
+        run("nbdcopy", daemon.uri(f"p/c{i}"), str(out))
+        assert out.read_bytes() == src.read_bytes(), f"volume c{i} differs"
+    assert daemon.cli("pool", "check", "p")["ok"]  # type: ignore[index]
