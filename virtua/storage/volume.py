@@ -212,11 +212,10 @@ class VolumeDevice(_Reader):
                 phys = v
             else:
                 phys = pool.alloc(top)
-                if v > 0:  # copy-on-write: keep the parts of the shared chunk we don't cover
-                    if a:
-                        _copy(fd, v << sh, phys << sh, a)
-                    if a + piece < cs:
-                        _copy(fd, (v << sh) + a + piece, (phys << sh) + a + piece, cs - a - piece)
+                if v > 0 and piece < cs:
+                    # Copy-on-write of a shared chunk: one whole-chunk in-kernel copy, then
+                    # the write over it, is cheaper than copying head and tail separately.
+                    _copy(fd, v << sh, phys << sh, cs)
                 m.set(c, phys)
                 new_rows.append((c, phys))
             at = (phys << sh) + a
