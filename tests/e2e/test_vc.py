@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -209,6 +211,32 @@ def test_drain_moves_vms_off_a_host(cluster: NetCluster) -> None:
     c.kill_agent("h2")
     c.cli("host", "remove", "h2")
     c.start_agent("h2")
+    c.wait_hosts(3)
+
+
+def test_vms_of_a_dead_host_restart_elsewhere(cluster: NetCluster) -> None:
+    c = cluster
+    info = c.json("vc", "create", "ha", "--template", "tiny", "--nodes", "3", "--strategy", "cyclic",
+                  "--mode", "lazy", "--memory", "128M", "--start")
+    on_h3 = [n["name"] for n in info["nodes"] if n["host"] == "h3"]
+    assert len(on_h3) == 1
+    # the host dies: its agent and its QEMU processes are gone
+    c.kill_agent("h3")
+    for qpid in (c.tmp / "agent-h3" / "vms").glob("*/qemu.pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(qpid.read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while True:
+        nodes = {n["name"]: n for n in c.json("vc", "info", "ha")["nodes"]}
+        moved = nodes[on_h3[0]]
+        if moved["host"] != "h3" and moved["state"] == "running":
+            break
+        assert time.monotonic() < deadline, f"not restarted elsewhere: {moved}"
+        time.sleep(1)
+    assert c.exec(f"ha/{on_h3[0]}", "hostname").strip() == on_h3[0]
+    assert [h["state"] for h in c.json("host", "list") if h["name"] == "h3"] == ["offline"]
+    c.json("vc", "destroy", "ha", "--force")
+    c.start_agent("h3")
     c.wait_hosts(3)
 
 
