@@ -221,10 +221,18 @@ def snapshot_rollback(st: Storage, ref: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- cluster (manager)
 
-
-@cluster_op("host.list")
-def host_list(m: Any) -> Any:
-    return m.host_list()
+# Each cluster operation is a Manager method taking the same keyword arguments.
+for _name, _method in {
+    "host.list": "host_list", "host.add": "add_host", "host.remove": "remove_host",
+    "host.drain": "drain_host", "template.build": "template_build",
+    "template.import": "template_import", "template.list": "template_list",
+    "template.info": "template_info", "template.rm": "template_rm", "vc.create": "vc_create",
+    "vc.start": "vc_start", "vc.stop": "vc_stop", "vc.suspend": "vc_suspend",
+    "vc.resume": "vc_resume", "vc.destroy": "vc_destroy", "vc.remap": "vc_remap",
+    "vc.reset": "vc_reset", "vc.update": "vc_update", "vc.list": "vc_list", "vc.info": "vc_info",
+    "vm.exec": "vm_exec", "net.list": "net_list",
+}.items():
+    CLUSTER_OPS[_name] = lambda m, _method=_method, **args: getattr(m, _method)(**args)
 
 
 @cluster_op("host.info")
@@ -240,112 +248,6 @@ def host_info(m: Any, name: str) -> Any:
     return go()
 
 
-@cluster_op("host.add")
-def host_add(m: Any, name: str, address: str, cores: int | None = None, memory: str | None = None) -> Any:
-    return m.add_host(name, address, cores, memory)
-
-
-@cluster_op("host.remove")
-def host_remove(m: Any, name: str, force: bool = False) -> Any:
-    return m.remove_host(name, force)
-
-
-@cluster_op("host.drain")
-def host_drain(m: Any, name: str) -> Any:
-    return m.drain_host(name)
-
-
-@cluster_op("template.build")
-def template_build(m: Any, name: str, pool: str | None = None, size: str | None = None) -> Any:
-    return m.template_build(name, pool, size)
-
-
-@cluster_op("template.import")
-def template_import(m: Any, name: str, image: str, kernel: str | None = None, initrd: str | None = None,
-                    cmdline: str | None = None, pool: str | None = None) -> Any:
-    return m.template_import(name, image, kernel, initrd, cmdline, pool)
-
-
-@cluster_op("template.list")
-def template_list(m: Any) -> Any:
-    return m.template_list()
-
-
-@cluster_op("template.info")
-def template_info(m: Any, name: str) -> Any:
-    return m.template_info(name)
-
-
-@cluster_op("template.rm")
-def template_rm(m: Any, name: str) -> Any:
-    return m.template_rm(name)
-
-
-@cluster_op("vc.create")
-def vc_create(m: Any, **args: Any) -> Any:
-    return m.vc_create(**args)
-
-
-@cluster_op("vc.start")
-def vc_start(m: Any, name: str) -> Any:
-    return m.vc_start(name)
-
-
-@cluster_op("vc.stop")
-def vc_stop(m: Any, name: str, force: bool = False) -> Any:
-    return m.vc_stop(name, force)
-
-
-@cluster_op("vc.suspend")
-def vc_suspend(m: Any, name: str) -> Any:
-    return m.vc_suspend(name)
-
-
-@cluster_op("vc.resume")
-def vc_resume(m: Any, name: str) -> Any:
-    return m.vc_resume(name)
-
-
-@cluster_op("vc.destroy")
-def vc_destroy(m: Any, name: str, force: bool = False) -> Any:
-    return m.vc_destroy(name, force)
-
-
-@cluster_op("vc.remap")
-def vc_remap(m: Any, name: str, strategy: str | None = None, mode: str | None = None) -> Any:
-    return m.vc_remap(name, strategy, mode)
-
-
-@cluster_op("vc.reset")
-def vc_reset(m: Any, name: str) -> Any:
-    return m.vc_reset(name)
-
-
-@cluster_op("vc.update")
-def vc_update(m: Any, name: str, template: str) -> Any:
-    return m.vc_update(name, template)
-
-
-@cluster_op("vc.list")
-def vc_list(m: Any) -> Any:
-    return m.vc_list()
-
-
-@cluster_op("vc.info")
-def vc_info(m: Any, name: str) -> Any:
-    return m.vc_info(name)
-
-
 @cluster_op("vm.console")
 def vm_console(m: Any, ref: str, offset: int = 0) -> Any:
     return m.vm_console_text(ref, offset)
-
-
-@cluster_op("vm.exec")
-def vm_exec(m: Any, ref: str, script: str, timeout: float = 30.0) -> Any:
-    return m.vm_exec(ref, script, timeout)
-
-
-@cluster_op("net.list")
-def net_list(m: Any) -> Any:
-    return m.net_list()

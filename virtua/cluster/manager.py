@@ -845,12 +845,12 @@ class Manager:
         vm = self.vm_console(key)
         return await self._agent(self.host(vm.host), "POST", "/v1/vm/console", json={"id": key, "offset": offset})
 
-    async def vm_exec(self, key: str, script: str, timeout: float = 30.0) -> dict[str, Any]:
-        vm = self.vm_console(key)
+    async def vm_exec(self, ref: str, script: str, timeout: float = 30.0) -> dict[str, Any]:
+        vm = self.vm_console(ref)
         if vm.state != "running":
-            raise InvalidArgument(f"VM {key} is {vm.state}, not running")
+            raise InvalidArgument(f"VM {ref} is {vm.state}, not running")
         return await self._agent(self.host(vm.host), "POST", "/v1/vm/exec",
-                                 json={"id": key, "script": script, "timeout": timeout})
+                                 json={"id": ref, "script": script, "timeout": timeout})
 
     # ================================================================== agents
 
