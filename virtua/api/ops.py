@@ -224,7 +224,7 @@ def snapshot_rollback(st: Storage, ref: str) -> dict[str, Any]:
 # Each cluster operation is a Manager method taking the same keyword arguments.
 for _name, _method in {
     "host.list": "host_list", "host.add": "add_host", "host.remove": "remove_host",
-    "host.drain": "drain_host", "template.build": "template_build",
+    "host.drain": "drain_host", "host.undrain": "undrain_host", "template.build": "template_build",
     "template.import": "template_import", "template.list": "template_list",
     "template.info": "template_info", "template.rm": "template_rm", "vc.create": "vc_create",
     "vc.start": "vc_start", "vc.stop": "vc_stop", "vc.suspend": "vc_suspend",

@@ -55,6 +55,12 @@ def host_drain(name: str) -> None:
     call("host.drain", name=name)
 
 
+@host_app.command("undrain")
+def host_undrain(name: str) -> None:
+    """Let VMs be placed on a drained host again."""
+    call("host.undrain", name=name)
+
+
 @template_app.command("build")
 def template_build(
     name: str, pool: str | None = typer.Option(None, "--pool"),

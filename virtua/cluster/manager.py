@@ -207,6 +207,14 @@ class Manager:
                     moved.append(f"{v.key} -> {new_host}")
         return {"host": name, "state": "draining", "moved": moved}
 
+    def undrain_host(self, name: str) -> dict[str, Any]:
+        """Let the placement use a drained host again (kubectl uncordon)."""
+        h = self.host(name)
+        h.draining = False
+        h.state = "online" if time.time() - h.last_seen < HEARTBEAT_TIMEOUT else "offline"
+        self._put_host(h)
+        return self.host_info(name)
+
     def host_info(self, name: str) -> dict[str, Any]:
         h = self.host(name)
         vms = [v for v in self.vms() if v.host == name]
