@@ -1,6 +1,6 @@
 # Sourced by ./run: Debian packages (apt-get, only when missing) and the .venv.
 APT_PACKAGES=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio
-  busybox-static linux-image-cloud-amd64 etcd-server iproute2 nftables e2fsprogs cpio)
+  busybox-static linux-image-cloud-amd64 etcd-server iproute2 nftables e2fsprogs cpio openssl bc)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
