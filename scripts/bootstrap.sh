@@ -9,7 +9,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "virtua: installing Debian packages: ${missing[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
 fi
 PY="${PYTHON:-python3}"
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
