@@ -67,8 +67,9 @@ def check_matrix(c: NetCluster, deadline_s: float = 20.0) -> None:
             assert all(got.values()), f"{n['name']} on {n['host']} cannot reach its VC peers: {got}"
             got = ping_from_guest(c, f"{vc}/{n['name']}", [m["address"] for m in other])
             assert not any(got.values()), f"{n['name']} reaches another VC: {got}"
-            # the hosts' network is reachable from a VM: every host, not only its own
-            got = ping_from_guest(c, f"{vc}/{n['name']}", list(c.addr.values()))
+            # the hosts' network is reachable from a VM: every host, not only its own, and
+            # the manager's host
+            got = ping_from_guest(c, f"{vc}/{n['name']}", [*c.addr.values(), c.manager_addr])
             assert all(got.values()), f"{n['name']} cannot reach the hosts: {got}"
     for h in c.hosts:
         for n in red + blue:

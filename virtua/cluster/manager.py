@@ -71,6 +71,8 @@ class Manager:
         self.states_dir = home / "vmstate"
         self.templates_dir = home / "templates"
         self._locks: dict[str, asyncio.Lock] = {}
+        self._own_networks = [str(n) for n in self.host_networks]
+        self._routes: dict[str, str] = {}
         self._watch: asyncio.Task[None] | None = None
 
     @property
@@ -90,6 +92,10 @@ class Manager:
     async def close(self) -> None:
         if self._watch:
             self._watch.cancel()
+        if self._routes:
+            from virtua.net.hostnet import sync_routes
+
+            sync_routes(self._routes, {})
         await self.http.aclose()
 
     # ================================================================== hosts
@@ -888,7 +894,23 @@ class Manager:
             except Exception:  # keep watching
                 log.exception("host watch failed")
 
+    def _route_vms_here(self) -> None:
+        """The manager's host is on the hosts' network too: route each VM via its host, so
+        VMs reach this host and it reaches them (only with --host-network given)."""
+        from virtua.net.hostnet import sync_routes
+
+        routes = self.network_for("")["routes"]
+        mine = {IPv4Network(n) for n in self._own_networks}
+        want = {r["dst"]: r["via"] for r in routes if any(IPv4Network(r["via"] + "/32").subnet_of(n) for n in mine)}
+        if want != self._routes:
+            self._routes = sync_routes(self._routes, want)
+
     async def _check_hosts(self) -> None:
+        if self._own_networks:
+            try:
+                await asyncio.to_thread(self._route_vms_here)
+            except VirtuaError as e:
+                log.warning("routes to VMs on this host: %s", e.message)
         now = time.time()
         for h in self.hosts():
             if h.state == "offline" or now - h.last_seen < HEARTBEAT_TIMEOUT:

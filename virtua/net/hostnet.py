@@ -48,6 +48,17 @@ def host_side_mac(guest_mac: str) -> str:
     return "06" + guest_mac[2:]
 
 
+def sync_routes(current: dict[str, str], want: dict[str, str]) -> dict[str, str]:
+    """Make virtua's /32 routes via other hosts match `want` (dst -> via); returns it."""
+    for dst in set(current) - set(want):
+        # only the route via the old host: the VM may have moved here and own a tap route
+        ip("route", "del", dst, "via", current[dst], "proto", ROUTE_PROTO, check=False)
+    for dst, via in want.items():
+        if current.get(dst) != via:
+            ip("route", "replace", dst, "via", via, "proto", ROUTE_PROTO)
+    return dict(want)
+
+
 @dataclass(frozen=True)
 class LocalVM:
     tap: str
@@ -134,13 +145,7 @@ class HostNetwork:
         """Routes to remote VMs and the set of VC subnets, from the manager's heartbeat reply."""
         self.vc_subnets = set(desired.get("vc_subnets", []))
         want = {r["dst"]: r["via"] for r in desired.get("routes", []) if r["dst"] not in self._local_dsts()}
-        for dst in set(self.remote_routes) - set(want):
-            # only the remote route: the VM may have moved here and own a tap route now
-            ip("route", "del", dst, "via", self.remote_routes[dst], "proto", ROUTE_PROTO, check=False)
-        for dst, via in want.items():
-            if self.remote_routes.get(dst) != via:
-                ip("route", "replace", dst, "via", via, "proto", ROUTE_PROTO)
-        self.remote_routes = want
+        self.remote_routes = sync_routes(self.remote_routes, want)
         self.apply_rules()
 
     def _local_dsts(self) -> set[str]:
