@@ -59,6 +59,8 @@ class Server:
     results: dict = field(default_factory=dict)
     share: str = ""  # name of another server whose process (and port) this one uses
     env: dict = field(default_factory=dict)
+    log: str = ""
+    restarts: int = 0
 
 
 def free_port() -> int:
@@ -78,10 +80,12 @@ def start(srv: Server, directory: str, file: str) -> None:
     cmd = srv.cmd.format(
         port=srv.port, dir=directory, file=file, python=sys.executable, apiport=free_port()
     )
-    srv.proc = subprocess.Popen(
-        ["/bin/sh", "-c", "exec " + cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, **srv.env},
-    )
+    srv.log = os.path.join(directory, f"{srv.name}.log")
+    with open(srv.log, "ab") as log:
+        srv.proc = subprocess.Popen(
+            ["/bin/sh", "-c", "exec " + cmd], cwd=REPO, stdout=log, stderr=log,
+            env={**os.environ, **srv.env},
+        )
     deadline = time.time() + 20
     while time.time() < deadline:
         try:
@@ -105,6 +109,21 @@ def stop(srv: Server) -> None:
         except subprocess.TimeoutExpired:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def ensure_running(owner: Server, directory: str, file: str) -> None:
+    """Restart a server that died (other users of this machine sometimes kill processes by
+    name); say so on stderr, with the tail of its log."""
+    if owner.proc is not None and owner.proc.poll() is None:
+        return
+    tail = ""
+    if owner.log and os.path.exists(owner.log):
+        with open(owner.log, errors="replace") as f:
+            tail = "".join(f.readlines()[-5:])
+    print(f"  !! {owner.name} exited (status {owner.proc.poll() if owner.proc else None}); restarting. "
+          f"Log tail:\n{tail}", file=sys.stderr, flush=True)
+    owner.restarts += 1
+    start(owner, directory, file)
 
 
 def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int) -> dict:
@@ -231,7 +250,18 @@ def main() -> None:
                     for rnd in range(args.rounds):
                         order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
                         for s in order:
-                            r = run_fio(s, rw, bs, depth, conns, args.duration)
+                            owner = byname[s.share] if s.share else s
+                            for attempt in (1, 2):
+                                ensure_running(owner, directory, path)
+                                for x in servers:
+                                    if x.share:
+                                        x.proc, x.port = byname[x.share].proc, byname[x.share].port
+                                try:
+                                    r = run_fio(s, rw, bs, depth, conns, args.duration)
+                                    break
+                                except SystemExit:
+                                    if attempt == 2 or (owner.proc is not None and owner.proc.poll() is None):
+                                        raise
                             acc[s.name].append(r)
                             print(f"  {where:5} {wname:18} c={conns} {s.name:9} {r['mbps']:8.0f} MB/s "
                                   f"{r['iops']:9.0f} IOPS p99 {r['p99_us']:8.0f} us cpu {r['cpu']:4.0f}%",
