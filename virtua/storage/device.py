@@ -120,6 +120,12 @@ class FileDevice:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def physical_run(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset) for sendfile(2): a plain file is one run (holes read as zeros)."""
+        if length <= 0 or offset < 0 or offset + length > self._size:
+            return None
+        return self.fd, offset
+
     def block_status(self, offset: int, length: int) -> list[Extent]:
         end = offset + length
         out: list[Extent] = []

@@ -87,6 +87,23 @@ class _Reader:
         if run_len:
             _preadv_full(fd, buf[run_buf : run_buf + run_len], run_start, pool.zeros)
 
+    def physical_run(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) if [offset, offset+length) is one contiguous run of data chunks
+        in the pool's data file -- what a server may hand to sendfile(2) -- else None."""
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            return None
+        pool = self.pool
+        sh = pool.chunk_shift
+        m = self._map()
+        first = offset >> sh
+        start = m.get(first)
+        if start <= 0:
+            return None
+        for i in range(1, ((offset + length - 1) >> sh) - first + 1):
+            if m.get(first + i) != start + i:
+                return None
+        return pool.data_fd, (start << sh) + (offset & pool.chunk_mask)
+
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_range(offset, length)
         if length == 0:
