@@ -900,9 +900,9 @@ class _Connection(asyncio.BufferedProtocol):
             return self._error(handle, P.NBD_EINVAL, "read beyond end of export", 0)
         dev = self.dev
         assert dev is not None
-        if length >= _SENDFILE_MIN and self._sendfile_read(handle, offset, length):
-            return
         if not self.structured:
+            if length >= _SENDFILE_MIN and self._sendfile_read(handle, offset, length):
+                return
             buf = self._get_buf(16 + length)
             _pack_simple_into(buf, 0, _SIMPLE_MAGIC, 0, handle)
             mv = memoryview(buf)
@@ -928,6 +928,8 @@ class _Connection(asyncio.BufferedProtocol):
                 extents = []
             if len(extents) > 1 or (extents and extents[0].flags & P.STATE_ZERO):
                 return self._sparse_read(handle, offset, length, extents)
+        if length >= _SENDFILE_MIN and self._sendfile_read(handle, offset, length):
+            return
         self._read_chunk(handle, offset, length, True)
 
     def _sendfile_read(self, handle: int, offset: int, length: int) -> bool:
