@@ -157,3 +157,15 @@ def test_pool_full_write_fails_with_enospc_message(v: V, tmp_path: Path) -> None
     v.fails(6, "volume", "import", str(img), "tiny/big", match="full")
     assert v.json("volume", "list", "tiny") == [], "a failed import leaves nothing behind"
     assert v.json("pool", "check", "tiny")["ok"]
+
+
+def test_pool_warns_past_80_percent(v: V, tmp_path: Path) -> None:
+    v.run("pool", "create", "small", "--capacity", "1M", "--chunk-size", "64K")
+    assert "warning" not in v.json("pool", "info", "small")
+    img = tmp_path / "fill"
+    img.write_bytes(os.urandom(14 * 65536))  # 14 of 16 chunks: 87.5%
+    v.run("volume", "import", str(img), "small/fill")
+    info = v.json("pool", "info", "small")
+    assert "87% full" in info["warning"] or "88% full" in info["warning"], info
+    r = v.run("pool", "info", "small")
+    assert "warning:" in r.stderr.decode() and "full" in r.stderr.decode()
