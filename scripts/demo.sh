@@ -51,7 +51,7 @@ run $V pool info demo
 cat <<EOT
 
 The virtual cluster 'lab' keeps running (virtua serve is pid $(cat "$VIRTUA_HOME/serve.pid"), log in
-$VIRTUA_HOME/serve.log). Try: virtua vc suspend lab; virtua vc remap lab --strategy block --mode lazy;
+$VIRTUA_HOME/serve.log). The CLI is .venv/bin/virtua. Try: virtua vc suspend lab; virtua vc remap lab --strategy block --mode lazy;
 virtua vc resume lab; virtua vm console lab/lab-2. Clean up: virtua vc destroy lab --force;
 kill \$(cat $VIRTUA_HOME/serve.pid); virtua lab down.
 EOT
