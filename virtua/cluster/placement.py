@@ -408,14 +408,10 @@ def drain_plan(
     drain a host used by several VCs, plan them one after another, adding each plan to
     the load of the next (:func:`tally_load`).
     """
-    try:
-        return place(
-            vms, _mark(hosts, host, {"draining": True}),
-            load=load, strategy=strategy, mode=mode, template=template, current=current,
-            max_vms_per_host=max_vms_per_host, order=order, reshuffle=False,
-        )  # fmt: skip
-    except PlacementError as e:
-        raise PlacementError(f"cannot drain host {host}: {e.message}") from None
+    return _replan(
+        f"cannot drain host {host}", vms, _mark(hosts, host, {"draining": True}), current,
+        load, strategy, mode, template, max_vms_per_host, order,
+    )  # fmt: skip
 
 
 def restart_plan(
@@ -436,14 +432,32 @@ def restart_plan(
     Like :func:`drain_plan`, with ``dead_host`` treated as offline. ``load`` must not
     count what ran on the dead host as still running elsewhere.
     """
+    return _replan(
+        f"cannot restart the VMs of host {dead_host}", vms, _mark(hosts, dead_host, {"online": False}),
+        current, load, strategy, mode, template, max_vms_per_host, order,
+    )  # fmt: skip
+
+
+def _replan(
+    what: str,
+    vms: Sequence[VMRequest],
+    hosts: Sequence[HostCapacity],
+    current: Mapping[str, str],
+    load: Mapping[str, HostLoad] | None,
+    strategy: Strategy | str,
+    mode: Mode | str,
+    template: str | None,
+    max_vms_per_host: int | None,
+    order: Literal["name", "given"],
+) -> Placement:
+    """A remap that never reshuffles, its refusal prefixed with what was being done."""
     try:
         return place(
-            vms, _mark(hosts, dead_host, {"online": False}),
-            load=load, strategy=strategy, mode=mode, template=template, current=current,
+            vms, hosts, load=load, strategy=strategy, mode=mode, template=template, current=current,
             max_vms_per_host=max_vms_per_host, order=order, reshuffle=False,
         )  # fmt: skip
     except PlacementError as e:
-        raise PlacementError(f"cannot restart the VMs of host {dead_host}: {e.message}") from None
+        raise PlacementError(f"{what}: {e.message}") from None
 
 
 def tally_load(
