@@ -33,6 +33,10 @@ from virtua.storage.device import BlockDevice, FileDevice
 TLSMode = Literal["off", "on", "require"]
 
 _RBUF_SIZE = 256 * 1024
+# A connection that streams large writes gets a receive buffer this big instead: a 1 MiB
+# payload then arrives in one or two reads and goes to the device in as many writes
+# (12-23% faster on 1 MiB sequential writes than 256 KiB, measured alternating).
+_RBUF_LARGE = 1024 * 1024
 # Write payloads at least this big are streamed: each piece is written to the device
 # straight from the receive buffer as it arrives (no reassembly copy).  Pieces end on
 # _STREAM_ALIGN boundaries (one storage-engine chunk, many pages) except the last one.
@@ -321,11 +325,14 @@ class _Connection(asyncio.BufferedProtocol):
             self._compact()
             free = len(self.rbuf) - self.end
             if free < 4096:  # never hand out an empty buffer: grow (rare)
-                nb = bytearray(len(self.rbuf) * 2)
-                nb[: self.end] = self.rmv[: self.end]
-                self.rbuf = nb
-                self.rmv = memoryview(nb)
+                self._grow(len(self.rbuf) * 2)
         return self.rmv[self.end :]
+
+    def _grow(self, size: int) -> None:
+        nb = bytearray(size)
+        nb[: self.end] = self.rmv[: self.end]
+        self.rbuf = nb
+        self.rmv = memoryview(nb)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.end += nbytes
@@ -793,6 +800,9 @@ class _Connection(asyncio.BufferedProtocol):
                         self._write(flags, handle, offset, self.rmv[p : p + length])
                         continue
                     if length >= _STREAM_MIN:
+                        if len(rbuf) < _RBUF_LARGE:
+                            self._grow(_RBUF_LARGE)  # this client writes big: read big
+                            rbuf = self.rbuf
                         self.start = start + _REQ_SIZE
                         self._ws_left = length
                         self._ws_off = offset
