@@ -12,6 +12,7 @@ SUITES = {
         "storage engine: clones, copy-on-write, depth, baseline, memory",
     ),
     "nbd": ("bench.nbd_bench", "NBD server"),
+    "nbd-ab": ("bench.nbd_ab", "two NBD servers taking turns on one fio workload (A/B)"),
     "vc": ("bench.vc_bench", "virtual clusters: create + boot 1/4/8 nodes, disk space"),
 }
 

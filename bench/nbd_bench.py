@@ -296,6 +296,20 @@ def main() -> None:
             r = by[(*k, n)]
             cells.append(f"{r['mbps']:.0f} ({r['mbps'] / base:.2f}x)" if base and n != "nbdkit" else f"{r['mbps']:.0f}")
         print(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+    # Paired view: each round ran every server back to back, so the ratio within a round
+    # is less exposed to the machine's slow drifts than the ratio of the medians.
+    if any(s.name == "nbdkit" for s in servers) and args.rounds > 1:
+        others = [n for n in names if n != "nbdkit"]
+        print("\nMedian over rounds of (server / nbdkit in the same round), and the rounds' ratios:\n")
+        print("| where | workload | conns | " + " | ".join(others) + " |")
+        print("|---|---|---|" + "---:|" * len(others))
+        for k in keys:
+            nb = by[(*k, "nbdkit")]["runs"]
+            cells = []
+            for n in others:
+                rr = [a / b for a, b in zip(by[(*k, n)]["runs"], nb, strict=True) if b]
+                cells.append(f"{statistics.median(rr):.2f}x ({', '.join(f'{x:.2f}' for x in rr)})")
+            print(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
