@@ -293,6 +293,27 @@ def test_pipelined_requests_out_of_order_handles(server):
     c.disconnect()
 
 
+def test_pipelined_large_writes_read_back_on_another_connection(server):
+    """Streamed payloads (the receive buffer grows to 1 MiB on the first) mixed with small
+    requests, all sent before any reply is read, at unaligned offsets."""
+    c = opened(server)
+    writes = [
+        (5, os.urandom(1024 * 1024 + 3)),
+        (1024 * 1024 + 100, os.urandom(4096)),
+        (2 * 1024 * 1024 + 1, os.urandom(700_000)),
+        (4 * 1024 * 1024 - 7, os.urandom(3 * 1024 * 1024 + 11)),
+        (7 * 1024 * 1024 + 8, os.urandom(200_000)),
+    ]
+    handles = [c.send_request(P.CMD_WRITE, off, len(data), 0, data) for off, data in writes]
+    replies = {c.recv_reply().handle: None for _ in writes}
+    assert set(replies) == set(handles)
+    other = opened(server)
+    for off, data in writes:
+        assert other.read(off, len(data)) == data
+    c.disconnect()
+    other.disconnect()
+
+
 def test_max_connections(server):
     clients = [connect(server) for _ in range(8)]
     for c in clients:
