@@ -15,7 +15,8 @@ Servers (all on the same backing filesystem, one per --where):
 * virtua: `python -m virtua.nbd --dir`, virtua's NBD server over the plain file.
 * qemu-nbd and nbdkit (file plugin) over the plain file.
 
-Every export holds the same random data, so reads never hit holes.  Runs are interleaved
+Every export holds the same random data, so reads never hit holes.  Each server gets a
+2 s warm-up run before the first measured one.  Runs are interleaved
 (workload by workload, server by server, rotating the order each round) because
 run-to-run noise on this machine is large; with --rounds N each row is the median of N
 runs.  Server CPU is measured from /proc/PID/stat (utime+stime) over each fio run, as %
@@ -243,6 +244,9 @@ def main() -> None:
         for s in servers:
             if s.share:
                 s.proc, s.port = byname[s.share].proc, byname[s.share].port
+        # A warm-up run each: a fresh nbdkit serves 1 MiB reads at 2/3 of its later speed.
+        for s in servers:
+            run_fio(s, "read", "1M", 8, 1, 2)
         try:
             for wname, rw, bs, depth in workloads:
                 for conns in conns_list:
