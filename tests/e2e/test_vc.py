@@ -14,20 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.netcluster import NetCluster
+from tests.helpers.netcluster import NetCluster, running_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
-    c = NetCluster(tmp_path_factory.mktemp("vc"), hosts=3, cores=2, memory="2G")
-    try:
-        c.start()
-        c.cli("template", "build", "tiny")
+    with running_cluster(tmp_path_factory.mktemp("vc")) as c:
         yield c
-    finally:
-        c.close()
 
 
 def debugfs_cat(image: Path, path: str) -> str:

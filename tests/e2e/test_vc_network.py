@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.netcluster import NetCluster
+from tests.helpers.netcluster import NetCluster, running_cluster
 from virtua.net.lab import sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -17,16 +17,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
-    c = NetCluster(tmp_path_factory.mktemp("net"), hosts=3, cores=2, memory="2G")
-    try:
-        c.start()
-        c.cli("template", "build", "tiny")
+    with running_cluster(tmp_path_factory.mktemp("net")) as c:
         for vc in ("red", "blue"):
             c.json("vc", "create", vc, "--template", "tiny", "--nodes", "3", "--strategy", "cyclic",
                    "--memory", "128M", "--start")
         yield c
-    finally:
-        c.close()
 
 
 def nodes(c: NetCluster, vc: str) -> list[dict]:  # type: ignore[type-arg]

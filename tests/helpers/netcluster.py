@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,16 @@ class NetCluster:
             except subprocess.TimeoutExpired:
                 self.serve.kill()
         self.teardown_network()
+
+
+@contextlib.contextmanager
+def running_cluster(tmp: Path, template: str = "tiny") -> Iterator[NetCluster]:
+    """Three namespaced hosts (2 cores, 2 GiB offered each) with the manager and agents
+    running and `template` built; torn down on exit."""
+    c = NetCluster(tmp, hosts=3, cores=2, memory="2G")
+    try:
+        c.start()
+        c.cli("template", "build", template)
+        yield c
+    finally:
+        c.close()

@@ -891,9 +891,8 @@ class _Connection(asyncio.BufferedProtocol):
         return None
 
     def _write(self, flags: int, handle: int, offset: int, data: memoryview) -> None:
-        if flags & ~P.CMD_FLAG_FUA or self.readonly or self.shutting_down or offset + len(data) > self.size:
-            err = self._write_check(flags, offset, len(data))
-            assert err is not None
+        err = self._write_check(flags, offset, len(data))
+        if err is not None:
             return self._error(handle, err[0], err[1], 1)
         try:
             self.dev.write(offset, data, bool(flags & 1))  # type: ignore[union-attr]
@@ -911,20 +910,8 @@ class _Connection(asyncio.BufferedProtocol):
         dev = self.dev
         assert dev is not None
         if not self.structured:
-            if length >= _SENDFILE_MIN and self._sendfile_read(handle, offset, length):
-                return
-            buf = self._get_buf(16 + length)
-            _pack_simple_into(buf, 0, _SIMPLE_MAGIC, 0, handle)
-            mv = memoryview(buf)
-            try:
-                dev.readinto(offset, mv[16:])
-            except Exception as e:  # noqa: BLE001
-                self._put_buf(buf)
-                return self._error(handle, nbd_errno(e), f"read failed: {e}", 0)
-            self.out.append(buf)
-            self._used.append(buf)
-            if length >= _EAGER_REPLY:
-                self._flush_out()
+            if length < _SENDFILE_MIN or not self._sendfile_read(handle, offset, length):
+                self._read_chunk(handle, offset, length, True)
             return
         if length == 0:
             self.out.append(
@@ -970,13 +957,8 @@ class _Connection(asyncio.BufferedProtocol):
         if length + 64 > room:
             return False
         fd, pos = where
-        if self.structured:
-            hdr = bytearray(28)
-            _pack_data_hdr_into(hdr, 0, _STRUCT_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA,
-                                handle, length + 8, offset)
-        else:
-            hdr = bytearray(16)
-            _pack_simple_into(hdr, 0, _SIMPLE_MAGIC, 0, handle)
+        hdr = bytearray(self._data_header_size())
+        self._pack_data_header(hdr, handle, offset, length, True)
         try:
             sent = os.write(self._sock_fd, hdr)
         except (BlockingIOError, InterruptedError):
@@ -1003,14 +985,28 @@ class _Connection(asyncio.BufferedProtocol):
             t.write(os.pread(fd, length - done, pos + done))
         return True
 
+    def _data_header_size(self) -> int:
+        return 28 if self.structured else 16
+
+    def _pack_data_header(self, buf: bytearray, handle: int, offset: int, length: int, done: bool) -> None:
+        """The header of a reply carrying `length` bytes of data read at `offset`: a simple
+        reply, or a structured OFFSET_DATA chunk (the last one of its reply if `done`)."""
+        if self.structured:
+            _pack_data_hdr_into(
+                buf, 0, _STRUCT_MAGIC, P.REPLY_FLAG_DONE if done else 0, P.REPLY_TYPE_OFFSET_DATA,
+                handle, length + 8, offset,
+            )
+        else:
+            _pack_simple_into(buf, 0, _SIMPLE_MAGIC, 0, handle)
+
     def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:
-        buf = self._get_buf(28 + length)
-        _pack_data_hdr_into(
-            buf, 0, _STRUCT_MAGIC, 1 if done else 0, P.REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset
-        )
+        """Reply with data copied into a pooled buffer behind its header."""
+        hs = self._data_header_size()
+        buf = self._get_buf(hs + length)
+        self._pack_data_header(buf, handle, offset, length, done)
         mv = memoryview(buf)
         try:
-            self.dev.readinto(offset, mv[28:])  # type: ignore[union-attr]
+            self.dev.readinto(offset, mv[hs:])  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001
             self._put_buf(buf)
             self._error(handle, nbd_errno(e), f"read failed: {e}", 0)
