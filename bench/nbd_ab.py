@@ -11,7 +11,8 @@ on 2 connections: 2.3 GB/s on its first run, 3.4-3.6 GB/s on the next three).  T
 starts its server afresh (then compare virtua with virtua only).  The data directory is
 the one nbd_bench prepared (`--where`), with its `virtua-home` as VIRTUA_HOME.  Noise on
 this machine is up to 45% between runs but much less between two runs back to back, so
-each pair's ratio is printed and their median is the answer.
+each pair's ratio is printed and their median is the answer.  With --restart the server
+that runs first in a pair read 2-8% lower here: for small differences run both orders.
 Example, virtua's thin volume against nbdkit's file plugin:
 
     python -m bench nbd-ab --rw write --jobs 2 \\
