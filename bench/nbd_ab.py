@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         stop(srv)
                 got[name] = r
                 print(f"  pair {i + 1} {name}: {r['mbps']:8.0f} MB/s {r['iops']:9.0f} IOPS "
-                      f"cpu {r['cpu']:4.0f}%", file=sys.stderr, flush=True)
+                      f"cpu {r['cpu']:4.0f}% fio {r['client_ms_per_gb']:4.0f} ms/GB", file=sys.stderr, flush=True)
             ratios.append(got["A"]["mbps"] / got["B"]["mbps"])
     finally:
         for srv in servers.values():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -136,7 +137,9 @@ def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int
         f"--runtime={duration}", "--ramp_time=1", "--output-format=json",
     ]
     t0, c0 = time.monotonic(), cpu_ticks(srv.proc.pid)
+    u0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(args, capture_output=True, text=True)
+    u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t1, c1 = time.monotonic(), cpu_ticks(srv.proc.pid)
     if p.returncode != 0 or "{" not in p.stdout:
         raise SystemExit(f"fio failed against {srv.name}:\n{p.stdout}\n{p.stderr}")
@@ -148,6 +151,10 @@ def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int
         "iops": side["iops"],
         "p99_us": pct.get("99.000000", 0) / 1000,
         "cpu": 100.0 * (c1 - c0) / CLK_TCK / (t1 - t0),
+        # fio's own CPU per GB moved: what the server's replies cost the client (on this
+        # 2-core machine both share the cores, so a cheaper server can still lose)
+        "client_ms_per_gb": 1e3 * (u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
+        / max(side["bw_bytes"] * (t1 - t0) / 1e9, 1e-9),  # fio's ramp-up moves data too
     }
 
 
@@ -268,7 +275,8 @@ def main() -> None:
                                         raise
                             acc[s.name].append(r)
                             print(f"  {where:5} {wname:18} c={conns} {s.name:9} {r['mbps']:8.0f} MB/s "
-                                  f"{r['iops']:9.0f} IOPS p99 {r['p99_us']:8.0f} us cpu {r['cpu']:4.0f}%",
+                                  f"{r['iops']:9.0f} IOPS p99 {r['p99_us']:8.0f} us cpu {r['cpu']:4.0f}% "
+                                  f"fio {r['client_ms_per_gb']:4.0f} ms/GB",
                                   file=sys.stderr, flush=True)
                     for s in servers:
                         rs = acc[s.name]
@@ -280,13 +288,13 @@ def main() -> None:
                 stop(s)
     ref = {(r["where"], r["workload"], r["conns"]): r["mbps"] for r in rows if r["server"] == "nbdkit"}
     print(f"Medians of {args.rounds} run(s) of {args.duration} s each.\n")
-    print("| where | workload | conns | server | MB/s | IOPS | p99 (us) | server CPU % | vs nbdkit |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| where | workload | conns | server | MB/s | IOPS | p99 (us) | server CPU % | fio CPU ms/GB | vs nbdkit |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = ref.get((r["where"], r["workload"], r["conns"]))
         ratio = f"{r['mbps'] / base:.2f}x" if base else "-"
         print(f"| {r['where']} | {r['workload']} | {r['conns']} | {r['server']} | {r['mbps']:.0f} | "
-              f"{r['iops']:.0f} | {r['p99_us']:.0f} | {r['cpu']:.0f} | {ratio} |")
+              f"{r['iops']:.0f} | {r['p99_us']:.0f} | {r['cpu']:.0f} | {r.get('client_ms_per_gb', 0):.0f} | {ratio} |")
     # compact side-by-side view: MB/s per server, ratio to nbdkit
     names = [s.name for s in servers]
     print("\n| where | workload | conns | " + " | ".join(names) + " |")
