@@ -171,3 +171,18 @@ def test_many_volumes_written_concurrently(daemon: Daemon, tmp_path: Path) -> No
         run("nbdcopy", daemon.uri(f"p/c{i}"), str(out))
         assert out.read_bytes() == src.read_bytes(), f"volume c{i} differs"
     assert daemon.cli("pool", "check", "p")["ok"]  # type: ignore[index]
+
+
+def test_large_read_past_the_end_of_the_data_file(daemon: Daemon) -> None:
+    """The newest chunk of the pool's data file is written only in part, so the file ends
+    inside it: a large read over it (the zero-copy path) must still reply in full, with
+    zeros for the part never written, on simple and structured replies alike."""
+    daemon.cli("volume", "create", "p/tail", "--size", "8M")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 1M 4k", daemon.uri("p/tail"))
+    expect = "b'\\x11' * 131072 + b'\\x22' * 4096 + bytes(61440)"
+    env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))  # nbdsh needs the system python3
+    for structured in (True, False):
+        script = (f"h.set_request_structured_replies({structured}); h.connect_uri({daemon.uri('p/tail')!r}); "
+                  f"assert h.pread(196608, 917504) == {expect}; print('READ-OK')")
+        p = subprocess.run(["nbdsh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+        assert "READ-OK" in p.stdout, f"structured={structured}: {p.stdout}{p.stderr}"

@@ -82,6 +82,15 @@ _ALLOWED_FLAGS = {
 }
 
 
+def _pread_padded(fd: int, length: int, pos: int) -> bytes:
+    """length bytes of fd at pos; zeros past its end (a chunk of the pool's data file that
+    was allocated but never written to its end lies partly past the file's end)."""
+    data = os.pread(fd, length, pos)
+    if len(data) < length:
+        data += bytes(length - len(data))
+    return data
+
+
 class _ReqError(Exception):
     def __init__(self, err: int, msg: str) -> None:
         super().__init__(msg)
@@ -972,14 +981,14 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         if sent < len(hdr):  # socket full: queue the rest of the header and the data, in order
             t.write(bytes(hdr[sent:]))
-            t.write(os.pread(fd, length, pos))
+            t.write(_pread_padded(fd, length, pos))
             return True
         done = 0
         try:
             while done < length:
                 n = os.sendfile(self._sock_fd, fd, pos + done, length - done)
                 if n <= 0:
-                    break
+                    break  # end of the data file: the rest was never written
                 done += n
         except (BlockingIOError, InterruptedError):
             pass
@@ -987,7 +996,10 @@ class _Connection(asyncio.BufferedProtocol):
             t.abort()  # the header is out: the stream cannot be repaired
             return True
         if done < length:
-            t.write(os.pread(fd, length - done, pos + done))
+            try:
+                t.write(_pread_padded(fd, length - done, pos + done))
+            except OSError:
+                t.abort()
         return True
 
     def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:
