@@ -459,3 +459,18 @@ def test_server_argument_validation(export_dir):
         NBDServer(DirectoryProvider(export_dir), tls_mode="require")
     with pytest.raises(ValueError):
         NBDServer(DirectoryProvider(export_dir), tls_mode="maybe")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_large_read_after_the_file_shrank(server, export_dir, structured):
+    """Large reads are copied into the socket by the kernel from a shared mapping of the
+    file. When the file shrinks under the server, mapped pages past its new end cannot be
+    read: the reply must come from the copy path (zeros past the end) and the server must
+    stay up, not die of SIGBUS."""
+    c = opened(server, structured=structured)
+    data = os.urandom(1 << 20)
+    c.write(0, data)
+    assert c.read(0, 1 << 20) == data  # maps the file
+    os.truncate(os.path.join(export_dir, "disk.img"), 4096)
+    assert c.read(0, 1 << 20) == data[:4096] + bytes((1 << 20) - 4096)
+    assert opened(server).read(0, 4096) == data[:4096]

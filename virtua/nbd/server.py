@@ -272,6 +272,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._sock_fd: int | None = None  # for sendfile(2) on plain connections
         self._sock_dup: socket.socket | None = None  # its duplicate, for getsockopt
         self._physical_run: Any = None  # the device's physical_run, if it has one
+        self._physical_view: Any = None  # and its physical_view
         self._run_is_data = False
 
     # -- asyncio callbacks -----------------------------------------------------------
@@ -759,6 +760,7 @@ class _Connection(asyncio.BufferedProtocol):
             sparse = bool(getattr(dev, "sparse_reads", not isinstance(dev, FileDevice)))
         self.sparse_min = self.srv.sparse_read_min if sparse else 1 << 62
         self._physical_run = getattr(dev, "physical_run", None)
+        self._physical_view = getattr(dev, "physical_view", None)
         # a volume's physical run never covers a hole; a plain file's may (sparse file)
         self._run_is_data = not isinstance(dev, FileDevice)
         self.srv._register_device(dev)
@@ -949,11 +951,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._read_chunk(handle, offset, length, True)
 
     def _sendfile_read(self, handle: int, offset: int, length: int, where: tuple[int, int]) -> bool:
-        """Zero-copy read: header, then sendfile(2) from the device's file straight into the
-        socket (page cache -> socket, no copy through Python). `where` is (fd, position) of
-        the range, one contiguous run of data. Only on plain TCP/unix connections, and only
-        when nothing is queued ahead of us in the transport (so bytes stay in order).
-        False: use the copy path."""
+        """A large read straight from the device's file into the socket: header and data in
+        one writev(2) from a shared mapping of the file (page cache -> socket, one copy, by
+        the kernel), or header then sendfile(2) where the device has no mapping for the
+        range. `where` is (fd, position) of the range, one contiguous run of data. Only on
+        plain TCP/unix connections, and only when nothing is queued ahead of us in the
+        transport (so bytes stay in order). False: use the copy path."""
         sock_fd = self._sock_fd
         if self.tls_active or sock_fd is None:
             return False
@@ -982,6 +985,10 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             hdr = bytearray(16)
             _pack_simple_into(hdr, 0, _SIMPLE_MAGIC, 0, handle)
+        view_of = self._physical_view
+        view = view_of(pos, length) if view_of is not None else None
+        if view is not None:
+            return self._send_view(sock_fd, hdr, view, fd, pos)
         try:
             sent = os.write(sock_fd, hdr)
         except (BlockingIOError, InterruptedError):
@@ -1009,6 +1016,38 @@ class _Connection(asyncio.BufferedProtocol):
                 t.write(_pread_padded(fd, length - done, pos + done))
             except OSError:
                 t.abort()
+        return True
+
+    def _send_view(self, sock_fd: int, hdr: bytearray, view: memoryview, fd: int, pos: int) -> bool:
+        """Header and data in one writev(2); whatever the socket does not take is read
+        with pread and queued behind it. Never touches the view's bytes in Python."""
+        t = self.transport
+        length = len(view)
+        hl = len(hdr)
+        try:
+            sent = os.writev(sock_fd, [hdr, view])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return False  # nothing went out (EFAULT: the file could not supply a page)
+        if sent < hl:  # socket full: queue the rest of the header and the data, in order
+            t.write(bytes(hdr[sent:]))
+            t.write(_pread_padded(fd, length, pos))
+            return True
+        done = sent - hl
+        while done < length:
+            try:
+                n = os.write(sock_fd, view[done:])
+            except OSError:  # EAGAIN, or a page the file cannot supply: pread reports it
+                break
+            if n <= 0:
+                break
+            done += n
+        if done < length:
+            try:
+                t.write(_pread_padded(fd, length - done, pos + done))
+            except OSError:
+                t.abort()  # the header is out: the stream cannot be repaired
         return True
 
     def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:

@@ -8,6 +8,7 @@ thread pool costs 5-10x here. flush() does fdatasync and a metadata commit.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -62,6 +63,36 @@ class BlockDevice(Protocol):
         ...
 
 
+class FileMap:
+    """A read-only shared mapping of a file, for the kernel to copy from into a socket.
+
+    `os.write(sock, view)` copies page cache -> socket once, in the server, so the
+    client then copies warm data (measured on 1 MiB reads over loopback: fio spends a
+    quarter to a third less CPU per byte than on sendfile(2) replies, whose cold
+    page-cache pages it copies itself; docs/nbd.md). Python code must never read a view: a page the file cannot
+    supply (past its end, or an I/O error) is SIGBUS in user space, but only EFAULT for
+    the kernel's copy.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._view: memoryview | None = None
+
+    def view(self, pos: int, length: int) -> memoryview | None:
+        """The file's bytes [pos, pos+length), or None if they are not all inside it."""
+        v = self._view
+        if v is None or pos + length > len(v):
+            size = os.fstat(self.fd).st_size
+            if pos < 0 or length <= 0 or pos + length > size:
+                return None
+            # mmap dups the descriptor; an older mapping goes once its last view does
+            v = self._view = memoryview(mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+        return v[pos : pos + length]
+
+    def close(self) -> None:
+        self._view = None
+
+
 class FileDevice:
     """A plain file (or block device) as a BlockDevice: the baseline and a test double.
 
@@ -74,6 +105,7 @@ class FileDevice:
         self._block_size = block_size
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
+        self._map = FileMap(self.fd)
 
     @property
     def size(self) -> int:
@@ -88,6 +120,7 @@ class FileDevice:
         return self._block_size
 
     def close(self) -> None:
+        self._map.close()
         os.close(self.fd)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -125,6 +158,10 @@ class FileDevice:
         if length <= 0 or offset < 0 or offset + length > self._size:
             return None
         return self.fd, offset
+
+    def physical_view(self, pos: int, length: int) -> memoryview | None:
+        """A view of [pos, pos+length) of the file behind physical_run (see FileMap)."""
+        return self._map.view(pos, length)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         end = offset + length

@@ -30,6 +30,7 @@ from virtua.errors import (
     NotFound,
 )
 from virtua.storage.blockmap import HOLE_V, ZERO_V, BlockMap
+from virtua.storage.device import FileMap
 from virtua.storage.fallocate import punch_hole
 from virtua.storage.meta import SCHEMA_VERSION, Tx, connect
 from virtua.storage.names import check_name
@@ -111,6 +112,7 @@ class Pool:
         self.overcommit = float(settings["overcommit"])
         self.created = float(settings.get("created", "0"))
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
+        self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
         self.closed = False
         self._load()
@@ -198,6 +200,7 @@ class Pool:
         self.flush()
         self.closed = True
         self.db.close()
+        self.data_map.close()
         os.close(self.data_fd)
         os.close(self._lock_fd)
 

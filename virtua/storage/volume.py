@@ -104,6 +104,11 @@ class _Reader:
                 return None
         return pool.data_fd, (start << sh) + (offset & pool.chunk_mask)
 
+    def physical_view(self, pos: int, length: int) -> memoryview | None:
+        """A view of [pos, pos+length) of the pool's data file (a position from
+        physical_run), for the kernel to copy into a socket; see FileMap."""
+        return self.pool.data_map.view(pos, length)
+
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_range(offset, length)
         if length == 0:
