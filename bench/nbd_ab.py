@@ -13,6 +13,11 @@ the one nbd_bench prepared (`--where`), with its `virtua-home` as VIRTUA_HOME.  
 this machine is up to 45% between runs but much less between two runs back to back, so
 each pair's ratio is printed and their median is the answer.  With --restart the server
 that runs first in a pair read 2-8% lower here: for small differences run both orders.
+To measure older code, check it out (`git worktree add /tmp/old REV`) and give its
+server `env PYTHONPATH=/tmp/old {python} -m virtua.cli serve ...`; the servers run in
+the data directory, so `python -m` cannot pick up this checkout from the current
+directory instead (until 2026-11-22 they ran in the checkout, and such A/B runs
+compared the current code with itself).
 Example, virtua's thin volume against nbdkit's file plugin:
 
     python -m bench nbd-ab --rw write --jobs 2 \\

@@ -40,7 +40,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = [  # name, rw, bs, iodepth
     ("seq-read 1M QD8", "read", "1M", 8),
     ("seq-write 1M QD8", "write", "1M", 8),
@@ -85,7 +84,9 @@ def start(srv: Server, directory: str, file: str) -> None:
     srv.log = os.path.join(directory, f"{srv.name}.log")
     with open(srv.log, "ab") as log:
         srv.proc = subprocess.Popen(
-            ["/bin/sh", "-c", "exec " + cmd], cwd=REPO, stdout=log, stderr=log,
+            # not the checkout as cwd: `python -m` puts the cwd first on sys.path, so a server meant to
+            # run other code (PYTHONPATH=/tmp/old) would import this checkout instead
+            ["/bin/sh", "-c", "exec " + cmd], cwd=directory, stdout=log, stderr=log,
             env={**os.environ, **srv.env},
         )
     deadline = time.time() + 20
