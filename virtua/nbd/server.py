@@ -921,9 +921,9 @@ class _Connection(asyncio.BufferedProtocol):
             return self._error(handle, P.NBD_EINVAL, "read beyond end of export", 0)
         dev = self.dev
         assert dev is not None
-        # A large read inside one contiguous run of the device's file can go out with
-        # sendfile, and on a volume has no holes: no need to ask for block status (20 us
-        # of Python for 1 MiB, ten times the run lookup).
+        # A large read inside one contiguous run of the device's file can go from the file
+        # to the socket directly, and on a volume has no holes: no need to ask for block
+        # status (20 us of Python for 1 MiB, ten times the run lookup).
         where = None
         if length >= _SENDFILE_MIN and self._physical_run is not None:
             try:
@@ -985,8 +985,12 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             hdr = bytearray(16)
             _pack_simple_into(hdr, 0, _SIMPLE_MAGIC, 0, handle)
-        view_of = self._physical_view
-        view = view_of(pos, length) if view_of is not None else None
+        view = None
+        if self._physical_view is not None:
+            try:
+                view = self._physical_view(pos, length)
+            except (OSError, ValueError):  # a file that cannot be mapped: sendfile it
+                view = None
         if view is not None:
             return self._send_view(sock_fd, hdr, view, fd, pos)
         try:
