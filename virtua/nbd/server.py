@@ -28,7 +28,7 @@ from virtua.errors import VirtuaError
 from virtua.nbd import proto as P
 from virtua.nbd.exports import ExportProvider
 from virtua.nbd.tls import TLSConfig, peer_identity
-from virtua.storage.device import BlockDevice, FileDevice
+from virtua.storage.device import BlockDevice, FileDevice, pread_padded
 
 TLSMode = Literal["off", "on", "require"]
 
@@ -72,15 +72,6 @@ _ALLOWED_FLAGS = {
     P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
     P.CMD_BLOCK_STATUS: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
 }
-
-
-def _pread_padded(fd: int, length: int, pos: int) -> bytes:
-    """length bytes of fd at pos; zeros past its end (a chunk of the pool's data file that
-    was allocated but never written to its end lies partly past the file's end)."""
-    data = os.pread(fd, length, pos)
-    if len(data) < length:
-        data += bytes(length - len(data))
-    return data
 
 
 class _ReqError(Exception):
@@ -991,65 +982,33 @@ class _Connection(asyncio.BufferedProtocol):
                 view = self._physical_view(pos, length)
             except (OSError, ValueError):  # a file that cannot be mapped: sendfile it
                 view = None
-        if view is not None:
-            return self._send_view(sock_fd, hdr, view, fd, pos)
+        hl = len(hdr)
         try:
-            sent = os.write(sock_fd, hdr)
+            # with a view: header and data in one writev, never read by Python
+            sent = os.writev(sock_fd, [hdr, view]) if view is not None else os.write(sock_fd, hdr)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
+        except OSError:  # nothing went out (EFAULT: the file could not supply a page)
             return False
-        if sent < len(hdr):  # socket full: queue the rest of the header and the data, in order
+        if sent < hl:  # socket full: queue the rest of the header and the data, in order
             t.write(bytes(hdr[sent:]))
-            t.write(_pread_padded(fd, length, pos))
+            t.write(pread_padded(fd, length, pos))
             return True
-        done = 0
+        done = sent - hl
         try:
             while done < length:
-                n = os.sendfile(sock_fd, fd, pos + done, length - done)
+                if view is not None:
+                    n = os.write(sock_fd, view[done:])
+                else:
+                    n = os.sendfile(sock_fd, fd, pos + done, length - done)
                 if n <= 0:
                     break  # end of the data file: the rest was never written
                 done += n
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # EAGAIN, or a page the file cannot supply: pread reports it
             pass
-        except OSError:
-            t.abort()  # the header is out: the stream cannot be repaired
-            return True
         if done < length:
             try:
-                t.write(_pread_padded(fd, length - done, pos + done))
-            except OSError:
-                t.abort()
-        return True
-
-    def _send_view(self, sock_fd: int, hdr: bytearray, view: memoryview, fd: int, pos: int) -> bool:
-        """Header and data in one writev(2); whatever the socket does not take is read
-        with pread and queued behind it. Never touches the view's bytes in Python."""
-        t = self.transport
-        length = len(view)
-        hl = len(hdr)
-        try:
-            sent = os.writev(sock_fd, [hdr, view])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            return False  # nothing went out (EFAULT: the file could not supply a page)
-        if sent < hl:  # socket full: queue the rest of the header and the data, in order
-            t.write(bytes(hdr[sent:]))
-            t.write(_pread_padded(fd, length, pos))
-            return True
-        done = sent - hl
-        while done < length:
-            try:
-                n = os.write(sock_fd, view[done:])
-            except OSError:  # EAGAIN, or a page the file cannot supply: pread reports it
-                break
-            if n <= 0:
-                break
-            done += n
-        if done < length:
-            try:
-                t.write(_pread_padded(fd, length - done, pos + done))
+                t.write(pread_padded(fd, length - done, pos + done))
             except OSError:
                 t.abort()  # the header is out: the stream cannot be repaired
         return True

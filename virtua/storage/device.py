@@ -63,15 +63,24 @@ class BlockDevice(Protocol):
         ...
 
 
+def pread_padded(fd: int, length: int, pos: int) -> bytes:
+    """length bytes of fd at pos, zeros past the file's end (never written: reads as zeros;
+    a pool's newest chunk is often written only in part, so its data file ends inside it)."""
+    data = os.pread(fd, length, pos)
+    if len(data) < length:
+        data += bytes(length - len(data))
+    return data
+
+
 class FileMap:
     """A read-only shared mapping of a file, for the kernel to copy from into a socket.
 
     `os.write(sock, view)` copies page cache -> socket once, in the server, so the
     client then copies warm data (measured on 1 MiB reads over loopback: fio spends a
     quarter to a third less CPU per byte than on sendfile(2) replies, whose cold
-    page-cache pages it copies itself; docs/nbd.md). Python code must never read a view: a page the file cannot
-    supply (past its end, or an I/O error) is SIGBUS in user space, but only EFAULT for
-    the kernel's copy.
+    page-cache pages it copies itself; docs/nbd.md). Python code must never read a view:
+    a page the file cannot supply (past its end, or an I/O error) is SIGBUS in user
+    space, but only EFAULT for the kernel's copy.
     """
 
     def __init__(self, fd: int) -> None:
@@ -124,10 +133,7 @@ class FileDevice:
         os.close(self.fd)
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:
-            data += bytes(length - len(data))
-        return data
+        return pread_padded(self.fd, length, offset)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         n = os.preadv(self.fd, [buf], offset)
