@@ -57,7 +57,12 @@ def test_kill9_loses_no_flushed_write(tmp_path: Path) -> None:
             [sys.executable, "-m", "tests.helpers.crash_writer", str(path), vol, str(seed), str(log)],
             cwd=ROOT,
         )
-        time.sleep(rng.uniform(0.25, 1.0))
+        # the kill point counts from the writer's first round, not its start-up (1 s or
+        # more of imports on a loaded machine)
+        deadline = time.monotonic() + 60
+        while not log.stat().st_size and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.75))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         lines = log.read_text().split()

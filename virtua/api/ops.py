@@ -91,8 +91,8 @@ def pool_info(st: Storage, name: str) -> dict[str, Any]:
 
 
 @op("pool.check")
-def pool_check(st: Storage, name: str) -> dict[str, Any]:
-    return st.pool(name).check()
+def pool_check(st: Storage, name: str, repair: bool = False) -> dict[str, Any]:
+    return st.pool(name).check(repair=repair)
 
 
 @op("pool.rm")

@@ -79,9 +79,13 @@ def pool_info(name: str) -> None:
 
 
 @pool_app.command("check")
-def pool_check(name: str) -> None:
-    """Verify reference counts and chunk ownership; exit 1 on any problem."""
-    result = call("pool.check", name=name)
+def pool_check(
+    name: str,
+    repair: bool = typer.Option(False, "--repair", help="wipe data no volume owns (leaked, stale chunks)"),
+) -> None:
+    """Verify reference counts, chunk ownership and every allocated byte of the data file;
+    exit 1 on any problem (after --repair: on any it could not repair)."""
+    result = call("pool.check", name=name, repair=repair)
     if not result["ok"]:
         raise typer.Exit(1)
 

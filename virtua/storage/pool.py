@@ -186,13 +186,21 @@ class Pool:
         for p, lid in rows:
             self.owner[p] = lid
         self.hwm = hwm
-        self.free: list[int] = [p for p in range(hwm - 1, 0, -1) if self.owner[p] == 0]
-        self.used = hwm - 1 - len(self.free)
+        self.free: list[int] = []
+        # used = owned + freed-not-yet-committed + freed-not-yet-wiped chunks
+        self.used = hwm - 1
         self._pending: dict[tuple[int, int], int | None] = {}
         self._pending_free: list[int] = []
+        # freed and committed, but not yet wiped (a punch or zero-write failed): never reused
+        self._unwiped: list[int] = []
         self.frozen: dict[int, BlockMap] = {}
-        # A crash between a commit and its hole punch leaves stale data in free chunks.
-        self._punch_chunks(self.free)
+        # Every chunk no committed row names may hold data nobody may read: writes whose
+        # rows a crash lost (above the high-water mark: drop them, space included) and a
+        # crash between a commit and its hole punch (free chunks below it: wipe them).
+        if os.fstat(self.data_fd).st_size > hwm << self.chunk_shift:
+            os.ftruncate(self.data_fd, hwm << self.chunk_shift)
+        self._unwiped = [p for p in range(hwm - 1, 0, -1) if self.owner[p] == 0]
+        self._wipe_unwiped()
 
     def close(self) -> None:
         if self.closed:
@@ -245,13 +253,29 @@ class Pool:
             self.owner[p] = 0
             self._pending_free.append(p)
 
-    def _punch_chunks(self, chunks: list[int]) -> None:
+    def _wipe(self, chunks: list[int]) -> list[int]:
+        """Make chunks read as zeros (punch, else write zeros); returns those it could not."""
         if not chunks:
-            return
+            return []
         sh = self.chunk_shift
+        failed: list[int] = []
         for start, count in _runs(sorted(chunks)):
-            if not punch_hole(self.data_fd, start << sh, count << sh):
-                os.pwrite(self.data_fd, bytes(count << sh), start << sh)
+            try:
+                if not punch_hole(self.data_fd, start << sh, count << sh):
+                    _pwrite_zeros(self.data_fd, start << sh, count << sh)
+            except OSError:  # EIO, or ENOSPC writing zeros: retried at the next recycle
+                failed.extend(range(start, start + count))
+        return failed
+
+    def _wipe_unwiped(self) -> None:
+        """Wipe chunks waiting for it; the wiped ones join the free list."""
+        todo, self._unwiped = self._unwiped, []
+        failed = self._wipe(todo)
+        self._unwiped = failed
+        bad = set(failed)
+        clean = [p for p in todo if p not in bad] if bad else todo
+        self.free.extend(sorted(clean, reverse=True))
+        self.used -= len(clean)
 
     def set_row(self, layer: int, chunk: int, phys: int | None) -> None:
         """Record a mapping change to commit at the next flush (None deletes the row)."""
@@ -285,11 +309,11 @@ class Pool:
         self._recycle()
 
     def _recycle(self) -> None:
+        """Chunks freed by a durable commit: wipe them, then they may be allocated again."""
         freed, self._pending_free = self._pending_free, []
-        if freed:
-            self._punch_chunks(freed)
-            self.free.extend(sorted(freed, reverse=True))
-            self.used -= len(freed)
+        self._unwiped.extend(freed)
+        if self._unwiped:
+            self._wipe_unwiped()
 
     # ------------------------------------------------------------------ block maps
 
@@ -655,10 +679,11 @@ class Pool:
                 db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (bottom.id,))
                 db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
         except BaseException:
+            # nothing committed names them, but they hold copies of the origin's data
             for q in new_phys:
                 self.owner[q] = 0
-                self.used -= 1
-                self.free.append(q)
+            self._unwiped.extend(new_phys)
+            self._wipe_unwiped()
             raise
         bottom.parent = None
         vol.origin = None
@@ -784,9 +809,13 @@ class Pool:
             "clones": [f"{self.name}/{c.name}" for c in self.clones_of(s)],
         }
 
-    def check(self) -> dict[str, Any]:
-        """Verify reference counts and ownership against the metadata; report problems."""
+    def check(self, repair: bool = False) -> dict[str, Any]:
+        """Verify reference counts and ownership against the metadata, and every allocated
+        byte of the data file against the chunks the metadata names; report problems.
+        With repair, wipe the data of chunks nobody owns (reported as repaired)."""
         self.flush()
+        if repair and self._unwiped:
+            self._wipe_unwiped()
         problems: list[str] = []
         db = self.db
         layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
@@ -825,8 +854,13 @@ class Pool:
             problems.append(
                 f"{in_memory} chunks owned in memory but {len(rows)} in the metadata (leak)"
             )
-        if self.used != len(rows):
-            problems.append(f"usage counter {self.used} != {len(rows)} allocated chunks")
+        if self.used != len(rows) + len(self._unwiped):
+            problems.append(
+                f"usage counter {self.used} != {len(rows)} allocated + "
+                f"{len(self._unwiped)} waiting to be wiped"
+            )
+        space = self._account_file(repair)
+        problems += space.pop("problems")
         for vid, vname, lid in db.execute("SELECT id, name, layer FROM volumes"):
             if lid in layer_ids and db.execute(
                 "SELECT volume FROM layers WHERE id = ?", (lid,)
@@ -840,12 +874,78 @@ class Pool:
             "chunks_allocated": len(rows),
             "volumes": len(self.volumes),
             "snapshots": len(self.snapshots),
+            **space,
         }
+
+    def _account_file(self, repair: bool) -> dict[str, Any]:
+        """Classify every data extent of the data file (SEEK_DATA/SEEK_HOLE) by the chunk
+        it lies in: owned (referenced), free below the high-water mark (unreferenced: a
+        wipe was lost), freed but not yet wiped (stale), past the high-water mark (leaked:
+        writes no commit names). Byte counts are of allocated file space."""
+        sh = self.chunk_shift
+        owner = self.owner
+        unwiped = set(self._unwiped)
+        referenced = 0
+        bad: dict[str, dict[int, int]] = {"leaked": {}, "unreferenced": {}, "stale": {}}
+        for start, end in _data_extents(self.data_fd):
+            c = start >> sh
+            while (c << sh) < end:
+                n = min(end, (c + 1) << sh) - max(start, c << sh)
+                if c >= self.hwm:
+                    kind = "leaked"
+                elif owner[c] != 0:
+                    referenced += n
+                    c += 1
+                    continue
+                else:
+                    kind = "stale" if c in unwiped else "unreferenced"
+                bad[kind][c] = bad[kind].get(c, 0) + n
+                c += 1
+        why = {
+            "leaked": "past the high-water mark (written, never committed)",
+            "unreferenced": "in free chunks (their wipe was lost)",
+            "stale": "in freed chunks still waiting to be wiped",
+        }
+        problems: list[str] = []
+        repaired: list[str] = []
+        out: dict[str, Any] = {"file_bytes": os.fstat(self.data_fd).st_blocks * 512,
+                               "referenced_bytes": referenced}
+        repaired_bytes = 0
+        for kind, chunks in bad.items():
+            out[f"{kind}_bytes"] = total = sum(chunks.values())
+            if not chunks:
+                continue
+            what = f"{total} bytes in {len(chunks)} chunk(s) {why[kind]}"
+            failed = set(self._wipe(list(chunks))) if repair and kind != "stale" else set(chunks)
+            done = sum(n for c, n in chunks.items() if c not in failed)
+            repaired_bytes += done
+            if done:
+                repaired.append(f"wiped {done} bytes in {len(chunks) - len(failed)} chunk(s) {why[kind]}")
+            if failed:
+                problems.append(what if not done else f"{total - done} bytes of {what} (wipe failed)")
+        out["repaired_bytes"] = repaired_bytes
+        out["repaired"] = repaired
+        out["problems"] = problems
+        return out
 
 
 def _next_id(db: sqlite3.Connection, table: str) -> int:
     row = db.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {table}").fetchone()
     return int(row[0])
+
+
+def _data_extents(fd: int) -> Iterable[tuple[int, int]]:
+    """(start, end) of every data extent of fd, by SEEK_DATA/SEEK_HOLE."""
+    size = os.fstat(fd).st_size
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past pos
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        pos = end
 
 
 def _runs(sorted_chunks: list[int]) -> Iterable[tuple[int, int]]:
@@ -856,6 +956,13 @@ def _runs(sorted_chunks: list[int]) -> Iterable[tuple[int, int]]:
             start = p
         prev = p
     yield start, prev - start + 1
+
+
+def _pwrite_zeros(fd: int, pos: int, length: int) -> None:
+    zeros = bytes(min(length, 1 << 20))
+    end = pos + length
+    while pos < end:
+        pos += os.pwrite(fd, zeros[: end - pos], pos)
 
 
 def _copy(fd: int, src: int, dst: int, length: int) -> None:

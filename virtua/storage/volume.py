@@ -226,30 +226,40 @@ class VolumeDevice(_Reader):
         run_buf = 0
         run_len = 0
         new_rows: list[tuple[int, int]] = []
-        for c in range(first, last + 1):
-            a = (offset + pos) & pool.chunk_mask
-            piece = min(cs - a, n - pos)
-            v = m.get(c)
-            if v > 0 and owner[v] == top:
-                phys = v
-            else:
-                phys = pool.alloc(top)
-                if v > 0 and piece < cs:
-                    # Copy-on-write of a shared chunk: one whole-chunk in-kernel copy, then
-                    # the write over it, is cheaper than copying head and tail separately.
-                    _copy(fd, v << sh, phys << sh, cs)
-                m.set(c, phys)
-                new_rows.append((c, phys))
-            at = (phys << sh) + a
-            if run_len and run_start + run_len == at:
-                run_len += piece
-            else:
-                if run_len:
-                    _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
-                run_start, run_buf, run_len = at, pos, piece
-            pos += piece
-        if run_len:
-            _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
+        replaced: list[int] = []  # what each new chunk's entry was, to undo a failed write
+        try:
+            for c in range(first, last + 1):
+                a = (offset + pos) & pool.chunk_mask
+                piece = min(cs - a, n - pos)
+                v = m.get(c)
+                if v > 0 and owner[v] == top:
+                    phys = v
+                else:
+                    phys = pool.alloc(top)
+                    m.set(c, phys)
+                    new_rows.append((c, phys))
+                    replaced.append(v)
+                    if v > 0 and piece < cs:
+                        # Copy-on-write of a shared chunk: one whole-chunk in-kernel copy,
+                        # then the write over it, is cheaper than copying head and tail.
+                        _copy(fd, v << sh, phys << sh, cs)
+                at = (phys << sh) + a
+                if run_len and run_start + run_len == at:
+                    run_len += piece
+                else:
+                    if run_len:
+                        _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
+                    run_start, run_buf, run_len = at, pos, piece
+                pos += piece
+            if run_len:
+                _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
+        except BaseException:
+            # A failed write (EIO, the file system full) maps no new chunk: half-copied
+            # or half-written chunks go back to be wiped, the old entries stay.
+            for (c, _), v in zip(new_rows, replaced, strict=True):
+                m.set(c, v)
+            pool.release(phys for _, phys in new_rows)
+            raise
         # Rows only after the data is written: an automatic commit must never point at
         # a chunk whose data is still on its way.
         for c, phys in new_rows:
