@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in args if a != "--json"]
     from virtua.cli import cluster, daemon  # noqa: F401  (register their commands)
     try:
-        app(args=args, prog_name="virtua", standalone_mode=False)
+        # without standalone mode click returns a typer.Exit's code instead of exiting
+        code = app(args=args, prog_name="virtua", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except VirtuaError as e:
         if State.json:
             import json
