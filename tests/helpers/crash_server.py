@@ -14,6 +14,7 @@ Prints ``CRASH_READY port=<nbd port>`` once listening. `CrashServer` drives it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -112,7 +113,8 @@ class CrashServer:
 
     def _drop_ops(self) -> None:
         if self._ops is not None:
-            self._ops_file.close()
+            with contextlib.suppress(OSError):  # a half-sent request to a killed server
+                self._ops_file.close()
             self._ops.close()
             self._ops = self._ops_file = None
 

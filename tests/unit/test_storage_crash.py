@@ -135,3 +135,24 @@ def test_enospc_keeps_data_and_recovers(tmp_path: Path, chunk: int) -> None:
     assert a.read(4 * chunk, 2 * chunk) == b"A" * (2 * chunk)
     assert pool.check()["ok"]
     pool.close()
+
+
+SERVER_KILL_POINTS = int(os.environ.get("VIRTUA_SERVER_KILL_POINTS", "20"))
+
+
+def test_kill9_of_the_server_under_a_random_workload_never_shows_foreign_bytes(tmp_path: Path) -> None:
+    """The real NBD server and operations over several volumes (writes, zeroes, trims,
+    flushes, FUA, snapshots, clones, removals, flatten), killed at random moments: after
+    each restart every byte is its volume's flushed data or its own newer data."""
+    from tests.helpers.crash_workload import CrashWorkload
+
+    work = CrashWorkload(tmp_path / "home", seed=20261201)
+    try:
+        for _ in range(SERVER_KILL_POINTS):
+            work.kill_point()
+    finally:
+        work.close()
+    stats = work.stats
+    assert stats.kill_points == SERVER_KILL_POINTS
+    assert stats.ops > 5 * SERVER_KILL_POINTS, "the workload barely ran: the test proves nothing"
+    assert not stats.violations, "\n".join(stats.violations)

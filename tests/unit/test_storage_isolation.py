@@ -112,3 +112,23 @@ def test_a_failed_flatten_leaves_no_copied_data_in_free_chunks(tmp_path: Path) -
     got = fresh.read(0, 64 * 4096)
     assert SECRET not in got
     pool.close()
+
+
+def test_a_removal_cut_short_by_a_crash_is_finished_on_open(tmp_path: Path) -> None:
+    pool = Pool.create(tmp_path / "p", "p", capacity=64 << 20, chunk_size=4096)
+    dev = VolumeDevice(pool, pool.create_volume("gone", 64 * 4096))
+    dev.write(0, SECRET * (64 * 4096 // len(SECRET)))
+    pool.create_snapshot("gone", "s1")
+    dev.write(0, b"x" * 4096)
+    pool.close()
+    # what delete_volume's first transaction leaves when the process dies after it
+    pool = Pool(tmp_path / "p")
+    pool.db.execute("DELETE FROM snapshots")
+    pool.db.execute("DELETE FROM volumes")
+    pool.close()
+    pool = Pool(tmp_path / "p")
+    report = pool.check()
+    assert report["ok"], report["problems"]
+    assert report["layers"] == 0 and report["chunks_allocated"] == 0
+    assert report["file_bytes"] == 0
+    pool.close()

@@ -201,6 +201,11 @@ class Pool:
             os.ftruncate(self.data_fd, hwm << self.chunk_shift)
         self._unwiped = [p for p in range(hwm - 1, 0, -1) if self.owner[p] == 0]
         self._wipe_unwiped()
+        # A removal commits its rows, then frees its layers in further transactions; a
+        # crash in between leaves layers nothing names. Finish the removal now.
+        named = {v.layer for v in self.volumes.values()} | {s.layer for s in self.snapshots.values()}
+        for lid in [lid for lid in self.layers if lid not in named]:
+            self._collect(lid)
 
     def close(self) -> None:
         if self.closed:
