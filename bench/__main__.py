@@ -1,4 +1,4 @@
-"""``python -m bench storage|nbd|vc [options]``: run one benchmark suite."""
+"""``python -m bench storage|nbd|vc|crash [options]``: run one benchmark suite."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUITES = {
     "nbd": ("bench.nbd_bench", "NBD server"),
     "nbd-ab": ("bench.nbd_ab", "two NBD servers taking turns on one fio workload (A/B)"),
     "vc": ("bench.vc_bench", "virtual clusters: create + boot 1/4/8 nodes, disk space"),
+    "crash": ("bench.crash_bench", "kill -9 the server at random points: bytes checked, violations"),
 }
 
 

@@ -16,6 +16,7 @@ Used by tests/unit/test_storage_crash.py (20 kill points) and `./run bench crash
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -219,6 +220,9 @@ class CrashWorkload:
 
     def step(self) -> None:
         self.stats.ops += 1
+        if len(self.vols) < 2:  # a recursive removal may take clones along
+            self._create_volume()
+            return
         mv = self.vols[self.rng.choice(sorted(self.vols))]
         r = self.rng.random()
         if r < 0.45:
@@ -249,7 +253,11 @@ class CrashWorkload:
         """Run the workload until a SIGKILL at a random moment, restart, check everything."""
         pid = self.server.pid()
         delay = self.rng.uniform(*self.window)
-        timer = threading.Timer(delay, lambda: os.kill(pid, signal.SIGKILL))
+        def kill() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+        timer = threading.Timer(delay, kill)
         timer.start()
         deadline = time.monotonic() + delay + 30
         try:

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virtua.errors import NoSpace
+
+if TYPE_CHECKING:
+    from virtua.storage.reserve import SpaceGuard
 
 SCHEMA_VERSION = 1
 
@@ -50,8 +56,53 @@ CREATE TABLE IF NOT EXISTS extents (
 """
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+class MetaDB(sqlite3.Connection):
+    """A pool's connection: a full file system is NoSpace (never an OperationalError),
+    and every write transaction first gives the space guard its say (virtua.storage.reserve)."""
+
+    guard: SpaceGuard | None = None
+    label = "pool"
+
+    def _before(self, sql: str) -> None:
+        if self.guard is not None and not self.in_transaction and sql.lstrip()[:6].upper() in _WRITES:
+            self.guard.before_metadata_write()
+
+    def _full(self, e: sqlite3.OperationalError) -> NoSpace:
+        if self.guard is not None:
+            self.guard.release()  # so that a retry finds the reserve's room
+        where = f" in {self.guard.dir}" if self.guard is not None else ""
+        return NoSpace(f"{self.label} is full: no room for its metadata{where} ({e}); free space and retry")
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self._before(sql)
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.OperationalError as e:
+            if _is_full(e):
+                raise self._full(e) from e
+            raise
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        self._before(sql)
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.OperationalError as e:
+            if _is_full(e):
+                raise self._full(e) from e
+            raise
+
+
+_WRITES = ("BEGIN ", "INSERT", "UPDATE", "DELETE", "REPLAC")
+
+
+def _is_full(e: sqlite3.OperationalError) -> bool:
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
+
+
+def connect(path: Path) -> MetaDB:
+    db = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=30, factory=MetaDB
+    )
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
@@ -71,6 +122,11 @@ class Tx:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        elif self.db.in_transaction:  # SQLite may have rolled it back itself (disk full)
             self.db.execute("ROLLBACK")

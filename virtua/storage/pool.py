@@ -11,6 +11,7 @@ Invariants (docs/storage.md explains them):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -34,6 +35,7 @@ from virtua.storage.device import FileMap
 from virtua.storage.fallocate import punch_hole
 from virtua.storage.meta import SCHEMA_VERSION, Tx, connect
 from virtua.storage.names import check_name
+from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_OVERCOMMIT = 20.0
@@ -98,7 +100,9 @@ class Pool:
                     ) from None
                 time.sleep(0.05)
         os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the Busy message; a full disk may refuse
+            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        release_if_full(self.path)
         self.db = connect(self.path / "meta.db")
         settings = dict(self.db.execute("SELECT key, value FROM settings").fetchall())
         if int(settings.get("version", "0")) != SCHEMA_VERSION:
@@ -111,6 +115,9 @@ class Pool:
         self.capacity_chunks = self.capacity >> self.chunk_shift
         self.overcommit = float(settings["overcommit"])
         self.created = float(settings.get("created", "0"))
+        self.space = SpaceGuard(self.path, reserve_size(self.capacity))
+        self.db.guard = self.space
+        self.db.label = f"pool {self.name}"
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
@@ -239,6 +246,11 @@ class Pool:
                     f"pool {self.name} is full: need {n} chunk(s) of {self.chunk_size} bytes, "
                     f"{self.capacity_chunks - self.used} free"
                 )
+        if not self.space.data_room(n << self.chunk_shift):
+            raise NoSpace(
+                f"pool {self.name} is full: the file system under {self.path} has "
+                f"{self.space.free_bytes()} bytes free, and keeps {self.space.size} for metadata"
+            )
 
     def alloc(self, layer: int) -> int:
         """One zeroed chunk for layer; call reserve() first."""

@@ -7,9 +7,10 @@ the untouched parts, in the kernel (copy_file_range).
 
 from __future__ import annotations
 
+import errno
 import os
 
-from virtua.errors import InvalidArgument, NotFound, ReadOnly
+from virtua.errors import InvalidArgument, NoSpace, NotFound, ReadOnly
 from virtua.storage.blockmap import HOLE_V, SEG_MASK, SEG_SHIFT, ZERO_V, BlockMap
 from virtua.storage.device import HOLE, ZERO, Extent
 from virtua.storage.pool import Pool, Snapshot, Volume, _copy
@@ -209,7 +210,12 @@ class VolumeDevice(_Reader):
             seg = m.segs.get(first >> SEG_SHIFT)
             v = 0 if seg is None else seg[first & SEG_MASK]
             if v > 0 and owner[v] == top:
-                os.pwrite(fd, mv, (v << sh) + (offset & pool.chunk_mask))
+                try:
+                    os.pwrite(fd, mv, (v << sh) + (offset & pool.chunk_mask))
+                except OSError as e:  # a chunk written only in part needs file system space
+                    if e.errno == errno.ENOSPC:
+                        raise _no_space(pool) from e
+                    raise
                 if fua:
                     pool.flush()
                 return
@@ -253,12 +259,14 @@ class VolumeDevice(_Reader):
                 pos += piece
             if run_len:
                 _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
-        except BaseException:
+        except BaseException as e:
             # A failed write (EIO, the file system full) maps no new chunk: half-copied
             # or half-written chunks go back to be wiped, the old entries stay.
             for (c, _), v in zip(new_rows, replaced, strict=True):
                 m.set(c, v)
             pool.release(phys for _, phys in new_rows)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise _no_space(pool) from e
             raise
         # Rows only after the data is written: an automatic commit must never point at
         # a chunk whose data is still on its way.
@@ -306,6 +314,10 @@ class VolumeDevice(_Reader):
     def discard(self, offset: int, length: int) -> None:
         """TRIM frees whole chunks and zeroes partial ones: the range reads as zeros."""
         self.write_zeroes(offset, length, may_trim=True)
+
+
+def _no_space(pool: Pool) -> NoSpace:
+    return NoSpace(f"pool {pool.name} is full: the file system under {pool.path} has no space left")
 
 
 def _preadv_full(fd: int, buf: memoryview, pos: int, zeros: bytes) -> None:
