@@ -259,6 +259,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._ws_handle = 0
         self._ws_fua = False
         self._ws_err: tuple[int, str] | None = None
+        # FLUSH and FUA replies waiting for the device's flush_async (off the loop)
+        self._durable_waits: set[asyncio.Task[None]] = set()
         self.peer = ""
         self._sock_fd: int | None = None  # for sendfile(2) on plain connections
         self._sock_dup: socket.socket | None = None  # its duplicate, for getsockopt
@@ -384,6 +386,8 @@ class _Connection(asyncio.BufferedProtocol):
     def busy(self) -> bool:
         if self.closed:
             return False
+        if self._durable_waits:
+            return True
         try:
             return bool(self.transport.get_write_buffer_size())
         except Exception:
@@ -822,7 +826,8 @@ class _Connection(asyncio.BufferedProtocol):
                 elif cmd == 2:  # NBD_CMD_DISC
                     self.disconnecting = True
                     self._flush_out()
-                    self.close()
+                    if not self._durable_waits:  # else the last of them closes
+                        self.close()
                     return
                 else:
                     self._other(cmd, flags, handle, offset, length)
@@ -853,9 +858,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._ws_left = left = left - k
         if self._ws_err is None:
             try:
-                self.dev.write(  # type: ignore[union-attr]
-                    self._ws_off, self.rmv[start : start + k], self._ws_fua and not left
-                )
+                self.dev.write(self._ws_off, self.rmv[start : start + k])  # type: ignore[union-attr]
             except Exception as e:  # noqa: BLE001
                 self._ws_err = (nbd_errno(e), f"write failed: {e}")
         self._ws_off += k
@@ -863,6 +866,8 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         if self._ws_err is not None:
             self._error(self._ws_handle, self._ws_err[0], self._ws_err[1], 1)
+        elif self._ws_fua:
+            self._reply_when_durable(self._ws_handle, 1)
         else:
             self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, self._ws_handle))
         return True
@@ -898,9 +903,11 @@ class _Connection(asyncio.BufferedProtocol):
         if err is not None:
             return self._error(handle, err[0], err[1], 1)
         try:
-            self.dev.write(offset, data, bool(flags & 1))  # type: ignore[union-attr]
+            self.dev.write(offset, data)  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001
             return self._error(handle, nbd_errno(e), f"write failed: {e}", 1)
+        if flags & P.CMD_FLAG_FUA:
+            return self._reply_when_durable(handle, 1)
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
 
     def _read(self, flags: int, handle: int, offset: int, length: int) -> None:
@@ -1084,7 +1091,7 @@ class _Connection(asyncio.BufferedProtocol):
             if cmd == P.CMD_FLUSH:
                 if offset or length:
                     return self._error(handle, P.NBD_EINVAL, "FLUSH offset/length must be 0", cmd)
-                dev.flush()
+                return self._reply_when_durable(handle, cmd)
             elif cmd == P.CMD_TRIM or cmd == P.CMD_WRITE_ZEROES:
                 if self.readonly:
                     return self._error(handle, P.NBD_EPERM, "export is read-only", cmd)
@@ -1095,8 +1102,6 @@ class _Connection(asyncio.BufferedProtocol):
                 if cmd == P.CMD_TRIM:
                     if length:
                         dev.discard(offset, length)
-                        if fua:
-                            dev.flush()
                 else:
                     no_hole = bool(flags & P.CMD_FLAG_NO_HOLE)
                     if flags & P.CMD_FLAG_FAST_ZERO and (
@@ -1108,10 +1113,10 @@ class _Connection(asyncio.BufferedProtocol):
                         pos, end = offset, offset + length
                         while pos < end:
                             n = min(end - pos, P.MAX_PAYLOAD)
-                            dev.write_zeroes(pos, n, False, fua and pos + n == end)
+                            dev.write_zeroes(pos, n, False)
                             pos += n
                     elif length:
-                        dev.write_zeroes(offset, length, True, fua)
+                        dev.write_zeroes(offset, length, True)
             elif cmd == P.CMD_CACHE:
                 if offset + length > self.size:
                     return self._error(handle, P.NBD_EINVAL, "beyond end of export", cmd)
@@ -1124,7 +1129,38 @@ class _Connection(asyncio.BufferedProtocol):
             return self._error(handle, e.err, e.msg, cmd)
         except Exception as e:  # noqa: BLE001
             return self._error(handle, nbd_errno(e), f"command {cmd} failed: {e}", cmd)
+        if fua and cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            return self._reply_when_durable(handle, cmd)
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
+
+    def _reply_when_durable(self, handle: int, cmd: int) -> None:
+        """Reply once every write acknowledged so far is durable (FLUSH, FUA). A device
+        with flush_async does the work off the loop, and this connection and the others
+        go on meanwhile (NBD replies may come out of order); else flush() inline."""
+        dev = self.dev
+        assert dev is not None
+        flush_async = getattr(dev, "flush_async", None)
+        if flush_async is None:
+            try:
+                dev.flush()
+            except Exception as e:  # noqa: BLE001
+                return self._error(handle, nbd_errno(e), f"flush failed: {e}", cmd)
+            return self._ok(handle)
+        task = asyncio.get_running_loop().create_task(self._durable_then_reply(flush_async, handle, cmd))
+        self._durable_waits.add(task)
+
+    async def _durable_then_reply(self, flush_async: Any, handle: int, cmd: int) -> None:
+        try:
+            await flush_async()
+        except Exception as e:  # noqa: BLE001
+            self._error(handle, nbd_errno(e), f"flush failed: {e}", cmd)
+        else:
+            self._ok(handle)
+        finally:
+            self._durable_waits.discard(asyncio.current_task())  # type: ignore[arg-type]
+        self._flush_out()
+        if self.disconnecting and not self._durable_waits:
+            self.close()
 
     def _block_status(self, flags: int, handle: int, offset: int, length: int) -> None:
         cmd = P.CMD_BLOCK_STATUS

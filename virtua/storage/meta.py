@@ -9,6 +9,7 @@ allocated chunk) and it changes in batches at flush time, which WAL commits chea
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,14 +59,17 @@ CREATE TABLE IF NOT EXISTS extents (
 
 class MetaDB(sqlite3.Connection):
     """A pool's connection: a full file system is NoSpace (never an OperationalError),
-    and every write transaction first gives the space guard its say (virtua.storage.reserve)."""
+    and every write transaction first calls before_write (the pool's: wait for a commit
+    in flight, give the space guard of virtua.storage.reserve its say)."""
 
     guard: SpaceGuard | None = None
     label = "pool"
+    before_write: Callable[[], None] | None = None  # called before each write transaction
 
     def _before(self, sql: str) -> None:
-        if self.guard is not None and not self.in_transaction and sql.lstrip()[:6].upper() in _WRITES:
-            self.guard.before_metadata_write()
+        hook = self.before_write
+        if hook is not None and not self.in_transaction and sql.lstrip()[:6].upper() in _WRITES:
+            hook()
 
     def _full(self, e: sqlite3.OperationalError) -> NoSpace:
         if self.guard is not None:

@@ -11,10 +11,12 @@ Invariants (docs/storage.md explains them):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from array import array
 from collections.abc import Iterable
@@ -33,7 +35,7 @@ from virtua.errors import (
 from virtua.storage.blockmap import HOLE_V, ZERO_V, BlockMap
 from virtua.storage.device import FileMap
 from virtua.storage.fallocate import punch_hole
-from virtua.storage.meta import SCHEMA_VERSION, Tx, connect
+from virtua.storage.meta import SCHEMA_VERSION, MetaDB, Tx, connect
 from virtua.storage.names import check_name
 from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
 
@@ -118,6 +120,13 @@ class Pool:
         self.space = SpaceGuard(self.path, reserve_size(self.capacity))
         self.db.guard = self.space
         self.db.label = f"pool {self.name}"
+        self.db.before_write = self._before_metadata_write
+        # flush_async: the commit in flight, the flush waiting for the next one, a second
+        # connection the worker thread commits on (never both at once: _wait_flush_job)
+        self._job: _FlushJob | None = None
+        self._next_flush: asyncio.Future[None] | None = None
+        self._commit_db: MetaDB | None = None
+        self._flush_tasks: set[asyncio.Task[None]] = set()
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
@@ -220,6 +229,8 @@ class Pool:
         self.flush()
         self.closed = True
         self.db.close()
+        if self._commit_db is not None:
+            self._commit_db.close()
         self.data_map.close()
         os.close(self.data_fd)
         os.close(self._lock_fd)
@@ -304,26 +315,103 @@ class Pool:
 
     def flush(self) -> None:
         """Data first, then the metadata that points at it, then recycle freed chunks."""
+        self._wait_flush_job()
         os.fdatasync(self.data_fd)
         if not self._pending and not self._pending_free:
             return
         pending, self._pending = self._pending, {}
-        upserts = [(lid, c, p) for (lid, c), p in pending.items() if p is not None]
-        deletes = [(lid, c) for (lid, c), p in pending.items() if p is None]
         try:
-            with Tx(self.db) as db:
-                if deletes:
-                    db.executemany("DELETE FROM extents WHERE layer = ? AND chunk = ?", deletes)
-                if upserts:
-                    db.executemany(
-                        "INSERT OR REPLACE INTO extents (layer, chunk, phys) VALUES (?, ?, ?)",
-                        upserts,
-                    )
+            _commit_rows(self.db, pending)
         except BaseException:
             pending.update(self._pending)
             self._pending = pending
             raise
         self._recycle()
+
+    async def flush_async(self) -> None:
+        """flush(), with the fdatasync and the commit in a thread: the event loop keeps
+        serving every other request meanwhile. Everything written before the call is
+        durable, and its rows committed, when it returns. Flushes that arrive while a
+        commit is in flight share the next one: one commit at a time, and the rows of
+        the one in flight stay visible to readers (_apply_rows) until it is done."""
+        loop = asyncio.get_running_loop()
+        if self._job is None:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._start_flush_job(loop, fut)
+        else:  # that commit may miss what was written since it began
+            if self._next_flush is None:
+                self._next_flush = loop.create_future()
+            fut = self._next_flush
+        await asyncio.shield(fut)
+
+    def _start_flush_job(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved by someone
+        if self._commit_db is None:
+            self._commit_db = connect(self.path / "meta.db")
+            self._commit_db.guard = self.space
+            self._commit_db.label = f"pool {self.name}"
+        self.space.before_metadata_write()
+        job = _FlushJob(self._pending, self._pending_free)
+        self._pending, self._pending_free = {}, []
+        self._job = job
+        task = loop.create_task(self._drive_flush(loop, job, fut))
+        self._flush_tasks.add(task)
+        task.add_done_callback(self._flush_tasks.discard)
+
+    async def _drive_flush(self, loop: asyncio.AbstractEventLoop, job: _FlushJob, fut: asyncio.Future[None]) -> None:
+        await loop.run_in_executor(None, self._run_flush_job, job)
+        self._end_flush_job(job)
+        if not fut.done():
+            if job.error is not None:
+                fut.set_exception(job.error)
+            else:
+                fut.set_result(None)
+        nxt = self._next_flush
+        if nxt is not None and self._job is None:
+            self._next_flush = None
+            if self.closed:  # close() flushed everything
+                nxt.set_result(None)
+            else:
+                self._start_flush_job(loop, nxt)
+
+    def _run_flush_job(self, job: _FlushJob) -> None:
+        """In a worker thread: touches only the data file's fd and the commit connection."""
+        try:
+            os.fdatasync(self.data_fd)
+            if job.rows:
+                assert self._commit_db is not None
+                _commit_rows(self._commit_db, job.rows)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop thread
+            job.error = e
+        finally:
+            job.done.set()
+
+    def _end_flush_job(self, job: _FlushJob) -> None:
+        """On the loop thread, once: recycle what the commit freed, or put its rows back."""
+        if job.ended:
+            return
+        job.ended = True
+        if self._job is job:
+            self._job = None
+        if job.error is not None:  # not committed: newer rows win, freed chunks wait
+            job.rows.update(self._pending)
+            self._pending = job.rows
+            self._pending_free = job.freed + self._pending_free
+            return
+        self._unwiped.extend(job.freed)
+        if self._unwiped:
+            self._wipe_unwiped()
+
+    def _wait_flush_job(self) -> None:
+        """Single writer: a synchronous commit waits for the one in flight (rare: admin work)."""
+        job = self._job
+        if job is not None:
+            job.done.wait()
+            self._end_flush_job(job)
+
+    def _before_metadata_write(self) -> None:
+        self._wait_flush_job()
+        self.space.before_metadata_write()
 
     def _recycle(self) -> None:
         """Chunks freed by a durable commit: wipe them, then they may be allocated again."""
@@ -356,9 +444,11 @@ class Pool:
             "SELECT chunk, phys FROM extents WHERE layer = ?", (layer_id,)
         ):
             m.set(chunk, phys)
-        for (lid, chunk), phys in self._pending.items():
-            if lid == layer_id:
-                m.set(chunk, HOLE_V if phys is None else phys)
+        job = self._job
+        for rows in (job.rows, self._pending) if job is not None else (self._pending,):
+            for (lid, chunk), phys in rows.items():
+                if lid == layer_id:
+                    m.set(chunk, HOLE_V if phys is None else phys)
 
     def volume_map(self, vol: Volume) -> BlockMap:
         if vol.map is None:
@@ -944,6 +1034,29 @@ class Pool:
         out["repaired"] = repaired
         out["problems"] = problems
         return out
+
+
+@dataclass
+class _FlushJob:
+    """One commit of flush_async: the rows and freed chunks it took, and how it went."""
+
+    rows: dict[tuple[int, int], int | None]
+    freed: list[int]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    ended: bool = False
+
+
+def _commit_rows(db: sqlite3.Connection, rows: dict[tuple[int, int], int | None]) -> None:
+    upserts = [(lid, c, p) for (lid, c), p in rows.items() if p is not None]
+    deletes = [(lid, c) for (lid, c), p in rows.items() if p is None]
+    with Tx(db):
+        if deletes:
+            db.executemany("DELETE FROM extents WHERE layer = ? AND chunk = ?", deletes)
+        if upserts:
+            db.executemany(
+                "INSERT OR REPLACE INTO extents (layer, chunk, phys) VALUES (?, ?, ?)", upserts
+            )
 
 
 def _next_id(db: sqlite3.Connection, table: str) -> int:

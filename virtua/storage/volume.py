@@ -133,6 +133,10 @@ class _Reader:
     def flush(self) -> None:
         self.pool.flush()
 
+    async def flush_async(self) -> None:
+        """flush() with its durability work off the event loop (Pool.flush_async)."""
+        await self.pool.flush_async()
+
 
 class SnapshotDevice(_Reader):
     """A snapshot: read-only."""
