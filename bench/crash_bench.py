@@ -5,7 +5,13 @@ FUA writes, snapshots, clones, removals, flatten over up to 6 volumes of one poo
 the real NBD server and operations, kills the server with SIGKILL at random moments,
 restarts it and checks every byte of every volume and snapshot against the model.
 Prints kill points tried, operations, bytes checked and violations by kind (goal: 0).
-The pool lives in --dir (default: a new directory under /tmp).
+
+Then flush isolation (tests/helpers/crash_flush.py): fio reads 4 KiB at random, queue
+depth 1, from one export while another client writes --dirty MiB to another export of
+the same pool and flushes, over and over; printed: fio's p50/p99 latency idle and for the
+reads that completed during a FLUSH, and the FLUSH's median duration (goal: p99 during
+flushes within 2x of idle). The pools live in --dir (default: a new directory under /tmp,
+which is the disk here: a tmpfs has nothing to fdatasync).
 """
 
 from __future__ import annotations
@@ -44,17 +50,54 @@ def run_kill_points(kill_points: int, seed: int, where: Path) -> int:
     return 1 if s.counts else 0
 
 
+def run_flush_isolation(dirty_mib: list[int], seconds: float, where: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.crash_flush import MIB, measure
+    from tests.helpers.crash_server import CrashServer
+    from virtua.storage.service import Storage
+
+    home = where / "flush-home"
+    st = Storage(home)
+    st.create_pool("f", capacity=8 << 30)
+    st.pool("f").create_volume("r", 64 * MIB)
+    st.pool("f").create_volume("w", 4 << 30)
+    st.close()
+    srv = CrashServer(home).start()
+    print("flush isolation: fio randread 4k qd1 on f/r, another client writes DIRTY to f/w, then FLUSH")
+    print(f"  {'dirty':>8} {'idle p50':>9} {'idle p99':>9} {'flush p50':>9} {'flush p99':>9} {'p99 ratio':>9} "
+          f"{'flushes':>7} {'FLUSH ms':>8} {'reads':>6}")
+    try:
+        for mib in dirty_mib:
+            r = measure(srv.port, "f/r", "f/w", where, dirty_bytes=mib * MIB, seconds=seconds)
+            ratio = r.flush_p99_us / r.idle_p99_us if r.idle_p99_us else 0.0
+            print(f"  {mib:>5}MiB {r.idle_p50_us:>7.0f}us {r.idle_p99_us:>7.0f}us {r.flush_p50_us:>7.0f}us "
+                  f"{r.flush_p99_us:>7.0f}us {ratio:>8.1f}x {r.flushes:>7} {r.flush_ms:>8.1f} {r.flush_reads:>6}",
+                  flush=True)
+    finally:
+        srv.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench crash", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--kill-points", type=int, default=200)
     ap.add_argument("--seed", type=int, default=int(time.time()))
-    ap.add_argument("--dir", type=Path, default=None, help="where the pool lives (default: a temp dir)")
+    ap.add_argument("--dir", type=Path, default=None, help="where the pools live (default: a temp dir)")
+    ap.add_argument("--dirty", default="64,512", help="MiB written before each FLUSH, comma-separated")
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of each fio run")
     args = ap.parse_args(argv)
+    dirty = [int(x) for x in args.dirty.split(",") if x]
     print(f"crash: {args.kill_points} kill points, seed {args.seed}", flush=True)
+
+    def run(where: Path) -> int:
+        rc = run_kill_points(args.kill_points, args.seed, where) if args.kill_points else 0
+        if dirty:
+            run_flush_isolation(dirty, args.seconds, where)
+        return rc
+
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        return run_kill_points(args.kill_points, args.seed, args.dir)
+        return run(args.dir)
     with tempfile.TemporaryDirectory(prefix="virtua-crash-") as d:
-        return run_kill_points(args.kill_points, args.seed, Path(d))
+        return run(Path(d))
