@@ -120,3 +120,30 @@ def test_one_clients_flush_does_not_stall_another_clients_reads(server: CrashSer
     # noise (2 cores, other jobs) is far above the 2x goal, hence the generous bound.
     bound_us = max(3 * r.idle_p99_us, r.flush_ms * 1000 / 4)
     assert r.flush_p99_us <= bound_us, f"reads stalled by another client's flush: {r}"
+
+
+def test_a_flush_syncs_whenever_data_was_written_and_only_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = Pool.create(tmp_path / "p", "p", capacity=64 << 20, chunk_size=CHUNK)
+    a = VolumeDevice(pool, pool.create_volume("a", 64 * CHUNK))
+    a.write(0, b"a" * CHUNK)
+    pool.flush()
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(pool_module.os, "fdatasync", counting_fdatasync)
+
+    async def flushes() -> None:
+        await pool.flush_async()
+        assert synced == [], "nothing was written: a FLUSH needs no fdatasync"
+        a.write(100, b"in place")  # an owned chunk: no new row, but dirty pages
+        await pool.flush_async()
+        assert synced == [pool.data_fd], "an in-place overwrite was not synced"
+
+    asyncio.run(flushes())
+    pool.close()

@@ -127,6 +127,8 @@ class Pool:
         self._next_flush: asyncio.Future[None] | None = None
         self._commit_db: MetaDB | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
+        # set by every data write: a flush with nothing to sync or commit returns at once
+        self.data_dirty = False
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
@@ -316,7 +318,12 @@ class Pool:
     def flush(self) -> None:
         """Data first, then the metadata that points at it, then recycle freed chunks."""
         self._wait_flush_job()
-        os.fdatasync(self.data_fd)
+        self.data_dirty = False
+        try:
+            os.fdatasync(self.data_fd)
+        except BaseException:
+            self.data_dirty = True
+            raise
         if not self._pending and not self._pending_free:
             return
         pending, self._pending = self._pending, {}
@@ -336,6 +343,8 @@ class Pool:
         the one in flight stay visible to readers (_apply_rows) until it is done."""
         loop = asyncio.get_running_loop()
         if self._job is None:
+            if not (self.data_dirty or self._pending or self._pending_free):
+                return  # nothing written since the last flush (guests flush often)
             fut: asyncio.Future[None] = loop.create_future()
             self._start_flush_job(loop, fut)
         else:  # that commit may miss what was written since it began
@@ -351,6 +360,7 @@ class Pool:
             self._commit_db.guard = self.space
             self._commit_db.label = f"pool {self.name}"
         self.space.before_metadata_write()
+        self.data_dirty = False  # a write from now on needs the next fdatasync
         job = _FlushJob(self._pending, self._pending_free)
         self._pending, self._pending_free = {}, []
         self._job = job
@@ -394,6 +404,7 @@ class Pool:
         if self._job is job:
             self._job = None
         if job.error is not None:  # not committed: newer rows win, freed chunks wait
+            self.data_dirty = True
             job.rows.update(self._pending)
             self._pending = job.rows
             self._pending_free = job.freed + self._pending_free

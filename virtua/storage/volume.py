@@ -214,6 +214,7 @@ class VolumeDevice(_Reader):
             seg = m.segs.get(first >> SEG_SHIFT)
             v = 0 if seg is None else seg[first & SEG_MASK]
             if v > 0 and owner[v] == top:
+                pool.data_dirty = True
                 try:
                     os.pwrite(fd, mv, (v << sh) + (offset & pool.chunk_mask))
                 except OSError as e:  # a chunk written only in part needs file system space
@@ -237,6 +238,7 @@ class VolumeDevice(_Reader):
         run_len = 0
         new_rows: list[tuple[int, int]] = []
         replaced: list[int] = []  # what each new chunk's entry was, to undo a failed write
+        pool.data_dirty = True
         try:
             for c in range(first, last + 1):
                 a = (offset + pos) & pool.chunk_mask
