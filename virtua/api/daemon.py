@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from virtua.api import ops
 from virtua.errors import InvalidArgument, VirtuaError
+from virtua.nbd.limits import ConnectionLimits
 from virtua.storage.device import BlockDevice
 from virtua.storage.service import Storage
 
@@ -47,6 +48,19 @@ class ServeConfig:
     local_agent: bool = True
     agent_listen: str = "127.0.0.1:8781"
     host_networks: list[str] = field(default_factory=list)
+    # connection limits of every listener (NBD and API, TCP and unix): see virtua.nbd.limits
+    handshake_timeout: float = ConnectionLimits.handshake_timeout
+    max_connections_per_source: int = ConnectionLimits.max_connections_per_source
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The NBD server's limits (raises InvalidArgument on a bad value)."""
+        return ConnectionLimits(
+            handshake_timeout=self.handshake_timeout,
+            max_connections_per_source=self.max_connections_per_source,
+            max_handshakes_per_source=min(ConnectionLimits.max_handshakes_per_source,
+                                          self.max_connections_per_source),
+        )
 
     @property
     def api_socket(self) -> Path:
@@ -249,7 +263,13 @@ async def serve(cfg: ServeConfig) -> None:
     tls = None
     if cfg.tls != "off":
         tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
-    nbd = NBDServer(exports, tls=tls, tls_mode=cfg.tls)  # type: ignore[arg-type]
+    lim = cfg.limits
+    nbd = NBDServer(
+        exports, tls=tls, tls_mode=cfg.tls,  # type: ignore[arg-type]
+        max_connections=lim.max_connections, max_connections_per_source=lim.max_connections_per_source,
+        max_handshakes=lim.max_handshakes, max_handshakes_per_source=lim.max_handshakes_per_source,
+        handshake_timeout=lim.handshake_timeout,
+    )
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
@@ -266,8 +286,17 @@ async def serve(cfg: ServeConfig) -> None:
     )
     await manager.start()
     sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]
+    from virtua.api.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.nbd.limits import Admission
+
+    # the API's listeners (unix socket and TCP) share one set of counts, apart from NBD's
+    api_admission = Admission(lim, logging.getLogger("virtua.api"), "api")
     uv = uvicorn.Server(
-        uvicorn.Config(build_api(storage, manager), log_level="warning", lifespan="off")
+        uvicorn.Config(
+            build_api(storage, manager), log_level="warning", lifespan="off",
+            http=guarded_protocol(api_admission), timeout_keep_alive=5,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
     )
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     api_task = asyncio.create_task(uv.serve(sockets=sockets))
