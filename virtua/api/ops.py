@@ -54,6 +54,22 @@ def operation_names() -> list[str]:
     return sorted([*OPS, *CLUSTER_OPS, *MANAGER_METHODS])
 
 
+def argument_model(name: str, manager_type: type | None = None) -> type[BaseModel]:
+    """The model an operation's arguments are checked against (a Manager method's is
+    built from `manager_type`, the Manager class, on first use)."""
+    fn = OPS.get(name) or CLUSTER_OPS.get(name)
+    if fn is not None:
+        return _MODELS[fn]
+    method = MANAGER_METHODS.get(name)
+    if method is None or manager_type is None:
+        raise InvalidArgument(f"unknown operation {name!r}")
+    key = (manager_type, method)
+    model = _MODELS.get(key)
+    if model is None:  # the unbound method: its first parameter is self
+        model = _MODELS[key] = arguments_model(getattr(manager_type, method), name)
+    return model
+
+
 def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) -> Any:
     """Run an operation; a cluster operation may return an awaitable (the daemon awaits it)."""
     fn = OPS.get(name)
@@ -71,12 +87,8 @@ def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) 
         )
     if cfn is not None:
         return cfn(manager, **check_arguments(name, _MODELS[cfn], args))
-    bound = getattr(manager, method)  # type: ignore[arg-type]
-    key = (type(manager), method)
-    model = _MODELS.get(key)
-    if model is None:
-        model = _MODELS[key] = arguments_model(bound, name, skip_first=False)
-    return bound(**check_arguments(name, model, args))
+    model = argument_model(name, type(manager))
+    return getattr(manager, method)(**check_arguments(name, model, args))  # type: ignore[arg-type]
 
 
 def _size(v: str | int | None) -> int | None:
