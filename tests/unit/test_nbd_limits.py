@@ -7,6 +7,8 @@ socket and the admin API's TCP listener. Loopback only: 127.0.0.2 floods, 127.0.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import shutil
 import signal
@@ -20,7 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from virtua.nbd.client import NBDClient
+from virtua.nbd import proto as P
+from virtua.nbd.client import NBDClient, NBDError
+from virtua.nbd.exports import DirectoryProvider
+from virtua.nbd.testing import ServerThread
+from virtua.storage.device import FileDevice
 
 FLOOD = 1000
 FLOODER = "127.0.0.2"
@@ -272,3 +278,65 @@ def test_bad_limits_are_one_line_errors(tmp_path: Path) -> None:
                            env=env, capture_output=True, text=True, timeout=60)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and flag.lstrip("-") in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------- the server's own faults
+
+EIO_AT = 0x10000  # an I/O error: the client's answer is EIO, its connection stays
+BUG_AT = 0x20000  # a bug (KeyError): logged with its traceback, the connection dropped
+
+
+class FaultyDevice(FileDevice):
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        if offset == EIO_AT:
+            raise OSError(errno.EIO, "injected I/O error")
+        if offset == BUG_AT:
+            raise KeyError("a bug in the device")
+        super().readinto(offset, buf)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        if offset == BUG_AT:
+            raise TypeError("another bug in the device")
+        super().write(offset, data, fua)
+
+
+class FaultyProvider(DirectoryProvider):
+    def open_export(self, name: str) -> FileDevice | None:
+        if name == "broken":
+            raise RuntimeError("a bug in the provider")
+        path = self._path(name)
+        return FaultyDevice(path) if path else None
+
+
+def test_server_faults_are_logged_and_drop_only_that_connection(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    with caplog.at_level(logging.INFO, logger="virtua.nbd"), ServerThread(FaultyProvider(str(tmp_path))) as st:
+        assert st.port is not None
+        bystander = NBDClient.connect(port=st.port).open("disk.img")
+        c = NBDClient.connect(port=st.port).open("disk.img")
+        # a device's I/O error is the client's answer, and the connection goes on
+        with pytest.raises(NBDError) as err:
+            c.read(EIO_AT, 4096)
+        assert err.value.err == P.NBD_EIO
+        assert c.read(0, 4096) == bytes(4096)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        # a bug is not made into an errno: logged, and this connection (only) dropped
+        with pytest.raises((ConnectionError, OSError)):
+            c.read(BUG_AT, 4096)
+        c.close()
+        w = NBDClient.connect(port=st.port).open("disk.img")
+        with pytest.raises((ConnectionError, OSError)):
+            w.write(BUG_AT, b"x" * 4096)
+        w.close()
+        assert bystander.read(0, 4096) == bytes(4096)
+        bystander.write(4096, b"y" * 4096)
+        # a provider's bug during the handshake: logged, the connection dropped
+        b = NBDClient.connect(port=st.port)
+        with pytest.raises((ConnectionError, OSError)):
+            b.open("broken")
+        b.close()
+        bystander.disconnect()
+    logged = {r.exc_info[0] for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info}
+    assert {KeyError, TypeError, RuntimeError} <= logged, [r.getMessage() for r in caplog.records]
+    assert any("internal error on export 'disk.img'" in r.getMessage() for r in caplog.records)

@@ -78,6 +78,13 @@ _ALLOWED_FLAGS = {
 }
 
 
+# What a device (or an export provider) may raise for a request it cannot serve: an I/O
+# error or one of the error tree's, answered with its NBD errno. Anything else is a bug
+# of the server: it is not answered with a made-up errno but goes up to the catch-all of
+# the handshake or of _process, which logs it with its traceback and drops the connection.
+DEVICE_ERRORS = (OSError, VirtuaError)
+
+
 class _ReqError(Exception):
     def __init__(self, err: int, msg: str) -> None:
         super().__init__(msg)
@@ -601,7 +608,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         try:
             exports = self.srv.provider.list_exports()
-        except Exception as e:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
             self._send_opt_error(opt, P.REP_ERR_PLATFORM, f"cannot list exports: {e}")
             return
         for name, desc in exports:
@@ -621,7 +628,7 @@ class _Connection(asyncio.BufferedProtocol):
         """(device, error reply type, message)."""
         try:
             dev = self.srv.provider.open_export(name)
-        except Exception as e:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
             return None, P.REP_ERR_UNKNOWN, f"cannot open export {name!r}: {e}"
         if dev is None:
             return None, P.REP_ERR_UNKNOWN, f"no export named {name!r}"
@@ -856,8 +863,9 @@ class _Connection(asyncio.BufferedProtocol):
                     self._other(cmd, flags, handle, offset, length)
             if self.start == self.end:
                 self.start = self.end = 0
-        except Exception as e:  # noqa: BLE001 - never let a request crash the server
-            self.log.exception("nbd %s: internal error", self.peer)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: log it, drop this connection only
+            self.log.exception("nbd %s: internal error on export %r, dropping the connection",
+                               self.peer, self.export_name)
             self._flush_out()
             self._abort(f"internal error: {e}")
             return
@@ -884,7 +892,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.dev.write(  # type: ignore[union-attr]
                     self._ws_off, self.rmv[start : start + k], self._ws_fua and not left
                 )
-            except Exception as e:  # noqa: BLE001
+            except DEVICE_ERRORS as e:
                 self._ws_err = (nbd_errno(e), f"write failed: {e}")
         self._ws_off += k
         if left:
@@ -927,7 +935,7 @@ class _Connection(asyncio.BufferedProtocol):
             return self._error(handle, err[0], err[1], 1)
         try:
             self.dev.write(offset, data, bool(flags & 1))  # type: ignore[union-attr]
-        except Exception as e:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
             return self._error(handle, nbd_errno(e), f"write failed: {e}", 1)
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
 
@@ -947,7 +955,7 @@ class _Connection(asyncio.BufferedProtocol):
         if length >= _SENDFILE_MIN and self._physical_run is not None:
             try:
                 where = self._physical_run(offset, length)
-            except Exception:  # noqa: BLE001 - the copy path reports errors properly
+            except DEVICE_ERRORS:  # the copy path reports them properly
                 where = None
         if not self.structured:
             if where is None or not self._sendfile_read(handle, offset, length, where):
@@ -961,7 +969,7 @@ class _Connection(asyncio.BufferedProtocol):
         if (where is None or not self._run_is_data) and length >= self.sparse_min and not flags & P.CMD_FLAG_DF:
             try:
                 extents = dev.block_status(offset, length)
-            except Exception:  # noqa: BLE001 - fall back to a plain read
+            except DEVICE_ERRORS:  # fall back to a plain read
                 extents = []
             if len(extents) > 1 or (extents and extents[0].flags & P.STATE_ZERO):
                 return self._sparse_read(handle, offset, length, extents)
@@ -1057,7 +1065,7 @@ class _Connection(asyncio.BufferedProtocol):
         mv = memoryview(buf)
         try:
             self.dev.readinto(offset, mv[hs:])  # type: ignore[union-attr]
-        except Exception as e:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
             self._put_buf(buf)
             self._error(handle, nbd_errno(e), f"read failed: {e}", 0)
             return False
@@ -1150,7 +1158,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return self._block_status(flags, handle, offset, length)
         except _ReqError as e:
             return self._error(handle, e.err, e.msg, cmd)
-        except Exception as e:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
             return self._error(handle, nbd_errno(e), f"command {cmd} failed: {e}", cmd)
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
 
@@ -1164,7 +1172,7 @@ class _Connection(asyncio.BufferedProtocol):
         assert dev is not None
         try:
             extents = dev.block_status(offset, length)
-        except Exception as e:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
             return self._error(handle, nbd_errno(e), f"block status failed: {e}", cmd)
         descs: list[tuple[int, int]] = []
         pos, end = offset, offset + length
