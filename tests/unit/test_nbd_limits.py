@@ -340,3 +340,35 @@ def test_server_faults_are_logged_and_drop_only_that_connection(tmp_path: Path,
     logged = {r.exc_info[0] for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info}
     assert {KeyError, TypeError, RuntimeError} <= logged, [r.getMessage() for r in caplog.records]
     assert any("internal error on export 'disk.img'" in r.getMessage() for r in caplog.records)
+
+
+def test_agent_api_limits_a_source(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, VIRTUA_HOME=str(tmp_path / "agent"))
+    errpath = tmp_path / "agent.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtua.cli", "agent", "--no-network", "--name", "h1", "--listen", f"127.0.0.1:{port}",
+         "--manager", f"http://127.0.0.1:{free_port()}"],
+        env=env, stdout=subprocess.PIPE, stderr=open(errpath, "w"), text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("VIRTUA_AGENT_READY"), line + errpath.read_text()
+        socks = flood(port)
+        try:
+            time.sleep(1.0)
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=5)
+            assert r.status_code == 200 and r.json()["name"] == "h1"
+            with pytest.raises(httpx.TransportError):
+                with httpx.Client(transport=httpx.HTTPTransport(local_address=FLOODER), timeout=5) as http:
+                    http.get(f"http://127.0.0.1:{port}/v1/health")
+        finally:
+            close_all(socks)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    log = errpath.read_text()
+    refusals = [line for line in log.splitlines() if "agent api: refusing new connections from" in line]
+    assert len(refusals) == 1 and FLOODER in refusals[0], log
+    assert "Traceback" not in log, log

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from virtua.edge.http import describe_errors, json_kind
 from virtua.errors import InvalidArgument
-from virtua.web import describe_errors, json_kind
 
 _CONFIG = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 

@@ -24,10 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from virtua import web
 from virtua.api import ops
+from virtua.edge import http as web
+from virtua.edge.limits import ConnectionLimits
 from virtua.errors import InvalidArgument, NoSpace, NotFound, VirtuaError
-from virtua.nbd.limits import ConnectionLimits
 from virtua.storage.device import BlockDevice
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -51,7 +51,7 @@ class ServeConfig:
     local_agent: bool = True
     agent_listen: str = "127.0.0.1:8781"
     host_networks: list[str] = field(default_factory=list)
-    # connection limits of every listener (NBD and API, TCP and unix): see virtua.nbd.limits
+    # connection limits of every listener (NBD and API, TCP and unix): see virtua.edge.limits
     handshake_timeout: float = ConnectionLimits.handshake_timeout
     max_connections_per_source: int = ConnectionLimits.max_connections_per_source
 
@@ -344,8 +344,8 @@ async def serve(cfg: ServeConfig) -> None:
     )
     await manager.start()
     sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]
-    from virtua.api.guard import MAX_HEADER_BYTES, guarded_protocol
-    from virtua.nbd.limits import Admission
+    from virtua.edge.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.edge.limits import Admission
 
     # the API's listeners (unix socket and TCP) share one set of counts, apart from NBD's
     api_admission = Admission(lim, logging.getLogger("virtua.api"), "api")

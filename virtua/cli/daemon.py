@@ -8,7 +8,7 @@ import sys
 import typer
 
 from virtua.cli.main import State, app
-from virtua.nbd.limits import ConnectionLimits
+from virtua.edge.limits import ConnectionLimits
 
 
 @app.command("serve")

@@ -23,8 +23,8 @@ import httpx
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from virtua import web
 from virtua.cluster.model import VMLaunch
+from virtua.edge import http as web
 from virtua.errors import InvalidArgument, NotFound, Unavailable, VirtuaError
 
 log = logging.getLogger("virtua.agent")
@@ -456,13 +456,27 @@ async def run_agent(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")
-    uv = uvicorn.Server(uvicorn.Config(build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off"))
+    from virtua.edge.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.edge.limits import Admission, ConnectionLimits
+
+    # the same limits as the manager's listeners: one source cannot hold every connection
+    admission = Admission(ConnectionLimits(), log, "agent api")
+    uv = uvicorn.Server(uvicorn.Config(
+        build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off",
+        http=guarded_protocol(admission), timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    ))
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     task = asyncio.create_task(uv.serve())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for _ in range(200):  # ready means listening: wait (bounded) for uvicorn's socket
+        if uv.started or task.done():
+            break
+        await asyncio.sleep(0.05)
+    if not uv.started:
+        raise Unavailable(f"the agent's API could not listen on {cfg.listen}")
     print(f"VIRTUA_AGENT_READY name={cfg.name} listen={cfg.listen} pid={os.getpid()}", flush=True)
     log.info("agent %s on %s, manager %s (VMs keep running when the agent stops)", cfg.name, cfg.listen, cfg.manager)
     await stop.wait()

@@ -24,10 +24,10 @@ import termios
 import time
 from typing import Any, Literal
 
+from virtua.edge.limits import Admission, ConnectionLimits, source_of
 from virtua.errors import VirtuaError
 from virtua.nbd import proto as P
 from virtua.nbd.exports import ExportProvider
-from virtua.nbd.limits import Admission, ConnectionLimits, source_of
 from virtua.nbd.tls import TLSConfig, peer_identity
 from virtua.storage.device import BlockDevice, FileDevice, pread_padded
 

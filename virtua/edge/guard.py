@@ -3,7 +3,7 @@
 uvicorn alone keeps a connection that never sends a request open forever (its keep-alive
 timer starts only after a first response, and any byte received stops it), and has no
 limit per source. This protocol counts every connection against the same kind of
-limits as the NBD server (virtua.nbd.limits): a connection is "in its handshake" until
+limits as the NBD server (virtua.edge.limits): a connection is "in its handshake" until
 its first request's headers are complete, and every wait for a request's headers -- the
 first one and each one between keep-alive requests -- is bounded by the handshake
 timeout, however slowly the bytes drip in.
@@ -16,7 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from virtua.nbd.limits import Admission, source_of
+from virtua.edge.limits import Admission, source_of
 
 # uvicorn's default cap on a request's headers (h11 max_incomplete_event_size)
 MAX_HEADER_BYTES = 16 * 1024
