@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from virtua.edge.limits import Admission, ConnectionLimits, source_of
+from virtua.errors import InvalidArgument
 from virtua.nbd import proto as P
 from virtua.nbd.client import NBDClient, NBDError
 from virtua.nbd.exports import DirectoryProvider
@@ -372,3 +374,88 @@ def test_agent_api_limits_a_source(tmp_path: Path) -> None:
     refusals = [line for line in log.splitlines() if "agent api: refusing new connections from" in line]
     assert len(refusals) == 1 and FLOODER in refusals[0], log
     assert "Traceback" not in log, log
+
+
+def test_flood_from_many_sources_does_not_lock_new_clients_out(serve: type[Serve]) -> None:
+    # 64 addresses x 16 idle handshakes each: every source within its own limit, together
+    # eight times the budget of unfinished handshakes. The oldest make room for the newest.
+    srv = serve()
+    socks: list[socket.socket] = []
+    try:
+        for i in range(64):
+            socks += flood(srv.port, source=f"127.0.1.{i + 1}", count=16)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert "p/d" in run("nbdinfo", "--list", f"nbd://127.0.0.1:{srv.port}")
+        run("qemu-io", "-f", "raw", "-c", "read 0 4k", f"nbd://127.0.0.1:{srv.port}/p/d")
+        assert time.monotonic() - t0 < 8
+    finally:
+        close_all(socks)
+    log = srv.log()
+    assert log.count("unfinished handshakes in all (limit 128): dropping the oldest") == 1, log
+    assert "refusing new connections" not in log, log
+
+
+# ---------------------------------------------------------------------- the counts themselves
+
+
+class Conn:
+    def __init__(self) -> None:
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+
+
+class Peer:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def get_extra_info(self, name: str) -> object:
+        return (self.host, 1234, 0, 0) if name == "peername" else None
+
+
+@pytest.mark.parametrize(("host", "source"), [
+    ("127.0.0.2", "127.0.0.2"),
+    ("::ffff:10.1.2.3", "10.1.2.3"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_source_of(host: str, source: str) -> None:
+    assert source_of(Peer(host)) == source
+
+
+def test_admission_counts_refuses_and_evicts_oldest(caplog: pytest.LogCaptureFixture) -> None:
+    lim = ConnectionLimits(max_connections=10, max_connections_per_source=3, max_handshakes=4,
+                           max_handshakes_per_source=2)
+    adm = Admission(lim, logging.getLogger("virtua.test"), "t")
+    a1, a2, a3 = Conn(), Conn(), Conn()
+    assert adm.admit(a1, "a") and adm.admit(a2, "a")
+    assert not adm.admit(a3, "a")  # two handshakes from a: its limit
+    adm.handshake_done(a1)
+    assert adm.admit(a3, "a") and adm.counts("a") == (3, 2)
+    adm.handshake_done(a2)
+    assert not adm.admit(Conn(), "a")  # three connections from a: its limit
+    b = [Conn() for _ in range(2)]
+    c = [Conn() for _ in range(2)]
+    assert all(adm.admit(x, "b") for x in b) and adm.admit(c[0], "c")  # 4 handshakes: the budget
+    assert adm.admit(c[1], "c")  # the oldest unfinished handshake (a3) makes room
+    assert a3.dropped and not any(x.dropped for x in (a1, a2, *b, c[0]))
+    adm.release(a3)  # its connection_lost comes later: counted once
+    assert adm.counts("a") == (2, 0) and adm.handshakes == 4 and adm.connections == 6
+    for x in (a1, a2, *b, *c):
+        adm.release(x)
+    assert adm.connections == 0 and adm.handshakes == 0
+    assert adm.refused == 2 and adm.evicted == 1
+    refusals = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+    assert len(refusals) == 1 and "from a" in refusals[0]  # once per source
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_connections": 0}, {"max_connections_per_source": True}, {"handshake_timeout": 0},
+    {"handshake_timeout": float("nan")}, {"handshake_timeout": 1e9},
+])
+def test_bad_limits_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument, match="bad "):
+        ConnectionLimits(**bad)  # type: ignore[arg-type]

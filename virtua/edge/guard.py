@@ -27,26 +27,23 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._source: str | None = None
-        self._in_handshake = False
+        self._admitted = False
         self._wait_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        source = source_of(transport)
-        if not self.admission.admit(source):
+        if not self.admission.admit(self, source_of(transport)):
             self.transport = transport  # connection_lost() closes it
             transport.abort()
             return
-        self._source = source
-        self._in_handshake = True
+        self._admitted = True
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        if self._source is not None:
-            self.admission.release(self._source, self._in_handshake)
-            self._source = None
+        if self._admitted:
+            self.admission.release(self)
+            self._admitted = False
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
@@ -54,13 +51,18 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_events()
         if self.cycle is not cycle:  # a request's headers are complete
             self._disarm()
-            if self._in_handshake and self._source is not None:
-                self._in_handshake = False
-                self.admission.handshake_done(self._source)
+            if self._admitted:
+                self.admission.handshake_done(self)
 
     def on_response_complete(self) -> None:
         self._arm()  # before the base class starts a pipelined request (which disarms)
         super().on_response_complete()
+
+    def drop(self) -> None:
+        """The admission drops this unfinished handshake to make room for a newer one."""
+        self._disarm()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
 
     def _arm(self) -> None:
         self._disarm()

@@ -8,23 +8,28 @@ any of the limits, so a flood from one source costs other sources nothing:
 
 - a source's handshakes are capped small (a real client finishes in milliseconds);
 - the handshakes of all sources together have their own budget, well below the limit of
-  connections, so established clients never compete with half-open ones;
+  connections, so established clients never compete with half-open ones (a full budget
+  drops its oldest member for a new connection rather than refusing it);
 - a source's connections (established ones too) are capped.
 
-A source is the peer's IP address on TCP and the peer's process on a unix socket (its
-pid from SO_PEERCRED): every local QEMU is its own source, a flooding process is one.
+A source is the peer's IPv4 address (IPv6: its /64) on TCP and the peer's process on a
+unix socket (its pid from SO_PEERCRED): every local QEMU is its own source, a flooding
+process is one. When the handshake budget is full, the oldest unfinished handshake
+makes room for the new one (see Admission), so a flood from many sources does not lock
+new clients out either.
 A refused source is logged once (then at most once a minute, with the count of
 refusals since), never once per connection.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from virtua.errors import InvalidArgument
 
@@ -55,7 +60,16 @@ def source_of(transport: Any) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and peer:
         host = str(peer[0])
-        return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped: one source
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return host
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            # one host usually holds a whole /64: count it as one source
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return host
     sock = transport.get_extra_info("socket")
     try:
         pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
@@ -71,6 +85,13 @@ _REPORT_INTERVAL = 60.0
 _MAX_IDLE_SOURCES = 4096
 
 
+class Admitted(Protocol):
+    """A connection as Admission sees it."""
+
+    def drop(self) -> None:
+        """Close it now, to make room for a newer one (its release() comes later)."""
+
+
 @dataclass
 class _Source:
     connections: int = 0
@@ -81,7 +102,12 @@ class _Source:
 
 @dataclass
 class Admission:
-    """The counts behind ConnectionLimits; `what` names the listener in log lines."""
+    """The counts behind ConnectionLimits; `what` names the listener in log lines.
+
+    The per-source limits refuse. The budget of unfinished handshakes of all sources
+    does not: when it is full, the oldest unfinished handshake is dropped for the new
+    one, so that a flood from many sources shortens the life of half-open sockets (a real
+    client's handshake takes milliseconds) instead of locking new clients out."""
 
     limits: ConnectionLimits
     log: logging.Logger
@@ -89,9 +115,14 @@ class Admission:
     connections: int = 0
     handshakes: int = 0
     refused: int = 0
+    evicted: int = 0
     _sources: dict[str, _Source] = field(default_factory=dict)
+    _admitted: dict[Admitted, str] = field(default_factory=dict)  # connection -> source
+    _pending: dict[Admitted, None] = field(default_factory=dict)  # in their handshake, oldest first
+    _evictions_reported_at: float | None = None
+    _evictions_unreported: int = 0
 
-    def admit(self, source: str) -> bool:
+    def admit(self, conn: Admitted, source: str) -> bool:
         """Count a new connection (in its handshake) from `source`, or refuse it."""
         lim = self.limits
         s = self._sources.get(source)
@@ -104,14 +135,54 @@ class Admission:
             why = f"{s.connections} connections from it (limit {lim.max_connections_per_source})"
         elif s.handshakes >= lim.max_handshakes_per_source:
             why = f"{s.handshakes} unfinished handshakes from it (limit {lim.max_handshakes_per_source})"
-        elif self.handshakes >= lim.max_handshakes:
-            why = f"{self.handshakes} unfinished handshakes in all (limit {lim.max_handshakes})"
-        if why is None:
-            s.connections += 1
-            s.handshakes += 1
-            self.connections += 1
-            self.handshakes += 1
-            return True
+        if why is not None:
+            self._refuse(source, s, why)
+            return False
+        if self.handshakes >= lim.max_handshakes:
+            self._evict_oldest()
+        s.connections += 1
+        s.handshakes += 1
+        self.connections += 1
+        self.handshakes += 1
+        self._admitted[conn] = source
+        self._pending[conn] = None
+        return True
+
+    def handshake_done(self, conn: Admitted) -> None:
+        if conn in self._pending:
+            del self._pending[conn]
+            self._sources[self._admitted[conn]].handshakes -= 1
+            self.handshakes -= 1
+
+    def release(self, conn: Admitted) -> None:
+        """An admitted connection has closed (nothing if it was dropped by eviction)."""
+        self.handshake_done(conn)
+        source = self._admitted.pop(conn, None)
+        if source is None:
+            return
+        s = self._sources[source]
+        s.connections -= 1
+        self.connections -= 1
+        if not s.connections and s.reported_at is None:
+            del self._sources[source]
+
+    def _evict_oldest(self) -> None:
+        victim = next(iter(self._pending))
+        self.release(victim)
+        self.evicted += 1
+        self._evictions_unreported += 1
+        now = time.monotonic()
+        last = self._evictions_reported_at
+        if last is None or now - last >= _REPORT_INTERVAL:
+            self.log.warning("%s: %d unfinished handshakes in all (limit %d): dropping the oldest for "
+                             "each new connection (%d so far); not logged again for %.0f s", self.what,
+                             self.handshakes + 1, self.limits.max_handshakes, self._evictions_unreported,
+                             _REPORT_INTERVAL)
+            self._evictions_reported_at = now
+            self._evictions_unreported = 0
+        victim.drop()
+
+    def _refuse(self, source: str, s: _Source, why: str) -> None:
         self.refused += 1
         s.unreported += 1
         now = time.monotonic()
@@ -121,25 +192,8 @@ class Admission:
                              "are not logged for %.0f s", self.what, source, why, more, _REPORT_INTERVAL)
             s.reported_at = now
             s.unreported = 0
-        if len(self._sources) > _MAX_IDLE_SOURCES:
+        if not s.connections and len(self._sources) > _MAX_IDLE_SOURCES:
             self._drop_idle(now)
-        return False
-
-    def handshake_done(self, source: str) -> None:
-        s = self._sources[source]
-        s.handshakes -= 1
-        self.handshakes -= 1
-
-    def release(self, source: str, in_handshake: bool) -> None:
-        """A connection admitted from `source` has closed."""
-        s = self._sources[source]
-        s.connections -= 1
-        self.connections -= 1
-        if in_handshake:
-            s.handshakes -= 1
-            self.handshakes -= 1
-        if not s.connections and s.reported_at is None:
-            del self._sources[source]
 
     def _drop_idle(self, now: float) -> None:
         for source, s in list(self._sources.items()):
@@ -152,4 +206,4 @@ class Admission:
         return (s.connections, s.handshakes) if s is not None else (0, 0)
 
 
-__all__ = ["Admission", "ConnectionLimits", "source_of"]
+__all__ = ["Admission", "Admitted", "ConnectionLimits", "source_of"]

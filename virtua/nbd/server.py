@@ -281,7 +281,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._ws_fua = False
         self._ws_err: tuple[int, str] | None = None
         self.peer = ""
-        self.source: str | None = None  # what it counts against in srv.admission
+        self.admitted = False  # counted in srv.admission
         self._sock_fd: int | None = None  # for sendfile(2) on plain connections
         self._sock_dup: socket.socket | None = None  # its duplicate, for getsockopt
         self._physical_run: Any = None  # the device's physical_run, if it has one
@@ -293,13 +293,12 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self.transport = transport
         srv = self.srv
-        source = source_of(transport)
-        if srv.closing or not srv.admission.admit(source):
+        if srv.closing or not srv.admission.admit(self, source_of(transport)):
             srv.stats["rejected"] += 1
             self.closed = True
             transport.abort()
             return
-        self.source = source
+        self.admitted = True
         srv.stats["accepted"] += 1
         srv.connections.add(self)
         peer = transport.get_extra_info("peername")
@@ -319,9 +318,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.log.info("nbd %s: disconnected from export %r%s", self.peer, self.export_name,
                           f" ({exc})" if exc else "")
         self.srv.connections.discard(self)
-        if self.source is not None:
-            self.srv.admission.release(self.source, in_handshake=not self.transmission)
-            self.source = None
+        if self.admitted:
+            self.srv.admission.release(self)
+            self.admitted = False
         if self._timer is not None:
             self._timer.cancel()
         w = self._waiter
@@ -423,6 +422,13 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._pause_reading()
         self.reading_paused = True
+
+    def drop(self) -> None:
+        """The admission drops this unfinished handshake to make room for a newer one."""
+        if not self.closed:
+            self.log.debug("nbd %s: dropping connection: the oldest unfinished handshake", self.peer)
+            self.closed = True
+            self.transport.abort()
 
     def _handshake_timed_out(self) -> None:
         # quietly: a flood of these is already reported once, by the admission
@@ -791,8 +797,8 @@ class _Connection(asyncio.BufferedProtocol):
         if len(self.rbuf) < _RBUF_SIZE:
             self._compact()
             self._grow(_RBUF_SIZE)
-        if self.source is not None:
-            self.srv.admission.handshake_done(self.source)
+        if self.admitted:
+            self.srv.admission.handshake_done(self)
         self.transmission = True
         self.log.info("nbd %s: connected to export %r (%s, structured=%s)", self.peer, name,
                       f"TLS {self.identity}" if self.tls_active else "plain", self.structured)
