@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 
 from virtua.api import ops
 from virtua.cluster.manager import Manager
-from virtua.edge import http as web
-from virtua.edge.http import MAX_BODY, type_name
+from virtua.edge import web
+from virtua.edge.web import MAX_BODY, type_name
 from virtua.errors import InvalidArgument
 from virtua.storage.service import Storage
 

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from virtua.api import ops
-from virtua.edge import http as web
+from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
 from virtua.errors import InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.storage.device import BlockDevice
@@ -57,7 +57,7 @@ class ServeConfig:
 
     @property
     def limits(self) -> ConnectionLimits:
-        """The NBD server's limits (raises InvalidArgument on a bad value)."""
+        """The limits of every listener, NBD and API (InvalidArgument on a bad value)."""
         return ConnectionLimits(
             handshake_timeout=self.handshake_timeout,
             max_connections_per_source=self.max_connections_per_source,

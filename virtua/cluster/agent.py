@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from virtua.cluster.model import VMLaunch
-from virtua.edge import http as web
+from virtua.edge import web
 from virtua.errors import InvalidArgument, NotFound, Unavailable, VirtuaError
 
 log = logging.getLogger("virtua.agent")
