@@ -6,6 +6,7 @@ argument (true is not a size, "yes" is not a boolean)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -185,6 +186,16 @@ def test_oversized_bodies_are_refused_before_reading(daemon: Daemon) -> None:
     chunks = (b"[" * 65536 for _ in range(32))
     r = daemon.http.post("/v1/ops/pool.list", content=chunks)
     check_error(r, 400, "InvalidArgument", "over the limit")
+
+
+def test_oversized_headers_are_refused(daemon: Daemon) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(daemon.home / "virtua.sock"))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before the end
+            s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400"), reply
 
 
 OTHER_ENDPOINTS: list[tuple[str, str, bytes, int, str, str]] = [

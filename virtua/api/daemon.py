@@ -307,6 +307,18 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | 
     return proc.pid
 
 
+def _raise_open_files_limit() -> None:
+    """Every listener admits up to ConnectionLimits.max_connections connections: the usual
+    soft limit of 1024 descriptors would fail accept() (EMFILE) for everyone first."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 async def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
@@ -314,6 +326,7 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.nbd.tls import TLSConfig
 
     cfg.home.mkdir(parents=True, exist_ok=True)
+    _raise_open_files_limit()
     storage = Storage(cfg.home)
     for name in storage.pool_paths():  # take every pool now: its lock says who holds it
         storage.pool(name)
