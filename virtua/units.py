@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from virtua.errors import InvalidArgument
 
 _SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPB]?)(?:I?B)?\s*$", re.IGNORECASE)
+# ASCII digits only, matched in full: "12\n" or Arabic-Indic digits are not sizes
+_SIZE_RE = re.compile(r" *(\d+(?:\.\d+)?) *([KMGTPB]?)(?:I?B)? *", re.IGNORECASE | re.ASCII)
+# The largest size an NBD export, a file offset (off_t) or qemu-img can hold.
+MAX_SIZE = (1 << 63) - 1
 
 
 def parse_size(text: str | int) -> int:
+    # bool is an int subclass: `"size": true` must not mean 1 byte
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise InvalidArgument(f"bad size {text!r}: expected a number of bytes or a string like 4G")
     if isinstance(text, int):
-        if text < 0:
-            raise InvalidArgument(f"size must not be negative: {text}")
-        return text
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise InvalidArgument(f"bad size {text!r}: expected a number with an optional K/M/G/T suffix")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
-    if value != int(value):
+        value = Fraction(text)
+    else:
+        m = _SIZE_RE.fullmatch(text)
+        if not m:
+            raise InvalidArgument(f"bad size {text!r}: expected a number with an optional K/M/G/T suffix")
+        value = Fraction(m.group(1)) * _SUFFIX[m.group(2).upper()]  # exact: no float rounding
+    if value < 0:
+        raise InvalidArgument(f"bad size {text!r}: must not be negative")
+    if value.denominator != 1:
         raise InvalidArgument(f"bad size {text!r}: not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise InvalidArgument(f"bad size {text!r}: larger than the maximum of 8E - 1 bytes")
     return int(value)
 
 

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import inspect
-import json
 import logging
 import os
 import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from virtua.api import ops
-from virtua.errors import InvalidArgument, VirtuaError
+from virtua.edge import web
+from virtua.edge.limits import ConnectionLimits
+from virtua.errors import InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.storage.device import BlockDevice
+from virtua.storage.names import check_name
 from virtua.storage.service import Storage
 
 log = logging.getLogger("virtua.serve")
@@ -47,6 +51,19 @@ class ServeConfig:
     local_agent: bool = True
     agent_listen: str = "127.0.0.1:8781"
     host_networks: list[str] = field(default_factory=list)
+    # connection limits of every listener (NBD and API, TCP and unix): see virtua.edge.limits
+    handshake_timeout: float = ConnectionLimits.handshake_timeout
+    max_connections_per_source: int = ConnectionLimits.max_connections_per_source
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The limits of every listener, NBD and API (InvalidArgument on a bad value)."""
+        return ConnectionLimits(
+            handshake_timeout=self.handshake_timeout,
+            max_connections_per_source=self.max_connections_per_source,
+            max_handshakes_per_source=min(ConnectionLimits.max_handshakes_per_source,
+                                          self.max_connections_per_source),
+        )
 
     @property
     def api_socket(self) -> Path:
@@ -108,11 +125,42 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+class Registration(BaseModel):
+    """What an agent sends to /v1/hosts/register (Agent.registration)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str
+    address: str  # HOST:PORT of the agent's API
+    cores: Annotated[int, Field(ge=1, le=1 << 16)]
+    memory_mb: Annotated[int, Field(ge=1, le=1 << 40)]
+    templates: list[str] | None = None
+    accel: str = "unknown"
+    networks: list[str] = Field(default_factory=list)
+
+
+class VMReport(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    id: str
+    state: str
+    error: str | None = None
+    pid: int | None = None
+
+
+class Heartbeat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    vms: list[VMReport] = Field(default_factory=list)
+    accel: str | None = None
+
+
+# A saved VM state is the guest's memory and its devices' state: at most twice the
+# memory plus this, whatever a client claims.
+_STATE_SLACK = 64 << 20
+
+
 def build_api(storage: Storage, manager: Any = None) -> Any:
     api = FastAPI(title="virtua", version="0.1")
-
-    def error(e: VirtuaError) -> JSONResponse:
-        return JSONResponse(e.to_dict(), status_code=e.http_status)
+    web.install(api, log)
+    error = web.error_response
 
     @api.get("/v1/status")
     async def status() -> dict[str, Any]:
@@ -122,18 +170,13 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     async def run_op(name: str, request: Request) -> Any:
         # async on purpose: runs on the loop thread, never beside an NBD request
         try:
-            body = await request.body()
-            args = json.loads(body) if body else {}
-            if not isinstance(args, dict):
-                raise InvalidArgument("arguments must be a JSON object")
+            args = await web.json_object(request, name)
             result = ops.run(storage, name, args, manager)
             if inspect.isawaitable(result):
                 result = await result
             return result
         except VirtuaError as e:
             return error(e)
-        except TypeError as e:
-            return error(InvalidArgument(f"{name}: {e}"))
 
     if manager is None:
         return api
@@ -141,38 +184,40 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     @api.post("/v1/hosts/register")
     async def register(request: Request) -> Any:
         try:
-            return manager.register_host(await request.json())
+            reg = web.validated(Registration, await web.json_object(request, "registration"), "registration")
+            host, sep, port = reg.address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise InvalidArgument(f"registration: bad address {reg.address[:80]!r}: expected HOST:PORT")
+            return manager.register_host(reg.model_dump())
         except VirtuaError as e:
             return error(e)
-        except (ValueError, TypeError) as e:
-            return error(InvalidArgument(f"bad registration: {e}"))
 
     @api.post("/v1/hosts/{name}/heartbeat")
     async def heartbeat(name: str, request: Request) -> Any:
-        body = await request.json()
-        return manager.heartbeat(name, body.get("vms", []), body.get("accel"))
+        try:
+            check_name(name, "host name")
+            beat = web.validated(Heartbeat, await web.json_object(request, "heartbeat"), "heartbeat")
+            return manager.heartbeat(name, [vm.model_dump() for vm in beat.vms], beat.accel)
+        except VirtuaError as e:
+            return error(e)
 
     @api.get("/v1/templates/{name}/{which}")
     async def template_file(name: str, which: str) -> Any:
         try:
-            return FileResponse(manager.template_file(name, which))
+            if which not in ("kernel", "initrd"):
+                raise NotFound(f"a template has a kernel and an initrd, not {which!r}")
+            return FileResponse(manager.template_file(check_name(name, "template name"), which))
         except VirtuaError as e:
             return error(e)
 
     @api.put("/v1/vmstate/{vc}/{node}")
     async def put_state(vc: str, node: str, request: Request) -> Any:
         try:
-            path = manager.save_state_upload(f"{vc}/{node}")
+            path = manager.save_state_upload(f"{check_name(vc, 'VC name')}/{check_name(node, 'node name')}")
+            limit = 2 * (manager.vc(vc).memory_mb << 20) + _STATE_SLACK
+            return await _store_upload(request, path, limit)
         except VirtuaError as e:
             return error(e)
-        tmp = path.with_suffix(".part")
-        with open(tmp, "wb") as f:
-            async for block in request.stream():
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return {"stored": str(path), "size": path.stat().st_size}
 
     @api.get("/v1/vmstate/{vc}/{node}")
     async def get_state(vc: str, node: str) -> Any:
@@ -182,6 +227,33 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
             return error(e)
 
     return api
+
+
+async def _store_upload(request: Request, path: Path, limit: int) -> dict[str, Any]:
+    """Stream a body into `path` (atomically: a .part file, fsync, rename), at most `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise InvalidArgument(f"upload of {length[:40]} bytes to {path.name}: over the limit of {limit}")
+    tmp = path.with_suffix(".part")
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+            async for block in request.stream():
+                size += len(block)
+                if size > limit:
+                    raise InvalidArgument(f"upload to {path.name}: over the limit of {limit} bytes")
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        cls = NoSpace if e.errno == errno.ENOSPC else VirtuaError
+        raise cls(f"cannot store {path.name}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"stored": str(path), "size": path.stat().st_size}
 
 
 def _bind_tcp(listen: str) -> socket.socket:
@@ -235,6 +307,18 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | 
     return proc.pid
 
 
+def _raise_open_files_limit() -> None:
+    """Every listener admits up to ConnectionLimits.max_connections connections: the usual
+    soft limit of 1024 descriptors would fail accept() (EMFILE) for everyone first."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 async def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
@@ -242,6 +326,7 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.nbd.tls import TLSConfig
 
     cfg.home.mkdir(parents=True, exist_ok=True)
+    _raise_open_files_limit()
     storage = Storage(cfg.home)
     for name in storage.pool_paths():  # take every pool now: its lock says who holds it
         storage.pool(name)
@@ -249,7 +334,13 @@ async def serve(cfg: ServeConfig) -> None:
     tls = None
     if cfg.tls != "off":
         tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
-    nbd = NBDServer(exports, tls=tls, tls_mode=cfg.tls)  # type: ignore[arg-type]
+    lim = cfg.limits
+    nbd = NBDServer(
+        exports, tls=tls, tls_mode=cfg.tls,  # type: ignore[arg-type]
+        max_connections=lim.max_connections, max_connections_per_source=lim.max_connections_per_source,
+        max_handshakes=lim.max_handshakes, max_handshakes_per_source=lim.max_handshakes_per_source,
+        handshake_timeout=lim.handshake_timeout,
+    )
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
@@ -266,8 +357,17 @@ async def serve(cfg: ServeConfig) -> None:
     )
     await manager.start()
     sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]
+    from virtua.edge.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.edge.limits import Admission
+
+    # the API's listeners (unix socket and TCP) share one set of counts, apart from NBD's
+    api_admission = Admission(lim, logging.getLogger("virtua.api"), "api")
     uv = uvicorn.Server(
-        uvicorn.Config(build_api(storage, manager), log_level="warning", lifespan="off")
+        uvicorn.Config(
+            build_api(storage, manager), log_level="warning", lifespan="off",
+            http=guarded_protocol(api_admission), timeout_keep_alive=5,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
     )
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     api_task = asyncio.create_task(uv.serve(sockets=sockets))

@@ -1,14 +1,25 @@
 """Admin operations as data: a name, JSON arguments, a JSON result.
 
 The CLI runs them in-process when no daemon holds the pools, and through the daemon's
-API when `virtua serve` runs; both paths call the same functions here.
+API when `virtua serve` runs; both paths call the same functions here, and `run` checks
+the arguments against the operation's signature first (virtua.api.args).
+
+Declaring an operation: `@op("noun.verb")` (or `@cluster_op`) on a function whose first
+parameter is the Storage (the Manager) and whose every other parameter has a concrete
+type annotation -- str, int, bool, float, `str | int` for sizes (then parse_size), `X |
+None = None` for optional ones, Annotated[int, Field(ge=0)] for a range. No Any, no
+**kwargs: registration fails at import otherwise. A Manager method listed in
+MANAGER_METHODS is checked against the method's own signature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, Field
+
+from virtua.api.args import arguments_model, check_arguments
 from virtua.errors import InvalidArgument
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
@@ -17,10 +28,13 @@ from virtua.units import parse_size
 Op = Callable[..., Any]
 OPS: dict[str, Op] = {}
 CLUSTER_OPS: dict[str, Op] = {}  # these need the manager, i.e. `virtua serve`
+# every operation's argument model: built at registration, or on first use of a Manager method
+_MODELS: dict[Any, type[BaseModel]] = {}
 
 
 def op(name: str) -> Callable[[Op], Op]:
     def register(fn: Op) -> Op:
+        _MODELS[fn] = arguments_model(fn, name)
         OPS[name] = fn
         return fn
 
@@ -29,19 +43,41 @@ def op(name: str) -> Callable[[Op], Op]:
 
 def cluster_op(name: str) -> Callable[[Op], Op]:
     def register(fn: Op) -> Op:
+        _MODELS[fn] = arguments_model(fn, name)
         CLUSTER_OPS[name] = fn
         return fn
 
     return register
 
 
+def operation_names() -> list[str]:
+    return sorted([*OPS, *CLUSTER_OPS, *MANAGER_METHODS])
+
+
+def argument_model(name: str, manager_type: type | None = None) -> type[BaseModel]:
+    """The model an operation's arguments are checked against (a Manager method's is
+    built from `manager_type`, the Manager class, on first use)."""
+    fn = OPS.get(name) or CLUSTER_OPS.get(name)
+    if fn is not None:
+        return _MODELS[fn]
+    method = MANAGER_METHODS.get(name)
+    if method is None or manager_type is None:
+        raise InvalidArgument(f"unknown operation {name!r}")
+    key = (manager_type, method)
+    model = _MODELS.get(key)
+    if model is None:  # the unbound method: its first parameter is self
+        model = _MODELS[key] = arguments_model(getattr(manager_type, method), name)
+    return model
+
+
 def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) -> Any:
     """Run an operation; a cluster operation may return an awaitable (the daemon awaits it)."""
     fn = OPS.get(name)
     if fn is not None:
-        return fn(storage, **args)
+        return fn(storage, **check_arguments(name, _MODELS[fn], args))
     cfn = CLUSTER_OPS.get(name)
-    if cfn is None:
+    method = MANAGER_METHODS.get(name)
+    if cfn is None and method is None:
         raise InvalidArgument(f"unknown operation {name!r}")
     if manager is None:
         from virtua.errors import Unavailable
@@ -49,7 +85,10 @@ def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) 
         raise Unavailable(
             f"`{name.replace('.', ' ')}` needs the manager: start `virtua serve` first"
         )
-    return cfn(manager, **args)
+    if cfn is not None:
+        return cfn(manager, **check_arguments(name, _MODELS[cfn], args))
+    model = argument_model(name, type(manager))
+    return getattr(manager, method)(**check_arguments(name, model, args))  # type: ignore[arg-type]
 
 
 def _size(v: str | int | None) -> int | None:
@@ -221,8 +260,8 @@ def snapshot_rollback(st: Storage, ref: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- cluster (manager)
 
-# Each cluster operation is a Manager method taking the same keyword arguments.
-for _name, _method in {
+# Each of these cluster operations is the Manager method of that name, same arguments.
+MANAGER_METHODS: dict[str, str] = {
     "host.list": "host_list", "host.add": "add_host", "host.remove": "remove_host",
     "host.drain": "drain_host", "host.undrain": "undrain_host", "template.build": "template_build",
     "template.import": "template_import", "template.list": "template_list",
@@ -231,8 +270,7 @@ for _name, _method in {
     "vc.resume": "vc_resume", "vc.destroy": "vc_destroy", "vc.remap": "vc_remap",
     "vc.reset": "vc_reset", "vc.update": "vc_update", "vc.list": "vc_list", "vc.info": "vc_info",
     "vm.exec": "vm_exec", "net.list": "net_list",
-}.items():
-    CLUSTER_OPS[_name] = lambda m, _method=_method, **args: getattr(m, _method)(**args)
+}
 
 
 @cluster_op("host.info")
@@ -249,5 +287,5 @@ def host_info(m: Any, name: str) -> Any:
 
 
 @cluster_op("vm.console")
-def vm_console(m: Any, ref: str, offset: int = 0) -> Any:
+def vm_console(m: Any, ref: str, offset: Annotated[int, Field(ge=0)] = 0) -> Any:
     return m.vm_console_text(ref, offset)

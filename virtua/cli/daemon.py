@@ -8,6 +8,7 @@ import sys
 import typer
 
 from virtua.cli.main import State, app
+from virtua.edge.limits import ConnectionLimits
 
 
 @app.command("serve")
@@ -25,6 +26,12 @@ def serve_cmd(
     no_agent: bool = typer.Option(False, "--no-agent", help="do not start an agent for this machine"),
     agent_listen: str = typer.Option("127.0.0.1:8781", "--agent-listen", help="the local agent's address"),
     host_network: list[str] = typer.Option([], "--host-network", help="CIDR the hosts use (VC subnets never overlap it)"),
+    handshake_timeout: float = typer.Option(
+        ConnectionLimits.handshake_timeout, "--handshake-timeout",
+        help="seconds a new connection (NBD or API) has to finish its handshake or send its request"),
+    max_connections_per_source: int = typer.Option(
+        ConnectionLimits.max_connections_per_source, "--max-connections-per-source",
+        help="connections one address (or one local process) may hold, on each listener"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -56,7 +63,10 @@ def serve_cmd(
         local_agent=not no_agent,
         agent_listen=agent_listen,
         host_networks=host_network,
+        handshake_timeout=handshake_timeout,
+        max_connections_per_source=max_connections_per_source,
     )
+    cfg.limits  # noqa: B018 - a bad limit is a one-line error before anything starts
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(cfg))
 

@@ -17,13 +17,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from virtua.cluster.model import VMLaunch
+from virtua.edge import web
 from virtua.errors import InvalidArgument, NotFound, Unavailable, VirtuaError
 
 log = logging.getLogger("virtua.agent")
@@ -371,28 +372,70 @@ async def _chunks(f: Any) -> Any:
         yield block
 
 
+# The request bodies of the agent's API, checked strictly before any handler runs.
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrepareBody(_Body):
+    kernel_url: str
+    kernel_digest: str | None = None
+    initrd_url: str | None = None
+    initrd_digest: str | None = None
+
+
+class StartBody(_Body):
+    launch: VMLaunch
+    wait: bool = True
+
+
+class StopBody(_Body):
+    id: str
+    force: bool = False
+
+
+class SuspendBody(_Body):
+    id: str
+    upload_url: str
+
+
+class ResumeBody(_Body):
+    launch: VMLaunch
+
+
+class ConsoleBody(_Body):
+    id: str
+    offset: Annotated[int, Field(ge=0)] = 0
+
+
+class ExecBody(_Body):
+    id: str
+    script: str
+    timeout: Annotated[float, Field(gt=0, le=86400)] = 30.0
+
+
 def build_agent_api(agent: Agent) -> FastAPI:
     api = FastAPI(title="virtua agent")
+    web.install(api, log)
 
-    def wrap(fn: Any) -> Any:
+    def wrap(fn: Any, model: type[BaseModel]) -> Any:
         async def handler(request: Request) -> Any:
+            what = request.url.path
             try:
-                body = await request.json() if await request.body() else {}
-                return await fn(body)
+                body = web.validated(model, await web.json_object(request, what), what)
+                return await fn(body.model_dump())
             except VirtuaError as e:
-                return JSONResponse(e.to_dict(), status_code=e.http_status)
-            except (KeyError, TypeError, ValueError) as e:
-                return JSONResponse(InvalidArgument(f"bad request: {e}").to_dict(), status_code=400)
+                return web.error_response(e)
 
         return handler
 
-    api.post("/v1/prepare")(wrap(agent.prepare))
-    api.post("/v1/vm/start")(wrap(agent.vm_start))
-    api.post("/v1/vm/stop")(wrap(agent.vm_stop))
-    api.post("/v1/vm/suspend")(wrap(agent.vm_suspend))
-    api.post("/v1/vm/resume")(wrap(agent.vm_resume))
-    api.post("/v1/vm/console")(wrap(agent.vm_console))
-    api.post("/v1/vm/exec")(wrap(agent.vm_exec))
+    api.post("/v1/prepare")(wrap(agent.prepare, PrepareBody))
+    api.post("/v1/vm/start")(wrap(agent.vm_start, StartBody))
+    api.post("/v1/vm/stop")(wrap(agent.vm_stop, StopBody))
+    api.post("/v1/vm/suspend")(wrap(agent.vm_suspend, SuspendBody))
+    api.post("/v1/vm/resume")(wrap(agent.vm_resume, ResumeBody))
+    api.post("/v1/vm/console")(wrap(agent.vm_console, ConsoleBody))
+    api.post("/v1/vm/exec")(wrap(agent.vm_exec, ExecBody))
 
     @api.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -413,13 +456,27 @@ async def run_agent(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")
-    uv = uvicorn.Server(uvicorn.Config(build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off"))
+    from virtua.edge.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.edge.limits import Admission, ConnectionLimits
+
+    # the same limits as the manager's listeners: one source cannot hold every connection
+    admission = Admission(ConnectionLimits(), log, "agent api")
+    uv = uvicorn.Server(uvicorn.Config(
+        build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off",
+        http=guarded_protocol(admission), timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    ))
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     task = asyncio.create_task(uv.serve())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for _ in range(200):  # ready means listening: wait (bounded) for uvicorn's socket
+        if uv.started or task.done():
+            break
+        await asyncio.sleep(0.05)
+    if not uv.started:
+        raise Unavailable(f"the agent's API could not listen on {cfg.listen}")
     print(f"VIRTUA_AGENT_READY name={cfg.name} listen={cfg.listen} pid={os.getpid()}", flush=True)
     log.info("agent %s on %s, manager %s (VMs keep running when the agent stops)", cfg.name, cfg.listen, cfg.manager)
     await stop.wait()

@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import Any
 
+from virtua.edge.limits import ConnectionLimits
+from virtua.errors import VirtuaError
 from virtua.nbd.exports import DirectoryProvider
 from virtua.nbd.server import NBDServer
 from virtua.nbd.tls import TLSConfig
@@ -46,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--tls-ca", help="CA to verify client certificates (identity = CN)")
     p.add_argument("--tls-psk", help="PSK key file (username:hexkey lines)")
-    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-connections", type=int, default=ConnectionLimits.max_connections)
+    p.add_argument("--max-connections-per-source", type=int, default=ConnectionLimits.max_connections_per_source,
+                   help="connections one address (or one local process) may hold")
+    p.add_argument("--handshake-timeout", type=float, default=ConnectionLimits.handshake_timeout,
+                   help="seconds a new connection has to finish the handshake")
     p.add_argument(
         "--sparse-reads",
         choices=["auto", "on", "off"],
@@ -69,6 +75,8 @@ async def _run(args: argparse.Namespace) -> None:
         tls=tls,
         tls_mode=args.tls,
         max_connections=args.max_connections,
+        max_connections_per_source=args.max_connections_per_source,
+        handshake_timeout=args.handshake_timeout,
         sparse_reads=sparse,
     )
     await server.start(
@@ -93,12 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if args.no_uvloop:
-        asyncio.run(_run(args))
-    else:
-        import uvloop
+    try:
+        if args.no_uvloop:
+            asyncio.run(_run(args))
+        else:
+            import uvloop
 
-        uvloop.run(_run(args))
+            uvloop.run(_run(args))
+    except VirtuaError as e:  # a bad limit, say: one line, not a traceback
+        raise SystemExit(f"python -m virtua.nbd: error: {e.message}") from None
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from typing import NamedTuple
 
 from virtua.errors import InvalidArgument
 
+# ASCII only and matched in full (fullmatch, never `$`, which lets a trailing newline
+# through): names become file names, export names and hostnames.
 _PART = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
-_PART_RE = re.compile(rf"^{_PART}$")
-_REF_RE = re.compile(rf"^({_PART})/({_PART})(?:@({_PART}))?$")
+_PART_RE = re.compile(_PART, re.ASCII)
+_REF_RE = re.compile(rf"({_PART})/({_PART})(?:@({_PART}))?", re.ASCII)
 
 
 class Ref(NamedTuple):
@@ -23,7 +25,7 @@ class Ref(NamedTuple):
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not _PART_RE.match(name):
+    if not isinstance(name, str) or not _PART_RE.fullmatch(name):
         raise InvalidArgument(
             f"bad {what} {name!r}: use 1-64 letters, digits, '_', '.', '+' or '-', "
             "starting with a letter or digit"
@@ -33,7 +35,7 @@ def check_name(name: str, what: str = "name") -> str:
 
 def parse_ref(text: str, snapshot: bool | None = None) -> Ref:
     """Parse POOL/VOL or POOL/VOL@SNAP; snapshot=True requires @SNAP, False forbids it."""
-    m = _REF_RE.match(text)
+    m = _REF_RE.fullmatch(text) if isinstance(text, str) else None
     if not m:
         raise InvalidArgument(
             f"bad name {text!r}: expected POOL/VOLUME or POOL/VOLUME@SNAPSHOT "

@@ -635,7 +635,7 @@ def build_rootfs(out_path: Path, size: int = 64 * 1024 * 1024) -> Path:
 # seed
 
 
-_SEED_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+_SEED_KEY = re.compile(r"[a-z][a-z0-9_]*", re.ASCII)  # fullmatch: `$` passes a trailing newline
 
 
 def seed_text(**config: object) -> str:
@@ -643,7 +643,7 @@ def seed_text(**config: object) -> str:
     for k, v in config.items():
         if v is None:
             continue
-        if not _SEED_KEY.match(k):
+        if not _SEED_KEY.fullmatch(k):
             raise InvalidArgument(f"bad seed key {k!r}")
         s = str(v)
         if "\0" in s:
