@@ -581,6 +581,17 @@ class Pool:
         """Point a clone at another snapshot; its private changes are discarded."""
         vol = self.volume(volume)
         snap = self.snapshot(target_volume, target_snapshot)
+        if vol.origin is None:
+            raise InvalidArgument(
+                f"volume {self.name}/{volume} is not a clone: rebase would replace its data; "
+                "clone the snapshot to a new volume instead"
+            )
+        own = self.snapshots_of(vol)
+        if own:
+            raise DependencyError(
+                f"volume {self.name}/{volume} has snapshot(s) "
+                f"{', '.join(self.snapshot_ref(s) for s in own)}: rebase would cut them off its history"
+            )
         if snap.volume == vol.id:
             raise InvalidArgument(
                 f"{self.snapshot_ref(snap)} is a snapshot of {self.name}/{volume} itself; "
