@@ -65,7 +65,7 @@ def test_bad_input_gets_one_line_errors(v: V) -> None:
     v.fails(4, "volume", "create", "p/x", "--size", "1M", match="already exists")
     v.fails(4, "pool", "create", "p", match="already exists")
     v.fails(2, "volume", "reset", "p/x", match="not a clone")
-    v.fails(2, "volume", "resize", "p/x", "--size", "512K", match="--force")
+    v.fails(2, "volume", "resize", "p/x", "--size", "512K", match="--shrink")
 
 
 def test_dependencies_refuse_then_recursive(v: V) -> None:

@@ -249,7 +249,7 @@ async def serve(cfg: ServeConfig) -> None:
     tls = None
     if cfg.tls != "off":
         tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
-    nbd = NBDServer(exports, tls=tls, tls_mode=cfg.tls)  # type: ignore[arg-type]
+    nbd = NBDServer(exports, tls=tls, tls_mode=cfg.tls, holders=storage.holders)  # type: ignore[arg-type]
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))

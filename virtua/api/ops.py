@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from virtua.errors import InvalidArgument
+from virtua.errors import Busy, InvalidArgument
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
 from virtua.units import parse_size
@@ -54,6 +54,25 @@ def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) 
 
 def _size(v: str | int | None) -> int | None:
     return None if v is None else parse_size(v)
+
+
+def _refuse_if_open(st: Storage, exports: list[str], doing: str, force: bool) -> None:
+    """Busy while an NBD client (a VM's disk, qemu-io, ...) has one of these exports open."""
+    if force:
+        return
+    held = st.holders.of(exports)
+    if held:
+        who = "; ".join(h.describe() for h in held[:3])
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise Busy(f"refusing to {doing}: in use by {who}{more}; close it or use --force")
+
+
+def _volume_exports(pool: Any, volume: str, snapshots: bool = False) -> list[str]:
+    vol = pool.volume(volume)
+    out = [f"{pool.name}/{vol.name}"]
+    if snapshots:
+        out += [pool.snapshot_ref(s) for s in pool.snapshots_of(vol)]
+    return out
 
 
 # ---------------------------------------------------------------------- pools
@@ -130,43 +149,67 @@ def volume_info(st: Storage, ref: str) -> dict[str, Any]:
 
 
 @op("volume.resize")
-def volume_resize(st: Storage, ref: str, size: str | int, force: bool = False) -> dict[str, Any]:
+def volume_resize(
+    st: Storage, ref: str, size: str | int, force: bool = False, shrink: bool = False
+) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
-    pool.resize_volume(r.volume, parse_size(size), force)
+    new_size = parse_size(size)
+    if new_size < pool.volume(r.volume).size and (shrink or force):
+        _refuse_if_open(st, [ref], f"shrink {ref}", force)
+    pool.resize_volume(r.volume, new_size, force or shrink)
     return pool.volume_info(r.volume)
 
 
 @op("volume.rm")
-def volume_rm(st: Storage, ref: str, recursive: bool = False) -> dict[str, Any]:
+def volume_rm(st: Storage, ref: str, recursive: bool = False, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
-    return {"removed": st.pool(r.pool).delete_volume(r.volume, recursive)}
+    pool = st.pool(r.pool)
+    exports = _volume_exports(pool, r.volume, snapshots=True)
+    if recursive:
+        vol = pool.volume(r.volume)
+        exports += [f"{pool.name}/{c.name}" for s in pool.snapshots_of(vol) for c in pool.clones_of(s)]
+    _refuse_if_open(st, exports, f"remove {ref}", force)
+    return {"removed": pool.delete_volume(r.volume, recursive)}
 
 
 @op("volume.reset")
-def volume_reset(st: Storage, ref: str) -> dict[str, Any]:
+def volume_reset(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"reset {ref}", force)
     pool.reset(r.volume)
     return pool.volume_info(r.volume)
 
 
+@op("volume.status")
+def volume_status(st: Storage, ref: str) -> dict[str, Any]:
+    """The open connections of a volume and its snapshots (like rbd status)."""
+    r = parse_ref(ref, snapshot=False)
+    pool = st.pool(r.pool)
+    pool.volume(r.volume)
+    held = st.holders.of_volume(f"{pool.name}/{r.volume}")
+    return {"name": f"{pool.name}/{r.volume}", "connections": [h.to_dict() for h in held]}
+
+
 @op("volume.rebase")
-def volume_rebase(st: Storage, ref: str, target: str) -> dict[str, Any]:
+def volume_rebase(st: Storage, ref: str, target: str, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     t = parse_ref(target, snapshot=True)
     if t.pool != r.pool:
         raise InvalidArgument(f"{target} is in pool {t.pool}, {ref} in pool {r.pool}: same pool only")
     pool = st.pool(r.pool)
     assert t.snapshot is not None
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"rebase {ref}", force)
     pool.rebase(r.volume, t.volume, t.snapshot)
     return pool.volume_info(r.volume)
 
 
 @op("volume.flatten")
-def volume_flatten(st: Storage, ref: str) -> dict[str, Any]:
+def volume_flatten(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"flatten {ref}", force)
     copied = pool.flatten(r.volume)
     info = pool.volume_info(r.volume)
     info["copied"] = copied
@@ -204,17 +247,22 @@ def snapshot_list(st: Storage, ref: str) -> list[dict[str, Any]]:
 
 
 @op("snapshot.rm")
-def snapshot_rm(st: Storage, ref: str, recursive: bool = False) -> dict[str, Any]:
-    r = parse_ref(ref, snapshot=True)
-    assert r.snapshot is not None
-    return {"removed": st.pool(r.pool).delete_snapshot(r.volume, r.snapshot, recursive)}
-
-
-@op("snapshot.rollback")
-def snapshot_rollback(st: Storage, ref: str) -> dict[str, Any]:
+def snapshot_rm(st: Storage, ref: str, recursive: bool = False, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=True)
     assert r.snapshot is not None
     pool = st.pool(r.pool)
+    snap = pool.snapshot(r.volume, r.snapshot)
+    exports = [ref] + ([f"{pool.name}/{c.name}" for c in pool.clones_of(snap)] if recursive else [])
+    _refuse_if_open(st, exports, f"remove {ref}", force)
+    return {"removed": pool.delete_snapshot(r.volume, r.snapshot, recursive)}
+
+
+@op("snapshot.rollback")
+def snapshot_rollback(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=True)
+    assert r.snapshot is not None
+    pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"roll {r.pool}/{r.volume} back", force)
     pool.rollback(r.volume, r.snapshot)
     return pool.volume_info(r.volume)
 

@@ -115,38 +115,61 @@ def volume_info(ref: str) -> None:
     call("volume.info", ref=ref)
 
 
+IN_USE = "also while an NBD client (a VM, qemu-io, ...) has it open"
+
+
 @volume_app.command("resize")
 def volume_resize(
     ref: str,
     size: str = typer.Option(..., "--size"),
-    force: bool = typer.Option(False, "--force", help="allow shrinking (data past the end is lost)"),
+    shrink: bool = typer.Option(False, "--shrink", help="allow shrinking (data past the end is lost)"),
+    force: bool = typer.Option(False, "--force", help=f"allow shrinking, {IN_USE}"),
 ) -> None:
-    """Grow (or, with --force, shrink) a volume."""
-    call("volume.resize", ref=ref, size=size, force=force)
+    """Grow (or, with --shrink, shrink) a volume."""
+    call("volume.resize", ref=ref, size=size, shrink=shrink, force=force)
 
 
 @volume_app.command("rm")
-def volume_rm(ref: str, recursive: bool = typer.Option(False, "--recursive", "-r", help="also its snapshots and their clones")) -> None:
-    """Delete a volume; refused while snapshots or clones depend on it."""
-    call("volume.rm", ref=ref, recursive=recursive)
+def volume_rm(
+    ref: str,
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="also its snapshots and their clones"),
+    force: bool = typer.Option(False, "--force", help=IN_USE),
+) -> None:
+    """Delete a volume; refused while snapshots or clones depend on it, or while it is open."""
+    call("volume.rm", ref=ref, recursive=recursive, force=force)
 
 
 @volume_app.command("reset")
-def volume_reset(ref: str) -> None:
+def volume_reset(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Throw away a clone's changes: back to the snapshot it was cloned from."""
-    call("volume.reset", ref=ref)
+    call("volume.reset", ref=ref, force=force)
 
 
 @volume_app.command("rebase")
-def volume_rebase(ref: str, target: str) -> None:
+def volume_rebase(ref: str, target: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Point a clone at another snapshot (POOL/TEMPLATE@NEWSNAP); its private changes are discarded."""
-    call("volume.rebase", ref=ref, target=target)
+    call("volume.rebase", ref=ref, target=target, force=force)
 
 
 @volume_app.command("flatten")
-def volume_flatten(ref: str) -> None:
+def volume_flatten(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Copy what a clone shares with its origin, making it independent."""
-    call("volume.flatten", ref=ref)
+    call("volume.flatten", ref=ref, force=force)
+
+
+CONNECTION_COLUMNS = ["export", "client", "tls_identity", "since", "bytes_read", "bytes_written"]
+
+
+@volume_app.command("status")
+def volume_status(ref: str) -> None:
+    """Who has POOL/VOLUME (or its snapshots) open over NBD: client, TLS identity, since, bytes."""
+    result = State.client().call("volume.status", ref=ref)
+    if State.json:
+        render.emit(result, True)
+    elif result["connections"]:
+        render.emit(result["connections"], False, CONNECTION_COLUMNS)
+    else:
+        render.out.print(f"{result['name']}: no open connections")
 
 
 @volume_app.command("import")
@@ -201,15 +224,19 @@ def snapshot_list(ref: str) -> None:
 
 
 @snapshot_app.command("rm")
-def snapshot_rm(ref: str, recursive: bool = typer.Option(False, "--recursive", "-r", help="also its clones")) -> None:
-    """Delete a snapshot; refused while clones depend on it."""
-    call("snapshot.rm", ref=ref, recursive=recursive)
+def snapshot_rm(
+    ref: str,
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="also its clones"),
+    force: bool = typer.Option(False, "--force", help=IN_USE),
+) -> None:
+    """Delete a snapshot; refused while clones depend on it, or while it is open."""
+    call("snapshot.rm", ref=ref, recursive=recursive, force=force)
 
 
 @snapshot_app.command("rollback")
-def snapshot_rollback(ref: str) -> None:
+def snapshot_rollback(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Return POOL/VOLUME to POOL/VOLUME@SNAPSHOT (later changes are lost)."""
-    call("snapshot.rollback", ref=ref)
+    call("snapshot.rollback", ref=ref, force=force)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -420,7 +420,7 @@ class Pool:
             if not force:
                 raise InvalidArgument(
                     f"refusing to shrink {self.name}/{name} from {vol.size} to {size} bytes: "
-                    "data past the new end is lost; use --force"
+                    "data past the new end is lost; use --shrink"
                 )
             # Zero the cut-off tail first so that growing again reads zeros there.
             from virtua.storage.volume import VolumeDevice
