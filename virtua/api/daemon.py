@@ -52,6 +52,32 @@ class ServeConfig:
     def api_socket(self) -> Path:
         return self.home / "virtua.sock"
 
+    @property
+    def admin_nbd_socket(self) -> Path:
+        return admin_nbd_socket(self.home)
+
+
+def admin_nbd_socket(home: Path) -> Path:
+    """The administrator's NBD socket (the CLI's import/export): in a 0700 directory."""
+    return home / "private" / "nbd.sock"
+
+
+class AdminExports:
+    """The same exports (and devices) for the local administrator: only the owner of the
+    private directory can reach this socket, so neither TLS nor the allow-list applies."""
+
+    def __init__(self, exports: StorageExports) -> None:
+        self.exports = exports
+
+    def open_export(self, name: str) -> BlockDevice | None:
+        return self.exports.open_export(name)
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return self.exports.list_exports()
+
+    def allowed(self, name: str, identity: str | None) -> bool:
+        return True
+
 
 class StorageExports:
     """The pools' volumes and snapshots as NBD exports, with per-export allow-lists."""
@@ -253,6 +279,11 @@ async def serve(cfg: ServeConfig) -> None:
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    admin_socket = cfg.admin_nbd_socket
+    admin_socket.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(admin_socket.parent, 0o700)
+    admin_nbd = NBDServer(AdminExports(exports), holders=storage.holders)  # type: ignore[arg-type]
+    await admin_nbd.start(host=None, port=None, unix_path=str(admin_socket))
 
     from virtua.cluster.manager import Manager
     from virtua.cluster.store import SQLiteStore
@@ -286,6 +317,7 @@ async def serve(cfg: ServeConfig) -> None:
     finally:
         log.info("virtua serve: stopping")
         await nbd.close()  # in-flight requests finish, devices flush
+        await admin_nbd.close()
         uv.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(api_task, 5)

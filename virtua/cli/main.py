@@ -174,10 +174,10 @@ def volume_status(ref: str) -> None:
 
 @volume_app.command("import")
 def volume_import(
-    source: str = typer.Argument(..., help="raw or qcow2 image file, or - for stdin (raw)"),
+    source: str = typer.Argument(..., help="image file (raw, qcow2, or any format qemu-img reads), or - for stdin (raw)"),
     ref: str = typer.Argument(..., help="POOL/VOLUME to create"),
 ) -> None:
-    """Create POOL/VOLUME from an image; zero runs stay unallocated."""
+    """Create POOL/VOLUME from an image, checked first (a damaged one is refused); zeros stay unallocated."""
     from virtua.cli import data
 
     result = data.import_image(State.home, State.client(), source, ref)
@@ -189,11 +189,12 @@ def volume_export(
     ref: str = typer.Argument(..., help="POOL/VOLUME or POOL/VOLUME@SNAPSHOT"),
     dest: str = typer.Argument(..., help="file, or - for stdout"),
     fmt: str = typer.Option("raw", "--format", "-O", help="raw or qcow2"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
 ) -> None:
-    """Write a volume or snapshot to a sparse raw file, stdout, or qcow2."""
+    """Write a volume or snapshot to a sparse raw file, stdout, or qcow2 (complete or not at all)."""
     from virtua.cli import data
 
-    result = data.export_image(State.home, State.client(), ref, dest, fmt)
+    result = data.export_image(State.home, State.client(), ref, dest, fmt, force)
     if dest != "-":
         render.emit(result, State.json)
 

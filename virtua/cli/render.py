@@ -18,7 +18,7 @@ err = Console(stderr=True)
 SIZE_KEYS = {
     "size", "capacity", "used", "free", "provisioned", "allocated", "unique", "shared",
     "chunk_size", "copied", "written", "memory", "disk_unique", "disk_shared",
-    "bytes_read", "bytes_written",
+    "bytes_read", "bytes_written", "file_size",
 }
 
 
