@@ -4,6 +4,7 @@ that matches every volume: files and stdin/stdout, raw and qcow2, byte for byte.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,13 @@ def test_import_export_under_required_tls(tmp_path: Path) -> None:
         assert v.json("volume", "export", "p/disk@s1", str(q), "-O", "qcow2")["size"] == 16 << 20
         v.run("volume", "import", str(q), "p/fromq")
         assert v.run("volume", "export", "p/fromq", "-").stdout == img.read_bytes()
+        # a client with an identity the key file does not have is logged as exactly that
+        other = tmp_path / "other.psk"
+        other.write_text(f"mallory:{os.urandom(32).hex()}\n")
+        uri = f"nbds://mallory@127.0.0.1:{serve.port}/p/disk?tls-psk-file={other}"
+        assert subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode != 0
     finally:
         err = serve.stop()
     assert "Traceback" not in err, err
+    assert "TLS required with PSK" in err, "the start-up line says the TLS mode"
+    assert "unknown PSK identity 'mallory'" in err, err

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from virtua.api import ops
-from virtua.errors import InvalidArgument, VirtuaError
+from virtua.errors import Busy, InvalidArgument, VirtuaError
 from virtua.storage.device import BlockDevice
 from virtua.storage.service import Storage
 
@@ -218,10 +218,18 @@ def _bind_tcp(listen: str) -> socket.socket:
         s.bind((host, port))
     except OSError as e:
         s.close()
-        raise InvalidArgument(f"cannot listen on {listen}: {e.strerror}") from e
+        raise _listen_error(listen, e) from e
     s.listen(128)
     s.setblocking(False)
     return s
+
+
+def _listen_error(listen: str, e: OSError) -> VirtuaError:
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        return Busy(f"cannot listen on {listen}: address already in use (is another virtua serve running?)")
+    return InvalidArgument(f"cannot listen on {listen}: {e.strerror}")
 
 
 def _bind_unix(path: Path) -> socket.socket:
@@ -278,7 +286,11 @@ async def serve(cfg: ServeConfig) -> None:
     nbd = NBDServer(exports, tls=tls, tls_mode=cfg.tls, holders=storage.holders)  # type: ignore[arg-type]
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
-    await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    try:
+        await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    except OSError as e:
+        storage.close()
+        raise _listen_error(cfg.listen or str(nbd_socket), e) from e
     admin_socket = cfg.admin_nbd_socket
     admin_socket.parent.mkdir(mode=0o700, exist_ok=True)
     os.chmod(admin_socket.parent, 0o700)
@@ -310,8 +322,13 @@ async def serve(cfg: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     where = f"{host}:{nbd.port}" if host else ""
-    log.info("virtua serve: NBD on %s %s, API on %s and %s (pid %d)", where, nbd_socket, cfg.api_socket, cfg.api_listen, os.getpid())
-    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} api={cfg.api_socket} api_tcp={cfg.api_listen}", flush=True)
+    tls_mode = {"off": "off (plaintext)", "on": "on (offered)", "require": "required"}[cfg.tls]
+    if cfg.tls != "off":
+        tls_mode += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
+    log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_mode,
+             cfg.api_socket, cfg.api_listen, os.getpid())
+    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} tls={cfg.tls} api={cfg.api_socket} "
+          f"api_tcp={cfg.api_listen}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -87,8 +87,12 @@ def pool_create(
     chunk_size: str | int | None = None,
     overcommit: float | None = None,
 ) -> dict[str, Any]:
+    import os
+
     from virtua.storage.pool import DEFAULT_CHUNK_SIZE, DEFAULT_OVERCOMMIT
 
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"--path {path} is not a directory; give an empty or new directory")
     pool = st.create_pool(
         name,
         path,

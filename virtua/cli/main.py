@@ -41,9 +41,26 @@ def call(op: str, columns: list[str] | None = None, **args: Any) -> Any:
     return result
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("virtua")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        render.out.print(f"virtua {version()}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
     home: Path | None = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
 ) -> None:
     if home is not None:
         State.home = home
@@ -265,13 +282,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code or 0)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    except OSError as e:  # a file or socket the command was pointed at
+        where = f": {e.filename}" if e.filename else ""
+        render.err.print(f"virtua: error: {e.strerror or e}{where}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:  # usage errors (typer's click): one line, like every other error
+        from typer import _click
 
-        if isinstance(e, click.ClickException):
-            e.show()
+        if isinstance(e, _click.exceptions.NoArgsIsHelpError) and e.ctx is not None:
+            render.out.print(e.ctx.get_help(), highlight=False, markup=False)
+            sys.exit(2)
+        if isinstance(e, _click.exceptions.UsageError):
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            message = e.format_message().replace("\n", " ")
+            render.err.print(f"virtua: error: {message}{hint}", highlight=False, markup=False, soft_wrap=True)
+            sys.exit(2)
+        if isinstance(e, _click.exceptions.ClickException):
+            render.err.print(f"virtua: error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             sys.exit(1)
         raise
     finally:
