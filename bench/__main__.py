@@ -14,6 +14,7 @@ SUITES = {
     "nbd": ("bench.nbd_bench", "NBD server"),
     "nbd-ab": ("bench.nbd_ab", "two NBD servers taking turns on one fio workload (A/B)"),
     "vc": ("bench.vc_bench", "virtual clusters: create + boot 1/4/8 nodes, disk space"),
+    "io": ("bench.io_bench", "volume import/export, raw and qcow2, offline and via serve, vs qemu-img and nbdcopy"),
 }
 
 

@@ -251,7 +251,7 @@ def import_command(image: Image, uri: str) -> list[str]:
     """Copy image into an empty volume (its zeros are skipped, never written)."""
     if image.format == "raw":
         _need("nbdcopy", "libnbd-bin")
-        return ["nbdcopy", "--destination-is-zero", f"--progress={PROGRESS_FD}", image.path, uri]
+        return ["nbdcopy", "--destination-is-zero", "--flush", f"--progress={PROGRESS_FD}", image.path, uri]
     return ["qemu-img", "convert", "-p", "-n", "--target-is-zero", "-W", "-f", image.format,
             "-O", "raw", image.path, uri]
 
