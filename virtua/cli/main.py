@@ -14,7 +14,7 @@ from virtua.cli.client import Client, connect
 from virtua.errors import VirtuaError
 from virtua.storage.service import default_home
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="virtua: storage virtualization and virtual clusters")
+app = typer.Typer(no_args_is_help=True, help="virtua: storage virtualization and virtual clusters")
 pool_app = typer.Typer(no_args_is_help=True, help="Storage pools")
 volume_app = typer.Typer(no_args_is_help=True, help="Thin volumes")
 snapshot_app = typer.Typer(no_args_is_help=True, help="Snapshots (POOL/VOLUME@SNAPSHOT)")
@@ -260,6 +260,31 @@ def snapshot_rollback(ref: str, force: bool = typer.Option(False, "--force", hel
 # ---------------------------------------------------------------------- entry point
 
 EXTRA_COMMANDS: list[Callable[[typer.Typer], None]] = []
+JSON_HELP = "--json (anywhere on the line): print the result as JSON, sizes in bytes."
+
+
+def _polish(cmd: Any, root: bool = False) -> Any:
+    """Every command documents --json (main() takes it off the line before parsing), and
+    flags show no `<bool>` type."""
+    from typer.core import TyperGroup, TyperOption
+
+    for param in cmd.params:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+    help_option = cmd.get_help_option
+
+    def plain_help_option(ctx: Any, help_option: Any = help_option) -> Any:
+        opt = help_option(ctx)
+        if opt is not None:
+            opt.display_type_rich = lambda ctx: None
+        return opt
+
+    cmd.get_help_option = plain_help_option
+    if cmd.name not in ("serve", "agent") and (root or not isinstance(cmd, TyperGroup)):
+        cmd.epilog = JSON_HELP
+    for sub in getattr(cmd, "commands", {}).values():
+        _polish(sub)
+    return cmd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in args if a != "--json"]
     from virtua.cli import cluster, daemon  # noqa: F401  (register their commands)
     try:
-        app(args=args, prog_name="virtua", standalone_mode=False)
+        _polish(typer.main.get_command(app), root=True).main(args=args, prog_name="virtua", standalone_mode=False)
     except VirtuaError as e:
         if State.json:
             import json

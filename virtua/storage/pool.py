@@ -377,10 +377,12 @@ class Pool:
     def _check_provision(self, extra: int) -> None:
         limit = int(self.capacity * self.overcommit)
         if self.provisioned() + extra > limit:
+            from virtua.units import human_size
+
             raise NoSpace(
-                f"pool {self.name}: provisioning {extra} more bytes would exceed the overcommit "
-                f"limit ({self.overcommit:g} x capacity = {limit} bytes; "
-                f"{self.provisioned()} provisioned)"
+                f"pool {self.name}: provisioning {human_size(extra)} more would exceed the overcommit "
+                f"limit ({self.overcommit:g} x capacity {human_size(self.capacity)} = {human_size(limit)}; "
+                f"{human_size(self.provisioned())} provisioned)"
             )
 
     @staticmethod
@@ -419,7 +421,7 @@ class Pool:
         if size < vol.size:
             if not force:
                 raise InvalidArgument(
-                    f"refusing to shrink {self.name}/{name} from {vol.size} to {size} bytes: "
+                    f"refusing to shrink {self.name}/{name} from {_human(vol.size)} to {_human(size)}: "
                     "data past the new end is lost; use --shrink"
                 )
             # Zero the cut-off tail first so that growing again reads zeros there.
@@ -852,6 +854,12 @@ class Pool:
             "volumes": len(self.volumes),
             "snapshots": len(self.snapshots),
         }
+
+
+def _human(n: int) -> str:
+    from virtua.units import human_size
+
+    return human_size(n)
 
 
 def _next_id(db: sqlite3.Connection, table: str) -> int:
