@@ -89,13 +89,13 @@ def main(argv: list[str]) -> int:
                     run(f"import {fmt} {mode}", [*VIRTUA, "volume", "import", str(img), "p/v"], env)
                     dest = str(out) if fmt == "raw" else f"{out}.qcow2"
                     run(f"export {fmt} {mode}", [*VIRTUA, "volume", "export", "p/v", dest, "-O", fmt], env,
-                        after=[[*VIRTUA, "volume", "rm", "p/v"]])
+                        after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
             env = envs["serve"]
             uri = f"nbd+unix:///p/v?socket={sock}"
             subprocess.run([*VIRTUA, "volume", "create", "p/v", "--size", str(raw.stat().st_size)], env=env,
                            check=True, stdout=subprocess.DEVNULL)
             run("import raw: nbdcopy", ["nbdcopy", "--destination-is-zero", "--flush", str(raw), uri], env)
-            run("export raw: nbdcopy", ["nbdcopy", uri, str(out)], env, after=[[*VIRTUA, "volume", "rm", "p/v"]])
+            run("export raw: nbdcopy", ["nbdcopy", uri, str(out)], env, after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
             run("import qcow2: qemu-img", ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(out)], env)
             run("export qcow2: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), f"{out}.qcow2"], env)
     finally:

@@ -84,7 +84,7 @@ def test_an_open_volume_refuses_destructive_commands(served: tuple[V, Serve]) ->
     # --force overrides, and the client is then cut off
     held = Held(s.uri("p/c"))
     try:
-        assert "p/c" in v.json("volume", "rm", "p/c", "--recursive", "--force")["removed"]
+        assert "p/c" in v.json("volume", "rm", "p/c", "--recursive", "--now", "--force")["removed"]
     finally:
         held.proc.kill()
         held.proc.wait()

@@ -89,7 +89,7 @@ class StorageExports:
 
     def open_export(self, name: str) -> BlockDevice | None:
         dev = self._devices.get(name)
-        if dev is not None and _alive(dev):
+        if dev is not None and _alive(dev) and _still_named(dev, name):
             return dev
         dev = self.storage.open_export(name)
         if dev is not None:
@@ -115,6 +115,20 @@ def _alive(dev: BlockDevice) -> bool:
     snap = getattr(dev, "snap", None)
     pool = getattr(dev, "pool", None)
     return snap is None or pool is None or snap.id in pool.snapshots
+
+
+def _still_named(dev: BlockDevice, name: str) -> bool:
+    """A renamed (or trashed) volume or snapshot no longer answers to its old name."""
+    pool = getattr(dev, "pool", None)
+    vol = getattr(dev, "vol", None)
+    snap = getattr(dev, "snap", None)
+    if pool is None:
+        return True
+    if vol is not None:
+        return bool(name == f"{pool.name}/{vol.name}")
+    if snap is not None:
+        return bool(name == pool.snapshot_ref(snap))
+    return True
 
 
 def parse_allow(rules: list[str]) -> dict[str, set[str]]:

@@ -21,6 +21,8 @@ snapshot_app = typer.Typer(no_args_is_help=True, help="Snapshots (POOL/VOLUME@SN
 app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(snapshot_app, name="snapshot")
+trash_app = typer.Typer(no_args_is_help=True, help="Removed volumes, kept for a while (volume rm without --now)")
+app.add_typer(trash_app, name="trash")
 
 
 class State:
@@ -149,11 +151,61 @@ def volume_resize(
 @volume_app.command("rm")
 def volume_rm(
     ref: str,
-    recursive: bool = typer.Option(False, "--recursive", "-r", help="also its snapshots and their clones"),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="also its snapshots (and, with --now, their clones)"),
+    now: bool = typer.Option(False, "--now", help="delete at once instead of moving it to the trash"),
+    keep: str = typer.Option("7d", "--keep", help="how long the trash keeps it: 30m, 12h, 7d, ..."),
     force: bool = typer.Option(False, "--force", help=IN_USE),
 ) -> None:
-    """Delete a volume; refused while snapshots or clones depend on it, or while it is open."""
-    call("volume.rm", ref=ref, recursive=recursive, force=force)
+    """Move a volume to the pool's trash (restorable; deleted when --keep runs out), or with --now delete it.
+
+    Refused while snapshots or clones depend on it, a snapshot is protected, or it is open."""
+    call("volume.rm", ref=ref, recursive=recursive, force=force, now=now, keep=None if now else keep)
+
+
+@volume_app.command("rename")
+def volume_rename(ref: str, new: str = typer.Argument(..., help="NEW or POOL/NEW (same pool)"),
+                  force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
+    """Rename POOL/VOLUME (its NBD export follows the new name)."""
+    call("volume.rename", ref=ref, new=new, force=force)
+
+
+@volume_app.command("copy")
+def volume_copy(source: str = typer.Argument(..., help="POOL/VOLUME or POOL/VOLUME@SNAPSHOT"),
+                new: str = typer.Argument(..., help="POOL/NEW (same pool)")) -> None:
+    """A deep, independent copy (not a clone): allocated data only, holes stay holes."""
+    call("volume.copy", source=source, new=new)
+
+
+@volume_app.command("du")
+def volume_du(ref: str) -> None:
+    """Space per snapshot and for the head: provisioned, and what each one alone wrote (rbd du)."""
+    call("volume.du", ["name", "provisioned", "used"], ref=ref)
+
+
+@volume_app.command("export-diff")
+def volume_export_diff(
+    ref: str = typer.Argument(..., help="POOL/VOLUME@SNAPSHOT (or POOL/VOLUME: the head)"),
+    dest: str = typer.Argument(..., help="diff file, or - for stdout"),
+    since: str | None = typer.Option(None, "--from", help="older snapshot of the same volume (default: everything)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+) -> None:
+    """Write what changed since --from (incremental backup); `volume import-diff` applies it."""
+    from virtua.cli import diff
+
+    result = diff.export_diff(State.home, State.client(), ref, dest, since, force)
+    if dest != "-":
+        render.emit(result, State.json)
+
+
+@volume_app.command("import-diff")
+def volume_import_diff(
+    source: str = typer.Argument(..., help="diff file from export-diff, or - for stdin"),
+    ref: str = typer.Argument(..., help="POOL/VOLUME to apply it to (created by a full diff)"),
+) -> None:
+    """Apply a diff: the volume must have the diff's --from snapshot; ends by taking its snapshot."""
+    from virtua.cli import diff
+
+    render.emit(diff.import_diff(State.home, State.client(), source, ref), State.json)
 
 
 @volume_app.command("reset")
@@ -251,10 +303,49 @@ def snapshot_rm(
     call("snapshot.rm", ref=ref, recursive=recursive, force=force)
 
 
+@snapshot_app.command("rename")
+def snapshot_rename(ref: str, new: str = typer.Argument(..., help="NEW snapshot name")) -> None:
+    """Rename POOL/VOLUME@SNAPSHOT."""
+    call("snapshot.rename", ref=ref, new=new)
+
+
+@snapshot_app.command("protect")
+def snapshot_protect(ref: str) -> None:
+    """Protect a snapshot: it (and its volume) cannot be removed until unprotected."""
+    call("snapshot.protect", ref=ref, on=True)
+
+
+@snapshot_app.command("unprotect")
+def snapshot_unprotect(ref: str) -> None:
+    """Allow a protected snapshot to be removed again."""
+    call("snapshot.protect", ref=ref, on=False)
+
+
 @snapshot_app.command("rollback")
 def snapshot_rollback(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Return POOL/VOLUME to POOL/VOLUME@SNAPSHOT (later changes are lost)."""
     call("snapshot.rollback", ref=ref, force=force)
+
+
+# ---------------------------------------------------------------------- trash
+
+
+@trash_app.command("list")
+def trash_list(pool: str | None = typer.Argument(None)) -> None:
+    """Volumes in the trash: name, size, when removed, when they go for good."""
+    call("trash.list", ["name", "size", "snapshots", "deleted", "expires"], pool=pool)
+
+
+@trash_app.command("restore")
+def trash_restore(ref: str, name: str | None = typer.Option(None, "--name", help="restore under another name")) -> None:
+    """Bring POOL/VOLUME back from the trash."""
+    call("trash.restore", ref=ref, name=name)
+
+
+@trash_app.command("purge")
+def trash_purge(pool: str, all_: bool = typer.Option(False, "--all", help="also what has time left")) -> None:
+    """Delete trashed volumes whose time is up (or, with --all, every one)."""
+    call("trash.purge", pool=pool, all=all_)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -18,7 +18,7 @@ err = Console(stderr=True)
 SIZE_KEYS = {
     "size", "capacity", "used", "free", "provisioned", "allocated", "unique", "shared",
     "chunk_size", "copied", "written", "memory", "disk_unique", "disk_shared",
-    "bytes_read", "bytes_written", "file_size",
+    "bytes_read", "bytes_written", "file_size", "zeroed", "filesystem_size", "data",
 }
 
 
@@ -27,7 +27,7 @@ def fmt(key: str, value: Any) -> str:
         return "-"
     if key in SIZE_KEYS and isinstance(value, int):
         return format_size(value)
-    if key in ("created", "registered", "last_seen", "since") and isinstance(value, float):
+    if key in ("created", "registered", "last_seen", "since", "deleted", "expires") and isinstance(value, float):
         import datetime
 
         return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")

@@ -127,9 +127,11 @@ class Storage:
             except Exception:
                 continue
             for v in sorted(pool.volumes.values(), key=lambda v: v.name):
-                out.append((f"{pname}/{v.name}", f"volume, {v.size} bytes"))
+                if not v.name.startswith(pool.TRASH_PREFIX):  # trashed: no export
+                    out.append((f"{pname}/{v.name}", f"volume, {v.size} bytes"))
             for s in sorted(pool.snapshots.values(), key=lambda s: s.id):
-                out.append((pool.snapshot_ref(s), f"snapshot (read-only), {s.size} bytes"))
+                if not pool.volumes[s.volume].name.startswith(pool.TRASH_PREFIX):
+                    out.append((pool.snapshot_ref(s), f"snapshot (read-only), {s.size} bytes"))
         return out
 
     def allowed(self, name: str, identity: str | None) -> bool:
