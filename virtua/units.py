@@ -40,3 +40,13 @@ def format_size(n: int) -> str:
             v = n / factor
             return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
     return f"{n}B"
+
+
+def human_size(n: int) -> str:
+    """For messages people read: '1 PiB', '400 GiB', '1.5 MiB', '512 bytes'."""
+    for unit, factor in (("EiB", 1 << 60), ("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30),
+                         ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= factor:
+            v = n / factor
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} bytes"

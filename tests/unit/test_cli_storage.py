@@ -65,7 +65,7 @@ def test_bad_input_gets_one_line_errors(v: V) -> None:
     v.fails(4, "volume", "create", "p/x", "--size", "1M", match="already exists")
     v.fails(4, "pool", "create", "p", match="already exists")
     v.fails(2, "volume", "reset", "p/x", match="not a clone")
-    v.fails(2, "volume", "resize", "p/x", "--size", "512K", match="--force")
+    v.fails(2, "volume", "resize", "p/x", "--size", "512K", match="--shrink")
 
 
 def test_dependencies_refuse_then_recursive(v: V) -> None:
@@ -74,7 +74,7 @@ def test_dependencies_refuse_then_recursive(v: V) -> None:
     v.run("clone", "p/t@s1", "p/n", "--count", "3")
     v.fails(5, "volume", "rm", "p/t", match="p/t@s1")
     v.fails(5, "snapshot", "rm", "p/t@s1", match="p/n-1")
-    removed = v.json("volume", "rm", "p/t", "--recursive")["removed"]
+    removed = v.json("volume", "rm", "p/t", "--recursive", "--now")["removed"]
     assert set(removed) == {"p/t", "p/t@s1", "p/n-1", "p/n-2", "p/n-3"}
     assert v.json("volume", "list") == []
     assert v.json("pool", "check", "p")["ok"]

@@ -152,9 +152,10 @@ class PoolModel(RuleBasedStateMachine):
         target = data.draw(st.sampled_from(sorted(self.snaps)))
         try:
             self.pool.rebase(name, target[0], target[1])
-        except Exception as e:  # a snapshot of itself or of a descendant: refused
-            assert "rollback" in str(e) or "cycle" in str(e), e
+        except Exception as e:  # not a clone, has snapshots, or a snapshot of itself / a descendant: refused
+            assert any(w in str(e) for w in ("rollback", "cycle", "not a clone", "has snapshot")), e
             return
+        assert self.origin[name] is not None, "rebase of a volume that is not a clone must be refused"
         base = self.snaps[target]
         size = max(len(self.vols[name]), len(base))
         self.vols[name] = bytearray(base) + bytearray(size - len(base))

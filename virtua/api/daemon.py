@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from virtua.api import ops
 from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
-from virtua.errors import InvalidArgument, NoSpace, NotFound, VirtuaError
+from virtua.errors import Busy, InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.storage.device import BlockDevice
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -69,6 +69,32 @@ class ServeConfig:
     def api_socket(self) -> Path:
         return self.home / "virtua.sock"
 
+    @property
+    def admin_nbd_socket(self) -> Path:
+        return admin_nbd_socket(self.home)
+
+
+def admin_nbd_socket(home: Path) -> Path:
+    """The administrator's NBD socket (the CLI's import/export): in a 0700 directory."""
+    return home / "private" / "nbd.sock"
+
+
+class AdminExports:
+    """The same exports (and devices) for the local administrator: only the owner of the
+    private directory can reach this socket, so neither TLS nor the allow-list applies."""
+
+    def __init__(self, exports: StorageExports) -> None:
+        self.exports = exports
+
+    def open_export(self, name: str) -> BlockDevice | None:
+        return self.exports.open_export(name)
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return self.exports.list_exports()
+
+    def allowed(self, name: str, identity: str | None) -> bool:
+        return True
+
 
 class StorageExports:
     """The pools' volumes and snapshots as NBD exports, with per-export allow-lists."""
@@ -80,7 +106,7 @@ class StorageExports:
 
     def open_export(self, name: str) -> BlockDevice | None:
         dev = self._devices.get(name)
-        if dev is not None and _alive(dev):
+        if dev is not None and _alive(dev) and _still_named(dev, name):
             return dev
         dev = self.storage.open_export(name)
         if dev is not None:
@@ -106,6 +132,20 @@ def _alive(dev: BlockDevice) -> bool:
     snap = getattr(dev, "snap", None)
     pool = getattr(dev, "pool", None)
     return snap is None or pool is None or snap.id in pool.snapshots
+
+
+def _still_named(dev: BlockDevice, name: str) -> bool:
+    """A renamed (or trashed) volume or snapshot no longer answers to its old name."""
+    pool = getattr(dev, "pool", None)
+    vol = getattr(dev, "vol", None)
+    snap = getattr(dev, "snap", None)
+    if pool is None:
+        return True
+    if vol is not None:
+        return bool(name == f"{pool.name}/{vol.name}")
+    if snap is not None:
+        return bool(name == pool.snapshot_ref(snap))
+    return True
 
 
 def parse_allow(rules: list[str]) -> dict[str, set[str]]:
@@ -264,10 +304,18 @@ def _bind_tcp(listen: str) -> socket.socket:
         s.bind((host, port))
     except OSError as e:
         s.close()
-        raise InvalidArgument(f"cannot listen on {listen}: {e.strerror}") from e
+        raise _listen_error(listen, e) from e
     s.listen(128)
     s.setblocking(False)
     return s
+
+
+def _listen_error(listen: str, e: OSError) -> VirtuaError:
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        return Busy(f"cannot listen on {listen}: address already in use (is another virtua serve running?)")
+    return InvalidArgument(f"cannot listen on {listen}: {e.strerror}")
 
 
 def _bind_unix(path: Path) -> socket.socket:
@@ -336,14 +384,23 @@ async def serve(cfg: ServeConfig) -> None:
         tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
     lim = cfg.limits
     nbd = NBDServer(
-        exports, tls=tls, tls_mode=cfg.tls,  # type: ignore[arg-type]
+        exports, tls=tls, tls_mode=cfg.tls, holders=storage.holders,  # type: ignore[arg-type]
         max_connections=lim.max_connections, max_connections_per_source=lim.max_connections_per_source,
         max_handshakes=lim.max_handshakes, max_handshakes_per_source=lim.max_handshakes_per_source,
         handshake_timeout=lim.handshake_timeout,
     )
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
-    await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    try:
+        await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    except OSError as e:
+        storage.close()
+        raise _listen_error(cfg.listen or str(nbd_socket), e) from e
+    admin_socket = cfg.admin_nbd_socket
+    admin_socket.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(admin_socket.parent, 0o700)
+    admin_nbd = NBDServer(AdminExports(exports), holders=storage.holders)  # type: ignore[arg-type]
+    await admin_nbd.start(host=None, port=None, unix_path=str(admin_socket))
 
     from virtua.cluster.manager import Manager
     from virtua.cluster.store import SQLiteStore
@@ -379,13 +436,19 @@ async def serve(cfg: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     where = f"{host}:{nbd.port}" if host else ""
-    log.info("virtua serve: NBD on %s %s, API on %s and %s (pid %d)", where, nbd_socket, cfg.api_socket, cfg.api_listen, os.getpid())
-    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} api={cfg.api_socket} api_tcp={cfg.api_listen}", flush=True)
+    tls_mode = {"off": "off (plaintext)", "on": "on (offered)", "require": "required"}[cfg.tls]
+    if cfg.tls != "off":
+        tls_mode += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
+    log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_mode,
+             cfg.api_socket, cfg.api_listen, os.getpid())
+    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} tls={cfg.tls} api={cfg.api_socket} "
+          f"api_tcp={cfg.api_listen}", flush=True)
     try:
         await stop.wait()
     finally:
         log.info("virtua serve: stopping")
         await nbd.close()  # in-flight requests finish, devices flush
+        await admin_nbd.close()
         uv.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(api_task, 5)

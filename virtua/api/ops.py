@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from virtua.api.args import arguments_model, check_arguments
-from virtua.errors import InvalidArgument
+from virtua.errors import Busy, DependencyError, InvalidArgument
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
 from virtua.units import parse_size
@@ -91,8 +91,48 @@ def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) 
     return getattr(manager, method)(**check_arguments(name, model, args))  # type: ignore[arg-type]
 
 
+DEFAULT_TRASH_KEEP = 7 * 86400.0
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(v: str | int | float) -> float:
+    """30s, 15m, 12h, 7d, 2w, or plain seconds."""
+    if isinstance(v, int | float):
+        seconds = float(v)
+    else:
+        text = v.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:], None) if text else None
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            raise InvalidArgument(f"bad duration {v!r}: expected e.g. 30s, 15m, 12h, 7d, 2w") from None
+    if seconds < 0:
+        raise InvalidArgument(f"bad duration {v!r}: must not be negative")
+    return seconds
+
+
 def _size(v: str | int | None) -> int | None:
     return None if v is None else parse_size(v)
+
+
+def _refuse_if_open(st: Storage, exports: list[str], doing: str, force: bool) -> None:
+    """Busy while an NBD client (a VM's disk, qemu-io, ...) has one of these exports open."""
+    if force:
+        return
+    held = st.holders.of(exports)
+    if held:
+        who = "; ".join(h.describe() for h in held[:3])
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise Busy(f"refusing to {doing}: in use by {who}{more}; close it or use --force")
+
+
+def _volume_exports(pool: Any, volume: str, snapshots: bool = False) -> list[str]:
+    vol = pool.volume(volume)
+    out = [f"{pool.name}/{vol.name}"]
+    if snapshots:
+        out += [pool.snapshot_ref(s) for s in pool.snapshots_of(vol)]
+    return out
 
 
 # ---------------------------------------------------------------------- pools
@@ -107,8 +147,12 @@ def pool_create(
     chunk_size: str | int | None = None,
     overcommit: float | None = None,
 ) -> dict[str, Any]:
+    import os
+
     from virtua.storage.pool import DEFAULT_CHUNK_SIZE, DEFAULT_OVERCOMMIT
 
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"--path {path} is not a directory; give an empty or new directory")
     pool = st.create_pool(
         name,
         path,
@@ -116,17 +160,38 @@ def pool_create(
         _size(chunk_size) or DEFAULT_CHUNK_SIZE,
         DEFAULT_OVERCOMMIT if overcommit is None else overcommit,
     )
-    return pool.info()
+    return _pool_info(pool)
+
+
+def _pool_info(pool: Any) -> dict[str, Any]:
+    """pool.info(), warning when the capacity is more than the filesystem under it can hold:
+    accepted (thin), but writes then fail with ENOSPC before the pool looks full."""
+    import os
+
+    from virtua.units import human_size
+
+    info: dict[str, Any] = pool.info()
+    fs = os.statvfs(pool.path)
+    fs_size = fs.f_blocks * fs.f_frsize
+    info["filesystem_size"] = fs_size
+    if pool.capacity > fs_size:
+        warning = (
+            f"pool {pool.name}: capacity {human_size(pool.capacity)} is more than its filesystem holds "
+            f"({human_size(fs_size)}, {human_size(fs.f_bavail * fs.f_frsize)} free): accepted (thin), "
+            "but writes fail with ENOSPC once the filesystem is full"
+        )
+        info["warning"] = f"{info['warning']}; {warning}" if info.get("warning") else warning
+    return info
 
 
 @op("pool.list")
 def pool_list(st: Storage) -> list[dict[str, Any]]:
-    return [st.pool(name).info() for name in st.pool_paths()]
+    return [_pool_info(st.pool(name)) for name in st.pool_paths()]
 
 
 @op("pool.info")
 def pool_info(st: Storage, name: str) -> dict[str, Any]:
-    return st.pool(name).info()
+    return _pool_info(st.pool(name))
 
 
 @op("pool.check")
@@ -158,7 +223,8 @@ def volume_list(st: Storage, pool: str | None = None) -> list[dict[str, Any]]:
     for pname in names:
         p = st.pool(pname)
         for v in sorted(p.volumes.values(), key=lambda v: v.name):
-            out.append(p.volume_info(v.name))
+            if not v.name.startswith(p.TRASH_PREFIX):
+                out.append(p.volume_info(v.name))
     return out
 
 
@@ -169,43 +235,169 @@ def volume_info(st: Storage, ref: str) -> dict[str, Any]:
 
 
 @op("volume.resize")
-def volume_resize(st: Storage, ref: str, size: str | int, force: bool = False) -> dict[str, Any]:
+def volume_resize(
+    st: Storage, ref: str, size: str | int, force: bool = False, shrink: bool = False
+) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
-    pool.resize_volume(r.volume, parse_size(size), force)
+    new_size = parse_size(size)
+    if new_size < pool.volume(r.volume).size and (shrink or force):
+        _refuse_if_open(st, [ref], f"shrink {ref}", force)
+    pool.resize_volume(r.volume, new_size, force or shrink)
     return pool.volume_info(r.volume)
 
 
 @op("volume.rm")
-def volume_rm(st: Storage, ref: str, recursive: bool = False) -> dict[str, Any]:
+def volume_rm(
+    st: Storage, ref: str, recursive: bool = False, force: bool = False, now: bool = True,
+    keep: str | int | float | None = None,
+) -> dict[str, Any]:
+    """Delete a volume, or (now=False) move it to the pool's trash for `keep` (default 7 days)."""
     r = parse_ref(ref, snapshot=False)
-    return {"removed": st.pool(r.pool).delete_volume(r.volume, recursive)}
+    pool = st.pool(r.pool)
+    vol = pool.volume(r.volume)
+    snaps = pool.snapshots_of(vol)
+    exports = _volume_exports(pool, r.volume, snapshots=True)
+    if recursive:
+        exports += [f"{pool.name}/{c.name}" for s in snaps for c in pool.clones_of(s)]
+    _refuse_if_open(st, exports, f"remove {ref}", force)
+    protected = [pool.snapshot_ref(s) for s in snaps if pool.is_protected(s)]
+    if protected:
+        raise DependencyError(f"volume {ref} has protected snapshot(s) {', '.join(protected)}; unprotect them first")
+    pool.purge_trash()
+    if now:
+        return {"removed": pool.delete_volume(r.volume, recursive)}
+    if snaps and not recursive:
+        pool.delete_volume(r.volume, recursive=False)  # raises the usual DependencyError
+    entry = pool.trash_volume(r.volume, parse_duration(keep) if keep is not None else DEFAULT_TRASH_KEEP)
+    return {"trashed": [ref], "expires": entry["expires"]}
 
 
 @op("volume.reset")
-def volume_reset(st: Storage, ref: str) -> dict[str, Any]:
+def volume_reset(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"reset {ref}", force)
     pool.reset(r.volume)
     return pool.volume_info(r.volume)
 
 
+@op("volume.rename")
+def volume_rename(st: Storage, ref: str, new: str, force: bool = False) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=False)
+    n = _new_name(new, r.pool, ref)
+    pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume, snapshots=True), f"rename {ref}", force)
+    pool.rename_volume(r.volume, n)
+    return pool.volume_info(n)
+
+
+def _new_name(new: str, pool: str, ref: str) -> str:
+    """NEW or POOL/NEW (same pool) for renames and copies."""
+    if "/" not in new:
+        return new
+    n = parse_ref(new, snapshot=False)
+    if n.pool != pool:
+        raise InvalidArgument(f"{new} is in pool {n.pool}, {ref} in pool {pool}: same pool only")
+    return n.volume
+
+
+@op("volume.copy")
+def volume_copy(st: Storage, source: str, new: str) -> dict[str, Any]:
+    s = parse_ref(source)
+    n = _new_name(new, s.pool, source)
+    pool = st.pool(s.pool)
+    _, copied = pool.copy_volume(s.volume, s.snapshot, n)
+    info = pool.volume_info(n)
+    info["copied"] = copied
+    return info
+
+
+@op("volume.du")
+def volume_du(st: Storage, ref: str) -> list[dict[str, Any]]:
+    r = parse_ref(ref, snapshot=False)
+    return st.pool(r.pool).du(r.volume)
+
+
+@op("volume.diff")
+def volume_diff(st: Storage, ref: str, since: str | None = None) -> dict[str, Any]:
+    """What changed in POOL/VOLUME@SNAP (or the head) since snapshot `since`: runs of
+    [offset, length, data?] for export-diff, which reads the data over NBD."""
+    r = parse_ref(ref)
+    pool = st.pool(r.pool)
+    size, runs = pool.diff(r.volume, r.snapshot, since)
+    return {"name": str(r), "size": size, "runs": [[o, n, d] for o, n, d in runs]}
+
+
+@op("trash.list")
+def trash_list(st: Storage, pool: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for pname in [pool] if pool else list(st.pool_paths()):
+        p = st.pool(pname)
+        p.purge_trash()
+        out += [{**e, "name": f"{pname}/{e['name']}"} for e in p.trash()]
+    return out
+
+
+@op("trash.restore")
+def trash_restore(st: Storage, ref: str, name: str | None = None) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=False)
+    pool = st.pool(r.pool)
+    vol = pool.restore_volume(r.volume, _new_name(name, r.pool, ref) if name else None)
+    return pool.volume_info(vol.name)
+
+
+@op("trash.purge")
+def trash_purge(st: Storage, pool: str, all: bool = False) -> dict[str, Any]:
+    return {"removed": st.pool(pool).purge_trash(everything=all)}
+
+
+@op("snapshot.rename")
+def snapshot_rename(st: Storage, ref: str, new: str) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=True)
+    assert r.snapshot is not None
+    pool = st.pool(r.pool)
+    new_name = new.rpartition("@")[2]
+    _refuse_if_open(st, [ref], f"rename {ref}", False)
+    return pool.snapshot_info(pool.rename_snapshot(r.volume, r.snapshot, new_name))
+
+
+@op("snapshot.protect")
+def snapshot_protect(st: Storage, ref: str, on: bool = True) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=True)
+    assert r.snapshot is not None
+    pool = st.pool(r.pool)
+    return pool.snapshot_info(pool.protect(r.volume, r.snapshot, on))
+
+
+@op("volume.status")
+def volume_status(st: Storage, ref: str) -> dict[str, Any]:
+    """The open connections of a volume and its snapshots (like rbd status)."""
+    r = parse_ref(ref, snapshot=False)
+    pool = st.pool(r.pool)
+    pool.volume(r.volume)
+    held = st.holders.of_volume(f"{pool.name}/{r.volume}")
+    return {"name": f"{pool.name}/{r.volume}", "connections": [h.to_dict() for h in held]}
+
+
 @op("volume.rebase")
-def volume_rebase(st: Storage, ref: str, target: str) -> dict[str, Any]:
+def volume_rebase(st: Storage, ref: str, target: str, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     t = parse_ref(target, snapshot=True)
     if t.pool != r.pool:
         raise InvalidArgument(f"{target} is in pool {t.pool}, {ref} in pool {r.pool}: same pool only")
     pool = st.pool(r.pool)
     assert t.snapshot is not None
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"rebase {ref}", force)
     pool.rebase(r.volume, t.volume, t.snapshot)
     return pool.volume_info(r.volume)
 
 
 @op("volume.flatten")
-def volume_flatten(st: Storage, ref: str) -> dict[str, Any]:
+def volume_flatten(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"flatten {ref}", force)
     copied = pool.flatten(r.volume)
     info = pool.volume_info(r.volume)
     info["copied"] = copied
@@ -243,17 +435,24 @@ def snapshot_list(st: Storage, ref: str) -> list[dict[str, Any]]:
 
 
 @op("snapshot.rm")
-def snapshot_rm(st: Storage, ref: str, recursive: bool = False) -> dict[str, Any]:
-    r = parse_ref(ref, snapshot=True)
-    assert r.snapshot is not None
-    return {"removed": st.pool(r.pool).delete_snapshot(r.volume, r.snapshot, recursive)}
-
-
-@op("snapshot.rollback")
-def snapshot_rollback(st: Storage, ref: str) -> dict[str, Any]:
+def snapshot_rm(st: Storage, ref: str, recursive: bool = False, force: bool = False) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=True)
     assert r.snapshot is not None
     pool = st.pool(r.pool)
+    snap = pool.snapshot(r.volume, r.snapshot)
+    exports = [ref] + ([f"{pool.name}/{c.name}" for c in pool.clones_of(snap)] if recursive else [])
+    _refuse_if_open(st, exports, f"remove {ref}", force)
+    if pool.is_protected(snap):
+        raise DependencyError(f"snapshot {ref} is protected; `virtua snapshot unprotect {ref}` first")
+    return {"removed": pool.delete_snapshot(r.volume, r.snapshot, recursive)}
+
+
+@op("snapshot.rollback")
+def snapshot_rollback(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=True)
+    assert r.snapshot is not None
+    pool = st.pool(r.pool)
+    _refuse_if_open(st, _volume_exports(pool, r.volume), f"roll {r.pool}/{r.volume} back", force)
     pool.rollback(r.volume, r.snapshot)
     return pool.volume_info(r.volume)
 

@@ -40,10 +40,17 @@ def serve_cmd(
     import uvloop
 
     from virtua.api.daemon import ServeConfig, parse_allow, serve
-    from virtua.errors import InvalidArgument
+    from virtua.errors import InvalidArgument, NotFound
 
     if tls not in ("off", "on", "require"):
         raise InvalidArgument(f"bad --tls {tls!r}: use off, on or require")
+    given = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--tls-ca": tls_ca, "--tls-psk": tls_psk}
+    for flag, path in given.items():
+        if path is not None and not Path(path).is_file():
+            raise NotFound(f"{flag} {path}: no such file")
+    if tls == "off" and any(given.values()):
+        flags = ", ".join(f for f, p in given.items() if p)
+        raise InvalidArgument(f"{flags} given but --tls is off: add --tls on (offer TLS) or --tls require")
     if tls != "off" and not ((tls_cert and tls_key) or tls_psk):
         raise InvalidArgument("--tls on/require needs --tls-cert and --tls-key, or --tls-psk")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")

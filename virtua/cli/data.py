@@ -1,87 +1,164 @@
 """Image import/export for the CLI, with a progress bar on a terminal.
 
-In-process when the CLI holds the pools; through the daemon's NBD socket (qemu-img)
-when `virtua serve` holds them.
+Data always moves over NBD, streamed by qemu-img convert (qcow2) or nbdcopy (raw): through
+`virtua serve`'s private admin socket when it holds the pools, else through a short-lived
+in-process NBD server on a private unix socket. One code path, one behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from virtua.cli.client import Client, LocalClient
-from virtua.errors import InvalidArgument
+from virtua.errors import AlreadyExists, InvalidArgument, NoSpace, VirtuaError
 from virtua.storage import imageio
 from virtua.storage.names import parse_ref
 from virtua.storage.pool import SECTOR
+from virtua.units import format_size
 
 
-@contextmanager
-def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    import sys
-
+@contextlib.contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[float], None]]:
+    """A callback taking percent done; a bar on stderr when it is a terminal, else nothing."""
     if not sys.stderr.isatty():
-        yield lambda done: None
+        yield lambda percent: None
         return
     with Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         transient=True,
     ) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda done: bar.update(task, completed=done)
+        yield lambda percent: bar.update(task, completed=int(total * percent / 100))
 
 
-def nbd_uri(home: Path, export: str) -> str:
-    return f"nbd+unix:///{export}?socket={home / 'nbd.sock'}"
+@contextlib.contextmanager
+def nbd_socket(home: Path, client: Client) -> Iterator[str]:
+    """A unix socket where every volume of the pools is an NBD export, without TLS."""
+    if not isinstance(client, LocalClient):
+        from virtua.api.daemon import admin_nbd_socket
+
+        yield str(admin_nbd_socket(home))
+        return
+    from virtua.api.daemon import StorageExports
+    from virtua.nbd.testing import ServerThread
+
+    where = tempfile.mkdtemp(prefix="virtua-nbd-")  # 0700: only we can connect
+    path = os.path.join(where, "nbd.sock")
+    try:
+        exports = StorageExports(client.storage, {})
+        with ServerThread(exports, host=None, port=None, unix_path=path, holders=client.storage.holders):
+            yield path
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _source_file(source: str) -> Iterator[str]:
+    """The file to import: the path itself, or stdin spooled to a sparse file."""
+    if source != "-":
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="virtua-import-") as tmp:
+        path = os.path.join(tmp, "stdin.raw")
+        with open(path, "wb") as f:
+            imageio._copy_sparse_stream(sys.stdin.buffer, f)
+        yield path
 
 
 def import_image(home: Path, client: Client, source: str, ref: str) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
-    with imageio.raw_source(source) as raw:
-        size = os.path.getsize(raw)
-        if size == 0:
-            raise InvalidArgument(f"{source} is empty")
-        vsize = (size + SECTOR - 1) // SECTOR * SECTOR
+    with _source_file(source) as path:
+        image = imageio.probe(path)
+        shown = "stdin" if source == "-" else source
+        vsize = (image.virtual_size + SECTOR - 1) // SECTOR * SECTOR
         client.call("volume.create", ref=ref, size=vsize)
         try:
-            if isinstance(client, LocalClient):
-                dev = client.storage.open_device(ref)
-                with progress_bar(f"import {ref}", size) as progress:
-                    written = imageio.import_into(raw, dev, progress)
-            else:
-                _qemu_img(["convert", "-n", "-f", "raw", "-O", "raw", raw, nbd_uri(home, str(r))])
-                written = -1
+            with nbd_socket(home, client) as sock, progress_bar(f"import {ref}", image.virtual_size) as bar:
+                err = imageio.run_copy(imageio.import_command(image, imageio.nbd_uri(sock, str(r))), bar)
+            if err:
+                if "No space left" in err:
+                    free = client.call("pool.info", name=r.pool)["free"]
+                    raise NoSpace(
+                        f"pool {r.pool} is full: {shown} needs more than its {format_size(free)} free"
+                    )
+                raise InvalidArgument(f"cannot import {shown}: {_last_line(err)}")
         except BaseException:
-            client.call("volume.rm", ref=ref)
+            with contextlib.suppress(VirtuaError):
+                client.call("volume.rm", ref=ref, force=True)
             raise
     info: dict[str, Any] = client.call("volume.info", ref=ref)
-    if written >= 0:
-        info["written"] = written
+    info["written"] = info["allocated"]
+    info["format"] = image.format
     return info
 
 
-def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str) -> dict[str, Any]:
-    parse_ref(ref)
-    if isinstance(client, LocalClient):
-        dev = client.storage.open_device(ref)
-        with progress_bar(f"export {ref}", dev.size) as progress:
-            imageio.export_from(dev, dest, fmt, progress)
-        size = dev.size
-    else:
-        if dest == "-":
-            raise InvalidArgument("export to stdout needs the pool in-process; stop virtua serve or give a file")
-        _qemu_img(["convert", "-f", "raw", "-O", fmt, nbd_uri(home, ref), dest])
-        size = os.path.getsize(dest)
-    return {"name": ref, "file": dest, "format": fmt, "size": size}
+def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False) -> dict[str, Any]:
+    r = parse_ref(ref)
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
+    if fmt == "qcow2" and dest == "-":
+        raise InvalidArgument("qcow2 cannot be written to stdout")
+    size = _size_of(client, ref)
+    tmp = None
+    if dest != "-":
+        target = Path(dest)
+        if target.is_dir():
+            raise InvalidArgument(f"{dest} is a directory; give a file name")
+        if target.exists() and not force:
+            raise AlreadyExists(f"{dest} already exists; use --force to overwrite it")
+        if not target.parent.is_dir():
+            raise InvalidArgument(f"cannot write {dest}: directory {target.parent} does not exist")
+        # write beside it under a temporary name; rename only a complete copy
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
+    try:
+        with nbd_socket(home, client) as sock, progress_bar(f"export {ref}", size) as bar:
+            cmd = imageio.export_command(imageio.nbd_uri(sock, str(r)), tmp or "-", fmt)
+            err = imageio.run_copy(cmd, bar, stdout=sys.stdout.fileno() if tmp is None else None)
+        if err:
+            if "No space left" in err or "Disk quota" in err:
+                raise NoSpace(f"no space left to write {dest}: its filesystem is full")
+            if tmp is None and ("Broken pipe" in err or "EPIPE" in err):
+                raise InvalidArgument("export to stdout: the reader closed the pipe")
+            raise InvalidArgument(f"cannot export {ref} to {dest}: {_last_line(err)}")
+        result: dict[str, Any] = {"name": str(r), "file": dest, "format": fmt, "size": size}
+        if tmp is not None:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            tmp = None
+            result["file_size"] = os.path.getsize(dest)
+        return result
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
-def _qemu_img(args: list[str]) -> None:
-    r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise InvalidArgument(f"qemu-img {args[0]} failed: {r.stderr.strip()}")
+def _size_of(client: Client, ref: str) -> int:
+    r = parse_ref(ref)
+    if r.snapshot is None:
+        return int(client.call("volume.info", ref=ref)["size"])
+    for s in client.call("snapshot.list", ref=f"{r.pool}/{r.volume}"):
+        if s["name"] == str(r):
+            return int(s["size"])
+    from virtua.errors import NotFound
+
+    raise NotFound(f"snapshot {r} does not exist")
+
+
+def _last_line(err: str) -> str:
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    return lines[-1] if lines else err

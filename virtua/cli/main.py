@@ -14,13 +14,15 @@ from virtua.cli.client import Client, connect
 from virtua.errors import VirtuaError
 from virtua.storage.service import default_home
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="virtua: storage virtualization and virtual clusters")
+app = typer.Typer(no_args_is_help=True, help="virtua: storage virtualization and virtual clusters")
 pool_app = typer.Typer(no_args_is_help=True, help="Storage pools")
 volume_app = typer.Typer(no_args_is_help=True, help="Thin volumes")
 snapshot_app = typer.Typer(no_args_is_help=True, help="Snapshots (POOL/VOLUME@SNAPSHOT)")
 app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(snapshot_app, name="snapshot")
+trash_app = typer.Typer(no_args_is_help=True, help="Removed volumes, kept for a while (volume rm without --now)")
+app.add_typer(trash_app, name="trash")
 
 
 class State:
@@ -41,9 +43,26 @@ def call(op: str, columns: list[str] | None = None, **args: Any) -> Any:
     return result
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("virtua")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        render.out.print(f"virtua {version()}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global(
     home: Path | None = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
 ) -> None:
     if home is not None:
         State.home = home
@@ -119,46 +138,119 @@ def volume_info(ref: str) -> None:
     call("volume.info", ref=ref)
 
 
+IN_USE = "also while an NBD client (a VM, qemu-io, ...) has it open"
+
+
 @volume_app.command("resize")
 def volume_resize(
     ref: str,
     size: str = typer.Option(..., "--size"),
-    force: bool = typer.Option(False, "--force", help="allow shrinking (data past the end is lost)"),
+    shrink: bool = typer.Option(False, "--shrink", help="allow shrinking (data past the end is lost)"),
+    force: bool = typer.Option(False, "--force", help=f"allow shrinking, {IN_USE}"),
 ) -> None:
-    """Grow (or, with --force, shrink) a volume."""
-    call("volume.resize", ref=ref, size=size, force=force)
+    """Grow (or, with --shrink, shrink) a volume."""
+    call("volume.resize", ref=ref, size=size, shrink=shrink, force=force)
 
 
 @volume_app.command("rm")
-def volume_rm(ref: str, recursive: bool = typer.Option(False, "--recursive", "-r", help="also its snapshots and their clones")) -> None:
-    """Delete a volume; refused while snapshots or clones depend on it."""
-    call("volume.rm", ref=ref, recursive=recursive)
+def volume_rm(
+    ref: str,
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="also its snapshots (and, with --now, their clones)"),
+    now: bool = typer.Option(False, "--now", help="delete at once instead of moving it to the trash"),
+    keep: str = typer.Option("7d", "--keep", help="how long the trash keeps it: 30m, 12h, 7d, ..."),
+    force: bool = typer.Option(False, "--force", help=IN_USE),
+) -> None:
+    """Move a volume to the pool's trash (restorable; deleted when --keep runs out), or with --now delete it.
+
+    Refused while snapshots or clones depend on it, a snapshot is protected, or it is open."""
+    call("volume.rm", ref=ref, recursive=recursive, force=force, now=now, keep=None if now else keep)
+
+
+@volume_app.command("rename")
+def volume_rename(ref: str, new: str = typer.Argument(..., help="NEW or POOL/NEW (same pool)"),
+                  force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
+    """Rename POOL/VOLUME (its NBD export follows the new name)."""
+    call("volume.rename", ref=ref, new=new, force=force)
+
+
+@volume_app.command("copy")
+def volume_copy(source: str = typer.Argument(..., help="POOL/VOLUME or POOL/VOLUME@SNAPSHOT"),
+                new: str = typer.Argument(..., help="POOL/NEW (same pool)")) -> None:
+    """A deep, independent copy (not a clone): allocated data only, holes stay holes."""
+    call("volume.copy", source=source, new=new)
+
+
+@volume_app.command("du")
+def volume_du(ref: str) -> None:
+    """Space per snapshot and for the head: provisioned, and what each one alone wrote (rbd du)."""
+    call("volume.du", ["name", "provisioned", "used"], ref=ref)
+
+
+@volume_app.command("export-diff")
+def volume_export_diff(
+    ref: str = typer.Argument(..., help="POOL/VOLUME@SNAPSHOT (or POOL/VOLUME: the head)"),
+    dest: str = typer.Argument(..., help="diff file, or - for stdout"),
+    since: str | None = typer.Option(None, "--from", help="older snapshot of the same volume (default: everything)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+) -> None:
+    """Write what changed since --from (incremental backup); `volume import-diff` applies it."""
+    from virtua.cli import diff
+
+    result = diff.export_diff(State.home, State.client(), ref, dest, since, force)
+    if dest != "-":
+        render.emit(result, State.json)
+
+
+@volume_app.command("import-diff")
+def volume_import_diff(
+    source: str = typer.Argument(..., help="diff file from export-diff, or - for stdin"),
+    ref: str = typer.Argument(..., help="POOL/VOLUME to apply it to (created by a full diff)"),
+) -> None:
+    """Apply a diff: the volume must have the diff's --from snapshot; ends by taking its snapshot."""
+    from virtua.cli import diff
+
+    render.emit(diff.import_diff(State.home, State.client(), source, ref), State.json)
 
 
 @volume_app.command("reset")
-def volume_reset(ref: str) -> None:
+def volume_reset(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Throw away a clone's changes: back to the snapshot it was cloned from."""
-    call("volume.reset", ref=ref)
+    call("volume.reset", ref=ref, force=force)
 
 
 @volume_app.command("rebase")
-def volume_rebase(ref: str, target: str) -> None:
+def volume_rebase(ref: str, target: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Point a clone at another snapshot (POOL/TEMPLATE@NEWSNAP); its private changes are discarded."""
-    call("volume.rebase", ref=ref, target=target)
+    call("volume.rebase", ref=ref, target=target, force=force)
 
 
 @volume_app.command("flatten")
-def volume_flatten(ref: str) -> None:
+def volume_flatten(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Copy what a clone shares with its origin, making it independent."""
-    call("volume.flatten", ref=ref)
+    call("volume.flatten", ref=ref, force=force)
+
+
+CONNECTION_COLUMNS = ["export", "client", "tls_identity", "since", "bytes_read", "bytes_written"]
+
+
+@volume_app.command("status")
+def volume_status(ref: str) -> None:
+    """Who has POOL/VOLUME (or its snapshots) open over NBD: client, TLS identity, since, bytes."""
+    result = State.client().call("volume.status", ref=ref)
+    if State.json:
+        render.emit(result, True)
+    elif result["connections"]:
+        render.emit(result["connections"], False, CONNECTION_COLUMNS)
+    else:
+        render.out.print(f"{result['name']}: no open connections")
 
 
 @volume_app.command("import")
 def volume_import(
-    source: str = typer.Argument(..., help="raw or qcow2 image file, or - for stdin (raw)"),
+    source: str = typer.Argument(..., help="image file (raw, qcow2, or any format qemu-img reads), or - for stdin (raw)"),
     ref: str = typer.Argument(..., help="POOL/VOLUME to create"),
 ) -> None:
-    """Create POOL/VOLUME from an image; zero runs stay unallocated."""
+    """Create POOL/VOLUME from an image, checked first (a damaged one is refused); zeros stay unallocated."""
     from virtua.cli import data
 
     result = data.import_image(State.home, State.client(), source, ref)
@@ -170,11 +262,12 @@ def volume_export(
     ref: str = typer.Argument(..., help="POOL/VOLUME or POOL/VOLUME@SNAPSHOT"),
     dest: str = typer.Argument(..., help="file, or - for stdout"),
     fmt: str = typer.Option("raw", "--format", "-O", help="raw or qcow2"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
 ) -> None:
-    """Write a volume or snapshot to a sparse raw file, stdout, or qcow2."""
+    """Write a volume or snapshot to a sparse raw file, stdout, or qcow2 (complete or not at all)."""
     from virtua.cli import data
 
-    result = data.export_image(State.home, State.client(), ref, dest, fmt)
+    result = data.export_image(State.home, State.client(), ref, dest, fmt, force)
     if dest != "-":
         render.emit(result, State.json)
 
@@ -205,20 +298,88 @@ def snapshot_list(ref: str) -> None:
 
 
 @snapshot_app.command("rm")
-def snapshot_rm(ref: str, recursive: bool = typer.Option(False, "--recursive", "-r", help="also its clones")) -> None:
-    """Delete a snapshot; refused while clones depend on it."""
-    call("snapshot.rm", ref=ref, recursive=recursive)
+def snapshot_rm(
+    ref: str,
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="also its clones"),
+    force: bool = typer.Option(False, "--force", help=IN_USE),
+) -> None:
+    """Delete a snapshot; refused while clones depend on it, or while it is open."""
+    call("snapshot.rm", ref=ref, recursive=recursive, force=force)
+
+
+@snapshot_app.command("rename")
+def snapshot_rename(ref: str, new: str = typer.Argument(..., help="NEW snapshot name")) -> None:
+    """Rename POOL/VOLUME@SNAPSHOT."""
+    call("snapshot.rename", ref=ref, new=new)
+
+
+@snapshot_app.command("protect")
+def snapshot_protect(ref: str) -> None:
+    """Protect a snapshot: it (and its volume) cannot be removed until unprotected."""
+    call("snapshot.protect", ref=ref, on=True)
+
+
+@snapshot_app.command("unprotect")
+def snapshot_unprotect(ref: str) -> None:
+    """Allow a protected snapshot to be removed again."""
+    call("snapshot.protect", ref=ref, on=False)
 
 
 @snapshot_app.command("rollback")
-def snapshot_rollback(ref: str) -> None:
+def snapshot_rollback(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
     """Return POOL/VOLUME to POOL/VOLUME@SNAPSHOT (later changes are lost)."""
-    call("snapshot.rollback", ref=ref)
+    call("snapshot.rollback", ref=ref, force=force)
+
+
+# ---------------------------------------------------------------------- trash
+
+
+@trash_app.command("list")
+def trash_list(pool: str | None = typer.Argument(None)) -> None:
+    """Volumes in the trash: name, size, when removed, when they go for good."""
+    call("trash.list", ["name", "size", "snapshots", "deleted", "expires"], pool=pool)
+
+
+@trash_app.command("restore")
+def trash_restore(ref: str, name: str | None = typer.Option(None, "--name", help="restore under another name")) -> None:
+    """Bring POOL/VOLUME back from the trash."""
+    call("trash.restore", ref=ref, name=name)
+
+
+@trash_app.command("purge")
+def trash_purge(pool: str, all_: bool = typer.Option(False, "--all", help="also what has time left")) -> None:
+    """Delete trashed volumes whose time is up (or, with --all, every one)."""
+    call("trash.purge", pool=pool, all=all_)
 
 
 # ---------------------------------------------------------------------- entry point
 
 EXTRA_COMMANDS: list[Callable[[typer.Typer], None]] = []
+JSON_HELP = "--json (anywhere on the line): print the result as JSON, sizes in bytes."
+
+
+def _polish(cmd: Any, root: bool = False) -> Any:
+    """Every command documents --json (main() takes it off the line before parsing), and
+    flags show no `<bool>` type."""
+    from typer.core import TyperGroup, TyperOption
+
+    for param in cmd.params:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+    help_option = cmd.get_help_option
+
+    def plain_help_option(ctx: Any, help_option: Any = help_option) -> Any:
+        opt = help_option(ctx)
+        if opt is not None:
+            opt.display_type_rich = lambda ctx: None
+        return opt
+
+    cmd.get_help_option = plain_help_option
+    if cmd.name not in ("serve", "agent") and (root or not isinstance(cmd, TyperGroup)):
+        cmd.epilog = JSON_HELP
+    for sub in getattr(cmd, "commands", {}).values():
+        _polish(sub)
+    return cmd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     from virtua.cli import cluster, daemon  # noqa: F401  (register their commands)
     try:
         # without standalone mode click returns a typer.Exit's code instead of exiting
-        code = app(args=args, prog_name="virtua", standalone_mode=False)
+        code = _polish(typer.main.get_command(app), root=True).main(
+            args=args, prog_name="virtua", standalone_mode=False
+        )
         if isinstance(code, int) and code:
             sys.exit(code)
     except VirtuaError as e:
@@ -244,13 +407,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code or 0)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    except OSError as e:  # a file or socket the command was pointed at
+        where = f": {e.filename}" if e.filename else ""
+        render.err.print(f"virtua: error: {e.strerror or e}{where}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:  # usage errors (typer's click): one line, like every other error
+        from typer import _click
 
-        if isinstance(e, click.ClickException):
-            e.show()
+        if isinstance(e, _click.exceptions.NoArgsIsHelpError) and e.ctx is not None:
+            render.out.print(e.ctx.get_help(), highlight=False, markup=False)
+            sys.exit(2)
+        if isinstance(e, _click.exceptions.UsageError):
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            message = e.format_message().replace("\n", " ")
+            render.err.print(f"virtua: error: {message}{hint}", highlight=False, markup=False, soft_wrap=True)
+            sys.exit(2)
+        if isinstance(e, _click.exceptions.ClickException):
+            render.err.print(f"virtua: error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             sys.exit(1)
         raise
     finally:

@@ -18,6 +18,7 @@ err = Console(stderr=True)
 SIZE_KEYS = {
     "size", "capacity", "used", "free", "provisioned", "allocated", "unique", "shared",
     "chunk_size", "copied", "written", "memory", "disk_unique", "disk_shared",
+    "bytes_read", "bytes_written", "file_size", "zeroed", "filesystem_size", "data",
 }
 
 
@@ -26,7 +27,7 @@ def fmt(key: str, value: Any) -> str:
         return "-"
     if key in SIZE_KEYS and isinstance(value, int):
         return format_size(value)
-    if key in ("created", "registered", "last_seen") and isinstance(value, float):
+    if key in ("created", "registered", "last_seen", "since", "deleted", "expires") and isinstance(value, float):
         import datetime
 
         return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
@@ -39,6 +40,34 @@ def fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def _plain_table(cols: list[str], rows: list[list[str]]) -> str:
+    """Aligned columns without box characters or a width limit: for pipes and files."""
+    headers = [c.upper().replace("_", " ") for c in cols]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = []
+    for cells in [headers, *rows]:
+        parts = [
+            cell.rjust(w) if cols[i] in SIZE_KEYS else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _fitting_columns(cols: list[str], rows: list[list[str]], width: int) -> list[int]:
+    """Indexes of the columns to show on a terminal this wide: never cut a column; drop the
+    rightmost (least important) ones that do not fit, but always keep the first (the name)."""
+    keep: list[int] = []
+    used = 0
+    for i, c in enumerate(cols):
+        w = max(len(c), *(len(r[i]) for r in rows)) + 3
+        if keep and used + w > width:
+            break
+        keep.append(i)
+        used += w
+    return keep
+
+
 def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title: str | None = None) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -48,25 +77,39 @@ def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title
             out.print("(none)")
             return
         cols = list(columns or result[0].keys())
-        table = Table(title=title, show_edge=False, header_style="bold")
-        for c in cols:
-            table.add_column(c.upper().replace("_", " "), justify="right" if c in SIZE_KEYS else "left")
-        for row in result:
-            table.add_row(*(fmt(c, row.get(c)) for c in cols))
-        out.print(table)
+        rows = [[fmt(c, row.get(c)) for c in cols] for row in result]
+        if not out.is_terminal:
+            sys.stdout.write(_plain_table(cols, rows) + "\n")
+        else:
+            keep = _fitting_columns(cols, rows, out.width)
+            table = Table(title=title, show_edge=False, header_style="bold")
+            for i in keep:
+                c = cols[i]
+                table.add_column(c.upper().replace("_", " "), justify="right" if c in SIZE_KEYS else "left",
+                                 no_wrap=True)
+            for r in rows:
+                table.add_row(*(r[i] for i in keep))
+            out.print(table)
+            if len(keep) < len(cols):
+                dropped = ", ".join(cols[i] for i in range(len(cols)) if i not in keep)
+                err.print(f"({dropped} left out to fit {out.width} columns; --json has everything)",
+                          highlight=False)
         for row in result:
             if row.get("warning"):
                 err.print(f"[yellow]warning:[/] {row['warning']}")
         return
     if isinstance(result, dict):
-        table = Table(title=title, show_header=False, show_edge=False, box=None)
-        table.add_column(style="bold")
-        table.add_column()
-        for k, v in result.items():
-            if k == "warning":
-                continue
-            table.add_row(k.replace("_", " "), fmt(k, v))
-        out.print(table)
+        pairs = [(k.replace("_", " "), fmt(k, v)) for k, v in result.items() if k != "warning"]
+        if not out.is_terminal:
+            w = max((len(k) for k, _ in pairs), default=0)
+            sys.stdout.write("".join(f"{k.ljust(w)}  {v}\n" for k, v in pairs))
+        else:
+            table = Table(title=title, show_header=False, show_edge=False, box=None)
+            table.add_column(style="bold", no_wrap=True)
+            table.add_column(overflow="fold")
+            for k, v in pairs:
+                table.add_row(k, v)
+            out.print(table)
         if result.get("warning"):
             err.print(f"[yellow]warning:[/] {result['warning']}")
         return

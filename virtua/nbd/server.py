@@ -30,6 +30,7 @@ from virtua.nbd import proto as P
 from virtua.nbd.exports import ExportProvider
 from virtua.nbd.tls import TLSConfig, peer_identity
 from virtua.storage.device import BlockDevice, FileDevice, pread_padded
+from virtua.storage.holders import Holder, Holders
 
 TLSMode = Literal["off", "on", "require"]
 
@@ -92,6 +93,13 @@ class _ReqError(Exception):
         self.msg = msg
 
 
+def _client_address(transport: Any) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "unix socket"
+
+
 def nbd_errno(exc: BaseException) -> int:
     """Map an exception from a device to one of the NBD protocol error values."""
     if isinstance(exc, VirtuaError):
@@ -126,6 +134,7 @@ class NBDServer:
         handshake_timeout: float = ConnectionLimits.handshake_timeout,
         sparse_read_min: int = _SPARSE_READ_MIN,
         sparse_reads: bool | None = None,
+        holders: Holders | None = None,
     ) -> None:
         if tls_mode not in ("off", "on", "require"):
             raise ValueError(f"tls_mode must be off, on or require, not {tls_mode!r}")
@@ -158,6 +167,7 @@ class NBDServer:
         self._closed: asyncio.Event | None = None
         self.unix_path: str | None = None
         self.stats = {"accepted": 0, "rejected": 0}
+        self.holders = holders if holders is not None else Holders()  # who has which export open
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -289,6 +299,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._physical_run: Any = None  # the device's physical_run, if it has one
         self._physical_view: Any = None  # and its physical_view
         self._run_is_data = False
+        self.holder: Holder | None = None  # this connection in the server's Holders, once in transmission
 
     # -- asyncio callbacks -----------------------------------------------------------
 
@@ -323,6 +334,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self.admitted:
             self.srv.admission.release(self)
             self.admitted = False
+        if self.holder is not None:
+            self.srv.holders.remove(self.holder)
         if self._timer is not None:
             self._timer.cancel()
         w = self._waiter
@@ -795,6 +808,8 @@ class _Connection(asyncio.BufferedProtocol):
         # a volume's physical run never covers a hole; a plain file's may (sparse file)
         self._run_is_data = not isinstance(dev, FileDevice)
         self.srv._register_device(dev)
+        self.holder = Holder(name, _client_address(self.transport), self.identity, self.readonly)
+        self.srv.holders.add(self.holder)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -845,6 +860,7 @@ class _Connection(asyncio.BufferedProtocol):
                     if avail >= total:
                         p = start + _REQ_SIZE
                         self.start = start + total
+                        self.holder.bytes_written += length  # type: ignore[union-attr]
                         self._write(flags, handle, offset, self.rmv[p : p + length])
                         continue
                     if length >= _STREAM_MIN:
@@ -852,6 +868,7 @@ class _Connection(asyncio.BufferedProtocol):
                             self._grow(_RBUF_LARGE)  # this client writes big: read big
                             rbuf = self.rbuf
                         self.start = start + _REQ_SIZE
+                        self.holder.bytes_written += length  # type: ignore[union-attr]
                         self._ws_left = length
                         self._ws_off = offset
                         self._ws_handle = handle
@@ -863,6 +880,7 @@ class _Connection(asyncio.BufferedProtocol):
                     break
                 self.start = start + _REQ_SIZE
                 if cmd == 0:  # NBD_CMD_READ
+                    self.holder.bytes_read += length  # type: ignore[union-attr]
                     self._read(flags, handle, offset, length)
                 elif cmd == 2:  # NBD_CMD_DISC
                     self.disconnecting = True

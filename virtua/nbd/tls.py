@@ -13,6 +13,7 @@ libnbd (all GnuTLS) speak.  The key file is the psktool/qemu/nbdkit format:
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import ssl
 import weakref
@@ -115,7 +116,14 @@ def install_psk(context: ssl.SSLContext, keys: dict[bytes, bytes]) -> None:
             if identity is None:
                 return 0
             key = keys.get(identity)
-            if key is None or len(key) > max_len:
+            if key is None:
+                # said here: OpenSSL itself only reports a bad record MAC or signature
+                logging.getLogger("virtua.nbd").warning(
+                    "nbd: TLS-PSK client offered unknown PSK identity %r (not in the key file)",
+                    identity.decode("utf-8", "replace"),
+                )
+                return 0
+            if len(key) > max_len:
                 return 0
             ctypes.memmove(psk, key, len(key))
             # Python's _ssl stores its _SSLSocket as the SSL's app data (ex_data 0);

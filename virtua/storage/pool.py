@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import threading
@@ -519,10 +520,12 @@ class Pool:
     def _check_provision(self, extra: int) -> None:
         limit = int(self.capacity * self.overcommit)
         if self.provisioned() + extra > limit:
+            from virtua.units import human_size
+
             raise NoSpace(
-                f"pool {self.name}: provisioning {extra} more bytes would exceed the overcommit "
-                f"limit ({self.overcommit:g} x capacity = {limit} bytes; "
-                f"{self.provisioned()} provisioned)"
+                f"pool {self.name}: provisioning {human_size(extra)} more would exceed the overcommit "
+                f"limit ({self.overcommit:g} x capacity {human_size(self.capacity)} = {human_size(limit)}; "
+                f"{human_size(self.provisioned())} provisioned)"
             )
 
     @staticmethod
@@ -561,8 +564,8 @@ class Pool:
         if size < vol.size:
             if not force:
                 raise InvalidArgument(
-                    f"refusing to shrink {self.name}/{name} from {vol.size} to {size} bytes: "
-                    "data past the new end is lost; use --force"
+                    f"refusing to shrink {self.name}/{name} from {_human(vol.size)} to {_human(size)}: "
+                    "data past the new end is lost; use --shrink"
                 )
             # Zero the cut-off tail first so that growing again reads zeros there.
             from virtua.storage.volume import VolumeDevice
@@ -723,6 +726,17 @@ class Pool:
         """Point a clone at another snapshot; its private changes are discarded."""
         vol = self.volume(volume)
         snap = self.snapshot(target_volume, target_snapshot)
+        if vol.origin is None:
+            raise InvalidArgument(
+                f"volume {self.name}/{volume} is not a clone: rebase would replace its data; "
+                "clone the snapshot to a new volume instead"
+            )
+        own = self.snapshots_of(vol)
+        if own:
+            raise DependencyError(
+                f"volume {self.name}/{volume} has snapshot(s) "
+                f"{', '.join(self.snapshot_ref(s) for s in own)}: rebase would cut them off its history"
+            )
         if snap.volume == vol.id:
             raise InvalidArgument(
                 f"{self.snapshot_ref(snap)} is a snapshot of {self.name}/{volume} itself; "
@@ -925,6 +939,7 @@ class Pool:
             "size": s.size,
             "created": s.created,
             "clones": [f"{self.name}/{c.name}" for c in self.clones_of(s)],
+            "protected": self.is_protected(s),
         }
 
     def check(self, repair: bool = False) -> dict[str, Any]:
@@ -1046,6 +1061,199 @@ class Pool:
         out["problems"] = problems
         return out
 
+    # ------------------------------------------------------------------ everyday verbs
+    # (rename, copy, protect, du, diff, trash). Per-object flags live in `settings` rows
+    # ("protected.<snapshot id>", "trash.<volume id>"): no schema change.
+
+    def rename_volume(self, name: str, new: str) -> Volume:
+        vol = self.volume(name)
+        check_name(new, "volume name")
+        if new in self.volumes_by_name:
+            raise AlreadyExists(f"volume {self.name}/{new} already exists")
+        with Tx(self.db) as db:
+            db.execute("UPDATE volumes SET name = ? WHERE id = ?", (new, vol.id))
+        del self.volumes_by_name[vol.name]
+        vol.name = new
+        self.volumes_by_name[new] = vol
+        return vol
+
+    def rename_snapshot(self, volume: str, name: str, new: str) -> Snapshot:
+        snap = self.snapshot(volume, name)
+        check_name(new, "snapshot name")
+        if any(s.volume == snap.volume and s.name == new for s in self.snapshots.values()):
+            raise AlreadyExists(f"snapshot {self.name}/{volume}@{new} already exists")
+        with Tx(self.db) as db:
+            db.execute("UPDATE snapshots SET name = ? WHERE id = ?", (new, snap.id))
+        snap.name = new
+        return snap
+
+    def copy_volume(self, volume: str, snapshot: str | None, new: str) -> tuple[Volume, int]:
+        """A deep, independent copy of volume (or volume@snapshot): only allocated chunks are
+        copied (in the kernel where it can), holes and zeros stay unallocated."""
+        if snapshot is None:
+            src = self.volume(volume)
+            m, size = self.volume_map(src), src.size
+        else:
+            snap = self.snapshot(volume, snapshot)
+            frozen = self.frozen_map(snap.layer)
+            assert frozen is not None
+            m, size = frozen, snap.size
+        limit = (size + self.chunk_mask) >> self.chunk_shift
+        todo = [(c, p) for c, p in m.items() if p > 0 and c < limit]
+        self.reserve(len(todo))
+        vol = self.create_volume(new, size)
+        sh = self.chunk_shift
+        try:
+            self.reserve(len(todo))
+            for c, p in todo:
+                q = self.alloc(vol.layer)
+                _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
+                self.set_row(vol.layer, c, q)
+            vol.map = None
+            self.flush()
+        except BaseException:
+            self.delete_volume(new)
+            raise
+        return vol, len(todo) * self.chunk_size
+
+    def _setting(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_setting(self, key: str, value: str | None) -> None:
+        with Tx(self.db) as db:
+            if value is None:
+                db.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    def is_protected(self, snap: Snapshot) -> bool:
+        return self._setting(f"protected.{snap.id}") is not None
+
+    def protect(self, volume: str, name: str, on: bool = True) -> Snapshot:
+        snap = self.snapshot(volume, name)
+        self._set_setting(f"protected.{snap.id}", "1" if on else None)
+        return snap
+
+    def du(self, volume: str) -> list[dict[str, Any]]:
+        """Like rbd du: per snapshot (oldest first) and for the head, what it provisions and
+        the chunks that it alone wrote (its own layer)."""
+        vol = self.volume(volume)
+        owned: dict[int, int] = {}
+        for lid in self.owner:
+            if lid:
+                owned[lid] = owned.get(lid, 0) + 1
+        snaps = self.snapshots_of(vol)
+        snap_layers = {s.layer for s in snaps}
+        rows = [
+            {"name": self.snapshot_ref(s), "provisioned": s.size, "used": owned.get(s.layer, 0) * self.chunk_size}
+            for s in snaps
+        ]
+        head = sum(n for lid, n in owned.items()
+                   if lid in self.layers and self.layers[lid].volume == vol.id and lid not in snap_layers)
+        rows.append({"name": f"{self.name}/{vol.name}", "provisioned": vol.size, "used": head * self.chunk_size})
+        return rows
+
+    def diff(self, volume: str, to: str | None, since: str | None) -> tuple[int, list[tuple[int, int, bool]]]:
+        """(size, runs) of what changed from volume@since to volume@to (None: the head):
+        (offset, length, is_data); not data means it reads as zeros. since=None: everything."""
+        vol = self.volume(volume)
+        if to is None:
+            m2, size = self.volume_map(vol), vol.size
+        else:
+            s2 = self.snapshot(volume, to)
+            frozen = self.frozen_map(s2.layer)
+            assert frozen is not None
+            m2, size = frozen, s2.size
+        m1 = None
+        if since is not None:
+            m1 = self.frozen_map(self.snapshot(volume, since).layer)
+        limit = (size + self.chunk_mask) >> self.chunk_shift
+        changed: dict[int, bool] = {}
+        for c, p in m2.items():
+            if c < limit and (m1 is None or m1.get(c) != p):
+                changed[c] = p > 0
+        if m1 is not None:
+            for c, p in m1.items():
+                if c < limit and c not in changed and m2.get(c) != p:
+                    changed[c] = False  # data then, a hole now: reads as zeros
+        runs: list[tuple[int, int, bool]] = []
+        cs = self.chunk_size
+        for c in sorted(changed):
+            kind = changed[c]
+            off = c * cs
+            if runs and runs[-1][0] + runs[-1][1] == off and runs[-1][2] == kind:
+                runs[-1] = (runs[-1][0], runs[-1][1] + cs, kind)
+            else:
+                runs.append((off, cs, kind))
+        if runs and runs[-1][0] + runs[-1][1] > size:
+            last = runs[-1]
+            runs[-1] = (last[0], size - last[0], last[2])
+        return size, runs
+
+    TRASH_PREFIX = ".trash-"
+
+    def trash_volume(self, name: str, keep: float) -> dict[str, Any]:
+        """Move a volume (and its snapshots) out of sight for keep seconds; restorable."""
+        vol = self.volume(name)
+        clones = [c for s in self.snapshots_of(vol) for c in self.clones_of(s)]
+        if clones:
+            raise DependencyError(
+                f"volume {self.name}/{name} has clone(s) {', '.join(self.name + '/' + c.name for c in clones)}: "
+                "a volume with clones cannot go to the trash; remove them, or use --now --recursive"
+            )
+        entry = {"name": name, "deleted": time.time(), "expires": time.time() + keep, "id": vol.id}
+        hidden = f"{self.TRASH_PREFIX}{vol.id}"
+        with Tx(self.db) as db:
+            db.execute("UPDATE volumes SET name = ? WHERE id = ?", (hidden, vol.id))
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                       (f"trash.{vol.id}", json.dumps(entry)))
+        del self.volumes_by_name[vol.name]
+        vol.name = hidden
+        self.volumes_by_name[hidden] = vol
+        return entry
+
+    def trash(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT value FROM settings WHERE key LIKE 'trash.%'").fetchall()
+        entries = [json.loads(v) for (v,) in rows]
+        for e in entries:
+            vol = self.volumes.get(e["id"])
+            e["size"] = vol.size if vol else 0
+            e["snapshots"] = [s.name for s in self.snapshots_of(vol)] if vol else []
+        return sorted(entries, key=lambda e: e["deleted"])
+
+    def restore_volume(self, name: str, new: str | None = None) -> Volume:
+        """Bring the most recently trashed volume called name back (as new, if given)."""
+        matches = [e for e in self.trash() if e["name"] == name]
+        if not matches:
+            raise NotFound(f"no volume {self.name}/{name} in the trash")
+        entry = matches[-1]
+        target = new or name
+        check_name(target, "volume name")
+        if target in self.volumes_by_name:
+            raise AlreadyExists(f"volume {self.name}/{target} already exists; restore it under another name (--name)")
+        vol = self.volumes[entry["id"]]
+        with Tx(self.db) as db:
+            db.execute("UPDATE volumes SET name = ? WHERE id = ?", (target, vol.id))
+            db.execute("DELETE FROM settings WHERE key = ?", (f"trash.{vol.id}",))
+        del self.volumes_by_name[vol.name]
+        vol.name = target
+        self.volumes_by_name[target] = vol
+        return vol
+
+    def purge_trash(self, everything: bool = False, now: float | None = None) -> list[str]:
+        """Delete trashed volumes whose time is up (or all of them)."""
+        now = time.time() if now is None else now
+        removed = []
+        for e in self.trash():
+            if everything or e["expires"] <= now:
+                vol = self.volumes.get(e["id"])
+                if vol is not None:
+                    self.delete_volume(vol.name, recursive=True)
+                self._set_setting(f"trash.{e['id']}", None)
+                removed.append(f"{self.name}/{e['name']}")
+        return removed
+
 
 @dataclass
 class _FlushJob:
@@ -1068,6 +1276,12 @@ def _commit_rows(db: sqlite3.Connection, rows: dict[tuple[int, int], int | None]
             db.executemany(
                 "INSERT OR REPLACE INTO extents (layer, chunk, phys) VALUES (?, ?, ?)", upserts
             )
+
+
+def _human(n: int) -> str:
+    from virtua.units import human_size
+
+    return human_size(n)
 
 
 def _next_id(db: sqlite3.Connection, table: str) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from virtua.errors import AlreadyExists, InvalidArgument, NotFound
 from virtua.storage.device import BlockDevice
+from virtua.storage.holders import Holders
 from virtua.storage.meta import Tx
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.pool import DEFAULT_CHUNK_SIZE, DEFAULT_OVERCOMMIT, Pool
@@ -40,6 +41,7 @@ class Storage:
             "CREATE TABLE IF NOT EXISTS pools (name TEXT PRIMARY KEY, path TEXT NOT NULL)"
         )
         self.open_pools: dict[str, Pool] = {}
+        self.holders = Holders()  # filled by the NBD server(s) serving these pools
 
     def close(self) -> None:
         for pool in self.open_pools.values():
@@ -125,9 +127,11 @@ class Storage:
             except Exception:
                 continue
             for v in sorted(pool.volumes.values(), key=lambda v: v.name):
-                out.append((f"{pname}/{v.name}", f"volume, {v.size} bytes"))
+                if not v.name.startswith(pool.TRASH_PREFIX):  # trashed: no export
+                    out.append((f"{pname}/{v.name}", f"volume, {v.size} bytes"))
             for s in sorted(pool.snapshots.values(), key=lambda s: s.id):
-                out.append((pool.snapshot_ref(s), f"snapshot (read-only), {s.size} bytes"))
+                if not pool.volumes[s.volume].name.startswith(pool.TRASH_PREFIX):
+                    out.append((pool.snapshot_ref(s), f"snapshot (read-only), {s.size} bytes"))
         return out
 
     def allowed(self, name: str, identity: str | None) -> bool:

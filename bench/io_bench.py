@@ -1,0 +1,114 @@
+"""Image import/export through the CLI against the tools themselves, in one run.
+
+    .venv/bin/python -m bench io [--data 1G] [--rounds 3] [--dir /var/tmp/virtua-io-bench]
+
+One image (DATA of random bytes followed by half as much hole), raw and qcow2. Each round
+times, end to end (the CLI's start-up included), interleaved:
+
+* `virtua volume import/export`, raw and qcow2, offline (the CLI holds the pool and serves
+  it to the copy tool on a private in-process NBD socket) and through `virtua serve`;
+* the baselines: `qemu-img convert` qcow2 -> raw file and raw file -> qcow2 of the same
+  image on the same filesystem, and nbdcopy between the raw file and serve's NBD export
+  directly (with the same flags the CLI gives it: --destination-is-zero --flush on import).
+
+Rows are medians over the rounds; ratio = virtua / baseline (lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VIRTUA = [sys.executable, "-m", "virtua.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench io")
+    ap.add_argument("--data", default="1G", help="random data in the image (K/M/G); the image is 1.5x that")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default="/var/tmp/virtua-io-bench")
+    args = ap.parse_args(argv)
+    from virtua.units import format_size, parse_size
+
+    data = parse_size(args.data)
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    raw, qcow = work / "img.raw", work / "img.qcow2"
+    with open(raw, "wb") as f:
+        left = data
+        while left:
+            f.write(os.urandom(min(left, 16 << 20)))
+            left -= min(left, 16 << 20)
+        f.truncate(data + data // 2)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)], check=True)
+    homes = {"offline": work / "h-offline", "serve": work / "h-serve"}
+    envs = {k: dict(os.environ, VIRTUA_HOME=str(h)) for k, h in homes.items()}
+    for env in envs.values():
+        subprocess.run([*VIRTUA, "pool", "create", "p", "--capacity", format_size(4 * data)], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    serve = subprocess.Popen([*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{free_port()}",
+                              "--api-listen", f"127.0.0.1:{free_port()}"], env=envs["serve"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert serve.stdout is not None and serve.stdout.readline().startswith("VIRTUA_READY")
+    sock = homes["serve"] / "private" / "nbd.sock"
+    out = work / "out"
+    times: dict[str, list[float]] = {}
+
+    def run(name: str, cmd: list[str], env: dict[str, str], after: list[list[str]] | None = None) -> None:
+        times.setdefault(name, []).append(timed(cmd, env))
+        for c in after or []:
+            subprocess.run(c, env=env, check=True, stdout=subprocess.DEVNULL)
+        for p in (out, Path(f"{out}.qcow2")):
+            p.unlink(missing_ok=True)
+
+    try:
+        for _ in range(args.rounds):
+            for mode, env in envs.items():
+                for fmt, img in (("raw", raw), ("qcow2", qcow)):
+                    run(f"import {fmt} {mode}", [*VIRTUA, "volume", "import", str(img), "p/v"], env)
+                    dest = str(out) if fmt == "raw" else f"{out}.qcow2"
+                    run(f"export {fmt} {mode}", [*VIRTUA, "volume", "export", "p/v", dest, "-O", fmt], env,
+                        after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
+            env = envs["serve"]
+            uri = f"nbd+unix:///p/v?socket={sock}"
+            subprocess.run([*VIRTUA, "volume", "create", "p/v", "--size", str(raw.stat().st_size)], env=env,
+                           check=True, stdout=subprocess.DEVNULL)
+            run("import raw: nbdcopy", ["nbdcopy", "--destination-is-zero", "--flush", str(raw), uri], env)
+            run("export raw: nbdcopy", ["nbdcopy", uri, str(out)], env, after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
+            run("import qcow2: qemu-img", ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(out)], env)
+            run("export qcow2: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), f"{out}.qcow2"], env)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"image: {format_size(data)} of random data + {format_size(data // 2)} hole; {args.rounds} rounds; "
+          f"seconds (median), ratio to the baseline")
+    print("| operation | offline s | via serve s | baseline | baseline s | offline / base | serve / base |")
+    print("|---|---|---|---|---|---|---|")
+    for op, base in (("import raw", "import raw: nbdcopy"), ("export raw", "export raw: nbdcopy"),
+                     ("import qcow2", "import qcow2: qemu-img"), ("export qcow2", "export qcow2: qemu-img")):
+        off, srv, b = med[f"{op} offline"], med[f"{op} serve"], med[base]
+        print(f"| {op} | {off:.2f} | {srv:.2f} | {base.split(': ')[1]} | {b:.2f} | {off / b:.2f}x | {srv / b:.2f}x |")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0

@@ -1,0 +1,74 @@
+"""Import refuses damaged or truncated images (real qcow2 files cut short) and leaves nothing
+behind; export never overwrites by surprise and never leaves a partial file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cli_support import V
+
+
+@pytest.fixture
+def v(tmp_path: Path) -> V:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "256M", "--chunk-size", "64K", "--overcommit", "40")
+    return cli
+
+
+def qcow2_with_two_regions(path: Path) -> None:
+    """64K clusters: header, refcounts, L1, an L2 + 1 MiB of data at 0, another L2 + 1 MiB at 3G."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "4G"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 2 3G 1M", str(path)],
+                   check=True, capture_output=True)
+
+
+def cut(src: Path, dst: Path, length: int) -> Path:
+    with open(src, "rb") as f:
+        dst.write_bytes(f.read(length))
+    return dst
+
+
+def test_damaged_qcow2_is_refused_and_leaves_nothing(v: V, tmp_path: Path) -> None:
+    good = tmp_path / "good.qcow2"
+    qcow2_with_two_regions(good)
+    extents = subprocess.run(["qemu-img", "map", "--output=json", str(good)], capture_output=True, text=True,
+                             check=True).stdout
+    assert '"offset": 1441792' in extents, extents  # the second region's data: its L2 sits just before it
+    second_l2, second_data = 1441792 - 65536, 1441792
+    cases = {
+        "header only": (cut(good, tmp_path / "head.qcow2", 100), "header too short"),
+        "cut inside an L2 table": (cut(good, tmp_path / "l2.qcow2", second_l2 + 1000), "truncated"),
+        "cut inside the data": (cut(good, tmp_path / "data.qcow2", second_data + 300 * 1024), "truncated"),
+    }
+    for what, (path, reason) in cases.items():
+        line = v.fails(2, "volume", "import", str(path), f"p/{path.stem}", match="damaged qcow2 image")
+        assert reason in line and str(path) in line, (what, line)
+    assert v.json("volume", "list") == [], "a refused import leaves no volume behind"
+    info = v.json("volume", "import", str(good), "p/good")
+    assert info["format"] == "qcow2" and info["size"] == 4 << 30 and info["allocated"] == 2 << 20
+
+
+def test_export_refuses_to_overwrite_and_leaves_no_partial_file(v: V, tmp_path: Path) -> None:
+    v.run("volume", "create", "p/d", "--size", "4M")
+    out = tmp_path / "out.raw"
+    out.write_bytes(b"precious")
+    v.fails(4, "volume", "export", "p/d", str(out), match="--force")
+    assert out.read_bytes() == b"precious"
+    v.run("volume", "export", "p/d", str(out), "--force")
+    assert out.stat().st_size == 4 << 20 and out.stat().st_mode & 0o777 == 0o644
+    # a full filesystem: the export fails with exit 6 and leaves neither file nor temporary
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        img = tmp_path / "rand"
+        img.write_bytes(os.urandom(3 << 20))
+        v.run("volume", "import", str(img), "p/rand")
+        v.fails(6, "volume", "export", "p/rand", str(full / "x.raw"), match="no space left")
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

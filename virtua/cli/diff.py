@@ -1,0 +1,144 @@
+"""Incremental backup: `volume export-diff` and `volume import-diff` (format in docs/storage.md).
+
+The pool says which chunks changed between two snapshots (op volume.diff: same physical
+chunk = same data, so this costs no reads); the data itself moves over NBD, through the
+same socket as import/export (serve's admin socket, or an in-process server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from virtua.cli.client import Client
+from virtua.cli.data import nbd_socket
+from virtua.errors import AlreadyExists, InvalidArgument, NotFound
+from virtua.storage.names import parse_ref
+
+MAGIC = b"virtua-diff v1\n"
+RECORD = struct.Struct(">cQQ")  # tag, offset, length
+DATA, ZEROS, END = b"D", b"Z", b"E"
+PIECE = 4 << 20
+
+
+@contextlib.contextmanager
+def _nbd(home: Path, client: Client, export: str) -> Iterator[Any]:
+    from virtua.nbd.client import NBDClient
+
+    with nbd_socket(home, client) as sock:
+        c = NBDClient.connect(unix=sock, timeout=600).open(export, structured=False)
+        try:
+            yield c
+        finally:
+            c.disconnect()
+
+
+@contextlib.contextmanager
+def _output(dest: str, force: bool) -> Iterator[IO[bytes]]:
+    if dest == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(dest)
+    if target.exists() and not force:
+        raise AlreadyExists(f"{dest} already exists; use --force to overwrite it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_diff(home: Path, client: Client, ref: str, dest: str, since: str | None, force: bool) -> dict[str, Any]:
+    r = parse_ref(ref)
+    if since is not None:
+        since = since.rpartition("@")[2]
+    diff = client.call("volume.diff", ref=ref, since=since)
+    header = {"volume": f"{r.pool}/{r.volume}", "from": since, "to": r.snapshot, "size": diff["size"]}
+    data = zeros = 0
+    with _output(dest, force) as out, _nbd(home, client, str(r)) as nbd:
+        out.write(MAGIC + json.dumps(header).encode() + b"\n")
+        for offset, length, is_data in diff["runs"]:
+            if not is_data:
+                out.write(RECORD.pack(ZEROS, offset, length))
+                zeros += length
+                continue
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(PIECE, end - pos)
+                out.write(RECORD.pack(DATA, pos, n))
+                out.write(nbd.read(pos, n))
+                pos += n
+            data += length
+        out.write(RECORD.pack(END, 0, 0))
+    return {"name": str(r), "from": since, "file": dest, "data": data, "zeroed": zeros, "size": diff["size"]}
+
+
+def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
+    b = f.read(n)
+    if len(b) != n:
+        raise InvalidArgument(f"{what}: the diff is truncated")
+    return b
+
+
+def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, Any]:
+    r = parse_ref(ref, snapshot=False)
+    if source != "-" and not os.path.isfile(source):
+        raise NotFound(f"no such file: {source}")
+    with contextlib.ExitStack() as stack:
+        f: IO[bytes] = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
+        if f.read(len(MAGIC)) != MAGIC:
+            raise InvalidArgument(f"{source} is not a virtua diff (from `virtua volume export-diff`)")
+        try:
+            header = json.loads(f.readline())
+            size, since, to = int(header["size"]), header["from"], header["to"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(f"{source}: bad diff header: {e}") from None
+        volumes = {v["name"]: v for v in client.call("volume.list", pool=r.pool)}
+        if str(r) not in volumes:
+            if since is not None:
+                raise NotFound(f"volume {r} does not exist; apply the full diff (the one without --from) first")
+            client.call("volume.create", ref=ref, size=size)
+        elif since is not None and since not in volumes[str(r)]["snapshots"]:
+            raise InvalidArgument(f"{r} has no snapshot {since}: this diff applies on top of @{since}")
+        elif since is None and volumes[str(r)]["allocated"]:
+            raise InvalidArgument(f"{r} already holds data; a full diff goes into a new or empty volume")
+        if str(r) in volumes and to is not None and to in volumes[str(r)]["snapshots"]:
+            raise AlreadyExists(f"{r} already has snapshot {to}: this diff was applied already")
+        if str(r) in volumes and volumes[str(r)]["size"] != size:
+            client.call("volume.resize", ref=ref, size=size, shrink=True)
+        data = zeros = 0
+        with _nbd(home, client, str(r)) as nbd:
+            while True:
+                tag, offset, length = RECORD.unpack(_read_exact(f, RECORD.size, source))
+                if tag == END:
+                    break
+                if offset + length > size:
+                    raise InvalidArgument(f"{source}: a record lies past the end ({offset + length} > {size})")
+                if tag == DATA:
+                    nbd.write(offset, _read_exact(f, length, source))
+                    data += length
+                elif tag == ZEROS:
+                    nbd.write_zeroes(offset, length)
+                    zeros += length
+                else:
+                    raise InvalidArgument(f"{source}: unknown record {tag!r}")
+            nbd.flush()
+    if to is not None:
+        client.call("snapshot.create", ref=f"{r}@{to}")
+    info: dict[str, Any] = client.call("volume.info", ref=ref)
+    info.update({"written": data, "zeroed": zeros, "applied_from": since, "snapshot_taken": to})
+    return info
