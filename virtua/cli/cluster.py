@@ -111,11 +111,15 @@ def vc_create(
     mode: str = typer.Option("strict", "--mode", help="strict (1 vCPU per core) or lazy"),
     subnet: str | None = typer.Option(None, "--subnet", help="private CIDR (default: allocated)"),
     start: bool = typer.Option(False, "--start", help="boot the nodes right away"),
+    egress: str = typer.Option(
+        "none", "--egress",
+        help="what guests reach beyond their VC (never the hosts): none, nat (behind their host's address) or routed",
+    ),
 ) -> None:
     """Create a virtual cluster: one clone of the template per node, swap, per-node seeds."""
     t0 = time.monotonic()
     vc_call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
-         disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start)
+         disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start, egress=egress)
     if not State.json:
         render.err.print(f"done in {time.monotonic() - t0:.1f} s")
 
@@ -135,7 +139,7 @@ def vc_call(op: str, **args: object) -> None:
         render.emit(result, True)
         return
     if isinstance(result, dict) and "nodes" in result:
-        summary = {k: result[k] for k in ("name", "template", "state", "subnet", "strategy", "mode", "cpus",
+        summary = {k: result[k] for k in ("name", "template", "state", "subnet", "egress", "strategy", "mode", "cpus",
                                           "memory_mb", "disk_unique_total", "template_allocated",
                                           "full_copies_would_use")}
         render.emit(summary, False)
@@ -190,7 +194,7 @@ def vc_update(name: str, template: str = typer.Option(..., "--template", help="T
 
 @vc_app.command("list")
 def vc_list() -> None:
-    call("vc.list", ["name", "template", "nodes", "running", "state", "subnet", "hosts", "strategy", "mode"])
+    call("vc.list", ["name", "template", "nodes", "running", "state", "subnet", "egress", "hosts", "strategy", "mode"])
 
 
 @vm_app.command("console")
@@ -229,7 +233,7 @@ app.add_typer(net_app, name="net")
 @net_app.command("list")
 def net_list() -> None:
     """The private subnet of every VC, its gateway and its nodes' addresses."""
-    call("net.list", ["vc", "subnet", "gateway", "nodes", "addresses", "hosts"])
+    call("net.list", ["vc", "subnet", "egress", "gateway", "nodes", "addresses", "hosts"])
 
 
 @lab_app.command("up")

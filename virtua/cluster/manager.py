@@ -158,7 +158,17 @@ class Manager:
             for vm in self.vms()
             if vm.host != host and vm.host in addresses and vm.state in ("running", "starting")
         ]
-        return {"vc_subnets": sorted(vc.subnet for vc in self.vcs()), "routes": routes}
+        return {
+            "vc_subnets": sorted(vc.subnet for vc in self.vcs()), "routes": routes,
+            "host_networks": self.host_filter_networks(),
+        }
+
+    def host_filter_networks(self) -> list[str]:
+        """Every network and address of the hosts and the manager: closed to guests."""
+        hosts = self.hosts()
+        networks: list[IPv4Network | str] = [*self.host_networks, *(n for h in hosts for n in h.networks)]
+        addresses = [self.advertise, *(h.address.rpartition(":")[0].strip("[]") for h in hosts)]
+        return netplan.host_filter_networks(networks, addresses)
 
     def add_host(self, name: str, address: str, cores: int | None = None, memory: str | None = None) -> dict[str, Any]:
         """Register a host by hand (normally its agent registers itself)."""
@@ -439,9 +449,10 @@ class Manager:
     async def vc_create(
         self, name: str, template: str, nodes: int, cpus: int = 1, memory: str = "256M",
         disk: str | None = None, swap: str = "64M", strategy: str = "block", mode: str = "strict",
-        subnet: str | None = None, start: bool = False, pool: str | None = None,
+        subnet: str | None = None, start: bool = False, pool: str | None = None, egress: str = "none",
     ) -> dict[str, Any]:
         check_name(name, "VC name")
+        egress_mode = netplan.validate_egress(egress)
         if len(name) > 40:
             raise InvalidArgument(f"bad VC name {name!r}: at most 40 characters")
         if not 1 <= nodes <= 1000:
@@ -476,7 +487,7 @@ class Manager:
             rec = VCRecord(
                 name=name, template=template, snapshot=t.snapshot, nodes=nodes, cpus=cpus,
                 memory_mb=mem_mb, disk=disk_size, swap=swap_size, strategy=strategy, mode=mode,
-                subnet=str(net), pool=pname, state="stopped", created=time.time(),
+                subnet=str(net), pool=pname, egress=egress_mode, state="stopped", created=time.time(),
             )
             node_names = [f"{name}-{i}" for i in range(1, nodes + 1)]
             mapping = self._place(rec, names=node_names)  # stage 1: refuse before touching anything
@@ -593,7 +604,7 @@ class Manager:
             cmdline=t.cmdline, disks=[self.nbd_uri(vm.disk), self.nbd_uri(vm.swap), self.nbd_uri(vm.seed)],
             nic=NicLaunch(
                 tap=vm.tap, mac=vm.mac, address=vm.address, gateway=str(netplan.gateway_address(net)),
-                subnet=vc.subnet, vc=vc.name,
+                subnet=vc.subnet, vc=vc.name, egress=vc.egress,
             ),
             state_url=f"{self.api_url}/v1/vmstate/{vm.key}" if resume else None,
         )
@@ -812,6 +823,7 @@ class Manager:
                 "name": vc.name, "template": vc.template, "nodes": vc.nodes, "state": _vc_state(vms),
                 "running": sum(v.state == "running" for v in vms), "subnet": vc.subnet,
                 "hosts": sorted({v.host for v in vms}), "strategy": vc.strategy, "mode": vc.mode,
+                "egress": vc.egress,
             })
         return out
 
@@ -846,6 +858,7 @@ class Manager:
             out.append({
                 "vc": vc.name, "subnet": vc.subnet, "gateway": str(netplan.gateway_address(IPv4Network(vc.subnet))),
                 "nodes": len(vms), "addresses": [v.address for v in vms], "hosts": sorted({v.host for v in vms}),
+                "egress": vc.egress,
             })
         return out
 
