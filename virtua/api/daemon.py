@@ -47,6 +47,7 @@ class ServeConfig:
     local_agent: bool = True
     agent_listen: str = "127.0.0.1:8781"
     host_networks: list[str] = field(default_factory=list)
+    import_dir: Path | None = None  # default $VIRTUA_HOME/import
 
     @property
     def api_socket(self) -> Path:
@@ -108,6 +109,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def caller_is_admin(request: Request) -> bool:
+    """Whether the caller is an administrator: for now whoever reaches the unix socket
+    (uvicorn reports no port for it); authenticated identities over TCP come later."""
+    server = request.scope.get("server")
+    return server is not None and server[1] is None
+
+
 def build_api(storage: Storage, manager: Any = None) -> Any:
     api = FastAPI(title="virtua", version="0.1")
 
@@ -126,7 +134,7 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
             args = json.loads(body) if body else {}
             if not isinstance(args, dict):
                 raise InvalidArgument("arguments must be a JSON object")
-            result = ops.run(storage, name, args, manager)
+            result = ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request))
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -262,7 +270,7 @@ async def serve(cfg: ServeConfig) -> None:
     store = SQLiteStore(cfg.home / "manager.db")
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
-        api_port=api_port, host_networks=cfg.host_networks,
+        api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
     )
     await manager.start()
     sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]

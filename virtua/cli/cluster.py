@@ -76,11 +76,15 @@ def template_import(
     kernel: str | None = typer.Option(None, "--kernel"), initrd: str | None = typer.Option(None, "--initrd"),
     cmdline: str | None = typer.Option(None, "--cmdline"), pool: str | None = typer.Option(None, "--pool"),
 ) -> None:
-    """Make a template of an existing root disk image."""
+    """Make a template of an existing root disk image (files under the daemon's --import-dir)."""
     import os
 
-    call("template.import", name=name, image=os.path.abspath(image), kernel=kernel and os.path.abspath(kernel),
-         initrd=initrd and os.path.abspath(initrd), cmdline=cmdline, pool=pool)
+    def where(path: str | None) -> str | None:
+        # a file here is named absolutely; any other relative path is the import directory's
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+
+    call("template.import", name=name, image=where(image), kernel=where(kernel), initrd=where(initrd),
+         cmdline=cmdline, pool=pool)
 
 
 @template_app.command("list")

@@ -25,6 +25,9 @@ def serve_cmd(
     no_agent: bool = typer.Option(False, "--no-agent", help="do not start an agent for this machine"),
     agent_listen: str = typer.Option("127.0.0.1:8781", "--agent-listen", help="the local agent's address"),
     host_network: list[str] = typer.Option([], "--host-network", help="CIDR the hosts use (VC subnets never overlap it)"),
+    import_dir: str | None = typer.Option(
+        None, "--import-dir", help="the only directory `template import` reads host files from (default $VIRTUA_HOME/import)",
+    ),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -56,6 +59,7 @@ def serve_cmd(
         local_agent=not no_agent,
         agent_listen=agent_listen,
         host_networks=host_network,
+        import_dir=Path(import_dir).absolute() if import_dir else None,
     )
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(cfg))
