@@ -64,6 +64,14 @@ class ReadOnly(VirtuaError):
     errno = errno.EPERM
 
 
+class PermissionDenied(VirtuaError):
+    """The caller may not do this (not an administrator, or a path it may not name)."""
+
+    exit_code = 11
+    http_status = 403
+    errno = errno.EACCES
+
+
 class Busy(VirtuaError):
     """Another process or operation holds what this one needs."""
 
@@ -96,6 +104,7 @@ ERROR_TYPES: dict[str, type[VirtuaError]] = {
         DependencyError,
         NoSpace,
         ReadOnly,
+        PermissionDenied,
         Busy,
         PlacementError,
         Unavailable,

@@ -124,15 +124,20 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
     c.cli("volume", "export", nodes[0]["disk"], str(img))
     assert debugfs_cat(img, "/root/whoami") == ""
 
-    # vc update: upgrade the template once, snapshot it, rebase every node disk onto it
+    # vc update: upgrade the template once, snapshot it, rebase every node disk onto it. A
+    # template is read-only over NBD (no host or guest writes it): the upgrade is a clone.
     tmpl_uri = f"nbd://{c.manager_addr}:10809/default/template-tiny"
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 60M 64k", tmpl_uri], capture_output=True, text=True)
+    assert r.returncode != 0 or "wrote" not in r.stdout, "a template took a write over NBD"
+    c.json("clone", "default/template-tiny@base", "default/tiny-next")
+    next_uri = f"nbd://{c.manager_addr}:10809/default/tiny-next"
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 60M 64k", next_uri], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    c.json("snapshot", "create", "default/template-tiny@v2")
-    info = c.json("vc", "update", "lab", "--template", "tiny@v2")
-    assert info["snapshot"] == "default/template-tiny@v2"
+    c.json("snapshot", "create", "default/tiny-next@v2")
+    info = c.json("vc", "update", "lab", "--template", "default/tiny-next@v2")
+    assert info["snapshot"] == "default/tiny-next@v2"
     for n in nodes:
-        assert c.json("volume", "info", n["disk"])["origin"] == "default/template-tiny@v2"
+        assert c.json("volume", "info", n["disk"])["origin"] == "default/tiny-next@v2"
         uri = f"nbd://{c.manager_addr}:10809/{n['disk']}"
         r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x7e 60M 64k", uri], capture_output=True, text=True)
         assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
@@ -141,6 +146,7 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
 
     # destroy frees every volume, process and tap
     c.json("vc", "destroy", "lab")
+    c.json("volume", "rm", "default/tiny-next", "--recursive")
     names = [v["name"] for v in c.json("volume", "list")]
     assert not [n for n in names if "vc-lab" in n], names
     assert not c.qemu_pids()
@@ -234,7 +240,7 @@ def test_vms_of_a_dead_host_restart_elsewhere(cluster: NetCluster) -> None:
 
 def test_template_import(cluster: NetCluster, tmp_path: Path) -> None:
     c = cluster
-    img = tmp_path / "root.raw"
+    img = c.home / "import" / "root.raw"  # the daemon's import directory: the only place it reads
     c.cli("volume", "export", "default/template-tiny@base", str(img))
     info = c.json("template", "import", "copy", str(img))
     assert info["snapshot"] == "default/template-copy@base" and info["size"] == img.stat().st_size
@@ -242,6 +248,7 @@ def test_template_import(cluster: NetCluster, tmp_path: Path) -> None:
     r = c.cli("template", "import", "copy", str(img), check=False)
     assert r.returncode == 4
     c.json("template", "rm", "copy")
+    img.unlink()
 
 
 def test_bad_input(cluster: NetCluster) -> None:

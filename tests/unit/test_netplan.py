@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import re
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtua.cluster.model import Egress
 from virtua.cluster.netplan import (
     DEFAULT_POOL,
+    EGRESS_MODES,
     allocate_subnet,
     capacity,
     gateway_address,
+    host_filter_networks,
     mac_for,
     node_address,
     prefix_for,
     tap_name,
+    validate_egress,
     validate_subnet,
 )
 from virtua.errors import InvalidArgument, NoSpace
@@ -315,3 +320,37 @@ def test_macs_unique_within_and_across_vcs() -> None:
     assert len(macs) == len(set(macs))
     assert mac_for("vc1", 0) != mac_for("vc2", 0)
     assert not mac_for("vc1", 0).startswith("52:54:00")  # not QEMU's default range
+
+
+# --- egress and what the hosts' filters close to guests ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "nat", "routed"])
+def test_egress_modes_accepted(mode: str) -> None:
+    assert validate_egress(mode) == mode
+
+
+@pytest.mark.parametrize("mode", ["", "NAT", "open", "bridged"])
+def test_bad_egress_refused(mode: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"bad egress .*: use none, nat, routed"):
+        validate_egress(mode)
+
+
+def test_the_record_knows_every_egress_mode() -> None:
+    assert get_args(Egress) == EGRESS_MODES
+
+
+@pytest.mark.parametrize(
+    "networks, addresses, closed",
+    [
+        # a host inside the hosts' network adds nothing; one outside it adds its /32
+        (["10.213.0.0/24"], ["10.213.0.11", "192.168.5.7"], ["10.213.0.0/24", "192.168.5.7/32"]),
+        # the manager on loopback (one box) and names that are not addresses: left out
+        ([], ["127.0.0.1", "0.0.0.0", "manager.example", "10.1.2.3"], ["10.1.2.3/32"]),
+        # an interface address names its network; neighbours collapse
+        ([IPv4Interface("10.9.0.5/25"), "10.9.0.128/25"], [], ["10.9.0.0/24"]),
+        ([], [], []),
+    ],
+)  # fmt: skip
+def test_host_filter_networks(networks: list, addresses: list[str], closed: list[str]) -> None:  # type: ignore[type-arg]
+    assert host_filter_networks(networks, addresses) == closed

@@ -54,6 +54,7 @@ class ServeConfig:
     # connection limits of every listener (NBD and API, TCP and unix): see virtua.edge.limits
     handshake_timeout: float = ConnectionLimits.handshake_timeout
     max_connections_per_source: int = ConnectionLimits.max_connections_per_source
+    import_dir: Path | None = None  # default $VIRTUA_HOME/import
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -197,6 +198,13 @@ class Heartbeat(BaseModel):
 _STATE_SLACK = 64 << 20
 
 
+def caller_is_admin(request: Request) -> bool:
+    """Whether the caller is an administrator: for now whoever reaches the unix socket
+    (uvicorn reports no port for it); authenticated identities over TCP come later."""
+    server = request.scope.get("server")
+    return server is not None and server[1] is None
+
+
 def build_api(storage: Storage, manager: Any = None) -> Any:
     api = FastAPI(title="virtua", version="0.1")
     web.install(api, log)
@@ -211,7 +219,7 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
         # async on purpose: runs on the loop thread, never beside an NBD request
         try:
             args = await web.json_object(request, name)
-            result = ops.run(storage, name, args, manager)
+            result = ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request))
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -410,7 +418,7 @@ async def serve(cfg: ServeConfig) -> None:
     store = SQLiteStore(cfg.home / "manager.db")
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
-        api_port=api_port, host_networks=cfg.host_networks,
+        api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
     )
     await manager.start()
     sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]

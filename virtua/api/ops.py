@@ -30,6 +30,8 @@ OPS: dict[str, Op] = {}
 CLUSTER_OPS: dict[str, Op] = {}  # these need the manager, i.e. `virtua serve`
 # every operation's argument model: built at registration, or on first use of a Manager method
 _MODELS: dict[Any, type[BaseModel]] = {}
+# These read host files that the caller names: they are told whether it is an administrator.
+HOST_PATH_OPS = {"template.import"}
 
 
 def op(name: str) -> Callable[[Op], Op]:
@@ -70,8 +72,16 @@ def argument_model(name: str, manager_type: type | None = None) -> type[BaseMode
     return model
 
 
-def run(storage: Storage, name: str, args: dict[str, Any], manager: Any = None) -> Any:
-    """Run an operation; a cluster operation may return an awaitable (the daemon awaits it)."""
+def run(
+    storage: Storage, name: str, args: dict[str, Any], manager: Any = None, *, caller_is_admin: bool = False
+) -> Any:
+    """Run an operation; a cluster operation may return an awaitable (the daemon awaits it).
+    ``caller_is_admin`` comes from the transport (see virtua.api.daemon.caller_is_admin),
+    never from the request's arguments."""
+    if "caller_is_admin" in args:
+        raise InvalidArgument(f"{name}: caller_is_admin is not an argument")
+    if name in HOST_PATH_OPS:
+        args = {**args, "caller_is_admin": caller_is_admin}
     fn = OPS.get(name)
     if fn is not None:
         return fn(storage, **check_arguments(name, _MODELS[fn], args))

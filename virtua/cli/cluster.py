@@ -76,11 +76,15 @@ def template_import(
     kernel: str | None = typer.Option(None, "--kernel"), initrd: str | None = typer.Option(None, "--initrd"),
     cmdline: str | None = typer.Option(None, "--cmdline"), pool: str | None = typer.Option(None, "--pool"),
 ) -> None:
-    """Make a template of an existing root disk image."""
+    """Make a template of an existing root disk image (files under the daemon's --import-dir)."""
     import os
 
-    call("template.import", name=name, image=os.path.abspath(image), kernel=kernel and os.path.abspath(kernel),
-         initrd=initrd and os.path.abspath(initrd), cmdline=cmdline, pool=pool)
+    def where(path: str | None) -> str | None:
+        # a file here is named absolutely; any other relative path is the import directory's
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+
+    call("template.import", name=name, image=where(image), kernel=where(kernel), initrd=where(initrd),
+         cmdline=cmdline, pool=pool)
 
 
 @template_app.command("list")
@@ -111,11 +115,15 @@ def vc_create(
     mode: str = typer.Option("strict", "--mode", help="strict (1 vCPU per core) or lazy"),
     subnet: str | None = typer.Option(None, "--subnet", help="private CIDR (default: allocated)"),
     start: bool = typer.Option(False, "--start", help="boot the nodes right away"),
+    egress: str = typer.Option(
+        "none", "--egress",
+        help="what guests reach beyond their VC (never the hosts): none, nat (behind their host's address) or routed",
+    ),
 ) -> None:
     """Create a virtual cluster: one clone of the template per node, swap, per-node seeds."""
     t0 = time.monotonic()
     vc_call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
-         disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start)
+         disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start, egress=egress)
     if not State.json:
         render.err.print(f"done in {time.monotonic() - t0:.1f} s")
 
@@ -135,7 +143,7 @@ def vc_call(op: str, **args: object) -> None:
         render.emit(result, True)
         return
     if isinstance(result, dict) and "nodes" in result:
-        summary = {k: result[k] for k in ("name", "template", "state", "subnet", "strategy", "mode", "cpus",
+        summary = {k: result[k] for k in ("name", "template", "state", "subnet", "egress", "strategy", "mode", "cpus",
                                           "memory_mb", "disk_unique_total", "template_allocated",
                                           "full_copies_would_use")}
         render.emit(summary, False)
@@ -190,7 +198,7 @@ def vc_update(name: str, template: str = typer.Option(..., "--template", help="T
 
 @vc_app.command("list")
 def vc_list() -> None:
-    call("vc.list", ["name", "template", "nodes", "running", "state", "subnet", "hosts", "strategy", "mode"])
+    call("vc.list", ["name", "template", "nodes", "running", "state", "subnet", "egress", "hosts", "strategy", "mode"])
 
 
 @vm_app.command("console")
@@ -229,7 +237,7 @@ app.add_typer(net_app, name="net")
 @net_app.command("list")
 def net_list() -> None:
     """The private subnet of every VC, its gateway and its nodes' addresses."""
-    call("net.list", ["vc", "subnet", "gateway", "nodes", "addresses", "hosts"])
+    call("net.list", ["vc", "subnet", "egress", "gateway", "nodes", "addresses", "hosts"])
 
 
 @lab_app.command("up")

@@ -32,6 +32,9 @@ def serve_cmd(
     max_connections_per_source: int = typer.Option(
         ConnectionLimits.max_connections_per_source, "--max-connections-per-source",
         help="connections one address (or one local process) may hold, on each listener"),
+    import_dir: str | None = typer.Option(
+        None, "--import-dir", help="the only directory `template import` reads host files from (default $VIRTUA_HOME/import)",
+    ),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -72,6 +75,7 @@ def serve_cmd(
         host_networks=host_network,
         handshake_timeout=handshake_timeout,
         max_connections_per_source=max_connections_per_source,
+        import_dir=Path(import_dir).absolute() if import_dir else None,
     )
     cfg.limits  # noqa: B018 - a bad limit is a one-line error before anything starts
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

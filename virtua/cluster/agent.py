@@ -88,7 +88,7 @@ class Agent:
         if self.cfg.network:
             from virtua.net.hostnet import HostNetwork
 
-            self.net = HostNetwork(self.cfg.name)
+            self.net = HostNetwork(self.cfg.name, self.cfg.host_networks)
         await self._reattach()
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
 

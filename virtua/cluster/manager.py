@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -32,11 +33,12 @@ from virtua.errors import (
     DependencyError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
     VirtuaError,
 )
 from virtua.storage.names import check_name, parse_ref
-from virtua.storage.service import Storage
+from virtua.storage.service import TEMPLATE_VOLUME_PREFIX, Storage
 from virtua.units import parse_size
 
 log = logging.getLogger("virtua.manager")
@@ -58,6 +60,7 @@ class Manager:
         api_port: int = 8780,
         host_networks: list[str] | None = None,
         restart_dead: bool = True,
+        import_dir: Path | None = None,
     ) -> None:
         self.home = home
         self.storage = storage
@@ -70,6 +73,8 @@ class Manager:
         self.http = httpx.AsyncClient(timeout=AGENT_TIMEOUT)
         self.states_dir = home / "vmstate"
         self.templates_dir = home / "templates"
+        self.import_dir = import_dir or home / "import"  # the only host files a request may name
+        self.import_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
         self._own_networks = [str(n) for n in self.host_networks]
         self._routes: dict[str, str] = {}
@@ -104,6 +109,7 @@ class Manager:
         return [HostRecord(**v) for _, v in self.store.range("/hosts/")]
 
     def host(self, name: str) -> HostRecord:
+        check_name(name, "host name")
         v = self.store.get(f"/hosts/{name}")
         if v is None:
             raise NotFound(f"host {name} is not registered (virtua host list shows the hosts)")
@@ -158,7 +164,17 @@ class Manager:
             for vm in self.vms()
             if vm.host != host and vm.host in addresses and vm.state in ("running", "starting")
         ]
-        return {"vc_subnets": sorted(vc.subnet for vc in self.vcs()), "routes": routes}
+        return {
+            "vc_subnets": sorted(vc.subnet for vc in self.vcs()), "routes": routes,
+            "host_networks": self.host_filter_networks(),
+        }
+
+    def host_filter_networks(self) -> list[str]:
+        """Every network and address of the hosts and the manager: closed to guests."""
+        hosts = self.hosts()
+        networks: list[IPv4Network | str] = [*self.host_networks, *(n for h in hosts for n in h.networks)]
+        addresses = [self.advertise, *(h.address.rpartition(":")[0].strip("[]") for h in hosts)]
+        return netplan.host_filter_networks(networks, addresses)
 
     def add_host(self, name: str, address: str, cores: int | None = None, memory: str | None = None) -> dict[str, Any]:
         """Register a host by hand (normally its agent registers itself)."""
@@ -247,6 +263,7 @@ class Manager:
         return [TemplateRecord(**v) for _, v in self.store.range("/templates/")]
 
     def template(self, name: str) -> TemplateRecord:
+        check_name(name, "template name")  # names from requests become store keys and paths
         v = self.store.get(f"/templates/{name}")
         if v is None:
             known = ", ".join(t.name for t in self.templates()) or "none"
@@ -289,25 +306,46 @@ class Manager:
         art = ensure_artifacts(self.home / "cache" / "guest", rootfs_size=rootfs_size)
         return self._template_from(name, pool, str(art.rootfs), art.kernel, art.initrd, kernel_cmdline("/dev/vda"))
 
+    def import_path(self, path: str, what: str, caller_is_admin: bool) -> Path:
+        """The host file a request names, if it may name it: only an administrator, and only
+        a regular file under the import directory once every symlink and `..` is resolved.
+        A relative path is relative to the import directory."""
+        if not caller_is_admin:
+            log.warning("refused %s %r: the caller is not an administrator", what, path)
+            raise PermissionDenied(f"{what} {path!r}: only an administrator may import host files")
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise InvalidArgument(f"bad {what} {path!r}: expected a file under {self.import_dir}")
+        root = Path(os.path.realpath(self.import_dir))
+        real = Path(os.path.realpath(root / path))  # an absolute path replaces root
+        if not real.is_relative_to(root) or real == root:
+            log.warning("refused %s %r: outside the import directory %s", what, path, root)
+            raise PermissionDenied(f"{what} {path!r} is not under the import directory {root}: copy it there first")
+        if not real.is_file():
+            raise NotFound(f"no such {what} in the import directory: {path}")
+        return real
+
     def template_import(
         self, name: str, image: str, kernel: str | None = None, initrd: str | None = None,
-        cmdline: str | None = None, pool: str | None = None,
+        cmdline: str | None = None, pool: str | None = None, caller_is_admin: bool = False,
     ) -> dict[str, Any]:
-        """An existing raw/qcow2 root disk; boots with the given (or the cloud) kernel."""
+        """An existing raw/qcow2 root disk; boots with the given (or the cloud) kernel.
+        Every file it names must be under the import directory (see import_path)."""
         from virtua.vmm.image import ensure_artifacts, kernel_cmdline
 
         check_name(name, "template name")
         if self.store.get(f"/templates/{name}") is not None:
             raise AlreadyExists(f"template {name} already exists")
         ipath: Path | None
+        image_path = self.import_path(image, "image", caller_is_admin)
         if kernel is None:
+            if initrd is not None:
+                raise InvalidArgument("--initrd needs --kernel")
             art = ensure_artifacts(self.home / "cache" / "guest")
             kpath, ipath = art.kernel, art.initrd
         else:
-            kpath, ipath = Path(kernel), Path(initrd) if initrd else None
-            if not kpath.exists():
-                raise NotFound(f"no such kernel file: {kernel}")
-        return self._template_from(name, pool, image, kpath, ipath, cmdline or kernel_cmdline("/dev/vda"))
+            kpath = self.import_path(kernel, "kernel", caller_is_admin)
+            ipath = self.import_path(initrd, "initrd", caller_is_admin) if initrd else None
+        return self._template_from(name, pool, str(image_path), kpath, ipath, cmdline or kernel_cmdline("/dev/vda"))
 
     def _template_from(
         self, name: str, pool: str | None, image: str, kernel: Path, initrd: Path | None, cmdline: str
@@ -316,7 +354,7 @@ class Manager:
 
         pname = self._default_pool(pool)
         p = self.storage.pool(pname)
-        vol = f"template-{name}"
+        vol = f"{TEMPLATE_VOLUME_PREFIX}{name}"  # exported read-only (Storage.open_export)
         with imageio.raw_source(image) as raw:
             size = Path(raw).stat().st_size
             p.create_volume(vol, (size + 511) // 512 * 512)
@@ -369,6 +407,7 @@ class Manager:
         return [VCRecord(**v) for _, v in self.store.range("/vcs/")]
 
     def vc(self, name: str) -> VCRecord:
+        check_name(name, "VC name")
         v = self.store.get(f"/vcs/{name}")
         if v is None:
             raise NotFound(f"virtual cluster {name} does not exist")
@@ -439,9 +478,10 @@ class Manager:
     async def vc_create(
         self, name: str, template: str, nodes: int, cpus: int = 1, memory: str = "256M",
         disk: str | None = None, swap: str = "64M", strategy: str = "block", mode: str = "strict",
-        subnet: str | None = None, start: bool = False, pool: str | None = None,
+        subnet: str | None = None, start: bool = False, pool: str | None = None, egress: str = "none",
     ) -> dict[str, Any]:
         check_name(name, "VC name")
+        egress_mode = netplan.validate_egress(egress)
         if len(name) > 40:
             raise InvalidArgument(f"bad VC name {name!r}: at most 40 characters")
         if not 1 <= nodes <= 1000:
@@ -476,7 +516,7 @@ class Manager:
             rec = VCRecord(
                 name=name, template=template, snapshot=t.snapshot, nodes=nodes, cpus=cpus,
                 memory_mb=mem_mb, disk=disk_size, swap=swap_size, strategy=strategy, mode=mode,
-                subnet=str(net), pool=pname, state="stopped", created=time.time(),
+                subnet=str(net), pool=pname, egress=egress_mode, state="stopped", created=time.time(),
             )
             node_names = [f"{name}-{i}" for i in range(1, nodes + 1)]
             mapping = self._place(rec, names=node_names)  # stage 1: refuse before touching anything
@@ -593,7 +633,7 @@ class Manager:
             cmdline=t.cmdline, disks=[self.nbd_uri(vm.disk), self.nbd_uri(vm.swap), self.nbd_uri(vm.seed)],
             nic=NicLaunch(
                 tap=vm.tap, mac=vm.mac, address=vm.address, gateway=str(netplan.gateway_address(net)),
-                subnet=vc.subnet, vc=vc.name,
+                subnet=vc.subnet, vc=vc.name, egress=vc.egress,
             ),
             state_url=f"{self.api_url}/v1/vmstate/{vm.key}" if resume else None,
         )
@@ -812,6 +852,7 @@ class Manager:
                 "name": vc.name, "template": vc.template, "nodes": vc.nodes, "state": _vc_state(vms),
                 "running": sum(v.state == "running" for v in vms), "subnet": vc.subnet,
                 "hosts": sorted({v.host for v in vms}), "strategy": vc.strategy, "mode": vc.mode,
+                "egress": vc.egress,
             })
         return out
 
@@ -846,14 +887,12 @@ class Manager:
             out.append({
                 "vc": vc.name, "subnet": vc.subnet, "gateway": str(netplan.gateway_address(IPv4Network(vc.subnet))),
                 "nodes": len(vms), "addresses": [v.address for v in vms], "hosts": sorted({v.host for v in vms}),
+                "egress": vc.egress,
             })
         return out
 
     def vm_console(self, key: str) -> Any:
-        vm = self._vm_or_none(key)
-        if vm is None:
-            raise NotFound(f"VM {key} does not exist (VC/NODE, e.g. web/web-1)")
-        return vm
+        return self.vm_record(key)
 
     async def vm_console_text(self, key: str, offset: int = 0) -> dict[str, Any]:
         vm = self.vm_console(key)
@@ -951,18 +990,27 @@ class Manager:
                 except VirtuaError as e:
                     log.error("restart of %s on %s failed: %s", v.key, v.host, e.message)
 
-    def save_state_upload(self, key: str) -> Path:
+    def vm_record(self, key: str) -> VMRecord:
+        """The VM named VC/NODE in a request; both names are checked before any lookup, as
+        they name paths on the hosts (saved states, run directories)."""
+        vc, sep, node = key.partition("/")
+        if not sep:
+            raise InvalidArgument(f"bad VM {key!r}: expected VC/NODE, e.g. web/web-1")
+        check_name(vc, "VC name")
+        check_name(node, "node name")
         vm = self._vm_or_none(key)
         if vm is None:
-            raise NotFound(f"VM {key} does not exist")
+            raise NotFound(f"VM {key} does not exist (VC/NODE, e.g. web/web-1)")
+        return vm
+
+    def save_state_upload(self, key: str) -> Path:
+        vm = self.vm_record(key)
         path = self._state_path(vm)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def state_file(self, key: str) -> Path:
-        vm = self._vm_or_none(key)
-        if vm is None:
-            raise NotFound(f"VM {key} does not exist")
+        vm = self.vm_record(key)
         path = self._state_path(vm)
         if not path.exists():
             raise NotFound(f"VM {key} has no saved state")

@@ -9,6 +9,9 @@ from pydantic import BaseModel, Field
 
 VMState = Literal["defined", "starting", "running", "stopped", "suspended", "failed"]
 HostState = Literal["online", "offline", "draining"]
+# What a VC's guests reach beyond their own VC (never the hosts'): nothing, other
+# networks behind their host's address, or other networks with their own addresses.
+Egress = Literal["none", "nat", "routed"]
 
 
 class HostRecord(BaseModel):
@@ -56,6 +59,7 @@ class VCRecord(BaseModel):
     mode: str
     subnet: str
     pool: str
+    egress: Egress = "none"  # records from before egress existed: the strictest mode
     state: str = "stopped"
     created: float = 0.0
 
@@ -88,6 +92,7 @@ class NicLaunch(BaseModel):
     gateway: str  # the host side of the tap
     subnet: str
     vc: str
+    egress: Egress = "none"
 
 
 class VMLaunch(BaseModel):

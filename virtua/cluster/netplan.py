@@ -19,6 +19,14 @@ usable prefix (1 node), /24 holds 253, /16 65533.
 Only RFC 1918 ranges (10/8, 172.16/12, 192.168/16) are accepted. A VC subnet may not
 overlap another VC's subnet nor any network the hosts themselves use.
 
+Egress
+------
+``egress`` says what a VC's guests reach beyond their own subnet: ``none`` (nothing),
+``nat`` (other networks, masqueraded behind the address of the host a VM runs on) or
+``routed`` (other networks, with the VMs' own addresses). In every mode the hosts are
+closed to guests: ``host_filter_networks`` is what each host's filter keeps them from
+(every host network, every host's and the manager's address).
+
 Interface names
 ---------------
 ``tap_name(vc, i)`` is ``"vt" + 8 characters of base32(sha256(vc)) + str(i)``: at most
@@ -33,21 +41,27 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, collapse_addresses, ip_network
+from typing import cast
 
+from virtua.cluster.model import Egress
 from virtua.errors import InvalidArgument, NoSpace
+from virtua.net.hostnet import EGRESS_MODES
 
 __all__ = [
     "DEFAULT_POOL",
+    "EGRESS_MODES",
     "MAX_PREFIX",
     "PRIVATE_RANGES",
     "allocate_subnet",
     "capacity",
     "gateway_address",
+    "host_filter_networks",
     "mac_for",
     "node_address",
     "prefix_for",
     "tap_name",
+    "validate_egress",
     "validate_subnet",
 ]
 
@@ -252,3 +266,27 @@ def mac_for(vc_name: str, index: int) -> str:
         raise InvalidArgument(f"node index {index} out of range for a MAC (0..{MAX_MAC_INDEX})")
     raw = bytes([0x02]) + _vc_hash(vc_name)[:3] + index.to_bytes(2, "big")
     return ":".join(f"{b:02x}" for b in raw)
+
+
+def validate_egress(mode: str) -> Egress:
+    """A VC's egress mode as given by a user: none, nat or routed."""
+    if mode not in EGRESS_MODES:
+        raise InvalidArgument(f"bad egress {mode!r}: use {', '.join(EGRESS_MODES)}")
+    return cast(Egress, mode)
+
+
+def host_filter_networks(
+    networks: Iterable[IPv4Network | IPv4Interface | str], addresses: Iterable[str]
+) -> list[str]:
+    """What guests may never reach: the hosts' networks and each host's (and the
+    manager's) own address, as few CIDRs as cover them. Loopback addresses are left out
+    (a guest cannot send to them), as are unparsable ones (a hostname)."""
+    nets: list[IPv4Network] = [_net(n) for n in networks]
+    for a in addresses:
+        try:
+            addr = IPv4Address(a)
+        except ValueError:
+            continue
+        if not addr.is_loopback and not addr.is_unspecified:
+            nets.append(IPv4Network(addr))
+    return [str(n) for n in collapse_addresses(nets)]

@@ -7,9 +7,16 @@ one. There is no master gateway: every host routes for the VMs it runs.
 
 Isolation lives in one nftables table per host (`inet virtua`), rebuilt atomically from
 the desired state whenever it changes:
-- a packet from a VM's tap must carry that VM's address (no spoofing),
-- a VM may reach its own VC's subnet and the hosts' networks, never another VC's subnet,
-- a VM may be reached from its own VC and from the hosts, never from another VC.
+- a packet from a VM's tap must carry that VM's address, and be IPv4 (no spoofing),
+- a VM may reach its own VC's subnet, never another VC's subnet,
+- a VM reaches nothing of the hosts': no address of this host (input hook; only a ping
+  to its own gateway), no address of another host, of the manager or of the hosts'
+  networks (forward hook); only replies to connections a host opened pass,
+- beyond its VC, a VM reaches what its VC's egress mode allows: `none` nothing,
+  `nat` other networks masqueraded behind this host's address, `routed` other networks
+  with its own address (the outside routes the VC's subnet back to the hosts),
+- a VM may be reached from its own VC and from the hosts, never from another VC; from
+  other networks only in `routed` mode (and replies to its own connections in `nat`).
 Everything virtua adds carries a marker (tap prefix `vt`, route protocol 187, the table
 name), so leftovers can be listed and removed.
 """
@@ -22,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from virtua.errors import Unavailable
+from virtua.errors import InvalidArgument, Unavailable
 
 TAP_PREFIX = "vt"
 ROUTE_PROTO = "187"
@@ -59,22 +66,40 @@ def sync_routes(current: dict[str, str], want: dict[str, str]) -> dict[str, str]
     return dict(want)
 
 
+EGRESS_MODES = ("none", "nat", "routed")
+NOT_A_REPLY = "ct state != { established, related }"  # a packet that opens something
+
+
 @dataclass(frozen=True)
 class LocalVM:
     tap: str
     address: str
     subnet: str
     vc: str
+    gateway: str
+    egress: str = "none"
 
 
-def render_ruleset(local: Iterable[LocalVM], vc_subnets: Iterable[str]) -> str:
-    """The whole `inet virtua` table for these local VMs (pure: tested without a kernel)."""
+def _set(items: Iterable[str]) -> str:
+    return "{ " + ", ".join(items) + " }"
+
+
+def render_ruleset(local: Iterable[LocalVM], vc_subnets: Iterable[str], host_networks: Iterable[str] = ()) -> str:
+    """The whole `inet virtua` table for these local VMs (pure: tested without a kernel).
+
+    ``host_networks`` are the networks and addresses of every host and of the manager
+    (CIDR); a VM reaches none of them, in any egress mode.
+    """
     local = sorted(local, key=lambda v: v.tap)
     subnets = sorted(set(vc_subnets) | {v.subnet for v in local})
+    hosts = sorted(set(host_networks))
     lines = [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}"]
     if not local:
         return "\n".join(lines) + "\n"
-    all_vcs = ", ".join(subnets)
+    for v in local:
+        if v.egress not in EGRESS_MODES:
+            raise InvalidArgument(f"bad egress {v.egress!r} for {v.tap}: use {', '.join(EGRESS_MODES)}")
+    all_vcs = _set(subnets)
     lines.append(f"table inet {TABLE} {{")
     lines.append("  chain forward {")
     lines.append("    type filter hook forward priority 0; policy accept;")
@@ -83,23 +108,54 @@ def render_ruleset(local: Iterable[LocalVM], vc_subnets: Iterable[str]) -> str:
         lines.append(f'    iifname "{v.tap}" ip saddr != {v.address} counter drop comment "spoofed source"')
         lines.append(f'    iifname "{v.tap}" meta protocol != ip counter drop comment "IPv4 only"')
     for v in local:
-        lines.append(f'    iifname "{v.tap}" ip daddr != {v.subnet} ip daddr {{ {all_vcs} }} counter drop comment "to other VC"')
-        lines.append(f'    oifname "{v.tap}" ip saddr != {v.subnet} ip saddr {{ {all_vcs} }} counter drop comment "from other VC"')
+        tap = f'iifname "{v.tap}"'
+        lines.append(f'    {tap} ip daddr != {v.subnet} ip daddr {all_vcs} counter drop comment "to other VC"')
+        lines.append(f'    oifname "{v.tap}" ip saddr != {v.subnet} ip saddr {all_vcs} counter drop comment "from other VC"')
+        if hosts:
+            lines.append(f'    {tap} ip daddr {_set(hosts)} {NOT_A_REPLY} counter drop comment "to the hosts"')
+        if v.egress == "none":
+            lines.append(f'    {tap} ip daddr != {v.subnet} {NOT_A_REPLY} counter drop comment "egress none"')
+        if v.egress != "routed":
+            # only its VC and the hosts open connections to it; other networks only answer
+            sources = _set([v.subnet, *hosts])
+            lines.append(f'    oifname "{v.tap}" ip saddr != {sources} {NOT_A_REPLY} counter drop comment "from other networks"')
     lines.append("  }")
     lines.append("  chain input {")
     lines.append("    type filter hook input priority 0; policy accept;")
     for v in local:
-        lines.append(f'    iifname "{v.tap}" ip saddr != {v.address} counter drop comment "spoofed source"')
+        tap = f'iifname "{v.tap}"'
+        lines.append(f'    {tap} ip saddr != {v.address} counter drop comment "spoofed source"')
+        lines.append(f'    {tap} meta protocol != ip counter drop comment "IPv4 only"')
+        # this host's every address and port is closed to its guests; a ping to the
+        # gateway is all they may start (ARP is not IP: the inet family never sees it)
+        lines.append(f'    {tap} {NOT_A_REPLY} ip daddr != {v.gateway} counter drop comment "to this host"')
+        lines.append(f'    {tap} {NOT_A_REPLY} meta l4proto != icmp counter drop comment "to this host"')
+        lines.append(f'    {tap} {NOT_A_REPLY} icmp type != echo-request counter drop comment "to this host"')
     lines.append("  }")
+    nat = [v.address for v in local if v.egress == "nat"]
+    if nat:
+        lines.append("  chain postrouting {")
+        lines.append("    type nat hook postrouting priority srcnat; policy accept;")
+        lines.append(f'    ip saddr {_set(nat)} ip daddr != {all_vcs} oifname != "{TAP_PREFIX}*" masquerade comment "egress nat"')
+        lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
+def local_vm(nic: Any) -> LocalVM:
+    """The filter's view of a VM's NIC (a virtua.cluster.model.NicLaunch)."""
+    return LocalVM(nic.tap, nic.address, nic.subnet, nic.vc, nic.gateway, nic.egress)
+
+
 class HostNetwork:
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, host_networks: Iterable[str] = ()) -> None:
         self.host = host
         self.local: dict[str, LocalVM] = {}
         self.vc_subnets: set[str] = set()
+        # known before the first word from the manager, so guests adopted after an agent
+        # restart never get a moment with the hosts' networks open
+        self.own_host_networks = set(host_networks)
+        self.host_networks = set(self.own_host_networks)
         self.remote_routes: dict[str, str] = {}  # VM /32 -> via host address
         self._applied_rules: str | None = None
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
@@ -120,12 +176,12 @@ class HostNetwork:
         ip("link", "set", nic.tap, "up")
         ip("route", "replace", f"{nic.address}/32", "dev", nic.tap, "src", nic.gateway, "proto", ROUTE_PROTO)
         self.remote_routes.pop(f"{nic.address}/32", None)  # replaced by the tap route
-        self.local[nic.tap] = LocalVM(nic.tap, nic.address, nic.subnet, nic.vc)
+        self.local[nic.tap] = local_vm(nic)
         self.apply_rules()
 
     def adopt(self, nic: Any) -> None:
         """Take over the tap of a VM that kept running while the agent restarted."""
-        self.local[nic.tap] = LocalVM(nic.tap, nic.address, nic.subnet, nic.vc)
+        self.local[nic.tap] = local_vm(nic)
         self.apply_rules()
 
     def unplug(self, nic: Any) -> None:
@@ -136,14 +192,16 @@ class HostNetwork:
     # ------------------------------------------------------------------ desired state
 
     def apply_rules(self) -> None:
-        script = render_ruleset(self.local.values(), self.vc_subnets)
+        script = render_ruleset(self.local.values(), self.vc_subnets, self.host_networks)
         if script != self._applied_rules:
             nft(script)
             self._applied_rules = script
 
     def sync(self, desired: dict[str, Any]) -> None:
-        """Routes to remote VMs and the set of VC subnets, from the manager's heartbeat reply."""
+        """Routes to remote VMs, the VC subnets and the hosts' networks, from the manager's
+        heartbeat reply."""
         self.vc_subnets = set(desired.get("vc_subnets", []))
+        self.host_networks = self.own_host_networks | set(desired.get("host_networks", []))
         want = {r["dst"]: r["via"] for r in desired.get("routes", []) if r["dst"] not in self._local_dsts()}
         self.remote_routes = sync_routes(self.remote_routes, want)
         self.apply_rules()

@@ -11,13 +11,34 @@ import os
 from pathlib import Path
 from typing import Any
 
-from virtua.errors import AlreadyExists, InvalidArgument, NotFound
+from virtua.errors import AlreadyExists, InvalidArgument, NotFound, ReadOnly
 from virtua.storage.device import BlockDevice
 from virtua.storage.holders import Holders
 from virtua.storage.meta import Tx
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.pool import DEFAULT_CHUNK_SIZE, DEFAULT_OVERCOMMIT, Pool
 from virtua.storage.volume import SnapshotDevice, VolumeDevice
+
+# The volumes the cluster manager keeps its templates in: POOL/template-NAME.
+TEMPLATE_VOLUME_PREFIX = "template-"
+
+
+class ReadOnlyVolumeDevice(VolumeDevice):
+    """A volume that its NBD clients may only read (the NBD server sees `readonly` and
+    refuses writes with EPERM before they get here)."""
+
+    @property
+    def readonly(self) -> bool:
+        return True
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        raise ReadOnly(f"{self.vol.name} is a template: read-only over NBD")
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        raise ReadOnly(f"{self.vol.name} is a template: read-only over NBD")
+
+    def discard(self, offset: int, length: int) -> None:
+        raise ReadOnly(f"{self.vol.name} is a template: read-only over NBD")
 
 
 def default_home() -> Path:
@@ -114,10 +135,15 @@ class Storage:
         return VolumeDevice(pool, pool.volume(r.volume))
 
     def open_export(self, name: str) -> BlockDevice | None:
+        """The device an NBD client gets: snapshots and template volumes read-only (no
+        guest or host writes a template; the VMs' disks are clones of its snapshots)."""
         try:
-            return self.open_device(name)
+            dev = self.open_device(name)
         except (NotFound, InvalidArgument):
             return None
+        if isinstance(dev, VolumeDevice) and dev.vol.name.startswith(TEMPLATE_VOLUME_PREFIX):
+            return ReadOnlyVolumeDevice(dev.pool, dev.vol)
+        return dev
 
     def list_exports(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -127,8 +153,10 @@ class Storage:
             except Exception:
                 continue
             for v in sorted(pool.volumes.values(), key=lambda v: v.name):
-                if not v.name.startswith(pool.TRASH_PREFIX):  # trashed: no export
-                    out.append((f"{pname}/{v.name}", f"volume, {v.size} bytes"))
+                if v.name.startswith(pool.TRASH_PREFIX):  # trashed: no export
+                    continue
+                kind = "template (read-only)" if v.name.startswith(TEMPLATE_VOLUME_PREFIX) else "volume"
+                out.append((f"{pname}/{v.name}", f"{kind}, {v.size} bytes"))
             for s in sorted(pool.snapshots.values(), key=lambda s: s.id):
                 if not pool.volumes[s.volume].name.startswith(pool.TRASH_PREFIX):
                     out.append((pool.snapshot_ref(s), f"snapshot (read-only), {s.size} bytes"))

@@ -1,0 +1,214 @@
+"""Paths from requests, against a real `virtua serve`: `template import` reads only files
+under the import directory and only for an administrator (the unix-socket caller); names
+that build paths refuse traversal; templates and snapshots are read-only to NBD clients
+(libnbd and qemu-io), while a clone of them is writable."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.interop
+
+PATTERN = b"\x5a" * 65536
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.import_dir = home / "import"
+        self.nbd_port, self.api_port = free_port(), free_port()
+        self.env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{self.nbd_port}",
+             "--api-listen", f"127.0.0.1:{self.api_port}"],
+            env=self.env, stdout=subprocess.PIPE, stderr=open(home / "serve.log", "a"), text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("VIRTUA_READY"), line + (home / "serve.log").read_text()
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "virtua.cli", *args], env=self.env, capture_output=True, text=True)
+
+    def json(self, *args: str) -> object:
+        r = self.cli(*args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def tcp_op(self, op: str, **args: object) -> httpx.Response:
+        """The same operation from a TCP client (not an administrator today)."""
+        return httpx.post(f"http://127.0.0.1:{self.api_port}/v1/ops/{op}", json=args, timeout=30)
+
+    def raw_http(self, request: str) -> str:
+        """Bytes as written, so no client normalises the path first."""
+        with socket.create_connection(("127.0.0.1", self.api_port), timeout=10) as s:
+            s.sendall(request.encode())
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        return out.decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    home = tmp_path_factory.mktemp("paths") / "home"
+    home.mkdir()
+    env = dict(os.environ, VIRTUA_HOME=str(home))
+    subprocess.run([sys.executable, "-m", "virtua.cli", "pool", "create", "default", "--capacity", "1G"],
+                   env=env, check=True, capture_output=True)
+    d = Daemon(home)
+    # an image with a known pattern at 1 MiB and a stand-in kernel, in the import directory
+    image = bytearray(4 << 20)
+    image[1 << 20 : (1 << 20) + len(PATTERN)] = PATTERN
+    (d.import_dir / "root.raw").write_bytes(image)
+    (d.import_dir / "vmlinuz").write_bytes(b"not really a kernel")
+    yield d
+    d.stop()
+
+
+def refused(r: subprocess.CompletedProcess[str], code: int, match: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert match in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def nothing_imported(d: Daemon) -> None:
+    assert d.json("template", "list") == []
+    assert d.json("volume", "list") == []
+
+
+def test_import_of_a_host_file_outside_the_import_dir_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    d = daemon
+    refused(d.cli("template", "import", "leak", "/etc/shadow", "--kernel", "vmlinuz"), 11,
+            f"image '/etc/shadow' is not under the import directory {d.import_dir}")
+    refused(d.cli("template", "import", "leak", "../../../../etc/shadow", "--kernel", "vmlinuz"), 11,
+            "is not under the import directory")
+    refused(d.cli("template", "import", "leak", "root.raw", "--kernel", "/etc/shadow"), 11,
+            "kernel '/etc/shadow' is not under the import directory")
+    refused(d.cli("template", "import", "leak", "root.raw", "--kernel", "vmlinuz", "--initrd", "../manager.db"), 11,
+            "initrd '../manager.db' is not under the import directory")
+    # a symlink inside the import directory that leads out of it
+    link = d.import_dir / "innocent.raw"
+    link.symlink_to("/etc/shadow")
+    try:
+        refused(d.cli("template", "import", "leak", "innocent.raw", "--kernel", "vmlinuz"), 11,
+                "is not under the import directory")
+    finally:
+        link.unlink()
+    refused(d.cli("template", "import", "leak", "missing.raw", "--kernel", "vmlinuz"), 3,
+            "no such image in the import directory: missing.raw")
+    nothing_imported(d)
+
+
+def test_only_an_administrator_may_import(daemon: Daemon) -> None:
+    d = daemon
+    r = d.tcp_op("template.import", name="leak", image="root.raw", kernel="vmlinuz")
+    assert r.status_code == 403, r.text
+    assert r.json() == {"error": "PermissionDenied",
+                        "message": "image 'root.raw': only an administrator may import host files"}
+    # the caller cannot claim to be one
+    r = d.tcp_op("template.import", name="leak", image="root.raw", kernel="vmlinuz", caller_is_admin=True)
+    assert r.status_code == 400 and "caller_is_admin is not an argument" in r.json()["message"], r.text
+    nothing_imported(d)
+    assert "refused image 'root.raw': the caller is not an administrator" in (d.home / "serve.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "request_line, message",
+    [
+        ("PUT /v1/vmstate/%2e%2e/x", "bad VC name '..'"),
+        ("PUT /v1/vmstate/vc/%2e%2e", "bad node name '..'"),
+        ("GET /v1/vmstate/%2e%2e/%2e%2e", "bad VC name '..'"),
+        ("GET /v1/templates/%2e%2e/kernel", "bad template name '..'"),
+        ("GET /v1/templates/.hidden/kernel", "bad template name '.hidden'"),
+    ],
+)
+def test_names_that_build_paths_refuse_traversal(daemon: Daemon, request_line: str, message: str) -> None:
+    reply = daemon.raw_http(f"{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert reply.startswith("HTTP/1.1 400"), reply
+    assert message in reply, reply
+    assert not (daemon.home / "vmstate").exists(), "nothing written for a refused name"
+
+
+def test_names_from_the_cli_refuse_traversal(daemon: Daemon) -> None:
+    refused(daemon.cli("vc", "info", "../x"), 2, "bad VC name '../x'")
+    refused(daemon.cli("template", "info", "../x"), 2, "bad template name '../x'")
+    refused(daemon.cli("vm", "console", "../../x"), 2, "bad VC name '..'")
+
+
+# libnbd with client-side checks off, so the server itself must refuse the write
+WRITE_SCRIPT = textwrap.dedent(
+    """
+    import errno, sys
+    import nbd
+    h = nbd.NBD()
+    h.set_strict_mode(0)
+    h.connect_uri(sys.argv[1])
+    print("readonly", h.is_read_only())
+    try:
+        h.pwrite(b"\\x77" * 4096, 1 << 20)
+        print("written")
+    except nbd.Error as e:
+        print("refused", e.errnum)
+    print("data", h.pread(4, 1 << 20).hex())
+    """
+)
+
+
+def test_templates_and_snapshots_are_read_only_over_nbd(daemon: Daemon, tmp_path: Path) -> None:
+    d = daemon
+    info = d.json("template", "import", "t1", "root.raw", "--kernel", "vmlinuz")
+    assert info["volume"] == "default/template-t1"  # type: ignore[index]
+    script = tmp_path / "write.py"
+    script.write_text(WRITE_SCRIPT)
+    for export in ("default/template-t1", "default/template-t1@base"):
+        r = subprocess.run(["/usr/bin/python3", str(script), d.uri(export)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[:3] == ["readonly True", f"refused {errno.EPERM}", "data 5a5a5a5a"], r.stdout
+        # qemu-io cannot even open it for writing; read-only it reads the template's data
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 1M 4k", d.uri(export)],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 or "wrote" not in r.stdout, r.stdout
+        r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x5a 1M 64k", d.uri(export)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+    listed = json.loads(subprocess.run(["nbdinfo", "--list", "--json", d.uri("")], capture_output=True,
+                                       text=True, check=True).stdout)["exports"]
+    desc = {e["export-name"]: e.get("description", "") for e in listed}
+    assert desc["default/template-t1"].startswith("template (read-only)"), desc
+    # the positive control: a clone of the template (what a VM boots from) takes writes
+    d.json("clone", "default/template-t1@base", "default/node")
+    r = subprocess.run(["/usr/bin/python3", str(script), d.uri("default/node")], capture_output=True, text=True)
+    assert r.stdout.split("\n")[:3] == ["readonly False", "written", "data 77777777"], r.stdout + r.stderr
+    d.json("volume", "rm", "default/node")
+    d.json("template", "rm", "t1")
