@@ -82,11 +82,23 @@ class NetCluster:
             self.serve.send_signal(signal.SIGTERM)
             self.serve.wait(timeout=30)
 
+    @property
+    def manager_url(self) -> str:
+        return f"https://{self.manager_addr}:8780"
+
+    def join_token(self, path: Path, ttl: str = "10m") -> Path:
+        """A one-time join token from the manager, in a 0600 file."""
+        self.cli("host", "join-token", "--ttl", ttl, "--output", str(path))
+        return path
+
     def start_agent(self, h: str) -> None:
+        """Start h's agent; its first start joins with a fresh token (later ones reuse
+        the certificate it holds)."""
         home = self.tmp / f"agent-{h}"
         home.mkdir(exist_ok=True)
+        token = None if (home / "pki" / "client-cert.pem").exists() else self.join_token(home / "join-token")
         proc = subprocess.Popen(
-            self.lab.agent_command(h, home, f"http://{self.manager_addr}:8780", self.cores, self.memory),
+            self.lab.agent_command(h, home, self.manager_url, self.cores, self.memory, token),
             env=self.env, stdout=open(home / "agent.out", "a"), stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from virtua.api import ops
+from virtua.api.auth import AuthMiddleware, may_act_as_host
 from virtua.errors import InvalidArgument, VirtuaError
+from virtua.pki.asgi import PeerAwareH11
 from virtua.storage.device import BlockDevice
 from virtua.storage.service import Storage
 
@@ -36,7 +39,9 @@ class ServeConfig:
     home: Path
     listen: str | None = "127.0.0.1:10809"
     nbd_socket: Path | None = None
-    tls: str = "off"
+    # auto: the cluster CA's credentials; TLS required on a non-loopback NBD address,
+    # offered on loopback; each host's certificate opens only its own VMs' disks
+    tls: str = "auto"
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -47,18 +52,29 @@ class ServeConfig:
     local_agent: bool = True
     agent_listen: str = "127.0.0.1:8781"
     host_networks: list[str] = field(default_factory=list)
+    ca_cert: Path | None = None  # an administrator-supplied cluster CA (first start only)
+    ca_key: Path | None = None
 
     @property
     def api_socket(self) -> Path:
         return self.home / "virtua.sock"
 
+    @property
+    def pki_dir(self) -> Path:
+        return self.home / "pki"
+
 
 class StorageExports:
     """The pools' volumes and snapshots as NBD exports, with per-export allow-lists."""
 
-    def __init__(self, storage: Storage, allow: dict[str, set[str]]) -> None:
+    def __init__(
+        self, storage: Storage, allow: dict[str, set[str]],
+        host_access: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.storage = storage
         self.allow = allow
+        # (export, TLS identity) -> may it open it: the manager's per-host allow-list
+        self.host_access = host_access
         self._devices: dict[str, BlockDevice] = {}
 
     def open_export(self, name: str) -> BlockDevice | None:
@@ -77,9 +93,13 @@ class StorageExports:
 
     def allowed(self, name: str, identity: str | None) -> bool:
         rules = [ids for pattern, ids in self.allow.items() if fnmatch.fnmatchcase(name, pattern)]
-        if not rules:
+        if rules:  # the administrator's explicit --allow rules come first
+            return identity is not None and any(identity in ids for ids in rules)
+        if identity is None or self.host_access is None:
+            # plaintext got this far only where the listener allows it (unix socket,
+            # loopback); without the cluster policy every identity may
             return True
-        return identity is not None and any(identity in ids for ids in rules)
+        return self.host_access(name, identity)
 
 
 def _alive(dev: BlockDevice) -> bool:
@@ -101,6 +121,17 @@ def parse_allow(rules: list[str]) -> dict[str, set[str]]:
     return out
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -109,7 +140,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def build_api(storage: Storage, manager: Any = None) -> Any:
+    """The admin API; with a manager that has a cluster CA, every request passes the
+    AuthMiddleware (see virtua.api.auth) first."""
     api = FastAPI(title="virtua", version="0.1")
+    if manager is not None and getattr(manager, "authority", None) is not None:
+        api.add_middleware(
+            AuthMiddleware, revoked=manager.authority.revoked.__contains__, owners_of=manager.owners_of
+        )
 
     def error(e: VirtuaError) -> JSONResponse:
         return JSONResponse(e.to_dict(), status_code=e.http_status)
@@ -138,10 +175,34 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     if manager is None:
         return api
 
+    @api.get("/v1/join/ca")
+    async def join_ca() -> Any:
+        return {"ca": manager.authority.ca_pem.decode(), "sha256": manager.authority.fingerprint}
+
+    @api.post("/v1/join")
+    async def join(request: Request) -> Any:
+        peer = request.client.host if request.client else "?"
+        body: Any = None
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise InvalidArgument("the join request must be a JSON object")
+            return manager.join(body.get("token", ""), body.get("name", ""), body.get("csr", ""),
+                                body.get("address", ""), peer=peer)
+        except VirtuaError as e:
+            log.warning("refused join of %r from %s: %s", _field(body, "name"), peer, e.message)
+            return error(e)
+        except ValueError as e:
+            return error(InvalidArgument(f"bad join request: {e}"))
+
     @api.post("/v1/hosts/register")
     async def register(request: Request) -> Any:
         try:
-            return manager.register_host(await request.json())
+            body = await request.json()
+            caller = getattr(request.state, "virtua_caller", None)
+            if caller is not None:
+                may_act_as_host(caller, str(_field(body, "name")))
+            return manager.register_host(body)
         except VirtuaError as e:
             return error(e)
         except (ValueError, TypeError) as e:
@@ -184,6 +245,10 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     return api
 
 
+def _field(body: Any, key: str) -> Any:
+    return body.get(key) if isinstance(body, dict) else None
+
+
 def _bind_tcp(listen: str) -> socket.socket:
     host, port = parse_listen(listen)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -199,17 +264,23 @@ def _bind_tcp(listen: str) -> socket.socket:
 
 
 def _bind_unix(path: Path) -> socket.socket:
+    """The admin socket: 0600 from the moment it exists (root, or whoever runs serve)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(path))
+    old = os.umask(0o177)
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
     s.listen(128)
     s.setblocking(False)
     return s
 
 
-def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | None:
-    """Start `virtua agent` for this machine unless one already runs; it outlives us."""
+def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
+    """Start `virtua agent` for this machine unless one already runs; it outlives us.
+    It joins like any other host, with a one-time token in a 0600 file."""
     import subprocess
     import sys
 
@@ -225,9 +296,12 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | 
     except (OSError, ValueError):
         pass
     logf = open(agent_home / "agent.log", "ab")
+    token_file = agent_home / "join-token"
+    manager.write_join_token(token_file, ttl=600)
     proc = subprocess.Popen(
         [sys.executable, "-m", "virtua.cli", "--home", str(agent_home), "agent",
-         "--listen", cfg.agent_listen, "--manager", f"http://{advertise}:{api_port}"],
+         "--listen", cfg.agent_listen, "--manager", f"https://{advertise}:{api_port}",
+         "--join-token-file", str(token_file)],
         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     pidfile.write_text(str(proc.pid))
@@ -240,39 +314,71 @@ async def serve(cfg: ServeConfig) -> None:
 
     from virtua.nbd.server import NBDServer
     from virtua.nbd.tls import TLSConfig
+    from virtua.pki.ca import ClusterCA
 
     cfg.home.mkdir(parents=True, exist_ok=True)
+    api_host, api_port = parse_listen(cfg.api_listen)
+    advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")
+    sans = list(dict.fromkeys([advertise, "127.0.0.1", "localhost", *([api_host] if api_host not in ("0.0.0.0", "") else [])]))
+    authority = ClusterCA.ensure(cfg.pki_dir, manager_sans=sans, supplied_cert=cfg.ca_cert, supplied_key=cfg.ca_key)
     storage = Storage(cfg.home)
     for name in storage.pool_paths():  # take every pool now: its lock says who holds it
         storage.pool(name)
     exports = StorageExports(storage, cfg.allow)
-    tls = None
-    if cfg.tls != "off":
-        tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
-    nbd = NBDServer(exports, tls=tls, tls_mode=cfg.tls)  # type: ignore[arg-type]
     host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
+    tls = None
+    tls_mode = cfg.tls
+    if cfg.tls == "auto":
+        creds = authority.manager
+        tls = TLSConfig(str(creds.cert), str(creds.key), str(creds.ca), crlfile=str(authority.crl_path))
+        tls_mode = "on" if host is None or _loopback(host) else "require"
+    elif cfg.tls != "off":
+        tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
+    elif host is not None and not _loopback(host):
+        log.warning("NBD on %s without TLS (--tls off): anyone who reaches it opens every export", host)
+    # the unix socket is local (root): plaintext there even when TCP requires TLS
+    nbd = NBDServer(exports, tls=tls, tls_mode=tls_mode, tls_on_unix=False)  # type: ignore[arg-type]
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    if cfg.tls == "auto" and tls is not None:
+        cluster_tls = tls
+
+        def reload_crl() -> None:  # new handshakes see a revocation at once
+            nbd.ssl_context = cluster_tls.build_context()
+
+        authority.on_revoke.append(reload_crl)
 
     from virtua.cluster.manager import Manager
     from virtua.cluster.store import SQLiteStore
 
-    api_host, api_port = parse_listen(cfg.api_listen)
-    advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")
     store = SQLiteStore(cfg.home / "manager.db")
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
-        api_port=api_port, host_networks=cfg.host_networks,
+        api_port=api_port, host_networks=cfg.host_networks, authority=authority,
+        nbd_tls=tls_mode == "require",
     )
+    if cfg.tls == "auto":
+        exports.host_access = manager.nbd_access
     await manager.start()
-    sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]
-    uv = uvicorn.Server(
-        uvicorn.Config(build_api(storage, manager), log_level="warning", lifespan="off")
-    )
-    uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
-    api_task = asyncio.create_task(uv.serve(sockets=sockets))
+    app = build_api(storage, manager)
+    # two servers, one app: the unix socket in plaintext, TCP with TLS (client
+    # certificates verified when given; the middleware refuses requests without one)
+    uv_local = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", http=PeerAwareH11))
+    mcreds = authority.manager
+    uv_tcp = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", lifespan="off", http=PeerAwareH11,
+        ssl_certfile=str(mcreds.cert), ssl_keyfile=str(mcreds.key),
+        ssl_context_factory=lambda _cfg, _default: mcreds.server_context(client_cert="optional"),
+    ))
+    servers = [uv_local, uv_tcp]
+    for uv in servers:
+        uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    api_tasks = [
+        asyncio.create_task(uv_local.serve(sockets=[_bind_unix(cfg.api_socket)])),
+        asyncio.create_task(uv_tcp.serve(sockets=[_bind_tcp(cfg.api_listen)])),
+    ]
     if cfg.local_agent:
-        start_local_agent(cfg, advertise, api_port)
+        start_local_agent(cfg, advertise, api_port, manager)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -286,9 +392,10 @@ async def serve(cfg: ServeConfig) -> None:
     finally:
         log.info("virtua serve: stopping")
         await nbd.close()  # in-flight requests finish, devices flush
-        uv.should_exit = True
+        for uv in servers:
+            uv.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(api_task, 5)
+            await asyncio.wait_for(asyncio.gather(*api_tasks), 5)
         await manager.close()
         store.close()
         storage.close()

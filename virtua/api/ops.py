@@ -230,7 +230,7 @@ for _name, _method in {
     "vc.start": "vc_start", "vc.stop": "vc_stop", "vc.suspend": "vc_suspend",
     "vc.resume": "vc_resume", "vc.destroy": "vc_destroy", "vc.remap": "vc_remap",
     "vc.reset": "vc_reset", "vc.update": "vc_update", "vc.list": "vc_list", "vc.info": "vc_info",
-    "vm.exec": "vm_exec", "net.list": "net_list",
+    "vm.exec": "vm_exec", "net.list": "net_list", "host.join-token": "join_token",
 }.items():
     CLUSTER_OPS[_name] = lambda m, _method=_method, **args: getattr(m, _method)(**args)
 

@@ -26,12 +26,14 @@ app.add_typer(snapshot_app, name="snapshot")
 class State:
     home: Path = default_home()
     json: bool = False
+    api: str | None = None  # https://HOST:PORT: a remote manager, over mTLS
+    cert: Path | None = None  # the credentials directory for it
     _client: Client | None = None
 
     @classmethod
     def client(cls) -> Client:
         if cls._client is None:
-            cls._client = connect(cls.home)
+            cls._client = connect(cls.home, cls.api, cls.cert)
         return cls._client
 
 
@@ -44,9 +46,13 @@ def call(op: str, columns: list[str] | None = None, **args: Any) -> Any:
 @app.callback()
 def _global(
     home: Path | None = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
+    api: str | None = typer.Option(None, "--api", help="a manager over TCP, https://HOST:8780 (default: the local unix socket)"),
+    cert: Path | None = typer.Option(None, "--cert", help="credentials directory for --api: ca-cert.pem, client-cert.pem, client-key.pem (the manager's $VIRTUA_HOME/pki/admin)"),
 ) -> None:
     if home is not None:
         State.home = home
+    State.api = api
+    State.cert = cert
 
 
 # ---------------------------------------------------------------------- pools
