@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from virtua.api import ops
 from virtua.api.auth import AuthMiddleware, may_act_as_host
 from virtua.errors import InvalidArgument, VirtuaError
-from virtua.pki.asgi import PeerAwareH11
+from virtua.pki.asgi import PeerAwareH11, tls_gate
 from virtua.storage.device import BlockDevice
 from virtua.storage.service import Storage
 
@@ -365,10 +365,12 @@ async def serve(cfg: ServeConfig) -> None:
     # certificates verified when given; the middleware refuses requests without one)
     uv_local = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", http=PeerAwareH11))
     mcreds = authority.manager
+    api_tls = [mcreds.server_context(client_cert="optional", crl=authority.crl_path)]
+    authority.on_revoke.append(
+        lambda: api_tls.__setitem__(0, mcreds.server_context(client_cert="optional", crl=authority.crl_path))
+    )
     uv_tcp = uvicorn.Server(uvicorn.Config(
-        app, log_level="warning", lifespan="off", http=PeerAwareH11,
-        ssl_certfile=str(mcreds.cert), ssl_keyfile=str(mcreds.key),
-        ssl_context_factory=lambda _cfg, _default: mcreds.server_context(client_cert="optional"),
+        app, log_level="warning", lifespan="off", http=tls_gate(lambda: api_tls[0], "manager API"),
     ))
     servers = [uv_local, uv_tcp]
     for uv in servers:

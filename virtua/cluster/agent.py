@@ -40,6 +40,7 @@ from virtua.pki.credentials import Credentials
 log = logging.getLogger("virtua.agent")
 
 HEARTBEAT_INTERVAL = 1.0
+REFUSED_BACKOFF = 10.0  # a revoked host asks again this rarely
 JOIN_WAIT = 300.0  # seconds an agent waits for its manager to answer its join
 BOOT_TIMEOUT = 180.0
 
@@ -157,8 +158,6 @@ class Agent:
                 r = await self.http.post(
                     f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report(), "accel": self.accel}
                 )
-                if r.status_code in (401, 403):
-                    log.error("the manager refuses this host: %s", r.text[:300])
                 r.raise_for_status()
                 reply = r.json()
                 if reply.get("register"):
@@ -168,6 +167,11 @@ class Agent:
                     await asyncio.to_thread(self.net.sync, reply["network"])
             except VirtuaError as e:
                 log.error("network sync failed: %s", e.message)
+            except httpx.HTTPStatusError as e:
+                registered = False
+                if e.response.status_code in (401, 403):  # revoked: ask again rarely
+                    log.error("the manager refuses this host: %s", e.response.text[:300])
+                    await asyncio.sleep(REFUSED_BACKOFF)
             except (httpx.HTTPError, ValueError) as e:
                 if registered:
                     log.warning("manager %s unreachable: %s", self.cfg.manager, e)
@@ -461,16 +465,15 @@ async def run_agent(cfg: AgentConfig) -> None:
 
     import uvicorn
 
-    from virtua.pki.asgi import PeerAwareH11
+    from virtua.pki.asgi import tls_gate
 
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")
-    creds = cfg.credentials
+    tls = cfg.credentials.server_context(client_cert="required")
     uv = uvicorn.Server(uvicorn.Config(
         build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off",
-        http=PeerAwareH11, ssl_certfile=str(creds.cert), ssl_keyfile=str(creds.key),
-        ssl_context_factory=lambda _cfg, _default: creds.server_context(client_cert="required"),
+        http=tls_gate(lambda: tls, f"agent {cfg.name} API"),
     ))
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     task = asyncio.create_task(uv.serve())

@@ -7,7 +7,11 @@ scope["state"].
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -35,3 +39,52 @@ def peer_identity(scope: dict[str, Any]) -> Identity | None:
 def peer_address(scope: dict[str, Any]) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "unix"
+
+
+HANDSHAKE_TIMEOUT = 10.0
+_REASONS = {  # OpenSSL's names for the common refusals, in words
+    "HTTP_REQUEST": "plaintext HTTP on the TLS port",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate",
+    "WRONG_VERSION_NUMBER": "not TLS",
+}
+tls_log = logging.getLogger("virtua.tls")
+
+
+def tls_gate(context: Callable[[], ssl.SSLContext], name: str) -> type[PeerAwareH11]:
+    """An HTTP protocol that does its own TLS handshake (uvicorn then runs without ssl):
+    every refused handshake -- no certificate where one is required, a foreign CA, an
+    expired or revoked certificate -- becomes one log line with the peer and the reason
+    (asyncio drops those silently), and context() is asked afresh for every connection,
+    so a new CRL applies at once."""
+
+    class TLSGate(PeerAwareH11):
+        _tls_up = False
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            transport.pause_reading()  # the ClientHello is for the TLS layer, not for h11
+            asyncio.get_running_loop().create_task(self._handshake(transport))
+
+        async def _handshake(self, transport: Any) -> None:
+            peer = transport.get_extra_info("peername")
+            where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+            try:
+                new = await asyncio.get_running_loop().start_tls(
+                    transport, self, context(), server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                )
+            except (ssl.SSLError, OSError, TimeoutError) as e:
+                reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+                reason = _REASONS.get(reason, reason)
+                tls_log.warning("%s: refused TLS from %s: %s", name, where, reason)
+                transport.abort()
+                return
+            if new is None:
+                transport.abort()
+                return
+            self._tls_up = True
+            super().connection_made(new)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._tls_up:
+                super().connection_lost(exc)
+
+    return TLSGate
