@@ -196,7 +196,7 @@ class ClusterCA:
         b = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
             .public_key(public_key).serial_number(serial)
-            .not_valid_before(now - _BACKDATE)
+            .not_valid_before(min(now - _BACKDATE, not_after - dt.timedelta(days=1)) if not_after else now - _BACKDATE)
             .not_valid_after(not_after or now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(
