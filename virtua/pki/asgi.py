@@ -8,6 +8,7 @@ scope["state"].
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import socket
 import ssl
@@ -41,7 +42,7 @@ def peer_address(scope: dict[str, Any]) -> str:
     return f"{client[0]}:{client[1]}" if client else "unix"
 
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10
 _REASONS = {  # OpenSSL's names for the common refusals, in words
     "HTTP_REQUEST": "plaintext HTTP on the TLS port",
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate",
@@ -59,29 +60,44 @@ def tls_gate(context: Callable[[], ssl.SSLContext], name: str) -> type[PeerAware
 
     class TLSGate(PeerAwareH11):
         _tls_up = False
+        _early = b""  # request bytes decrypted before start_tls() returned
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            transport.pause_reading()  # the ClientHello is for the TLS layer, not for h11
-            asyncio.get_running_loop().create_task(self._handshake(transport))
+            # The TLS layer must own the transport before this call returns: the event
+            # loop starts reading right after it (loop.start_tls() would come too late
+            # and the ClientHello would reach h11).
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            tls = asyncio.sslproto.SSLProtocol(
+                loop, self, context(), waiter, server_side=True, call_connection_made=False,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+            transport.set_protocol(tls)
+            tls.connection_made(transport)
+            loop.create_task(self._handshake(transport, tls, waiter))
 
-        async def _handshake(self, transport: Any) -> None:
+        async def _handshake(self, transport: Any, tls: Any, waiter: asyncio.Future[None]) -> None:
             peer = transport.get_extra_info("peername")
             where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
             try:
-                new = await asyncio.get_running_loop().start_tls(
-                    transport, self, context(), server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
-                )
+                await waiter
             except (ssl.SSLError, OSError, TimeoutError) as e:
                 reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
                 reason = _REASONS.get(reason, reason)
                 tls_log.warning("%s: refused TLS from %s: %s", name, where, reason)
                 transport.abort()
                 return
-            if new is None:
-                transport.abort()
-                return
             self._tls_up = True
-            super().connection_made(new)
+            super().connection_made(tls._get_app_transport())
+            if self._early:
+                early, self._early = self._early, b""
+                super().data_received(early)
+
+        def data_received(self, data: bytes) -> None:
+            if self._tls_up:
+                super().data_received(data)
+            else:
+                self._early += data
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._tls_up:
