@@ -138,11 +138,21 @@ def ensure_running(owner: Server, directory: str, file: str) -> None:
 def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int) -> dict:
     assert srv.proc is not None
     uri = f"nbd://127.0.0.1:{srv.port}/{srv.export}"
+    wrap: list[str] = []
     if srv.tls_dir:
+        # fio's nbd engine refuses ?tls-certificates= (a local file) and libnbd run by root
+        # reads /etc/pki/libnbd: give fio that directory in a private mount namespace, on
+        # an overlay of /etc (the machine's /etc is not touched)
         tls_dir = srv.tls_dir.format(home=srv.env.get("VIRTUA_HOME", ""))
-        uri = f"nbds://127.0.0.1:{srv.port}/{srv.export}?tls-certificates={tls_dir}"
+        ov = Path(tls_dir).parent / "fio-etc"
+        for d in ("upper", "work"):
+            (ov / d).mkdir(parents=True, exist_ok=True)
+        wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                f"mount -t overlay overlay -o lowerdir=/etc,upperdir={ov}/upper,workdir={ov}/work /etc"
+                f" && mkdir -p /etc/pki && ln -sfn {tls_dir} /etc/pki/libnbd && exec \"$@\"", "sh"]
+        uri = f"nbds://127.0.0.1:{srv.port}/{srv.export}"
     args = [
-        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        *wrap, "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={depth}", f"--numjobs={conns}", "--group_reporting", "--time_based",
         f"--runtime={duration}", "--ramp_time=1", "--output-format=json",
     ]
