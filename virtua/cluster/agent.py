@@ -71,6 +71,9 @@ class RunningVM:
     launch: VMLaunch
     state: str = "starting"
     error: str | None = None
+    # QEMU is being spawned: it writes its pidfile only after opening its disks, so no
+    # pid yet does not mean it exited (a "stopped" report would close its disks' access)
+    spawning: bool = False
 
 
 def _memory_mb() -> int:
@@ -181,7 +184,7 @@ class Agent:
     def report(self) -> list[dict[str, Any]]:
         out = []
         for vm in self.vms.values():
-            if vm.state in ("running", "starting") and not vm.proc.is_running():
+            if vm.state in ("running", "starting") and not vm.spawning and not vm.proc.is_running():
                 vm.state = "stopped"
                 vm.error = "QEMU exited"
             out.append({"id": vm.id, "state": vm.state, "error": vm.error, "pid": vm.proc.pid})
@@ -262,7 +265,7 @@ class Agent:
         if launch.nic is not None and self.net is not None:
             await asyncio.to_thread(self.net.plug, launch.nic)
         proc = VMProcess(spec)
-        vm = RunningVM(launch.id, proc, launch, "starting")
+        vm = RunningVM(launch.id, proc, launch, "starting", spawning=True)
         self.vms[launch.id] = vm
         try:
             if incoming_state is not None:
@@ -274,6 +277,8 @@ class Agent:
             vm.error = str(e)
             await self._unplug(vm)
             raise Unavailable(f"QEMU for {launch.id} failed to start: {e}") from e
+        finally:
+            vm.spawning = False
         return vm
 
     async def _unplug(self, vm: RunningVM) -> None:
