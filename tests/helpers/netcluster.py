@@ -138,6 +138,11 @@ class NetCluster:
             raise AssertionError(f"{ref}: {script!r} failed ({r.returncode}): {r.stdout} {r.stderr}")
         return r.stdout
 
+    def local_nbd(self, export: str) -> str:
+        """The export through the manager's unix socket: plaintext for local (root) tools,
+        while its lab address requires TLS and a certificate."""
+        return f"nbd+unix:///{export}?socket={self.home / 'nbd.sock'}"
+
     def qemu_pids(self) -> list[int]:
         r = subprocess.run(["pgrep", "-f", f"qemu-system.*{self.tmp}"], capture_output=True, text=True)
         return [int(p) for p in r.stdout.split()]
