@@ -228,6 +228,35 @@ def test_a_join_token_works_once(plane: Plane, tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_the_admin_token_over_tls(plane: Plane, tmp_path: Path) -> None:
+    base = ["--api", plane.api, "--ca", str(plane.pki / "ca-cert.pem")]
+    r = plane.cli(*base, "--token-file", str(plane.pki / "admin-token"), "volume", "list", "--json")
+    assert "p/victim" in r.stdout, "control: the admin token works over TCP"
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    r = plane.cli(*base, "--token-file", str(wrong), "volume", "rm", "p/victim", check=False)
+    assert r.returncode == 11 and "not the admin token" in r.stderr, r.stderr
+    assert plane.log_has("the bearer token is not the admin token")
+    assert "p/victim" in plane.volumes()
+    assert plane.pki.joinpath("admin-token").read_text().strip() not in plane.log.read_text()
+
+
+def test_bad_bodies_at_the_host_endpoints(plane: Plane) -> None:
+    with plane.client(None) as c:
+        r = c.post("/v1/join", content=b"{" + b" " * (80 << 10) + b"}")
+        assert r.status_code == 400 and "too large" in r.json()["message"]
+        r = c.post("/v1/join", content=b"[1, 2]")
+        assert r.status_code == 400 and "JSON object" in r.json()["message"]
+        r = c.post("/v1/join", json={"token": 5, "name": "x", "csr": "", "address": "1.2.3.4:5"})
+        assert r.status_code == 400 and "bad join token" in r.json()["message"]
+    with plane.client(Credentials(plane.agent_home / "pki")) as c:
+        r = c.post("/v1/hosts/a1/heartbeat", content=b"not json")
+        assert r.status_code == 400 and "not JSON" in r.json()["message"]
+        r = c.post("/v1/hosts/a1/heartbeat", json={"vms": "all"})
+        assert r.status_code == 400 and "vms must be a list" in r.json()["message"]
+    assert "Traceback" not in plane.log.read_text()
+
+
 def test_a_removed_host_is_revoked(plane: Plane) -> None:
     """Last in this module: it revokes a1."""
     host = Credentials(plane.agent_home / "pki")

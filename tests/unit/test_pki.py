@@ -126,6 +126,7 @@ H1 = Caller(peer="10.0.0.11:1", identity=Identity("host", "h1", 2))
 H2 = Caller(peer="10.0.0.12:1", identity=Identity("host", "h2", 3))
 MANAGER = Caller(peer="10.0.0.1:1", identity=Identity("manager", "virtua-manager", 4))
 NOBODY = Caller(peer="10.0.0.66:1")
+TOKEN = Caller(peer="10.0.0.5:2", admin_token=True)
 OWNERS = {("template", "mini"): {"h1"}, ("vmstate", "web/web-1"): {"h1"}}
 
 # (method, path, caller, expected: None = allowed, else the error raised)
@@ -135,6 +136,8 @@ AUTH_TABLE = [
     ("POST", "/v1/ops/volume.rm", H1, Forbidden),
     ("POST", "/v1/ops/volume.rm", MANAGER, Forbidden),
     ("POST", "/v1/ops/volume.rm", NOBODY, Unauthenticated),
+    ("POST", "/v1/ops/volume.rm", TOKEN, None),
+    ("GET", "/v1/vmstate/web/web-1", TOKEN, None),
     ("GET", "/v1/status", H1, Forbidden),
     ("GET", "/v1/anything-new", H1, Forbidden),
     ("GET", "/docs", NOBODY, Unauthenticated),
@@ -207,3 +210,20 @@ def test_join_refuses_reserved_and_taken_names(tmp_path: Path, ca: ClusterCA) ->
     assert cert.subject.rfc4514_string() == "CN=h1,OU=host,O=virtua"
     with pytest.raises(AlreadyExists, match="host rm h1"):
         m.join(m.join_token("1h")["token"], "h1", csr, "10.0.0.11:8781")
+
+
+def test_a_bearer_token_is_the_admin_token_or_refused(ca: ClusterCA) -> None:
+    from virtua.api.auth import caller_of
+
+    token = ca.admin_token_path.read_text().strip()
+    assert len(token) == 64 and mode(ca.admin_token_path) == 0o600
+
+    def scope(header: bytes | None) -> dict[str, object]:
+        return {"client": ("10.0.0.5", 2), "state": {}, "headers": [(b"authorization", header)] if header else []}
+
+    assert caller_of(scope(b"Bearer " + token.encode()), ca.is_admin_token).admin
+    with pytest.raises(Unauthenticated, match="not the admin token"):
+        caller_of(scope(b"Bearer " + b"0" * 64), ca.is_admin_token)
+    with pytest.raises(Unauthenticated):
+        caller_of(scope(b"Basic " + token.encode()), ca.is_admin_token)
+    assert not caller_of(scope(None), ca.is_admin_token).admin

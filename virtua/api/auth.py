@@ -28,23 +28,35 @@ class Caller:
     peer: str  # address:port, or "unix"
     local: bool = False  # the unix socket
     identity: Identity | None = None
+    admin_token: bool = False  # presented the admin bearer token (over TLS)
 
     @property
     def admin(self) -> bool:
-        return self.local or (self.identity is not None and self.identity.role == "admin")
+        return self.local or self.admin_token or (self.identity is not None and self.identity.role == "admin")
 
     def __str__(self) -> str:
         if self.local:
             return "unix socket"
+        if self.admin_token:
+            return f"{self.peer} (admin token)"
         if self.identity is None:
             return f"{self.peer} (no certificate)"
         return f"{self.peer} ({self.identity.role} {self.identity.name}, serial {self.identity.serial:x})"
 
 
-def caller_of(scope: dict[str, Any]) -> Caller:
+def caller_of(scope: dict[str, Any], admin_token: Callable[[str], bool] | None = None) -> Caller:
+    """Who sent this request. A bearer token (Authorization: Bearer ...) counts only when it
+    is the admin token; a wrong one is an authentication failure, never anonymous access."""
     if is_local(scope):
         return Caller(peer="unix", local=True)
-    return Caller(peer=peer_address(scope), identity=peer_identity(scope))
+    peer = peer_address(scope)
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or admin_token is None or not admin_token(token.strip()):
+                raise Unauthenticated(f"{peer}: the bearer token is not the admin token")
+            return Caller(peer=peer, admin_token=True)
+    return Caller(peer=peer, identity=peer_identity(scope))
 
 
 # ---------------------------------------------------------------------- endpoint classes
@@ -116,16 +128,20 @@ def authorize(method: str, path: str, caller: Caller, owners_of: OwnersOf) -> No
 
 
 class AuthMiddleware:
-    def __init__(self, app: Any, *, revoked: Callable[[int], bool], owners_of: OwnersOf) -> None:
+    def __init__(
+        self, app: Any, *, revoked: Callable[[int], bool], owners_of: OwnersOf,
+        admin_token: Callable[[str], bool] | None = None,
+    ) -> None:
         self.app = app
         self.revoked = revoked
         self.owners_of = owners_of
+        self.admin_token = admin_token
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        caller = caller_of(scope)
         try:
+            caller = caller_of(scope, self.admin_token)
             if caller.identity is not None and self.revoked(caller.identity.serial):
                 raise Forbidden(f"{caller}: this certificate is revoked")
             authorize(scope["method"], scope["path"], caller, self.owners_of)
@@ -137,5 +153,5 @@ class AuthMiddleware:
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return None
-        scope.setdefault("state", {})["virtua_caller"] = caller
+        scope.setdefault("state", {})["virtua_caller"] = caller  # for the register handler
         return await self.app(scope, receive, send)

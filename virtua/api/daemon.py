@@ -145,7 +145,8 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     api = FastAPI(title="virtua", version="0.1")
     if manager is not None and getattr(manager, "authority", None) is not None:
         api.add_middleware(
-            AuthMiddleware, revoked=manager.authority.revoked.__contains__, owners_of=manager.owners_of
+            AuthMiddleware, revoked=manager.authority.revoked.__contains__, owners_of=manager.owners_of,
+            admin_token=manager.authority.is_admin_token,
         )
 
     def error(e: VirtuaError) -> JSONResponse:
@@ -184,11 +185,9 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
         peer = request.client.host if request.client else "?"
         body: Any = None
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise InvalidArgument("the join request must be a JSON object")
-            return manager.join(body.get("token", ""), body.get("name", ""), body.get("csr", ""),
-                                body.get("address", ""), peer=peer)
+            body = await _json_object(request, JOIN_BODY_MAX, "join request")
+            return manager.join(str(body.get("token", "")), str(body.get("name", "")),
+                                str(body.get("csr", "")), str(body.get("address", "")), peer=peer)
         except VirtuaError as e:
             log.warning("refused join of %r from %s: %s", _field(body, "name"), peer, e.message)
             return error(e)
@@ -198,7 +197,7 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     @api.post("/v1/hosts/register")
     async def register(request: Request) -> Any:
         try:
-            body = await request.json()
+            body = await _json_object(request, HOST_BODY_MAX, "registration")
             caller = getattr(request.state, "virtua_caller", None)
             if caller is not None:
                 may_act_as_host(caller, str(_field(body, "name")))
@@ -210,8 +209,16 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
 
     @api.post("/v1/hosts/{name}/heartbeat")
     async def heartbeat(name: str, request: Request) -> Any:
-        body = await request.json()
-        return manager.heartbeat(name, body.get("vms", []), body.get("accel"))
+        try:
+            body = await _json_object(request, HOST_BODY_MAX, "heartbeat")
+            vms, accel = body.get("vms", []), body.get("accel")
+            if not isinstance(vms, list) or not all(isinstance(v, dict) for v in vms):
+                raise InvalidArgument("bad heartbeat: vms must be a list of objects")
+            if accel is not None and not isinstance(accel, str):
+                raise InvalidArgument("bad heartbeat: accel must be a string")
+            return manager.heartbeat(name, vms, accel)
+        except VirtuaError as e:
+            return error(e)
 
     @api.get("/v1/templates/{name}/{which}")
     async def template_file(name: str, which: str) -> Any:
@@ -243,6 +250,26 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
             return error(e)
 
     return api
+
+
+JOIN_BODY_MAX = 64 << 10  # a CSR and a token: the unauthenticated endpoint reads no more
+HOST_BODY_MAX = 4 << 20  # a heartbeat lists a host's VMs
+
+
+async def _json_object(request: Request, limit: int, what: str) -> dict[str, Any]:
+    """The body as a JSON object, read up to `limit` bytes (then refused, not buffered)."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise InvalidArgument(f"{what} too large (more than {limit} bytes)")
+    try:
+        body = json.loads(data) if data else {}
+    except ValueError as e:
+        raise InvalidArgument(f"bad {what}: not JSON ({e})") from e
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"bad {what}: expected a JSON object")
+    return body
 
 
 def _field(body: Any, key: str) -> Any:

@@ -28,12 +28,14 @@ class State:
     json: bool = False
     api: str | None = None  # https://HOST:PORT: a remote manager, over mTLS
     cert: Path | None = None  # the credentials directory for it
+    token_file: Path | None = None  # or the admin token (with the CA to verify the manager)
+    ca: Path | None = None
     _client: Client | None = None
 
     @classmethod
     def client(cls) -> Client:
         if cls._client is None:
-            cls._client = connect(cls.home, cls.api, cls.cert)
+            cls._client = connect(cls.home, cls.api, cls.cert, cls.token_file, cls.ca)
         return cls._client
 
 
@@ -48,11 +50,15 @@ def _global(
     home: Path | None = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
     api: str | None = typer.Option(None, "--api", help="a manager over TCP, https://HOST:8780 (default: the local unix socket)"),
     cert: Path | None = typer.Option(None, "--cert", help="credentials directory for --api: ca-cert.pem, client-cert.pem, client-key.pem (the manager's $VIRTUA_HOME/pki/admin)"),
+    token_file: Path | None = typer.Option(None, "--token-file", help="instead of --cert: the admin token (the manager's $VIRTUA_HOME/pki/admin-token)"),
+    ca: Path | None = typer.Option(None, "--ca", help="with --token-file: the cluster CA certificate (pki/ca-cert.pem) that verifies the manager"),
 ) -> None:
     if home is not None:
         State.home = home
     State.api = api
     State.cert = cert
+    State.token_file = token_file
+    State.ca = ca
 
 
 # ---------------------------------------------------------------------- pools

@@ -9,15 +9,18 @@ Layout of the pki directory (0700; every key 0600):
     issued.json revoked.json     serial -> (role, name, expiry); revoked serials
     crl.pem                      the revocation list in X.509 form
     tokens.json                  join tokens, hashed
+    admin-token                  a bearer token for the admin over TCP (the cert's alternative)
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -139,7 +142,24 @@ class ClusterCA:
         ca._ensure_identity(ca.admin, "admin", ADMIN_NAME, [])
         if not (pki_dir / "crl.pem").exists():
             ca.write_crl()
+        if not ca.admin_token_path.exists():
+            write_private(ca.admin_token_path, f"{secrets.token_hex(32)}\n".encode())
         return ca
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.dir / "admin-token"
+
+    def is_admin_token(self, presented: str) -> bool:
+        """Constant-time comparison with the admin token on file (re-read: deleting the file
+        and restarting serve rotates it)."""
+        try:
+            want = self.admin_token_path.read_text().strip()
+        except FileNotFoundError:
+            return False
+        return bool(want) and hmac.compare_digest(
+            hashlib.sha256(want.encode()).digest(), hashlib.sha256(presented.encode()).digest()
+        )
 
     @property
     def manager(self) -> Credentials:
