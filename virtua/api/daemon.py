@@ -367,6 +367,7 @@ async def serve(cfg: ServeConfig) -> None:
     nbd = NBDServer(exports, tls=tls, tls_mode=tls_mode, tls_on_unix=False)  # type: ignore[arg-type]
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
+    os.chmod(nbd_socket, 0o600)  # plaintext, every export: root only
     if cfg.tls == "auto" and tls is not None:
         cluster_tls = tls
 
