@@ -136,6 +136,7 @@ def test_secrets_are_root_only_and_the_socket_is_0600(plane: Plane) -> None:
         for f in path.rglob("*"):
             assert stat.S_IMODE(f.stat().st_mode) in (0o600, 0o700), f
     assert stat.S_IMODE((plane.home / "virtua.sock").stat().st_mode) == 0o600
+    assert stat.S_IMODE((plane.home / "nbd.sock").stat().st_mode) == 0o600
 
 
 def test_no_certificate_gets_401_and_nothing_runs(plane: Plane) -> None:
