@@ -179,6 +179,9 @@ class Agent:
                 if registered:
                     log.warning("manager %s unreachable: %s", self.cfg.manager, e)
                 registered = False
+                if _tls_refused(e):  # e.g. our certificate is revoked: ask again rarely
+                    log.error("the manager refuses this host's certificate: %s", e)
+                    await asyncio.sleep(REFUSED_BACKOFF)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def report(self) -> list[dict[str, Any]]:
@@ -393,6 +396,16 @@ class Agent:
         if self.net is None:
             return {"host": self.cfg.name, "network": "off", "taps": [], "routes": [], "rules": []}
         return {"host": self.cfg.name, **self.net.leftovers()}
+
+
+def _tls_refused(e: BaseException) -> bool:
+    """Did the TLS handshake fail (as opposed to the manager being down)?"""
+    cur: BaseException | None = e
+    while cur is not None:
+        if isinstance(cur, ssl.SSLError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 async def _chunks(f: Any) -> Any:
