@@ -14,6 +14,10 @@ Servers (all on the same backing filesystem, one per --where):
   first write to each chunk is a copy-on-write, later rounds overwrite the clone's own.
 * virtua: `python -m virtua.nbd --dir`, virtua's NBD server over the plain file.
 * qemu-nbd and nbdkit (file plugin) over the plain file.
+* virtua-vol-tls: the virtua-vol process and export over TLS (nbds://, the cluster CA's
+  admin certificate as client certificate); nbdkit-tls: nbdkit --tls=require
+  --tls-verify-peer with the same CA and the manager's certificate.  Both pairs show what
+  TLS costs on the data path.
 
 Every export holds the same random data, so reads never hit holes.  Each server gets a
 2 s warm-up run before the first measured one.  Runs are interleaved
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 WORKLOADS = [  # name, rw, bs, iodepth
     ("seq-read 1M QD8", "read", "1M", 8),
@@ -62,6 +67,7 @@ class Server:
     env: dict = field(default_factory=dict)
     log: str = ""
     restarts: int = 0
+    tls_dir: str = ""  # client credentials: the run uses nbds:// with them (template: {home})
 
 
 def free_port() -> int:
@@ -132,8 +138,21 @@ def ensure_running(owner: Server, directory: str, file: str) -> None:
 def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int) -> dict:
     assert srv.proc is not None
     uri = f"nbd://127.0.0.1:{srv.port}/{srv.export}"
+    wrap: list[str] = []
+    if srv.tls_dir:
+        # fio's nbd engine refuses ?tls-certificates= (a local file) and libnbd run by root
+        # reads /etc/pki/libnbd: give fio that directory in a private mount namespace, on
+        # an overlay of /etc (the machine's /etc is not touched)
+        tls_dir = srv.tls_dir.format(home=srv.env.get("VIRTUA_HOME", ""))
+        ov = Path(tls_dir).parent / "fio-etc"
+        for d in ("upper", "work"):
+            (ov / d).mkdir(parents=True, exist_ok=True)
+        wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                f"mount -t overlay overlay -o lowerdir=/etc,upperdir={ov}/upper,workdir={ov}/work /etc"
+                f" && mkdir -p /etc/pki && ln -sfn {tls_dir} /etc/pki/libnbd && exec \"$@\"", "sh"]
+        uri = f"nbds://127.0.0.1:{srv.port}/{srv.export}"
     args = [
-        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        *wrap, "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={depth}", f"--numjobs={conns}", "--group_reporting", "--time_based",
         f"--runtime={duration}", "--ramp_time=1", "--output-format=json",
     ]
@@ -191,6 +210,17 @@ def prepare_storage(directory: str, image: str, size: int) -> str:
         p = subprocess.run([VIRTUA, *step], env=env, capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"virtua {' '.join(step)} failed:\n{p.stdout}\n{p.stderr}")
+    # the cluster CA `virtua serve` would make, made now: nbdkit-tls serves with the
+    # manager's certificate too, so both TLS rows do the same handshake and ciphers
+    from virtua.pki.ca import ClusterCA
+
+    ca = ClusterCA.ensure(Path(home) / "pki", manager_sans=["127.0.0.1", "localhost"])
+    certs = Path(directory) / "nbdkit-certs"
+    certs.mkdir(mode=0o700, exist_ok=True)
+    for name, src in (("ca-cert.pem", ca.manager.ca), ("server-cert.pem", ca.manager.cert),
+                      ("server-key.pem", ca.manager.key)):
+        shutil.copyfile(src, certs / name)
+        os.chmod(certs / name, 0o600)
     return home
 
 
@@ -204,7 +234,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10, help="seconds per fio run")
     ap.add_argument("--size", default="1G")
     ap.add_argument("--where", default="tmpfs,disk", help="tmpfs,disk")
-    ap.add_argument("--servers", default="virtua-vol,virtua-clone,virtua,qemu-nbd,nbdkit")
+    ap.add_argument("--servers", default="virtua-vol,virtua-vol-tls,virtua-clone,virtua,qemu-nbd,nbdkit,nbdkit-tls")
     ap.add_argument("--conns", default="1,2")
     ap.add_argument("--workloads", default="all", help="comma list of indexes 0-3, or all")
     ap.add_argument("--rounds", type=int, default=1)
@@ -225,6 +255,12 @@ def main() -> None:
         "qemu-nbd": Server("qemu-nbd", "qemu-nbd -f raw -x disk.img -p {port} -b 127.0.0.1 -t -e 16 "
                            "--cache=writeback --aio=threads {file}", "disk.img"),
         "nbdkit": Server("nbdkit", "nbdkit -f -i 127.0.0.1 -p {port} file file={file}", ""),
+        # TLS 1.3 with client certificates from the cluster CA (the admin's), both sides
+        "virtua-vol-tls": Server("virtua-vol-tls", serve, "p/vol", share="virtua-vol",
+                                 tls_dir="{home}/pki/admin"),
+        "nbdkit-tls": Server("nbdkit-tls", "nbdkit -f -i 127.0.0.1 -p {port} --tls=require "
+                             "--tls-certificates={dir}/nbdkit-certs --tls-verify-peer file file={file}", "",
+                             tls_dir="{home}/pki/admin"),
     }
     servers = [known[n] for n in args.servers.split(",") if n]
     if any(s.share == "virtua-vol" for s in servers) and known["virtua-vol"] not in servers:
@@ -240,7 +276,7 @@ def main() -> None:
     for where in args.where.split(","):
         directory = LOCATIONS[where]
         path = prepare(directory, size)
-        if any(s.name.startswith("virtua-") for s in servers):
+        if any(s.name.startswith("virtua-") or s.tls_dir for s in servers):
             home = prepare_storage(directory, path, size)
             for s in servers:
                 s.env = {"VIRTUA_HOME": home}

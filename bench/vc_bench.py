@@ -52,7 +52,13 @@ class Env:
         )
         assert self.serve.stdout is not None
         self.serve.stdout.readline()
-        self.lab.start_agents(self.home / "lab", f"http://{g}:8780", cores, memory)
+        tokens = {}
+        for h in self.lab.names():  # each host joins with its own one-time token
+            (self.home / "lab" / h).mkdir(parents=True, exist_ok=True)
+            tokens[h] = self.home / "lab" / h / "join-token"
+            subprocess.run([sys.executable, "-m", "virtua.cli", "host", "join-token", "--output", str(tokens[h])],
+                           env=self.env, check=True, capture_output=True)
+        self.lab.start_agents(self.home / "lab", f"https://{g}:8780", cores, memory, tokens)
         deadline = time.monotonic() + 60
         while sum(h["alive"] for h in self.cli("host", "list")) < self.lab.hosts:
             if time.monotonic() > deadline:

@@ -94,6 +94,23 @@ class Unavailable(VirtuaError):
     errno = errno.EIO
 
 
+class Unauthenticated(VirtuaError):
+    """No valid credential: no client certificate, or a bad, expired or used join token."""
+
+    exit_code = 11
+    http_status = 401
+    errno = errno.EACCES
+
+
+class Forbidden(VirtuaError):
+    """A valid credential that may not do this (a host running an admin operation, a
+    revoked certificate)."""
+
+    exit_code = 12
+    http_status = 403
+    errno = errno.EPERM
+
+
 ERROR_TYPES: dict[str, type[VirtuaError]] = {
     cls.__name__: cls
     for cls in (
@@ -108,6 +125,8 @@ ERROR_TYPES: dict[str, type[VirtuaError]] = {
         Busy,
         PlacementError,
         Unavailable,
+        Unauthenticated,
+        Forbidden,
     )
 }
 

@@ -74,14 +74,17 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
     assert f"VIRTUA-READY hostname={nodes[1]['name']}" in console
 
     # a raw pattern written by a guest onto its virtio disk reads back on the host through
-    # another NBD client, over the network, while the guest still runs
+    # other NBD clients while the guest still runs: qemu-io on the local socket, nbdinfo
+    # over the network with the admin's certificate (the lab address requires TLS)
     ref = f"lab/{nodes[0]['name']}"
     c.exec(ref, "swapoff /dev/vdb; dd if=/dev/zero bs=64k count=1 2>/dev/null | tr '\\000' U > /tmp/p; "
                 "dd if=/tmp/p of=/dev/vdb bs=64k seek=32 conv=fsync 2>/dev/null; sync")
-    uri = f"nbd://{c.manager_addr}:10809/{nodes[0]['disk']}-swap"
+    uri = c.local_nbd(f"{nodes[0]['disk']}-swap")
     r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x55 2M 64k", uri], capture_output=True, text=True)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
-    extents = json.loads(subprocess.run(["nbdinfo", "--map", "--json", uri], capture_output=True, text=True,
+    tls_uri = (f"nbds://{c.manager_addr}:10809/{nodes[0]['disk']}-swap"
+               f"?tls-certificates={c.home / 'pki' / 'admin'}")
+    extents = json.loads(subprocess.run(["nbdinfo", "--map", "--json", tls_uri], capture_output=True, text=True,
                                         check=True).stdout)
     at = [e for e in extents if e["offset"] <= 2 << 20 < e["offset"] + e["length"]]
     assert at and at[0]["type"] & 1 == 0, f"the written range must map as data: {extents}"
@@ -126,11 +129,11 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
 
     # vc update: upgrade the template once, snapshot it, rebase every node disk onto it. A
     # template is read-only over NBD (no host or guest writes it): the upgrade is a clone.
-    tmpl_uri = f"nbd://{c.manager_addr}:10809/default/template-tiny"
+    tmpl_uri = c.local_nbd("default/template-tiny")
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 60M 64k", tmpl_uri], capture_output=True, text=True)
     assert r.returncode != 0 or "wrote" not in r.stdout, "a template took a write over NBD"
     c.json("clone", "default/template-tiny@base", "default/tiny-next")
-    next_uri = f"nbd://{c.manager_addr}:10809/default/tiny-next"
+    next_uri = c.local_nbd("default/tiny-next")
     r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 60M 64k", next_uri], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     c.json("snapshot", "create", "default/tiny-next@v2")
@@ -138,7 +141,7 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
     assert info["snapshot"] == "default/tiny-next@v2"
     for n in nodes:
         assert c.json("volume", "info", n["disk"])["origin"] == "default/tiny-next@v2"
-        uri = f"nbd://{c.manager_addr}:10809/{n['disk']}"
+        uri = c.local_nbd(n["disk"])
         r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x7e 60M 64k", uri], capture_output=True, text=True)
         assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
     r = c.cli("vc", "update", "lab", "--template", "tiny@nope", check=False)

@@ -82,11 +82,23 @@ class NetCluster:
             self.serve.send_signal(signal.SIGTERM)
             self.serve.wait(timeout=30)
 
+    @property
+    def manager_url(self) -> str:
+        return f"https://{self.manager_addr}:8780"
+
+    def join_token(self, path: Path, ttl: str = "10m") -> Path:
+        """A one-time join token from the manager, in a 0600 file."""
+        self.cli("host", "join-token", "--ttl", ttl, "--output", str(path))
+        return path
+
     def start_agent(self, h: str) -> None:
+        """Start h's agent; its first start joins with a fresh token (later ones reuse
+        the certificate it holds)."""
         home = self.tmp / f"agent-{h}"
         home.mkdir(exist_ok=True)
+        token = None if (home / "pki" / "client-cert.pem").exists() else self.join_token(home / "join-token")
         proc = subprocess.Popen(
-            self.lab.agent_command(h, home, f"http://{self.manager_addr}:8780", self.cores, self.memory),
+            self.lab.agent_command(h, home, self.manager_url, self.cores, self.memory, token),
             env=self.env, stdout=open(home / "agent.out", "a"), stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )
@@ -125,6 +137,11 @@ class NetCluster:
         if r.returncode != 0:
             raise AssertionError(f"{ref}: {script!r} failed ({r.returncode}): {r.stdout} {r.stderr}")
         return r.stdout
+
+    def local_nbd(self, export: str) -> str:
+        """The export through the manager's unix socket: plaintext for local (root) tools,
+        while its lab address requires TLS and a certificate."""
+        return f"nbd+unix:///{export}?socket={self.home / 'nbd.sock'}"
 
     def qemu_pids(self) -> list[int]:
         r = subprocess.run(["pgrep", "-f", f"qemu-system.*{self.tmp}"], capture_output=True, text=True)

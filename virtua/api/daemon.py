@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,9 +26,11 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from virtua.api import ops
+from virtua.api.auth import AuthMiddleware, may_act_as_host
 from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
 from virtua.errors import Busy, InvalidArgument, NoSpace, NotFound, VirtuaError
+from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
 from virtua.storage.device import BlockDevice
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -40,7 +43,9 @@ class ServeConfig:
     home: Path
     listen: str | None = "127.0.0.1:10809"
     nbd_socket: Path | None = None
-    tls: str = "off"
+    # auto: the cluster CA's credentials; TLS required on a non-loopback NBD address,
+    # offered on loopback; each host's certificate opens only its own VMs' disks
+    tls: str = "auto"
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -55,6 +60,8 @@ class ServeConfig:
     handshake_timeout: float = ConnectionLimits.handshake_timeout
     max_connections_per_source: int = ConnectionLimits.max_connections_per_source
     import_dir: Path | None = None  # default $VIRTUA_HOME/import
+    ca_cert: Path | None = None  # an administrator-supplied cluster CA (first start only)
+    ca_key: Path | None = None
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -69,6 +76,10 @@ class ServeConfig:
     @property
     def api_socket(self) -> Path:
         return self.home / "virtua.sock"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.home / "pki"
 
     @property
     def admin_nbd_socket(self) -> Path:
@@ -100,9 +111,14 @@ class AdminExports:
 class StorageExports:
     """The pools' volumes and snapshots as NBD exports, with per-export allow-lists."""
 
-    def __init__(self, storage: Storage, allow: dict[str, set[str]]) -> None:
+    def __init__(
+        self, storage: Storage, allow: dict[str, set[str]],
+        host_access: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.storage = storage
         self.allow = allow
+        # (export, TLS identity) -> may it open it: the manager's per-host allow-list
+        self.host_access = host_access
         self._devices: dict[str, BlockDevice] = {}
 
     def open_export(self, name: str) -> BlockDevice | None:
@@ -121,9 +137,13 @@ class StorageExports:
 
     def allowed(self, name: str, identity: str | None) -> bool:
         rules = [ids for pattern, ids in self.allow.items() if fnmatch.fnmatchcase(name, pattern)]
-        if not rules:
+        if rules:  # the administrator's explicit --allow rules come first
+            return identity is not None and any(identity in ids for ids in rules)
+        if identity is None or self.host_access is None:
+            # plaintext got this far only where the listener allows it (unix socket,
+            # loopback); without the cluster policy every identity may
             return True
-        return identity is not None and any(identity in ids for ids in rules)
+        return self.host_access(name, identity)
 
 
 def _alive(dev: BlockDevice) -> bool:
@@ -157,6 +177,17 @@ def parse_allow(rules: list[str]) -> dict[str, set[str]]:
             raise InvalidArgument(f"bad --allow {rule!r}: expected EXPORT-GLOB=ID[,ID...]")
         out.setdefault(pattern, set()).update(i for i in ids.split(",") if i)
     return out
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -206,7 +237,14 @@ def caller_is_admin(request: Request) -> bool:
 
 
 def build_api(storage: Storage, manager: Any = None) -> Any:
+    """The admin API; with a manager that has a cluster CA, every request passes the
+    AuthMiddleware (see virtua.api.auth) first."""
     api = FastAPI(title="virtua", version="0.1")
+    if manager is not None and getattr(manager, "authority", None) is not None:
+        api.add_middleware(
+            AuthMiddleware, revoked=manager.authority.revoked.__contains__, owners_of=manager.owners_of,
+            admin_token=manager.authority.is_admin_token,
+        )
     web.install(api, log)
     error = web.error_response
 
@@ -229,6 +267,24 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     if manager is None:
         return api
 
+    @api.get("/v1/join/ca")
+    async def join_ca() -> Any:
+        return {"ca": manager.authority.ca_pem.decode(), "sha256": manager.authority.fingerprint}
+
+    @api.post("/v1/join")
+    async def join(request: Request) -> Any:
+        peer = request.client.host if request.client else "?"
+        body: Any = None
+        try:
+            body = await _json_object(request, JOIN_BODY_MAX, "join request")
+            return manager.join(str(body.get("token", "")), str(body.get("name", "")),
+                                str(body.get("csr", "")), str(body.get("address", "")), peer=peer)
+        except VirtuaError as e:
+            log.warning("refused join of %r from %s: %s", _field(body, "name"), peer, e.message)
+            return error(e)
+        except ValueError as e:
+            return error(InvalidArgument(f"bad join request: {e}"))
+
     @api.post("/v1/hosts/register")
     async def register(request: Request) -> Any:
         try:
@@ -236,6 +292,9 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
             host, sep, port = reg.address.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise InvalidArgument(f"registration: bad address {reg.address[:80]!r}: expected HOST:PORT")
+            caller = getattr(request.state, "virtua_caller", None)
+            if caller is not None:
+                may_act_as_host(caller, reg.name)
             return manager.register_host(reg.model_dump())
         except VirtuaError as e:
             return error(e)
@@ -244,7 +303,9 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     async def heartbeat(name: str, request: Request) -> Any:
         try:
             check_name(name, "host name")
-            beat = web.validated(Heartbeat, await web.json_object(request, "heartbeat"), "heartbeat")
+            beat = web.validated(
+                Heartbeat, await web.json_object(request, "heartbeat", HOST_BODY_MAX), "heartbeat"
+            )
             return manager.heartbeat(name, [vm.model_dump() for vm in beat.vms], beat.accel)
         except VirtuaError as e:
             return error(e)
@@ -304,6 +365,19 @@ async def _store_upload(request: Request, path: Path, limit: int) -> dict[str, A
     return {"stored": str(path), "size": path.stat().st_size}
 
 
+JOIN_BODY_MAX = 64 << 10  # a CSR and a token: the unauthenticated endpoint reads no more
+HOST_BODY_MAX = 4 << 20  # a heartbeat lists a host's VMs
+
+
+async def _json_object(request: Request, limit: int, what: str) -> dict[str, Any]:
+    """The body as a JSON object, read up to `limit` bytes (then refused, not buffered)."""
+    return await web.json_object(request, what, limit)
+
+
+def _field(body: Any, key: str) -> Any:
+    return body.get(key) if isinstance(body, dict) else None
+
+
 def _bind_tcp(listen: str) -> socket.socket:
     host, port = parse_listen(listen)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -327,17 +401,23 @@ def _listen_error(listen: str, e: OSError) -> VirtuaError:
 
 
 def _bind_unix(path: Path) -> socket.socket:
+    """The admin socket: 0600 from the moment it exists (root, or whoever runs serve)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(path))
+    old = os.umask(0o177)
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
     s.listen(128)
     s.setblocking(False)
     return s
 
 
-def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | None:
-    """Start `virtua agent` for this machine unless one already runs; it outlives us."""
+def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
+    """Start `virtua agent` for this machine unless one already runs; it outlives us.
+    It joins like any other host, with a one-time token in a 0600 file."""
     import subprocess
     import sys
 
@@ -353,9 +433,12 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int) -> int | 
     except (OSError, ValueError):
         pass
     logf = open(agent_home / "agent.log", "ab")
+    token_file = agent_home / "join-token"
+    manager.write_join_token(token_file, ttl=600)
     proc = subprocess.Popen(
         [sys.executable, "-m", "virtua.cli", "--home", str(agent_home), "agent",
-         "--listen", cfg.agent_listen, "--manager", f"http://{advertise}:{api_port}"],
+         "--listen", cfg.agent_listen, "--manager", f"https://{advertise}:{api_port}",
+         "--join-token-file", str(token_file)],
         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     pidfile.write_text(str(proc.pid))
@@ -380,30 +463,51 @@ async def serve(cfg: ServeConfig) -> None:
 
     from virtua.nbd.server import NBDServer
     from virtua.nbd.tls import TLSConfig
+    from virtua.pki.ca import ClusterCA
 
     cfg.home.mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
+    api_host, api_port = parse_listen(cfg.api_listen)
+    advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")
+    sans = list(dict.fromkeys([advertise, "127.0.0.1", "localhost", *([api_host] if api_host not in ("0.0.0.0", "") else [])]))
+    authority = ClusterCA.ensure(cfg.pki_dir, manager_sans=sans, supplied_cert=cfg.ca_cert, supplied_key=cfg.ca_key)
     storage = Storage(cfg.home)
     for name in storage.pool_paths():  # take every pool now: its lock says who holds it
         storage.pool(name)
     exports = StorageExports(storage, cfg.allow)
+    host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     tls = None
-    if cfg.tls != "off":
+    tls_mode = cfg.tls
+    if cfg.tls == "auto":
+        creds = authority.manager
+        tls = TLSConfig(str(creds.cert), str(creds.key), str(creds.ca), crlfile=str(authority.crl_path))
+        tls_mode = "on" if host is None or _loopback(host) else "require"
+    elif cfg.tls != "off":
         tls = TLSConfig(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_psk)
+    elif host is not None and not _loopback(host):
+        log.warning("NBD on %s without TLS (--tls off): anyone who reaches it opens every export", host)
+    # the unix socket is local (root): plaintext there even when TCP requires TLS
     lim = cfg.limits
     nbd = NBDServer(
-        exports, tls=tls, tls_mode=cfg.tls, holders=storage.holders,  # type: ignore[arg-type]
+        exports, tls=tls, tls_mode=tls_mode, tls_on_unix=False, holders=storage.holders,  # type: ignore[arg-type]
         max_connections=lim.max_connections, max_connections_per_source=lim.max_connections_per_source,
         max_handshakes=lim.max_handshakes, max_handshakes_per_source=lim.max_handshakes_per_source,
         handshake_timeout=lim.handshake_timeout,
     )
-    host, port = parse_listen(cfg.listen) if cfg.listen else (None, None)
     nbd_socket = cfg.nbd_socket or cfg.home / "nbd.sock"
     try:
         await nbd.start(host=host, port=port, unix_path=str(nbd_socket))
     except OSError as e:
         storage.close()
         raise _listen_error(cfg.listen or str(nbd_socket), e) from e
+    os.chmod(nbd_socket, 0o600)  # plaintext, every export: root only
+    if cfg.tls == "auto" and tls is not None:
+        cluster_tls = tls
+
+        def reload_crl() -> None:  # new handshakes see a revocation at once
+            nbd.ssl_context = cluster_tls.build_context()
+
+        authority.on_revoke.append(reload_crl)
     admin_socket = cfg.admin_nbd_socket
     admin_socket.parent.mkdir(mode=0o700, exist_ok=True)
     os.chmod(admin_socket.parent, 0o700)
@@ -413,41 +517,58 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.cluster.manager import Manager
     from virtua.cluster.store import SQLiteStore
 
-    api_host, api_port = parse_listen(cfg.api_listen)
-    advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")
     store = SQLiteStore(cfg.home / "manager.db")
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
         api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
+        authority=authority, nbd_tls=tls_mode == "require",
     )
+    if cfg.tls == "auto":
+        exports.host_access = manager.nbd_access
     await manager.start()
-    sockets = [_bind_unix(cfg.api_socket), _bind_tcp(cfg.api_listen)]
-    from virtua.edge.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission
 
-    # the API's listeners (unix socket and TCP) share one set of counts, apart from NBD's
+    app = build_api(storage, manager)
+    # Two servers, one app: the unix socket in plaintext, TCP with TLS (client
+    # certificates verified when given; the middleware refuses requests without one).
+    # Both listeners share one set of connection counts, apart from NBD's.
     api_admission = Admission(lim, logging.getLogger("virtua.api"), "api")
-    uv = uvicorn.Server(
-        uvicorn.Config(
-            build_api(storage, manager), log_level="warning", lifespan="off",
-            http=guarded_protocol(api_admission), timeout_keep_alive=5,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        )
+    uv_local = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", lifespan="off", http=guarded(PeerAwareH11, api_admission),
+        timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    ))
+    mcreds = authority.manager
+    api_tls = [mcreds.server_context(client_cert="optional", crl=authority.crl_path)]
+    authority.on_revoke.append(
+        lambda: api_tls.__setitem__(0, mcreds.server_context(client_cert="optional", crl=authority.crl_path))
     )
-    uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
-    api_task = asyncio.create_task(uv.serve(sockets=sockets))
+    uv_tcp = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", lifespan="off",
+        http=guarded(tls_gate(lambda: api_tls[0], "manager API"), api_admission),
+        timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    ))
+    servers = [uv_local, uv_tcp]
+    for uv in servers:
+        uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    api_tasks = [
+        asyncio.create_task(uv_local.serve(sockets=[_bind_unix(cfg.api_socket)])),
+        asyncio.create_task(uv_tcp.serve(sockets=[_bind_tcp(cfg.api_listen)])),
+    ]
     if cfg.local_agent:
-        start_local_agent(cfg, advertise, api_port)
+        start_local_agent(cfg, advertise, api_port, manager)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     where = f"{host}:{nbd.port}" if host else ""
-    tls_mode = {"off": "off (plaintext)", "on": "on (offered)", "require": "required"}[cfg.tls]
-    if cfg.tls != "off":
-        tls_mode += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
-    log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_mode,
+    tls_said = {"off": "off (plaintext)", "on": "on (offered)", "require": "required"}[tls_mode]
+    if cfg.tls == "auto":
+        tls_said += " with the cluster CA"
+    elif cfg.tls != "off":
+        tls_said += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
+    log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_said,
              cfg.api_socket, cfg.api_listen, os.getpid())
     print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} tls={cfg.tls} api={cfg.api_socket} "
           f"api_tcp={cfg.api_listen}", flush=True)
@@ -457,9 +578,10 @@ async def serve(cfg: ServeConfig) -> None:
         log.info("virtua serve: stopping")
         await nbd.close()  # in-flight requests finish, devices flush
         await admin_nbd.close()
-        uv.should_exit = True
+        for uv in servers:
+            uv.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(api_task, 5)
+            await asyncio.wait_for(asyncio.gather(*api_tasks), 5)
         await manager.close()
         store.close()
         storage.close()

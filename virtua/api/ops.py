@@ -478,7 +478,7 @@ MANAGER_METHODS: dict[str, str] = {
     "vc.start": "vc_start", "vc.stop": "vc_stop", "vc.suspend": "vc_suspend",
     "vc.resume": "vc_resume", "vc.destroy": "vc_destroy", "vc.remap": "vc_remap",
     "vc.reset": "vc_reset", "vc.update": "vc_update", "vc.list": "vc_list", "vc.info": "vc_info",
-    "vm.exec": "vm_exec", "net.list": "net_list",
+    "vm.exec": "vm_exec", "net.list": "net_list", "host.join-token": "join_token",
 }
 
 

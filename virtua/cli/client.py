@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from virtua.errors import Unavailable, from_dict
+from virtua.errors import InvalidArgument, Unavailable, from_dict
 
 
 def daemon_socket(home: Path) -> Path:
@@ -53,16 +53,44 @@ class LocalClient(Client):
 
 
 class RemoteClient(Client):
-    """JSON over HTTP on the daemon's unix socket."""
+    """JSON over HTTP: on the daemon's unix socket, or over TCP with TLS and the admin's
+    client certificate (--api https://HOST:PORT --cert DIR)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(
+        self, home: Path, api: str | None = None, cert: Path | None = None,
+        token_file: Path | None = None, ca: Path | None = None,
+    ) -> None:
         import httpx
 
-        self.http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(daemon_socket(home))),
-            base_url="http://virtua",
-            timeout=600,
-        )
+        if api is None:
+            self.http = httpx.Client(
+                transport=httpx.HTTPTransport(uds=str(daemon_socket(home))),
+                base_url="http://virtua",
+                timeout=600,
+            )
+            return
+        from virtua.pki.credentials import Credentials
+
+        if not api.startswith("https://"):
+            raise InvalidArgument(f"bad --api {api!r}: expected https://HOST:PORT (the API needs TLS)")
+        if token_file is not None:
+            import ssl
+
+            if ca is None:
+                raise InvalidArgument("--token-file needs --ca FILE (the cluster CA certificate, pki/ca-cert.pem)")
+            try:
+                token = token_file.read_text().strip()
+                verify = ssl.create_default_context(cafile=str(ca))
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidArgument(f"cannot read --token-file/--ca: {e}") from e
+            self.http = httpx.Client(base_url=api.rstrip("/"), timeout=600, verify=verify,
+                                     headers={"authorization": f"Bearer {token}"})
+            return
+        if cert is None:
+            raise InvalidArgument("--api needs --cert DIR (the admin credentials, $VIRTUA_HOME/pki/admin on "
+                                  "the manager) or --token-file with --ca")
+        creds = Credentials(cert).check()
+        self.http = httpx.Client(base_url=api.rstrip("/"), timeout=600, verify=creds.client_context())
 
     def call(self, op: str, **args: Any) -> Any:
         import httpx
@@ -80,7 +108,12 @@ class RemoteClient(Client):
         self.http.close()
 
 
-def connect(home: Path) -> Client:
+def connect(
+    home: Path, api: str | None = None, cert: Path | None = None, token_file: Path | None = None,
+    ca: Path | None = None,
+) -> Client:
+    if api is not None:
+        return RemoteClient(home, api, cert, token_file, ca)
     if daemon_alive(home):
         return RemoteClient(home)
     return LocalClient(home)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from virtua.cli import render
 from virtua.cli.main import State, app, call
+
+if TYPE_CHECKING:
+    from virtua.net.lab import Lab
 
 host_app = typer.Typer(no_args_is_help=True, help="Physical hosts (each runs `virtua agent`)")
 template_app = typer.Typer(no_args_is_help=True, help="VM templates: a read-only volume plus boot metadata")
@@ -45,8 +50,30 @@ def host_add(
 
 @host_app.command("remove")
 def host_remove(name: str, force: bool = typer.Option(False, "--force")) -> None:
-    """Forget a host (refused while it runs VMs, unless --force)."""
+    """Forget a host and revoke its certificate (refused while it runs VMs, unless --force)."""
     call("host.remove", name=name, force=force)
+
+
+@host_app.command("rm")
+def host_rm(name: str, force: bool = typer.Option(False, "--force")) -> None:
+    """Forget a host and revoke its certificate (same as `host remove`)."""
+    call("host.remove", name=name, force=force)
+
+
+@host_app.command("join-token")
+def host_join_token(
+    ttl: str = typer.Option("1h", "--ttl", help="how long it stays valid, e.g. 30m, 1h, 2d"),
+    output: str | None = typer.Option(None, "--output", "-o", help="write it to this file (0600) instead of stdout"),
+) -> None:
+    """A one-time token for a new host: `virtua agent --join-token-file FILE` on that host."""
+    r = State.client().call("host.join-token", ttl=ttl)
+    if output is None:
+        sys.stdout.write(r["token"] + "\n")
+        return
+    from virtua.pki.files import write_private
+
+    write_private(Path(output), (r["token"] + "\n").encode())
+    render.emit({"id": r["id"], "expires": r["expires"], "file": output}, State.json)
 
 
 @host_app.command("drain")
@@ -252,10 +279,29 @@ def lab_up(
     home = State.home / "lab"
     Lab.stop_agents(home)
     lab.create()
-    pids = lab.start_agents(home, f"http://{lab.gateway}:8780", cores, memory)
+    tokens = lab_join_tokens(lab, home)
+    pids = lab.start_agents(home, f"https://{lab.gateway}:8780", cores, memory, tokens)
     render.emit({"bridge": f"{lab.bridge} {lab.gateway}/24", "hosts": [f"{h} {lab.address(h)} (pid {p})" for h, p in pids.items()],
                  "serve": f"virtua serve --no-agent --listen {lab.gateway}:10809 --api-listen {lab.gateway}:8780 --host-network {lab.network}"},
                 State.json)
+
+
+def lab_join_tokens(lab: Lab, home: Path) -> dict[str, Path]:
+    """One join token per lab host, made with the cluster CA in $VIRTUA_HOME/pki (created
+    here if `virtua serve` has not run yet; serve then uses the same CA)."""
+    from virtua.pki.ca import ClusterCA
+    from virtua.pki.files import write_private
+    from virtua.pki.tokens import JoinTokens
+
+    ca = ClusterCA.ensure(State.home / "pki", manager_sans=[lab.gateway, "127.0.0.1", "localhost"])
+    tokens = JoinTokens(ca.dir / "tokens.json", ca.fingerprint)
+    out: dict[str, Path] = {}
+    for h in lab.names():
+        path = home / h / "join-token"
+        token, _ = tokens.create(3600)
+        write_private(path, f"{token}\n".encode())
+        out[h] = path
+    return out
 
 
 @lab_app.command("down")

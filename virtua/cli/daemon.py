@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import typer
 
@@ -15,7 +16,7 @@ from virtua.edge.limits import ConnectionLimits
 def serve_cmd(
     listen: str = typer.Option("127.0.0.1:10809", "--listen", help="NBD TCP address HOST:PORT ('' for none)"),
     socket: str | None = typer.Option(None, "--socket", help="NBD unix socket (default $VIRTUA_HOME/nbd.sock)"),
-    tls: str = typer.Option("off", "--tls", help="off, on (offer STARTTLS) or require"),
+    tls: str = typer.Option("auto", "--tls", help="auto (the cluster CA: required on a non-loopback address, offered on loopback), off, on (offer STARTTLS) or require"),
     tls_cert: str | None = typer.Option(None, "--tls-cert", help="X.509 certificate (PEM)"),
     tls_key: str | None = typer.Option(None, "--tls-key", help="X.509 private key (PEM)"),
     tls_ca: str | None = typer.Option(None, "--tls-ca", help="CA to verify client certificates"),
@@ -35,18 +36,19 @@ def serve_cmd(
     import_dir: str | None = typer.Option(
         None, "--import-dir", help="the only directory `template import` reads host files from (default $VIRTUA_HOME/import)",
     ),
+    ca_cert: Path | None = typer.Option(None, "--ca-cert", help="use this cluster CA (PEM) instead of creating one (first start)"),
+    ca_key: Path | None = typer.Option(None, "--ca-key", help="the supplied CA's key (PEM, unencrypted EC)"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
-    from pathlib import Path
 
     import uvloop
 
     from virtua.api.daemon import ServeConfig, parse_allow, serve
     from virtua.errors import InvalidArgument, NotFound
 
-    if tls not in ("off", "on", "require"):
-        raise InvalidArgument(f"bad --tls {tls!r}: use off, on or require")
+    if tls not in ("auto", "off", "on", "require"):
+        raise InvalidArgument(f"bad --tls {tls!r}: use auto, off, on or require")
     given = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--tls-ca": tls_ca, "--tls-psk": tls_psk}
     for flag, path in given.items():
         if path is not None and not Path(path).is_file():
@@ -54,7 +56,7 @@ def serve_cmd(
     if tls == "off" and any(given.values()):
         flags = ", ".join(f for f, p in given.items() if p)
         raise InvalidArgument(f"{flags} given but --tls is off: add --tls on (offer TLS) or --tls require")
-    if tls != "off" and not ((tls_cert and tls_key) or tls_psk):
+    if tls in ("on", "require") and not ((tls_cert and tls_key) or tls_psk):
         raise InvalidArgument("--tls on/require needs --tls-cert and --tls-key, or --tls-psk")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -76,6 +78,8 @@ def serve_cmd(
         handshake_timeout=handshake_timeout,
         max_connections_per_source=max_connections_per_source,
         import_dir=Path(import_dir).absolute() if import_dir else None,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
     )
     cfg.limits  # noqa: B018 - a bad limit is a one-line error before anything starts
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -84,7 +88,8 @@ def serve_cmd(
 
 @app.command("agent")
 def agent_cmd(
-    manager: str = typer.Option("http://127.0.0.1:8780", "--manager", help="the manager's API URL"),
+    manager: str = typer.Option("https://127.0.0.1:8780", "--manager", help="the manager's API URL"),
+    join_token_file: Path | None = typer.Option(None, "--join-token-file", help="file holding a token from `virtua host join-token` (first start)"),
     listen: str = typer.Option("127.0.0.1:8781", "--listen", help="HOST:PORT for this agent's API (what the manager calls)"),
     name: str | None = typer.Option(None, "--name", help="host name (default: hostname)"),
     cores: int | None = typer.Option(None, "--cores", help="cores to offer (default: all)"),
@@ -100,13 +105,17 @@ def agent_cmd(
     import uvloop
 
     from virtua.cluster.agent import AgentConfig, default_name, run_agent
+    from virtua.errors import InvalidArgument
     from virtua.units import parse_size
 
+    if not manager.startswith("https://"):
+        raise InvalidArgument(f"bad --manager {manager!r}: expected https://HOST:PORT (agents talk mTLS)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = AgentConfig(
         name=name or default_name(), listen=listen, manager=manager.rstrip("/"), home=State.home,
         templates=template or None, accel=accel, network=not no_network, host_networks=host_network,
+        join_token_file=join_token_file,
     )
     if cores:
         cfg.cores = cores

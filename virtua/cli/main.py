@@ -28,12 +28,16 @@ app.add_typer(trash_app, name="trash")
 class State:
     home: Path = default_home()
     json: bool = False
+    api: str | None = None  # https://HOST:PORT: a remote manager, over mTLS
+    cert: Path | None = None  # the credentials directory for it
+    token_file: Path | None = None  # or the admin token (with the CA to verify the manager)
+    ca: Path | None = None
     _client: Client | None = None
 
     @classmethod
     def client(cls) -> Client:
         if cls._client is None:
-            cls._client = connect(cls.home)
+            cls._client = connect(cls.home, cls.api, cls.cert, cls.token_file, cls.ca)
         return cls._client
 
 
@@ -63,9 +67,17 @@ def _print_version(value: bool) -> None:
 def _global(
     home: Path | None = typer.Option(None, "--home", help="state directory (default $VIRTUA_HOME or ~/.local/share/virtua)"),
     _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    api: str | None = typer.Option(None, "--api", help="a manager over TCP, https://HOST:8780 (default: the local unix socket)"),
+    cert: Path | None = typer.Option(None, "--cert", help="credentials directory for --api: ca-cert.pem, client-cert.pem, client-key.pem (the manager's $VIRTUA_HOME/pki/admin)"),
+    token_file: Path | None = typer.Option(None, "--token-file", help="instead of --cert: the admin token (the manager's $VIRTUA_HOME/pki/admin-token)"),
+    ca: Path | None = typer.Option(None, "--ca", help="with --token-file: the cluster CA certificate (pki/ca-cert.pem) that verifies the manager"),
 ) -> None:
     if home is not None:
         State.home = home
+    State.api = api
+    State.cert = cert
+    State.token_file = token_file
+    State.ca = ca
 
 
 # ---------------------------------------------------------------------- pools

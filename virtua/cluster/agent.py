@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from virtua.cluster.model import VMLaunch
 from virtua.edge import web
-from virtua.errors import InvalidArgument, NotFound, Unavailable, VirtuaError
+from virtua.errors import (
+    Forbidden,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    VirtuaError,
+)
+from virtua.pki.asgi import peer_address, peer_identity
+from virtua.pki.credentials import Credentials
 
 log = logging.getLogger("virtua.agent")
 
 HEARTBEAT_INTERVAL = 1.0
+REFUSED_BACKOFF = 10.0  # a revoked host asks again this rarely
+JOIN_WAIT = 300.0  # seconds an agent waits for its manager to answer its join
 BOOT_TIMEOUT = 180.0
 
 
@@ -45,6 +58,11 @@ class AgentConfig:
     accel: str = "auto"
     network: bool = True
     host_networks: list[str] = field(default_factory=list)
+    join_token_file: Path | None = None  # a file, never the command line: ps shows that
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.home / "pki")
 
 
 @dataclass
@@ -54,6 +72,9 @@ class RunningVM:
     launch: VMLaunch
     state: str = "starting"
     error: str | None = None
+    # QEMU is being spawned: it writes its pidfile only after opening its disks, so no
+    # pid yet does not mean it exited (a "stopped" report would close its disks' access)
+    spawning: bool = False
 
 
 def _memory_mb() -> int:
@@ -75,7 +96,7 @@ class Agent:
         self.vms: dict[str, RunningVM] = {}
         self.run_dir = cfg.home / "vms"
         self.cache = cfg.home / "cache"
-        self.http = httpx.AsyncClient(timeout=600)
+        self.http = httpx.AsyncClient(timeout=600)  # replaced by the mTLS client in start()
         self.accel = "unknown"
         self._tasks: list[asyncio.Task[Any]] = []
         self.net: Any = None
@@ -85,6 +106,9 @@ class Agent:
     async def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
+        creds = await join_cluster(self.cfg)
+        await self.http.aclose()
+        self.http = httpx.AsyncClient(timeout=600, verify=creds.client_context())
         if self.cfg.network:
             from virtua.net.hostnet import HostNetwork
 
@@ -147,16 +171,24 @@ class Agent:
                     await asyncio.to_thread(self.net.sync, reply["network"])
             except VirtuaError as e:
                 log.error("network sync failed: %s", e.message)
+            except httpx.HTTPStatusError as e:
+                registered = False
+                if e.response.status_code in (401, 403):  # revoked: ask again rarely
+                    log.error("the manager refuses this host: %s", e.response.text[:300])
+                    await asyncio.sleep(REFUSED_BACKOFF)
             except (httpx.HTTPError, ValueError) as e:
                 if registered:
                     log.warning("manager %s unreachable: %s", self.cfg.manager, e)
                 registered = False
+                if _tls_refused(e):  # e.g. our certificate is revoked: ask again rarely
+                    log.error("the manager refuses this host's certificate: %s", e)
+                    await asyncio.sleep(REFUSED_BACKOFF)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def report(self) -> list[dict[str, Any]]:
         out = []
         for vm in self.vms.values():
-            if vm.state in ("running", "starting") and not vm.proc.is_running():
+            if vm.state in ("running", "starting") and not vm.spawning and not vm.proc.is_running():
                 vm.state = "stopped"
                 vm.error = "QEMU exited"
             out.append({"id": vm.id, "state": vm.state, "error": vm.error, "pid": vm.proc.pid})
@@ -218,6 +250,7 @@ class Agent:
             initrd=initrd, append=launch.cmdline,
             # reconnect: QEMU queues guest I/O while the NBD server restarts or moves
             disks=[DiskSpec(source=uri, reconnect_delay=60) for uri in launch.disks],
+            tls_creds_dir=self.cfg.credentials.dir,  # used by nbds:// disks (the key stays a file)
             nics=nics, accel="kvm" if self.accel == "kvm" else "tcg",
             serial_log=d / "serial.log", console_socket=d / "console.sock",
             agent_socket=d / "agent.sock", qmp_socket=d / "qmp.sock", pidfile=d / "qemu.pid",
@@ -236,7 +269,7 @@ class Agent:
         if launch.nic is not None and self.net is not None:
             await asyncio.to_thread(self.net.plug, launch.nic)
         proc = VMProcess(spec)
-        vm = RunningVM(launch.id, proc, launch, "starting")
+        vm = RunningVM(launch.id, proc, launch, "starting", spawning=True)
         self.vms[launch.id] = vm
         try:
             if incoming_state is not None:
@@ -248,6 +281,8 @@ class Agent:
             vm.error = str(e)
             await self._unplug(vm)
             raise Unavailable(f"QEMU for {launch.id} failed to start: {e}") from e
+        finally:
+            vm.spawning = False
         return vm
 
     async def _unplug(self, vm: RunningVM) -> None:
@@ -364,6 +399,16 @@ class Agent:
         return {"host": self.cfg.name, **self.net.leftovers()}
 
 
+def _tls_refused(e: BaseException) -> bool:
+    """Did the TLS handshake fail (as opposed to the manager being down)?"""
+    cur: BaseException | None = e
+    while cur is not None:
+        if isinstance(cur, ssl.SSLError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 async def _chunks(f: Any) -> Any:
     while True:
         block = f.read(1 << 20)
@@ -414,8 +459,36 @@ class ExecBody(_Body):
     timeout: Annotated[float, Field(gt=0, le=86400)] = 30.0
 
 
+class ManagerOnly:
+    """The agent's API answers the manager's certificate (and the admin's) only: a host's
+    certificate, or none, gets 403/401 and a log line (peer, reason)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        peer = peer_address(scope)
+        ident = peer_identity(scope)
+        err: VirtuaError | None = None
+        if ident is None:
+            err = Unauthenticated(f"{peer}: a client certificate of the cluster CA is required")
+        elif ident.role not in ("manager", "admin"):
+            err = Forbidden(f"{peer} ({ident.role} {ident.name}): only the manager may call an agent")
+        if err is None:
+            return await self.app(scope, receive, send)
+        log.warning("refused %s %s from %s", scope["method"], scope["path"], err.message)
+        body = json.dumps(err.to_dict()).encode()
+        await send({"type": "http.response.start", "status": err.http_status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return None
+
+
 def build_agent_api(agent: Agent) -> FastAPI:
     api = FastAPI(title="virtua agent")
+    api.add_middleware(ManagerOnly)
     web.install(api, log)
 
     def wrap(fn: Any, model: type[BaseModel]) -> Any:
@@ -453,17 +526,23 @@ async def run_agent(cfg: AgentConfig) -> None:
 
     import uvicorn
 
+    from virtua.pki.asgi import tls_gate
+
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")
-    from virtua.edge.guard import MAX_HEADER_BYTES, guarded_protocol
+    from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission, ConnectionLimits
+    from virtua.pki.asgi import guarded
 
-    # the same limits as the manager's listeners: one source cannot hold every connection
+    # the same limits as the manager's listeners: one source cannot hold every connection,
+    # counted before the TLS handshake
     admission = Admission(ConnectionLimits(), log, "agent api")
+    tls = cfg.credentials.server_context(client_cert="required")
     uv = uvicorn.Server(uvicorn.Config(
         build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off",
-        http=guarded_protocol(admission), timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=guarded(tls_gate(lambda: tls, f"agent {cfg.name} API"), admission),
+        timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     ))
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     task = asyncio.create_task(uv.serve())
@@ -484,6 +563,77 @@ async def run_agent(cfg: AgentConfig) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(task, 5)
     await agent.close()
+
+
+async def join_cluster(cfg: AgentConfig) -> Credentials:
+    """This host's credentials: the ones it holds, or new ones for a join token.
+
+    Joining: fetch the CA certificate, check it against the fingerprint in the token
+    (before the secret goes anywhere), then send the token and a certificate request
+    over TLS verified against that CA; the key never leaves this host."""
+    from virtua.pki.ca import cert_pem, fingerprint, key_pem, make_csr, new_key
+    from virtua.pki.files import private_dir, write_private
+    from virtua.pki.tokens import parse_token
+
+    creds = cfg.credentials
+    token_text = None
+    if cfg.join_token_file is not None:
+        try:
+            token_text = cfg.join_token_file.read_text().strip()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read the join token file {cfg.join_token_file}: {e.strerror}") from e
+    token = parse_token(token_text) if token_text else None
+    if creds.complete():
+        from cryptography import x509
+
+        held = fingerprint(x509.load_pem_x509_certificate(creds.ca.read_bytes()))
+        if token is None or token.ca_fingerprint == held:
+            return creds
+        log.info("the join token names another CA (%s...): joining again", token.ca_fingerprint[:16])
+    if token is None:
+        raise InvalidArgument(
+            f"no credentials in {creds.dir}: give --join-token-file (from `virtua host join-token` on the manager)"
+        )
+    from cryptography import x509
+
+    url = cfg.manager
+    deadline = time.monotonic() + JOIN_WAIT
+    while True:  # the manager may start after its agents (virtua lab up, then serve)
+        try:
+            async with httpx.AsyncClient(timeout=30, verify=False) as bare:  # noqa: S501 - pinned below
+                r = await bare.get(f"{url}/v1/join/ca")
+                r.raise_for_status()
+                ca_bytes = r.json()["ca"].encode()
+            break
+        except httpx.TransportError as e:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"cannot join: the manager at {url} is not answering: {e}") from e
+            await asyncio.sleep(1.0)
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            raise Unavailable(f"cannot join the manager at {url}: {e}") from e
+    try:
+        ca = x509.load_pem_x509_certificate(ca_bytes)
+        if fingerprint(ca) != token.ca_fingerprint:
+            raise Forbidden(f"the manager at {url} shows a CA whose sha256 is not the one in the join token: refusing")
+        key = new_key()
+        ctx = ssl.create_default_context(cadata=cert_pem(ca).decode())
+        async with httpx.AsyncClient(timeout=30, verify=ctx) as pinned:
+            r = await pinned.post(f"{url}/v1/join", json={
+                "token": token_text, "name": cfg.name, "address": cfg.listen,
+                "csr": make_csr(key, cfg.name).decode(),
+            })
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        raise Unavailable(f"cannot join the manager at {url}: {e}") from e
+    if r.status_code != 200:
+        from virtua.errors import from_dict
+
+        raise from_dict(r.json())
+    private_dir(creds.dir)
+    write_private(creds.key, key_pem(key))
+    write_private(creds.cert, r.json()["cert"].encode())
+    write_private(creds.ca, cert_pem(ca))
+    log.info("joined the cluster at %s as host %s", url, cfg.name)
+    return creds
 
 
 def default_name() -> str:

@@ -37,6 +37,10 @@ from virtua.errors import (
     Unavailable,
     VirtuaError,
 )
+from virtua.pki.ca import ClusterCA
+from virtua.pki.files import write_private
+from virtua.pki.identity import RESERVED_NAMES
+from virtua.pki.tokens import JoinTokens
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.service import TEMPLATE_VOLUME_PREFIX, Storage
 from virtua.units import parse_size
@@ -61,6 +65,8 @@ class Manager:
         host_networks: list[str] | None = None,
         restart_dead: bool = True,
         import_dir: Path | None = None,
+        authority: ClusterCA | None = None,
+        nbd_tls: bool = False,
     ) -> None:
         self.home = home
         self.storage = storage
@@ -70,7 +76,14 @@ class Manager:
         self.api_port = api_port
         self.host_networks = [IPv4Network(n) for n in host_networks or []]
         self.restart_dead = restart_dead
-        self.http = httpx.AsyncClient(timeout=AGENT_TIMEOUT)
+        # with a cluster CA: https to agents, presenting the manager's certificate
+        self.authority = authority
+        self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
+        self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
+        verify: Any = authority.manager.client_context() if authority else True
+        self.http = httpx.AsyncClient(timeout=AGENT_TIMEOUT, verify=verify)
+        self._scheme = "https" if authority else "http"
+        self._template_grants: dict[str, set[str]] = {}  # host -> templates being prepared
         self.states_dir = home / "vmstate"
         self.templates_dir = home / "templates"
         self.import_dir = import_dir or home / "import"  # the only host files a request may name
@@ -82,10 +95,11 @@ class Manager:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.advertise}:{self.api_port}"
+        return f"{self._scheme}://{self.advertise}:{self.api_port}"
 
     def nbd_uri(self, export: str) -> str:
-        return f"nbd://{self.advertise}:{self.nbd_port}/{export}"
+        scheme = "nbds" if self.nbd_tls else "nbd"
+        return f"{scheme}://{self.advertise}:{self.nbd_port}/{export}"
 
     def lock(self, key: str) -> asyncio.Lock:
         """One admin operation at a time per VC (concurrent commands queue, never interleave)."""
@@ -201,7 +215,71 @@ class Manager:
                 "drain it first or use --force"
             )
         self.store.delete(f"/hosts/{name}")
-        return {"removed": [name]}
+        revoked = self.authority.revoke_name("host", name) if self.authority else []
+        return {"removed": [name], "revoked": [f"{s:x}" for s in revoked]}
+
+    # ================================================================== credentials
+
+    def _authority(self) -> ClusterCA:
+        if self.authority is None or self.tokens is None:
+            raise Unavailable("this manager has no cluster CA")
+        return self.authority
+
+    def join_token(self, ttl: str = "1h") -> dict[str, Any]:
+        """A one-time token for `virtua agent --join-token-file` (stored hashed)."""
+        self._authority()
+        assert self.tokens is not None
+        token, expires = self.tokens.create(_parse_ttl(ttl))
+        log.info("join token %s created, valid until %s", token.id, time.strftime("%H:%M:%S", time.localtime(expires)))
+        return {"token": str(token), "id": token.id, "expires": expires}
+
+    def write_join_token(self, path: Path, ttl: float) -> None:
+        self._authority()
+        assert self.tokens is not None
+        token, _ = self.tokens.create(ttl)
+        write_private(path, f"{token}\n".encode())
+
+    def join(self, token: str, name: str, csr: str, address: str, peer: str = "?") -> dict[str, Any]:
+        """Spend a join token: sign the host's certificate request (CN = its name, an IP
+        SAN = the address its agent listens on)."""
+        authority = self._authority()
+        assert self.tokens is not None
+        check_name(name, "host name")
+        if name in RESERVED_NAMES:
+            raise InvalidArgument(f"bad host name {name!r}: reserved")
+        ip = address.rpartition(":")[0].strip("[]")
+        if not ip:
+            raise InvalidArgument(f"bad agent address {address!r}: expected HOST:PORT")
+        if authority.active_serials("host", name):
+            raise AlreadyExists(f"host {name} has joined already: `virtua host rm {name}` first to replace it")
+        token_id = self.tokens.consume(token)
+        cert = authority.sign_csr(csr.encode(), "host", name, [ip])
+        log.info("host %s joined from %s with token %s", name, peer, token_id)
+        return {"cert": cert.decode(), "ca": authority.ca_pem.decode()}
+
+    def nbd_access(self, export: str, identity: str) -> bool:
+        """May this TLS identity (a certificate's CN) open this export? The admin: any; a
+        host: the disks of the VMs placed on it while they start or run; nobody else."""
+        if identity == "admin":
+            return True
+        v = self.store.get(f"/hosts/{identity}")
+        if v is None:
+            return False
+        for vm in self.vms():
+            if vm.host == identity and vm.state in ("starting", "running") and export in (vm.disk, vm.swap, vm.seed):
+                return True
+        return False
+
+    def owners_of(self, kind: str, key: str) -> set[str]:
+        """The hosts that may fetch a template's boot files or a VM's saved state."""
+        if kind == "template":
+            vcs = {vc.name for vc in self.vcs() if vc.template == key}
+            hosts = {vm.host for vm in self.vms() if vm.vc in vcs}
+            return hosts | {h for h, names in self._template_grants.items() if key in names}
+        if kind == "vmstate":
+            vm = self._vm_or_none(key)
+            return {vm.host} if vm is not None else set()
+        return set()
 
     async def drain_host(self, name: str) -> dict[str, Any]:
         """Stop placing VMs on a host and move its running VMs elsewhere (suspend, resume)."""
@@ -600,7 +678,12 @@ class Manager:
         """Every chosen host must answer and hold the template's kernel before we commit."""
         for host in sorted({v.host for v in vms}):
             h = self.host(host)
-            await self._agent(h, "POST", "/v1/prepare", json=self._artifacts(t))
+            # before the VC is recorded, its hosts may fetch the template's boot files
+            self._template_grants.setdefault(host, set()).add(t.name)
+            try:
+                await self._agent(h, "POST", "/v1/prepare", json=self._artifacts(t))
+            finally:
+                self._template_grants[host].discard(t.name)
 
     def _record_vc(self, rec: VCRecord, vms: list[VMRecord]) -> None:
         with self.store.txn():
@@ -909,7 +992,7 @@ class Manager:
 
     async def _agent(self, h: HostRecord, method: str, path: str, json: Any = None) -> dict[str, Any]:
         try:
-            r = await self.http.request(method, f"{h.url}{path}", json=json)
+            r = await self.http.request(method, f"{self._scheme}://{h.address}{path}", json=json)
         except httpx.HTTPError as e:
             raise Unavailable(f"host {h.name} ({h.address}) is not answering: {type(e).__name__} {e}") from e
         try:
@@ -1026,6 +1109,17 @@ def _vc_state(vms: list[VMRecord]) -> str:
     if "starting" in states:
         return "starting"
     return "mixed"
+
+
+def _parse_ttl(ttl: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = str(ttl).strip()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise InvalidArgument(f"bad --ttl {ttl!r}: e.g. 30m, 1h, 2d") from None
 
 
 def _digest(path: Path) -> str:

@@ -135,6 +135,7 @@ class NBDServer:
         sparse_read_min: int = _SPARSE_READ_MIN,
         sparse_reads: bool | None = None,
         holders: Holders | None = None,
+        tls_on_unix: bool = True,
     ) -> None:
         if tls_mode not in ("off", "on", "require"):
             raise ValueError(f"tls_mode must be off, on or require, not {tls_mode!r}")
@@ -142,6 +143,7 @@ class NBDServer:
             raise ValueError(f"tls_mode={tls_mode} needs a TLSConfig")
         self.provider = provider
         self.tls_mode: TLSMode = tls_mode
+        self.tls_on_unix = tls_on_unix  # False: "require" applies to TCP only
         self.ssl_context: ssl.SSLContext | None = (
             tls.build_context() if tls is not None and tls_mode != "off" else None
         )
@@ -187,7 +189,9 @@ class NBDServer:
         if unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(unix_path)
-            srv = await loop.create_unix_server(lambda: _Connection(self), unix_path, backlog=1024)
+            srv = await loop.create_unix_server(
+                lambda: _Connection(self, local=True), unix_path, backlog=1024
+            )
             self.unix_path = unix_path
             self._servers.append(srv)
         if not self._servers:
@@ -246,8 +250,9 @@ class NBDServer:
 class _Connection(asyncio.BufferedProtocol):
     """One NBD client connection."""
 
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: NBDServer, local: bool = False) -> None:
         self.srv = server
+        self.local = local  # on the unix socket
         self.log = server.log
         self.transport: Any = None
         self.rbuf = bytearray(_RBUF_HANDSHAKE)
@@ -574,7 +579,8 @@ class _Connection(asyncio.BufferedProtocol):
             if srv.closing:
                 self._send_opt_error(opt, P.REP_ERR_SHUTDOWN, "server shutting down")
                 continue
-            if srv.tls_mode == "require" and not self.tls_active and opt != P.OPT_STARTTLS:
+            if self._tls_required() and not self.tls_active and opt != P.OPT_STARTTLS:
+                self.log.warning("nbd %s: refused option %d: TLS required", self.peer, opt)
                 self._send_opt_error(opt, P.REP_ERR_TLS_REQD, "TLS required")
                 continue
             if opt == P.OPT_STARTTLS:
@@ -641,6 +647,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._send_opt_reply(opt, P.REP_SERVER, P.S_U32.pack(len(nb)) + nb + desc.encode())
         self._send_opt_reply(opt, P.REP_ACK)
 
+    def _tls_required(self) -> bool:
+        return self.srv.tls_mode == "require" and (self.srv.tls_on_unix or not self.local)
+
     def _allowed(self, name: str) -> bool:
         try:
             return bool(self.srv.provider.allowed(name, self.identity))
@@ -656,6 +665,7 @@ class _Connection(asyncio.BufferedProtocol):
         if dev is None:
             return None, P.REP_ERR_UNKNOWN, f"no export named {name!r}"
         if not self._allowed(name):
+            self.log.warning("nbd %s: identity %r may not open export %r", self.peer, self.identity, name)
             if not self.tls_active and self.srv.ssl_context is not None:
                 return None, P.REP_ERR_TLS_REQD, f"export {name!r} requires TLS"
             return None, P.REP_ERR_POLICY, f"access to export {name!r} denied"
@@ -679,7 +689,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _opt_export_name(self, data: bytes) -> None:
         if self.srv.closing:
             raise _ProtocolViolation("server shutting down")
-        if self.srv.tls_mode == "require" and not self.tls_active:
+        if self._tls_required() and not self.tls_active:
             raise _ProtocolViolation("NBD_OPT_EXPORT_NAME without TLS")
         try:
             name = data.decode("utf-8")

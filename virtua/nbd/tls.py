@@ -162,6 +162,7 @@ class TLSConfig:
     keyfile: str | None = None
     cafile: str | None = None
     psk_file: str | None = None
+    crlfile: str | None = None  # revoked client certificates (rebuild the context to reload)
 
     def build_context(self) -> ssl.SSLContext:
         if not self.certfile and not self.psk_file:
@@ -174,6 +175,9 @@ class TLSConfig:
         if self.cafile:
             ctx.load_verify_locations(cafile=self.cafile)
             ctx.verify_mode = ssl.CERT_REQUIRED if not self.psk_file else ssl.CERT_OPTIONAL
+            if self.crlfile:
+                ctx.load_verify_locations(cafile=self.crlfile)
+                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         if self.psk_file:
             install_psk(ctx, read_psk_file(self.psk_file))
         return ctx

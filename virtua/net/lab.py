@@ -88,20 +88,29 @@ class Lab:
             sh("ip", "netns", "del", self.ns(h), check=False)
         sh("ip", "link", "del", self.bridge, check=False)
 
-    def agent_command(self, host: str, home: Path, manager: str, cores: int, memory: str) -> list[str]:
+    def agent_command(
+        self, host: str, home: Path, manager: str, cores: int, memory: str, join_token_file: Path | None = None,
+    ) -> list[str]:
+        """The agent of one lab host; a first start joins with the token in join_token_file
+        (a file: the process list shows the command line, never the token)."""
+        token = ["--join-token-file", str(join_token_file)] if join_token_file else []
         return [
             "ip", "netns", "exec", self.ns(host), sys.executable, "-m", "virtua.cli", "--home", str(home),
             "agent", "--name", host, "--listen", f"{self.address(host)}:8781", "--manager", manager,
-            "--cores", str(cores), "--memory", memory, "--host-network", self.network,
+            "--cores", str(cores), "--memory", memory, "--host-network", self.network, *token,
         ]
 
-    def start_agents(self, home: Path, manager: str, cores: int = 2, memory: str = "2G") -> dict[str, int]:
+    def start_agents(
+        self, home: Path, manager: str, cores: int = 2, memory: str = "2G",
+        join_tokens: dict[str, Path] | None = None,
+    ) -> dict[str, int]:
         pids = {}
         for h in self.names():
             d = home / h
             d.mkdir(parents=True, exist_ok=True)
+            token = (join_tokens or {}).get(h)
             proc = subprocess.Popen(
-                self.agent_command(h, d, manager, cores, memory), stdout=open(d / "agent.log", "ab"),
+                self.agent_command(h, d, manager, cores, memory, token), stdout=open(d / "agent.log", "ab"),
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
             (d / "agent.pid").write_text(str(proc.pid))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 from virtua.errors import InvalidArgument, Unavailable
 
 QEMU_BINARY = "qemu-system-x86_64"
+TLS_CREDS_ID = "virtua-tls"
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 
@@ -37,7 +38,12 @@ class DiskSpec(BaseModel):
 
     @property
     def is_nbd(self) -> bool:
-        return self.source.startswith(("nbd://", "nbd+unix://", "nbd+tcp://"))
+        return self.source.startswith(("nbd://", "nbds://", "nbd+unix://", "nbd+tcp://"))
+
+    @property
+    def tls(self) -> bool:
+        """nbds:// (libnbd's spelling): NBD over TLS, with the VM's tls-creds-x509."""
+        return self.source.startswith("nbds://")
 
 
 class NicSpec(BaseModel):
@@ -65,6 +71,9 @@ class VMSpec(BaseModel):
     initrd: Path | None = None
     append: str = ""
     disks: list[DiskSpec] = Field(default_factory=list)
+    # QEMU's tls-creds-x509 client directory (ca-cert.pem, client-cert.pem,
+    # client-key.pem) for nbds:// disks: the command line names the directory, never a key
+    tls_creds_dir: Path | None = None
     nics: list[NicSpec] = Field(default_factory=list)
     accel: Literal["kvm", "tcg"] = "tcg"
     machine: str = "pc"
@@ -113,7 +122,7 @@ def parse_nbd_uri(uri: str) -> dict[str, str]:
     """
     u = urlparse(uri)
     export = unquote(u.path[1:]) if u.path.startswith("/") else unquote(u.path)
-    if u.scheme in ("nbd", "nbd+tcp"):
+    if u.scheme in ("nbd", "nbds", "nbd+tcp"):
         if not u.hostname:
             raise InvalidArgument(f"NBD URI without host: {uri}")
         host = u.hostname
@@ -133,6 +142,8 @@ def _blockdev(i: int, d: DiskSpec) -> list[str]:
     if d.is_nbd:
         opts = [("driver", "nbd"), ("node-name", node)]
         opts += list(parse_nbd_uri(d.source).items())
+        if d.tls:
+            opts.append(("tls-creds", TLS_CREDS_ID))
         if d.reconnect_delay:
             opts.append(("reconnect-delay", str(d.reconnect_delay)))
     else:
@@ -232,6 +243,13 @@ def build_cmdline(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     ]
     if spec.daemonize:
         argv.append("-daemonize")
+    if any(d.tls for d in spec.disks):
+        if spec.tls_creds_dir is None:
+            raise InvalidArgument("an nbds:// disk needs the VM's tls_creds_dir")
+        argv += [
+            "-object",
+            f"tls-creds-x509,id={TLS_CREDS_ID},dir={_esc(str(spec.tls_creds_dir))},endpoint=client,verify-peer=on",
+        ]
     for i, d in enumerate(spec.disks):
         argv += _blockdev(i, d)
     for i, n in enumerate(spec.nics):

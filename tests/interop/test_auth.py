@@ -1,0 +1,274 @@
+"""The authenticated control plane, against a real `virtua serve` and a real agent on
+loopback: every refusal (no certificate, foreign CA, expired, revoked, a host's
+certificate on an admin operation, plaintext on the TLS port, a reused join token) is a
+clear error, a log line and no change; each with the authorized client as control."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from virtua.pki.ca import ClusterCA
+from virtua.pki.credentials import Credentials
+from virtua.pki.files import write_private
+
+pytestmark = pytest.mark.interop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Plane:
+    """virtua serve (no local agent) and one joined agent, both on 127.0.0.1."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.home = tmp / "home"
+        self.env = dict(os.environ, VIRTUA_HOME=str(self.home), COLUMNS="200")
+        self.api_port, self.agent_port = free_port(), free_port()
+        self.api = f"https://127.0.0.1:{self.api_port}"
+        self.log = tmp / "serve.log"
+        self.cli("pool", "create", "p", "--capacity", "1G")
+        self.cli("volume", "create", "p/victim", "--size", "8M")
+        self.serve = subprocess.Popen(
+            [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{free_port()}",
+             "--api-listen", f"127.0.0.1:{self.api_port}"],
+            env=self.env, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
+        )
+        assert self.serve.stdout is not None
+        assert self.serve.stdout.readline().startswith("VIRTUA_READY"), self.log.read_text()
+        self.agent_home = tmp / "agent"
+        self.agent: subprocess.Popen[str] | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "virtua.cli", *args], env=self.env, capture_output=True, text=True,
+                           timeout=120)
+        if check:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    def start_agent(self, name: str, token_file: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "virtua.cli", "--home", str(self.agent_home), "agent", "--name", name,
+             "--listen", f"127.0.0.1:{self.agent_port}", "--manager", self.api, "--no-network",
+             "--join-token-file", str(token_file)],
+            env=self.env, stdout=open(self.tmp / f"agent-{name}.log", "a"), stderr=subprocess.STDOUT, text=True,
+        )
+
+    @property
+    def pki(self) -> Path:
+        return self.home / "pki"
+
+    def client(self, creds: Credentials | None, base: str | None = None) -> httpx.Client:
+        ctx = creds.client_context() if creds else ssl.create_default_context(cafile=str(self.pki / "ca-cert.pem"))
+        return httpx.Client(base_url=base or self.api, verify=ctx, timeout=20)
+
+    def log_has(self, text: str, timeout: float = 5) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log.read_text():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def volumes(self) -> list[str]:
+        return [v["name"] for v in json.loads(self.cli("volume", "list", "--json").stdout)]
+
+    def close(self) -> None:
+        for p in (self.agent, self.serve):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=20)
+
+
+def wait_for(cond, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    p = Plane(tmp_path_factory.mktemp("auth"))
+    try:
+        token = p.tmp / "a1.token"
+        p.cli("host", "join-token", "--ttl", "10m", "--output", str(token))
+        p.agent = p.start_agent("a1", token)
+        wait_for(lambda: any(h["name"] == "a1" and h["alive"] for h in json.loads(p.cli("host", "list", "--json").stdout)),
+                 "agent a1 to join and register")
+        yield p
+    finally:
+        p.close()
+
+
+def ca_of(p: Plane) -> ClusterCA:
+    return ClusterCA.ensure(p.pki, manager_sans=[])  # loads it; issues nothing new
+
+
+def creds_from(tmp: Path, ca_pem: bytes, cert: bytes, key: bytes) -> Credentials:
+    c = Credentials(tmp)
+    write_private(c.ca, ca_pem)
+    write_private(c.cert, cert)
+    write_private(c.key, key)
+    return c
+
+
+def test_secrets_are_root_only_and_the_socket_is_0600(plane: Plane) -> None:
+    for path in [plane.pki, plane.agent_home / "pki"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        for f in path.rglob("*"):
+            assert stat.S_IMODE(f.stat().st_mode) in (0o600, 0o700), f
+    assert stat.S_IMODE((plane.home / "virtua.sock").stat().st_mode) == 0o600
+    assert stat.S_IMODE((plane.home / "nbd.sock").stat().st_mode) == 0o600
+
+
+def test_no_certificate_gets_401_and_nothing_runs(plane: Plane) -> None:
+    with plane.client(None) as c:
+        r = c.post("/v1/ops/volume.rm", content=json.dumps({"ref": "p/victim"}))
+    assert r.status_code == 401 and r.json()["error"] == "Unauthenticated"
+    assert "client certificate" in r.json()["message"]
+    assert plane.log_has("refused POST /v1/ops/volume.rm from 127.0.0.1:"), "the refusal is logged"
+    assert "p/victim" in plane.volumes(), "nothing ran"
+    # control: the admin certificate over TCP, through the CLI
+    r2 = plane.cli("--api", plane.api, "--cert", str(plane.pki / "admin"), "volume", "list", "--json")
+    assert "p/victim" in r2.stdout
+
+
+def test_plaintext_http_on_the_tls_port_is_refused_and_logged(plane: Plane) -> None:
+    with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as c:
+        c.post(f"http://127.0.0.1:{plane.api_port}/v1/ops/volume.rm", content=b'{"ref": "p/victim"}')
+    assert plane.log_has("refused TLS from 127.0.0.1:") and plane.log_has("plaintext HTTP on the TLS port")
+    assert "p/victim" in plane.volumes()
+
+
+def test_foreign_ca_and_expired_certificates_fail_the_handshake(plane: Plane, tmp_path: Path) -> None:
+    foreign = ClusterCA.ensure(tmp_path / "foreign", manager_sans=["127.0.0.1"])
+    bad = creds_from(tmp_path / "f", (plane.pki / "ca-cert.pem").read_bytes(), *foreign.issue("admin", "admin"))
+    with pytest.raises(httpx.HTTPError), plane.client(bad) as c:
+        c.post("/v1/ops/volume.rm", content=b'{"ref": "p/victim"}')
+    assert plane.log_has("unable to get local issuer certificate"), "the foreign CA's refusal is logged"
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    expired = creds_from(tmp_path / "e", (plane.pki / "ca-cert.pem").read_bytes(),
+                         *ca_of(plane).issue("admin", "admin", not_after=past))
+    with pytest.raises(httpx.HTTPError), plane.client(expired) as c:
+        c.post("/v1/ops/volume.rm", content=b'{"ref": "p/victim"}')
+    assert plane.log_has("certificate has expired")
+    assert "p/victim" in plane.volumes(), "nothing ran"
+    with plane.client(Credentials(plane.pki / "admin")) as c:  # control
+        assert c.post("/v1/ops/pool.list", content=b"{}").status_code == 200
+
+
+def test_a_host_certificate_may_not_run_admin_operations(plane: Plane) -> None:
+    host = Credentials(plane.agent_home / "pki")
+    with plane.client(host) as c:
+        r = c.post("/v1/ops/volume.rm", content=json.dumps({"ref": "p/victim"}))
+        assert r.status_code == 403 and "admin operations" in r.json()["message"]
+        r = c.post("/v1/hosts/other/heartbeat", json={"vms": []})
+        assert r.status_code == 403, "a host heartbeats as itself only"
+        r = c.post("/v1/hosts/register", json={"name": "other", "address": "127.0.0.1:1", "cores": 1, "memory_mb": 64})
+        assert r.status_code == 403, "a host registers as itself only"
+        assert c.post("/v1/hosts/a1/heartbeat", json={"vms": []}).status_code == 200  # control
+    assert plane.log_has("(host a1, serial")
+    assert "p/victim" in plane.volumes()
+
+
+def test_the_agent_api_answers_the_manager_only(plane: Plane) -> None:
+    base = f"https://127.0.0.1:{plane.agent_port}"
+    with plane.client(Credentials(plane.agent_home / "pki"), base) as c:
+        r = c.post("/v1/vm/exec", json={"id": "x/y", "script": "id"})
+        assert r.status_code == 403 and "only the manager" in r.json()["message"]
+    with pytest.raises(httpx.HTTPError), plane.client(None, base) as c:
+        c.post("/v1/vm/exec", json={"id": "x/y", "script": "id"})
+    log = (plane.tmp / "agent-a1.log").read_text()
+    assert "only the manager may call an agent" in log and "no client certificate" in log
+    # control: the manager reaches it (host info asks the agent for its network state)
+    info = json.loads(plane.cli("host", "info", "a1", "--json").stdout)
+    assert info["leftovers"]["host"] == "a1", info["leftovers"]
+
+
+def test_a_join_token_works_once(plane: Plane, tmp_path: Path) -> None:
+    token = tmp_path / "t"
+    plane.cli("host", "join-token", "--ttl", "5m", "--output", str(token))
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    secret = token.read_text().split(".")[2]
+    assert secret not in (plane.pki / "tokens.json").read_text(), "stored hashed"
+    from virtua.pki.ca import make_csr, new_key
+
+    body = {"token": token.read_text().strip(), "name": "b1", "address": "127.0.0.1:9",
+            "csr": make_csr(new_key(), "b1").decode()}
+    with plane.client(None) as c:
+        first = c.post("/v1/join", json=body)
+        assert first.status_code == 200 and "BEGIN CERTIFICATE" in first.json()["cert"]
+        again = c.post("/v1/join", json={**body, "name": "b2", "csr": make_csr(new_key(), "b2").decode()})
+    assert again.status_code == 401 and "unknown or already used" in again.json()["message"]
+    assert plane.log_has("refused join of 'b2' from 127.0.0.1")
+    # an agent given a spent token says so in one line and exits
+    r = subprocess.run(
+        [sys.executable, "-m", "virtua.cli", "--home", str(tmp_path / "b3"), "agent", "--name", "b3",
+         "--listen", f"127.0.0.1:{free_port()}", "--manager", plane.api, "--no-network", "--join-token-file", str(token)],
+        env=plane.env, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 11 and r.stderr.strip().startswith("virtua: error: join token"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_the_admin_token_over_tls(plane: Plane, tmp_path: Path) -> None:
+    base = ["--api", plane.api, "--ca", str(plane.pki / "ca-cert.pem")]
+    r = plane.cli(*base, "--token-file", str(plane.pki / "admin-token"), "volume", "list", "--json")
+    assert "p/victim" in r.stdout, "control: the admin token works over TCP"
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    r = plane.cli(*base, "--token-file", str(wrong), "volume", "rm", "p/victim", check=False)
+    assert r.returncode == 11 and "not the admin token" in r.stderr, r.stderr
+    assert plane.log_has("the bearer token is not the admin token")
+    assert "p/victim" in plane.volumes()
+    assert plane.pki.joinpath("admin-token").read_text().strip() not in plane.log.read_text()
+
+
+def test_bad_bodies_at_the_host_endpoints(plane: Plane) -> None:
+    with plane.client(None) as c:
+        r = c.post("/v1/join", content=b"{" + b" " * (80 << 10) + b"}")
+        assert r.status_code == 400 and "too large" in r.json()["message"]
+        r = c.post("/v1/join", content=b"[1, 2]")
+        assert r.status_code == 400 and "JSON object" in r.json()["message"]
+        r = c.post("/v1/join", json={"token": 5, "name": "x", "csr": "", "address": "1.2.3.4:5"})
+        assert r.status_code == 400 and "bad join token" in r.json()["message"]
+    with plane.client(Credentials(plane.agent_home / "pki")) as c:
+        r = c.post("/v1/hosts/a1/heartbeat", content=b"not json")
+        assert r.status_code == 400 and "not JSON" in r.json()["message"]
+        r = c.post("/v1/hosts/a1/heartbeat", json={"vms": "all"})
+        assert r.status_code == 400 and "vms must be a list" in r.json()["message"]
+    assert "Traceback" not in plane.log.read_text()
+
+
+def test_a_removed_host_is_revoked(plane: Plane) -> None:
+    """Last in this module: it revokes a1."""
+    host = Credentials(plane.agent_home / "pki")
+    with plane.client(host) as c:
+        assert c.post("/v1/hosts/a1/heartbeat", json={"vms": []}).status_code == 200  # control
+    out = json.loads(plane.cli("host", "rm", "a1", "--json").stdout)
+    assert out["removed"] == ["a1"] and len(out["revoked"]) == 1
+    assert plane.log_has("revoked", timeout=10)
+    assert plane.log_has("certificate revoked", timeout=15), "the agent's next heartbeat is refused"
+    time.sleep(2)
+    hosts = json.loads(plane.cli("host", "list", "--json").stdout)
+    assert hosts == [], "the revoked agent could not register again"
+    with pytest.raises(httpx.HTTPError), plane.client(host) as c:
+        c.get("/v1/templates/any/kernel")
