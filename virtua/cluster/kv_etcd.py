@@ -112,6 +112,7 @@ class EtcdKV:
         self.endpoints = parse_endpoints(urls)
         self.timeout = timeout
         self.client = _Client(self.endpoints, tls, timeout)
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run one RPC with a deadline. A member that drops the connection makes gRPC move
@@ -244,12 +245,14 @@ class EtcdKV:
         except aetcd.exceptions.ClientError as e:
             raise Unavailable(f"etcd at {self.urls}: watch {prefix} ended: {e}") from e
         finally:
+            # Closing must never hang the closer (aetcd's cancel can wait on its stream):
+            # the cancellation runs on its own, bounded.
             cancel = getattr(it, "cancel", None)
             if cancel is not None:
-                try:
-                    await asyncio.wait_for(cancel(), 2)
-                except Exception:
-                    pass
+                task = asyncio.get_running_loop().create_task(asyncio.wait_for(cancel(), 2))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
         try:
