@@ -33,7 +33,6 @@ from virtua.cluster.kv_etcd import EtcdKV, parse_endpoints
 from virtua.cluster.kv_sqlite import SQLiteKV
 from virtua.errors import InvalidArgument, Unavailable
 
-
 # gRPC (under aetcd) binds to the first event loop it sees: one loop for every test here.
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -228,7 +227,7 @@ async def test_sqlite_state_and_leases_survive_a_restart(tmp_path: Path) -> None
         await s2.close()
 
 
-def test_endpoints_are_checked() -> None:
+async def test_endpoints_are_checked() -> None:
     assert parse_endpoints("http://10.0.0.1:2379, https://h2:2380") == [("10.0.0.1", 2379), ("h2", 2380)]
     for bad in ("", "http://nohost", "http://h:port", ","):
         with pytest.raises(InvalidArgument):
