@@ -64,14 +64,6 @@ class ReadOnly(VirtuaError):
     errno = errno.EPERM
 
 
-class PermissionDenied(VirtuaError):
-    """The caller may not do this (not an administrator, or a path it may not name)."""
-
-    exit_code = 11
-    http_status = 403
-    errno = errno.EACCES
-
-
 class Busy(VirtuaError):
     """Another process or operation holds what this one needs."""
 
@@ -109,6 +101,12 @@ class Forbidden(VirtuaError):
     exit_code = 12
     http_status = 403
     errno = errno.EPERM
+
+
+class PermissionDenied(Forbidden):
+    """The caller may not do this (not an administrator, or a path it may not name)."""
+
+    errno = errno.EACCES
 
 
 ERROR_TYPES: dict[str, type[VirtuaError]] = {

@@ -37,7 +37,7 @@ def test_usage_errors_are_one_line(v: V, tmp_path: Path) -> None:
     one_line(v, 2, "volume", "create", "p/x", "--size", "1M", "--bogus", match="--bogus")
     one_line(v, 2, "pool", "create", "p", "--path", str(a_file), match="is not a directory")
     one_line(v, 3, "serve", "--tls", "on", "--tls-psk", str(tmp_path / "missing.psk"), match="no such file")
-    one_line(v, 2, "serve", "--tls-psk", str(a_file), match="--tls is off")
+    one_line(v, 2, "serve", "--tls-psk", str(a_file), match="--tls is auto")
     one_line(v, 3, "volume", "import", str(tmp_path / "missing.img"), "p/x", match="no such file")
 
 

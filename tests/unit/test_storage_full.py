@@ -105,13 +105,13 @@ def test_a_full_file_system_never_wedges_a_pool(small_fs: Path, tmp_path: Path) 
         c.write(0, b"g" * MIB)
         assert c.read(0, MIB) == b"g" * MIB
         c.disconnect()
-        v.ok("volume", "rm", "t/a")
+        v.ok("volume", "rm", "t/a", "--now")
         v.ok("volume", "create", "t/b", "--size", "256M")
         assert fill(v.port, "t/b") >= 32 * MIB
         v.kill()  # full, and killed: offline now
         check = v.ok("pool", "check", "t", "--repair")
         assert check["ok"], check  # type: ignore[index]
-        v.ok("volume", "rm", "t/b")
+        v.ok("volume", "rm", "t/b", "--now")
         # an offline import that does not fit: exit 6, one line, and its volume is gone
         src = tmp_path / "big.raw"
         with open(src, "wb") as f:

@@ -53,9 +53,10 @@ def serve_cmd(
     for flag, path in given.items():
         if path is not None and not Path(path).is_file():
             raise NotFound(f"{flag} {path}: no such file")
-    if tls == "off" and any(given.values()):
+    if tls in ("off", "auto") and any(given.values()):
+        # auto uses the cluster CA's certificates; files of one's own need on or require
         flags = ", ".join(f for f, p in given.items() if p)
-        raise InvalidArgument(f"{flags} given but --tls is off: add --tls on (offer TLS) or --tls require")
+        raise InvalidArgument(f"{flags} given but --tls is {tls}: add --tls on (offer TLS) or --tls require")
     if tls in ("on", "require") and not ((tls_cert and tls_key) or tls_psk):
         raise InvalidArgument("--tls on/require needs --tls-cert and --tls-key, or --tls-psk")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
