@@ -5,7 +5,9 @@ Invariants (docs/storage.md explains them):
 - A committed extent row never points at data that is not durable: flush() runs
   fdatasync on the data file before it commits the rows written since the last flush.
 - A chunk freed since the last commit is not reused until that commit is durable, and a
-  free chunk is hole-punched, so a newly allocated chunk always reads as zeros.
+  free chunk is hole-punched, so a newly allocated chunk always reads as zeros. On open,
+  the data file is cut at the committed high-water mark and free chunks are wiped again:
+  no write a crash left uncommitted can reach another volume.
 - A frozen layer (one a snapshot refers to, or one with children) is never written.
 """
 
