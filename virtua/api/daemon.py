@@ -31,6 +31,7 @@ from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
 from virtua.errors import Busy, InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
+from virtua.procs import stop_process_group
 from virtua.storage.device import BlockDevice
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -230,10 +231,14 @@ _STATE_SLACK = 64 << 20
 
 
 def caller_is_admin(request: Request) -> bool:
-    """Whether the caller is an administrator: for now whoever reaches the unix socket
-    (uvicorn reports no port for it); authenticated identities over TCP come later."""
+    """Whether the caller is an administrator: whoever reaches the unix socket (uvicorn
+    reports no port for it), or a TCP caller the AuthMiddleware authenticated as one (the
+    admin certificate or the admin token: virtua.api.auth.Caller.admin)."""
     server = request.scope.get("server")
-    return server is not None and server[1] is None
+    if server is not None and server[1] is None:
+        return True
+    caller = getattr(request.state, "virtua_caller", None)
+    return caller is not None and caller.admin is True
 
 
 def build_api(storage: Storage, manager: Any = None) -> Any:
@@ -392,6 +397,23 @@ def _bind_tcp(listen: str) -> socket.socket:
     return s
 
 
+def _check_free(listen: str | None) -> None:
+    """Refuse a TCP address already in use before anything is created (a CA, a pool lock)."""
+    if not listen:
+        return
+    host, port = parse_listen(listen)
+    if port == 0:
+        return
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        raise _listen_error(listen, e) from e
+    finally:
+        probe.close()
+
+
 def _listen_error(listen: str, e: OSError) -> VirtuaError:
     import errno
 
@@ -416,7 +438,8 @@ def _bind_unix(path: Path) -> socket.socket:
 
 
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
-    """Start `virtua agent` for this machine unless one already runs; it outlives us.
+    """Start `virtua agent` for this machine unless one already runs (then None); serve
+    stops the one it started when it stops, and the VMs (own sessions) keep running.
     It joins like any other host, with a one-time token in a 0600 file."""
     import subprocess
     import sys
@@ -428,8 +451,8 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: 
         pid = int(pidfile.read_text())
         os.kill(pid, 0)
         if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            log.info("local agent already running (pid %d)", pid)
-            return pid
+            log.info("local agent already running (pid %d); it is not ours to stop", pid)
+            return None
     except (OSError, ValueError):
         pass
     logf = open(agent_home / "agent.log", "ab")
@@ -465,6 +488,8 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.nbd.tls import TLSConfig
     from virtua.pki.ca import ClusterCA
 
+    _check_free(cfg.listen)
+    _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
     api_host, api_port = parse_listen(cfg.api_listen)
@@ -555,8 +580,9 @@ async def serve(cfg: ServeConfig) -> None:
         asyncio.create_task(uv_local.serve(sockets=[_bind_unix(cfg.api_socket)])),
         asyncio.create_task(uv_tcp.serve(sockets=[_bind_tcp(cfg.api_listen)])),
     ]
+    agent_pid: int | None = None
     if cfg.local_agent:
-        start_local_agent(cfg, advertise, api_port, manager)
+        agent_pid = start_local_agent(cfg, advertise, api_port, manager)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -576,6 +602,8 @@ async def serve(cfg: ServeConfig) -> None:
         await stop.wait()
     finally:
         log.info("virtua serve: stopping")
+        if agent_pid is not None:  # the agent we started goes with us (its VMs keep running)
+            stop_process_group(agent_pid, "the local agent", log)
         await nbd.close()  # in-flight requests finish, devices flush
         await admin_nbd.close()
         for uv in servers:

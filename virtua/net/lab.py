@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtua.errors import InvalidArgument, Unavailable
+from virtua.procs import stop_process_group
+
+log = logging.getLogger("virtua.lab")
 
 
 def sh(*cmd: str, check: bool = True, ns: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -82,6 +86,11 @@ class Lab:
             sh("ip", "route", "add", "default", "via", self.gateway, ns=ns)
 
     def destroy(self) -> None:
+        for h in self.names():  # nothing of the lab outlives it: agents, guests, etcd
+            r = subprocess.run(["ip", "netns", "pids", self.ns(h)], capture_output=True, text=True)
+            for pid in r.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
         for i, h in enumerate(self.names(), 1):
             # the outside end explicitly: a namespace lingers while a process still runs in it
             sh("ip", "link", "del", f"{self.tag}o{i}", check=False)
@@ -121,8 +130,8 @@ class Lab:
     @staticmethod
     def stop_agents(home: Path) -> None:
         for pidfile in home.glob("h*/agent.pid"):
-            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-                os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+            with contextlib.suppress(ValueError):
+                stop_process_group(int(pidfile.read_text()), f"agent {pidfile.parent.name}", log)
             pidfile.unlink(missing_ok=True)
             # the lab's VMs go with it: they would lose their network anyway
             for qpid in (pidfile.parent / "vms").glob("*/qemu.pid"):

@@ -1,0 +1,52 @@
+"""Stopping the processes virtua starts (agents, servers): politely, then for sure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+
+def stop_process_group(pid: int, what: str, log: logging.Logger, timeout: float = 5.0) -> bool:
+    """SIGTERM the process group led by pid, SIGKILL it after `timeout`; True if it is gone.
+    A process that was never ours (no such group) counts as gone."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        log.warning("cannot stop %s (pid %d): not ours", what, pid)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            log.info("stopped %s (pid %d)", what, pid)
+            return True
+        time.sleep(0.05)
+    log.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing it", what, pid, timeout)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    for _ in range(100):
+        if not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b")")[-1].split()[0] != b"Z"
+    except OSError:
+        return False
