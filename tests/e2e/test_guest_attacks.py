@@ -1,8 +1,9 @@
 """Attacks on the hosts from inside real guests (issue 11): from a busybox guest of VC `va`,
 with `nc` and hand-written HTTP and NBD bytes, the manager's API, the NBD server, every
 agent's API, ssh and etcd ports; each must fail at the network level. Positive controls
-make each check able to fail: the same bytes from a host namespace get their answer, and
-the same guest still reaches its VC peers. Egress: `none` reaches no other network, `nat`
+make each check able to fail: the same requests from a host namespace get their answer
+(over TLS with the administrator's certificate where the port speaks only TLS: the API
+ports), and the same guest still reaches its VC peers. Egress: `none` reaches no other network, `nat`
 reaches one behind its host's address, `routed` with its own, all without the hosts."""
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Probe:
     payload: bytes = b""
     control: bytes | None = None  # what a host sends instead, where the attack itself would do harm
     wait: int = 6  # seconds for the whole exchange (a server that keeps the line open is cut)
+    tls: bool = False  # the port speaks only TLS: the host's control uses the admin's certificate
 
     @property
     def control_payload(self) -> bytes:
@@ -118,27 +120,40 @@ def reached(got: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, bytes]]:
 
 
 # The same bytes from a host's namespace; reads until the server closes or `wait` passes.
+# With a credentials directory (argv[4]) over TLS: the server verified against the cluster
+# CA (and its name), the client presenting that directory's certificate.
 CLIENT = """
-import socket, sys
+import socket, ssl, sys
 addr, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+creds = sys.argv[4] if len(sys.argv) > 4 else None
 out = b""
 try:
     with socket.create_connection((addr, port), timeout=3) as s:
+        if creds:
+            ctx = ssl.create_default_context(cafile=creds + "/ca-cert.pem")
+            ctx.load_cert_chain(creds + "/client-cert.pem", creds + "/client-key.pem")
+            s = ctx.wrap_socket(s, server_hostname=addr)
         s.settimeout(wait)
         s.sendall(sys.stdin.buffer.read())
         while chunk := s.recv(65536):
             out += chunk
-except OSError:
-    pass
+except OSError as e:
+    print(repr(e), file=sys.stderr)
 sys.stdout.buffer.write(out)
 """
 
 
-def from_host(c: NetCluster, host: str, p: Probe) -> bytes:
-    """The probe's (control) bytes, from a host's namespace."""
+def host_exchange(c: NetCluster, host: str, p: Probe) -> tuple[bytes, str]:
+    """The probe's (control) bytes, from a host's namespace (over TLS with the admin's
+    certificate for a TLS port): (what came back, the client's error if any)."""
+    creds = [str(c.home / "pki" / "admin")] if p.tls else []
     r = subprocess.run(["ip", "netns", "exec", c.ns[host], sys.executable, "-c", CLIENT, p.address, str(p.port),
-                        str(p.wait)], input=p.control_payload, capture_output=True, timeout=60)
-    return r.stdout
+                        str(p.wait), *creds], input=p.control_payload, capture_output=True, timeout=60)
+    return r.stdout, r.stderr.decode(errors="replace").strip()
+
+
+def from_host(c: NetCluster, host: str, p: Probe) -> bytes:
+    return host_exchange(c, host, p)[0]
 
 
 def responder(ns: str, *ports: int) -> subprocess.Popen[str]:
@@ -207,16 +222,18 @@ def attacks(lab: AttackLab, guest_vc: str) -> tuple[list[Probe], dict[str, str]]
     own_host = lab.node(guest_vc)["host"]
     harmless = http("POST", "/v1/ops/vc.info", {"name": "vb"})
     probes = [
-        Probe("api volume.list", m, 8780, http("POST", "/v1/ops/volume.list", {})),
-        Probe("api volume.rm vb-1", m, 8780, http("POST", "/v1/ops/volume.rm", {"ref": vb1["disk"]}), harmless),
-        Probe("api vc.destroy vb", m, 8780, http("POST", "/v1/ops/vc.destroy", {"name": "vb", "force": True}), harmless),
+        Probe("api volume.list", m, 8780, http("POST", "/v1/ops/volume.list", {}), tls=True),
+        Probe("api volume.rm vb-1", m, 8780, http("POST", "/v1/ops/volume.rm", {"ref": vb1["disk"]}), harmless,
+              tls=True),
+        Probe("api vc.destroy vb", m, 8780, http("POST", "/v1/ops/vc.destroy", {"name": "vb", "force": True}), harmless,
+              tls=True),
         Probe("nbd OPT_LIST", m, 10809, nbd_opt(3)),
         Probe("nbd open vb-1", m, 10809, nbd_opt(1, vb1["disk"].encode())),
     ]
     for h in c.hosts:
         exec_in_vb1 = {"id": "vb/vb-1", "script": "echo pwned > /tmp/pwned", "timeout": 5}
         probes.append(Probe(f"agent {h} vm exec vb-1", c.addr[h], 8781, http("POST", "/v1/vm/exec", exec_in_vb1),
-                            http("POST", "/v1/vm/exec", {**exec_in_vb1, "script": "hostname"}), wait=20))
+                            http("POST", "/v1/vm/exec", {**exec_in_vb1, "script": "hostname"}), wait=20, tls=True))
         probes += [Probe(f"port {port} on {h}", c.addr[h], port) for port in STAND_INS]
     probes += [Probe(f"port {port} on its gateway", gw, port) for port in STAND_INS]
     # a control from another host crosses the network as the attack would; the gateway's
@@ -242,14 +259,22 @@ def test_guest_reaches_nothing_of_the_hosts(lab: AttackLab) -> None:
     assert vb1["disk"] in [v["name"] for v in c.json("volume", "list")]
     assert c.exec("vb/vb-1", "cat /root/secret; test -e /tmp/pwned && echo pwned; true").split() == ["vb-secret"]
 
-    # positive control: every port is open and answers from a host namespace
+    # positive control: every port is open and answers from a host namespace (the API
+    # ports speak only TLS: there the administrator's certificate gets a real answer)
     with ThreadPoolExecutor(len(probes)) as pool:
-        answers = dict(zip([p.name for p in probes], pool.map(lambda p: from_host(c, control[p.name], p), probes),
-                           strict=True))
-    silent = [name for name, data in answers.items() if not data]
-    assert silent == [], f"no answer from a host namespace either (the check would be vacuous): {silent}"
-    assert b"HTTP/1.1 200" in answers["api volume.list"] and vb1["disk"].encode() in answers["api volume.list"]
+        exchanges = dict(zip([p.name for p in probes],
+                             pool.map(lambda p: host_exchange(c, control[p.name], p), probes), strict=True))
+    answers = {name: data for name, (data, _) in exchanges.items()}
+    silent = {name: error for name, (data, error) in exchanges.items() if not data}
+    assert silent == {}, f"no answer from a host namespace either (the check would be vacuous): {silent}"
+    for p in probes:
+        if p.tls:  # the TLS handshake and the request went through, and the request was authorized
+            status = answers[p.name].split(b"\r\n", 1)[0]
+            assert status.startswith(b"HTTP/1.1 ") and status.split()[1] not in (b"401", b"403"), (p.name, status)
+    assert answers["api volume.list"].startswith(b"HTTP/1.1 200") and vb1["disk"].encode() in answers["api volume.list"]
+    assert answers["api volume.rm vb-1"].startswith(b"HTTP/1.1 200") and b'"vb"' in answers["api volume.rm vb-1"]
     assert answers["nbd OPT_LIST"].startswith(NBD_MAGIC) and answers["nbd open vb-1"].startswith(NBD_MAGIC)
+    assert answers[f"agent {vb1['host']} vm exec vb-1"].startswith(b"HTTP/1.1 200")
     assert b"vb-1" in answers[f"agent {vb1['host']} vm exec vb-1"]
     for p in probes:
         if p.port in STAND_INS:

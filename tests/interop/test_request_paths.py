@@ -1,5 +1,6 @@
 """Paths from requests, against a real `virtua serve`: `template import` reads only files
-under the import directory and only for an administrator (the unix-socket caller); names
+under the import directory and only for an administrator (the unix-socket caller, or the
+admin certificate or token over TLS); names
 that build paths refuse traversal; templates and snapshots are read-only to NBD clients
 (libnbd and qemu-io), while a clone of them is writable."""
 
@@ -10,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from virtua.pki.ca import ClusterCA
+from virtua.pki.credentials import Credentials
+from virtua.pki.files import write_private
 
 pytestmark = pytest.mark.interop
 
@@ -56,13 +62,41 @@ class Daemon:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
-    def tcp_op(self, op: str, **args: object) -> httpx.Response:
-        """The same operation from a TCP client (not an administrator today)."""
-        return httpx.post(f"http://127.0.0.1:{self.api_port}/v1/ops/{op}", json=args, timeout=30)
+    @property
+    def pki(self) -> Path:
+        return self.home / "pki"
 
-    def raw_http(self, request: str) -> str:
-        """Bytes as written, so no client normalises the path first."""
-        with socket.create_connection(("127.0.0.1", self.api_port), timeout=10) as s:
+    def tls_context(self, creds: Credentials | None) -> ssl.SSLContext:
+        """Verifies the manager against the cluster CA; presents creds' certificate if any."""
+        return creds.client_context() if creds else ssl.create_default_context(cafile=str(self.pki / "ca-cert.pem"))
+
+    def tcp_op(self, op: str, creds: Credentials | None = None, token: str | None = None,
+               **args: object) -> httpx.Response:
+        """The same operation from a TCP client (TLS; with creds' certificate, or the bearer token)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.post(f"https://127.0.0.1:{self.api_port}/v1/ops/{op}", json=args, headers=headers,
+                          verify=self.tls_context(creds), timeout=30)
+
+    def host_credentials(self, tmp: Path, name: str) -> Credentials:
+        """A host (agent) identity of the cluster CA, as a joined agent holds one."""
+        cert, key = ClusterCA.ensure(self.pki, manager_sans=[]).issue("host", name)
+        c = Credentials(tmp)
+        write_private(c.ca, (self.pki / "ca-cert.pem").read_bytes())
+        write_private(c.cert, cert)
+        write_private(c.key, key)
+        return c
+
+    def raw_http(self, request: str, over: str) -> str:
+        """Bytes as written, so no client normalises the path first: over the unix socket
+        ("unix") or over TLS with the admin certificate ("tls")."""
+        if over == "unix":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(self.home / "virtua.sock"))
+        else:
+            raw = socket.create_connection(("127.0.0.1", self.api_port), timeout=10)
+            s = self.tls_context(Credentials(self.pki / "admin")).wrap_socket(raw, server_hostname="127.0.0.1")
+        with s:
             s.sendall(request.encode())
             out = b""
             while chunk := s.recv(65536):
@@ -109,19 +143,19 @@ def nothing_imported(d: Daemon) -> None:
 
 def test_import_of_a_host_file_outside_the_import_dir_is_refused(daemon: Daemon, tmp_path: Path) -> None:
     d = daemon
-    refused(d.cli("template", "import", "leak", "/etc/shadow", "--kernel", "vmlinuz"), 11,
+    refused(d.cli("template", "import", "leak", "/etc/shadow", "--kernel", "vmlinuz"), 12,
             f"image '/etc/shadow' is not under the import directory {d.import_dir}")
-    refused(d.cli("template", "import", "leak", "../../../../etc/shadow", "--kernel", "vmlinuz"), 11,
+    refused(d.cli("template", "import", "leak", "../../../../etc/shadow", "--kernel", "vmlinuz"), 12,
             "is not under the import directory")
-    refused(d.cli("template", "import", "leak", "root.raw", "--kernel", "/etc/shadow"), 11,
+    refused(d.cli("template", "import", "leak", "root.raw", "--kernel", "/etc/shadow"), 12,
             "kernel '/etc/shadow' is not under the import directory")
-    refused(d.cli("template", "import", "leak", "root.raw", "--kernel", "vmlinuz", "--initrd", "../manager.db"), 11,
+    refused(d.cli("template", "import", "leak", "root.raw", "--kernel", "vmlinuz", "--initrd", "../manager.db"), 12,
             "initrd '../manager.db' is not under the import directory")
     # a symlink inside the import directory that leads out of it
     link = d.import_dir / "innocent.raw"
     link.symlink_to("/etc/shadow")
     try:
-        refused(d.cli("template", "import", "leak", "innocent.raw", "--kernel", "vmlinuz"), 11,
+        refused(d.cli("template", "import", "leak", "innocent.raw", "--kernel", "vmlinuz"), 12,
                 "is not under the import directory")
     finally:
         link.unlink()
@@ -130,17 +164,37 @@ def test_import_of_a_host_file_outside_the_import_dir_is_refused(daemon: Daemon,
     nothing_imported(d)
 
 
-def test_only_an_administrator_may_import(daemon: Daemon) -> None:
+def test_only_an_administrator_may_import(daemon: Daemon, tmp_path: Path) -> None:
     d = daemon
-    r = d.tcp_op("template.import", name="leak", image="root.raw", kernel="vmlinuz")
+    args = {"name": "leak", "image": "root.raw", "kernel": "vmlinuz"}
+    # no certificate over TCP: not authenticated
+    r = d.tcp_op("template.import", **args)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"] == "Unauthenticated" and "client certificate" in r.json()["message"], r.text
+    # a host (agent) identity of the cluster CA is authenticated but no administrator
+    host = d.host_credentials(tmp_path / "h9", "h9")
+    r = d.tcp_op("template.import", host, **args)
     assert r.status_code == 403, r.text
-    assert r.json() == {"error": "PermissionDenied",
-                        "message": "image 'root.raw': only an administrator may import host files"}
+    assert r.json()["error"] == "Forbidden" and "admin operations need the admin certificate" in r.json()["message"]
     # the caller cannot claim to be one
-    r = d.tcp_op("template.import", name="leak", image="root.raw", kernel="vmlinuz", caller_is_admin=True)
+    r = d.tcp_op("template.import", host, **args, caller_is_admin=True)
+    assert r.status_code == 403, r.text
+    r = d.tcp_op("template.import", Credentials(d.pki / "admin"), **args, caller_is_admin=True)
     assert r.status_code == 400 and "caller_is_admin is not an argument" in r.json()["message"], r.text
     nothing_imported(d)
-    assert "refused image 'root.raw': the caller is not an administrator" in (d.home / "serve.log").read_text()
+    log = (d.home / "serve.log").read_text()
+    assert "refused POST /v1/ops/template.import from 127.0.0.1:" in log
+    assert "(no certificate)" in log and "(host h9, serial" in log
+    # the positive controls: the admin certificate and the admin token over TLS import host files
+    r = d.tcp_op("template.import", Credentials(d.pki / "admin"), name="by-cert", image="root.raw", kernel="vmlinuz")
+    assert r.status_code == 200, r.text
+    token = (d.pki / "admin-token").read_text().strip()
+    r = d.tcp_op("template.import", token=token, name="by-token", image="root.raw", kernel="vmlinuz")
+    assert r.status_code == 200, r.text
+    assert sorted(t["name"] for t in d.json("template", "list")) == ["by-cert", "by-token"]  # type: ignore[union-attr]
+    d.json("template", "rm", "by-cert")
+    d.json("template", "rm", "by-token")
+    nothing_imported(d)
 
 
 @pytest.mark.parametrize(
@@ -154,9 +208,13 @@ def test_only_an_administrator_may_import(daemon: Daemon) -> None:
     ],
 )
 def test_names_that_build_paths_refuse_traversal(daemon: Daemon, request_line: str, message: str) -> None:
-    reply = daemon.raw_http(f"{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-    assert reply.startswith("HTTP/1.1 400"), reply
-    assert message in reply, reply
+    # an administrator's request (the unix socket, the admin certificate over TLS): the
+    # name itself is refused, not the caller
+    for over in ("unix", "tls"):
+        reply = daemon.raw_http(
+            f"{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", over)
+        assert reply.startswith("HTTP/1.1 400"), (over, reply)
+        assert message in reply, (over, reply)
     assert not (daemon.home / "vmstate").exists(), "nothing written for a refused name"
 
 

@@ -104,6 +104,10 @@ MALFORMED_BODIES: list[tuple[str, bytes, str]] = [
 ]
 
 
+# arguments of an operation's model that come from the transport, never from the body
+TRANSPORT_ARGUMENTS = frozenset({"caller_is_admin"})
+
+
 def wrong_value(annotation: Any) -> Any:
     """A JSON value of a type `annotation` does not take."""
     return "yes" if "true or false" in type_name(annotation) else True
@@ -118,7 +122,9 @@ def operation_cases() -> list[tuple[str, str, bytes, str]]:
         for arg, field in model.model_fields.items():
             value = wrong_value(field.annotation)
             body = httpx.Request("POST", "/", json={arg: value}).content
-            cases.append((name, f"{arg}={value!r}", body, f"argument '{arg}' should be"))
+            # the transport supplies these (who is calling): a request naming one is refused by name
+            msg = f"{arg} is not an argument" if arg in TRANSPORT_ARGUMENTS else f"argument '{arg}' should be"
+            cases.append((name, f"{arg}={value!r}", body, msg))
     return cases
 
 
@@ -134,6 +140,7 @@ def check_error(r: httpx.Response, status: int, error: str, message: str) -> Non
 
 def test_every_operation_refuses_every_malformed_body(daemon: Daemon) -> None:
     assert len(OP_CASES) > 500 and {"volume.create", "vc.create", "vm.exec", "host.add"} <= set(ops.operation_names())
+    assert any(n == "template.import" and w.startswith("caller_is_admin=") for n, w, _, _ in OP_CASES)
     before = daemon.state()
     for name, what, body, msg in OP_CASES:
         r = daemon.http.post(f"/v1/ops/{name}", content=body)
@@ -285,12 +292,37 @@ def test_unexpected_exception_is_logged_and_answered_in_the_tree_shape(caplog: p
     assert any("internal error in GET /boom" in rec.getMessage() and rec.exc_info for rec in caplog.records)
 
 
+# what ssl.SSLObject.getpeercert() gives for the manager's certificate of the cluster CA
+MANAGER_PEERCERT = {
+    "subject": ((("organizationalUnitName", "manager"),), (("commonName", "virtua-manager"),)),
+    "serialNumber": "0A",
+}
+
+
+class AsManager:
+    """The request state virtua.pki.asgi.PeerAwareH11 sets after a TLS handshake with the
+    manager's certificate, for an in-process TestClient (which has no TLS)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "state": {**(scope.get("state") or {}), "virtua_local": False,
+                                        "virtua_peercert": MANAGER_PEERCERT}}
+        await self.app(scope, receive, send)
+
+
 def test_agent_api_refuses_malformed_bodies(tmp_path: Path) -> None:
     from virtua.cluster.agent import Agent, AgentConfig, build_agent_api
 
-    agent = Agent(AgentConfig(name="h", listen="127.0.0.1:1", manager="http://127.0.0.1:1", home=tmp_path,
+    agent = Agent(AgentConfig(name="h", listen="127.0.0.1:1", manager="https://127.0.0.1:1", home=tmp_path,
                               memory_mb=512, network=False))
-    client = TestClient(build_agent_api(agent), raise_server_exceptions=False)
+    app = build_agent_api(agent)
+    # without a client certificate the agent answers nothing else
+    bare = TestClient(app, raise_server_exceptions=False)
+    check_error(bare.post("/v1/vm/stop", content=b"nope"), 401, "Unauthenticated", "a client certificate")
+    client = TestClient(AsManager(app), raise_server_exceptions=False)
     cases = [
         ("/v1/vm/stop", b"nope", "not JSON"),
         ("/v1/vm/stop", b"[]", "must be a JSON object"),

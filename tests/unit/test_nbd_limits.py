@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from virtua.nbd import proto as P
 from virtua.nbd.client import NBDClient, NBDError
 from virtua.nbd.exports import DirectoryProvider
 from virtua.nbd.testing import ServerThread
+from virtua.pki.credentials import Credentials
 from virtua.storage.device import FileDevice
 
 FLOOD = 1000
@@ -229,20 +231,43 @@ def test_handshake_timeout_and_per_source_limit_are_configurable(serve: type[Ser
         c.disconnect()
 
 
+def closed_within(sock: socket.socket, limit: float) -> float:
+    """Seconds until the server closes `sock`, which sends nothing (at most `limit`)."""
+    sock.settimeout(limit)
+    t0 = time.monotonic()
+    with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+        try:
+            assert sock.recv(1) == b"", "the server spoke first"
+        except TimeoutError:
+            raise AssertionError(f"an idle connection was still open after {limit} s") from None
+    return time.monotonic() - t0
+
+
 def test_api_tcp_listener_drops_idle_connections_and_limits_a_source(serve: type[Serve]) -> None:
+    """The API's TCP listener speaks TLS only; the limits count a connection from its TCP
+    accept, before the TLS handshake: idle connections that never send a ClientHello are
+    dropped after the handshake timeout, like requests that drip in after it."""
     srv = serve("--handshake-timeout", "1", "--max-connections-per-source", "8")
+    admin = Credentials(srv.home / "pki" / "admin").check()
+    base = f"https://127.0.0.1:{srv.api_port}"
     socks = flood(srv.api_port)
     drip = None
     try:
         time.sleep(0.5)
-        r = httpx.get(f"http://127.0.0.1:{srv.api_port}/v1/status", timeout=5)
+        with httpx.Client(verify=admin.client_context(), timeout=5) as http:
+            r = http.get(f"{base}/v1/status")
         assert r.status_code == 200 and r.json()["pid"] == srv.proc.pid
-        cli = subprocess.run([sys.executable, "-m", "virtua.cli", "volume", "list", "--json"], env=srv.env,
-                             capture_output=True, text=True, timeout=60)
+        cli = subprocess.run([sys.executable, "-m", "virtua.cli", "--api", base, "--cert", str(admin.dir),
+                              "volume", "list", "--json"], env=srv.env, capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0 and "p/d" in cli.stdout, cli.stderr
-        # slow headers: a byte every 0.3 s never finishes a request
-        drip = socket.create_connection(("127.0.0.1", srv.api_port), source_address=(OTHER, 0), timeout=10)
+        # a raw TCP connection that never starts its TLS handshake: dropped after the
+        # handshake timeout (about a second), not kept for as long as TLS would wait
+        with socket.create_connection(("127.0.0.1", srv.api_port), source_address=(OTHER, 0)) as idle:
+            assert closed_within(idle, 8) < 5
+        # slow headers over TLS: a byte every 0.3 s never finishes a request
+        raw = socket.create_connection(("127.0.0.1", srv.api_port), source_address=(OTHER, 0), timeout=10)
         t0 = time.monotonic()
+        drip = admin.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
         dropped = False
         for byte in b"GET /v1/status HTTP/1.1\r\nHost: x\r\n":
             try:
@@ -256,14 +281,15 @@ def test_api_tcp_listener_drops_idle_connections_and_limits_a_source(serve: type
         if not dropped:
             try:
                 dropped = drip.recv(1) == b""
-            except ConnectionResetError:
+            except OSError:  # reset, or TLS cut off without its close_notify
                 dropped = True
         assert dropped, "a request dripping in byte by byte was never cut off"
         assert time.monotonic() - t0 < 5
         # the flood's admitted connections are gone after the timeout: the source may connect again
         time.sleep(0.5)
-        with httpx.Client(transport=httpx.HTTPTransport(local_address=FLOODER), timeout=5) as http:
-            assert http.get(f"http://127.0.0.1:{srv.api_port}/v1/status").status_code == 200
+        transport = httpx.HTTPTransport(local_address=FLOODER, verify=admin.client_context())
+        with httpx.Client(transport=transport, timeout=5) as http:
+            assert http.get(f"{base}/v1/status").status_code == 200
     finally:
         close_all(socks)
         if drip is not None:
@@ -344,27 +370,36 @@ def test_server_faults_are_logged_and_drop_only_that_connection(tmp_path: Path,
     assert any("internal error on export 'disk.img'" in r.getMessage() for r in caplog.records)
 
 
-def test_agent_api_limits_a_source(tmp_path: Path) -> None:
+def test_agent_api_limits_a_source(serve: type[Serve], tmp_path: Path) -> None:
+    """A joined agent's API (mTLS, the manager's or the admin's certificate): one source's
+    flood of unfinished TCP connections is refused past its limit, others are served."""
+    srv = serve()
+    admin = Credentials(srv.home / "pki" / "admin").check()
+    token = tmp_path / "h1.token"
+    subprocess.run([sys.executable, "-m", "virtua.cli", "host", "join-token", "--ttl", "10m", "--output", str(token)],
+                   env=srv.env, check=True, capture_output=True, timeout=60)
     port = free_port()
-    env = dict(os.environ, VIRTUA_HOME=str(tmp_path / "agent"))
     errpath = tmp_path / "agent.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "virtua.cli", "agent", "--no-network", "--name", "h1", "--listen", f"127.0.0.1:{port}",
-         "--manager", f"http://127.0.0.1:{free_port()}"],
-        env=env, stdout=subprocess.PIPE, stderr=open(errpath, "w"), text=True,
+        [sys.executable, "-m", "virtua.cli", "--home", str(tmp_path / "agent"), "agent", "--no-network",
+         "--name", "h1", "--listen", f"127.0.0.1:{port}", "--manager", f"https://127.0.0.1:{srv.api_port}",
+         "--join-token-file", str(token)],
+        env=srv.env, stdout=subprocess.PIPE, stderr=open(errpath, "w"), text=True,
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("VIRTUA_AGENT_READY"), line + errpath.read_text()
+        base = f"https://127.0.0.1:{port}"
         socks = flood(port)
         try:
             time.sleep(1.0)
-            r = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=5)
+            with httpx.Client(verify=admin.client_context(), timeout=5) as http:
+                r = http.get(f"{base}/v1/health")
             assert r.status_code == 200 and r.json()["name"] == "h1"
-            with pytest.raises(httpx.TransportError):
-                with httpx.Client(transport=httpx.HTTPTransport(local_address=FLOODER), timeout=5) as http:
-                    http.get(f"http://127.0.0.1:{port}/v1/health")
+            transport = httpx.HTTPTransport(local_address=FLOODER, verify=admin.client_context())
+            with pytest.raises(httpx.TransportError), httpx.Client(transport=transport, timeout=5) as http:
+                http.get(f"{base}/v1/health")
         finally:
             close_all(socks)
     finally:

@@ -29,6 +29,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._admitted = False
         self._wait_timer: asyncio.TimerHandle | None = None
+        self._raw: asyncio.BaseTransport | None = None  # the TCP transport, before any TLS is up
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if not self.admission.admit(self, source_of(transport)):
@@ -36,6 +37,7 @@ class GuardedH11Protocol(H11Protocol):
             transport.abort()
             return
         self._admitted = True
+        self._raw = transport
         super().connection_made(transport)
         self._arm()
 
@@ -61,8 +63,14 @@ class GuardedH11Protocol(H11Protocol):
     def drop(self) -> None:
         """The admission drops this unfinished handshake to make room for a newer one."""
         self._disarm()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+        self._abort()
+
+    def _abort(self) -> None:
+        """Abort the connection, also while a TLS handshake (tls_gate) has it and the
+        HTTP transport does not exist yet."""
+        transport = self.transport if self.transport is not None else self._raw
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # type: ignore[attr-defined]
 
     def _arm(self) -> None:
         self._disarm()
@@ -75,8 +83,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _timed_out(self) -> None:
         self._wait_timer = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+        self._abort()
 
 
 def guarded_protocol(admission: Admission) -> type[GuardedH11Protocol]:

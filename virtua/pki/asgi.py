@@ -81,6 +81,8 @@ def tls_gate(context: Callable[[], ssl.SSLContext], name: str) -> type[PeerAware
             where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
             try:
                 await waiter
+                if transport.is_closing():  # aborted under the handshake (the edge's limits)
+                    raise ConnectionAbortedError("dropped before its TLS handshake finished")
             except (ssl.SSLError, OSError, TimeoutError) as e:
                 reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
                 reason = _REASONS.get(reason, reason)
