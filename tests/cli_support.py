@@ -14,9 +14,10 @@ from typing import Any
 VIRTUA = [sys.executable, "-m", "virtua.cli"]
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host now (every test that starts a server uses this one)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

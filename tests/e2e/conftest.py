@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_support import free_port
 from virtua.vmm import GuestArtifacts, VMProcess, ensure_artifacts
 
 REQUIRED_TOOLS = [
@@ -60,11 +61,6 @@ def short_tmp() -> Iterator[Path]:
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NbdServer:

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -21,17 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.cli_support import free_port
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import Credentials
 from virtua.pki.files import write_private
 
 pytestmark = pytest.mark.interop
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Plane:

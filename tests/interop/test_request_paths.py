@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.cli_support import free_port
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import Credentials
 from virtua.pki.files import write_private
@@ -29,11 +30,6 @@ pytestmark = pytest.mark.interop
 
 PATTERN = b"\x5a" * 65536
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Daemon:

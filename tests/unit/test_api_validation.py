@@ -22,18 +22,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from tests.cli_support import free_port
 from virtua.api import ops
 from virtua.cluster.manager import Manager
 from virtua.edge import web
 from virtua.edge.web import MAX_BODY, type_name
 from virtua.errors import InvalidArgument
 from virtua.storage.service import Storage
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Daemon:

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-VIRTUA = [sys.executable, "-m", "virtua.cli"]
-
-
-class V:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-
-    def run(self, *args: str, input: bytes | None = None, ok: bool = True) -> subprocess.CompletedProcess[bytes]:
-        env = dict(os.environ, VIRTUA_HOME=str(self.home), COLUMNS="200")
-        r = subprocess.run([*VIRTUA, *args], capture_output=True, env=env, input=input)
-        if ok:
-            assert r.returncode == 0, r.stderr.decode()
-        return r
-
-    def json(self, *args: str) -> object:
-        return json.loads(self.run(*args, "--json").stdout)
-
-    def fails(self, code: int, *args: str, match: str) -> str:
-        r = self.run(*args, ok=False)
-        err = r.stderr.decode()
-        assert r.returncode == code, (r.returncode, err)
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("virtua: error: "), err
-        assert match in lines[0], err
-        return lines[0]
+from tests.cli_support import V
 
 
 @pytest.fixture

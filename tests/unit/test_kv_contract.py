@@ -8,7 +8,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.cli_support import free_port
 from virtua.cluster.etcd_server import Member, start_member, wait_healthy
 from virtua.cluster.kv import (
     KV,
@@ -37,16 +37,11 @@ from virtua.errors import InvalidArgument, Unavailable
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def etcd_url() -> Iterator[str]:
     d = Path(tempfile.mkdtemp(prefix="vt-etcd-"))
-    me = Member("solo", "127.0.0.1", _free_port(), _free_port())
+    me = Member("solo", "127.0.0.1", free_port(), free_port())
     proc = start_member(me, [me], d, token=uuid.uuid4().hex)
     try:
         wait_healthy(me.client_url)
@@ -235,7 +230,7 @@ async def test_endpoints_are_checked() -> None:
 
 
 async def test_unreachable_etcd_is_a_clear_error_not_a_hang() -> None:
-    s = EtcdKV(f"http://127.0.0.1:{_free_port()}", timeout=1.0)
+    s = EtcdKV(f"http://127.0.0.1:{free_port()}", timeout=1.0)
     t0 = time.monotonic()
     try:
         with pytest.raises(Unavailable, match="etcd at http://127.0.0.1"):
@@ -246,8 +241,8 @@ async def test_unreachable_etcd_is_a_clear_error_not_a_hang() -> None:
 
 
 async def test_three_members_survive_one_loss_and_refuse_without_quorum(tmp_path: Path) -> None:
-    members = [Member(f"m{i}", f"127.0.0.{10 + i}", _free_port(f"127.0.0.{10 + i}"),
-                      _free_port(f"127.0.0.{10 + i}")) for i in (1, 2, 3)]
+    members = [Member(f"m{i}", f"127.0.0.{10 + i}", free_port(f"127.0.0.{10 + i}"),
+                      free_port(f"127.0.0.{10 + i}")) for i in (1, 2, 3)]
     token = uuid.uuid4().hex
     procs = [start_member(m, members, tmp_path / m.name, token) for m in members]
     s = EtcdKV(",".join(m.client_url for m in members), timeout=8.0)  # rides out an election

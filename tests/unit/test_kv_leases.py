@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.cli_support import free_port
 from virtua.cluster.election import Election
 from virtua.cluster.etcd_server import Member, start_member, wait_healthy
 from virtua.cluster.kv import KV, Put
@@ -27,17 +27,12 @@ from virtua.cluster.lease import NodeLease
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session")]
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[list[Member], list[int]]]:
     """Three real etcd members on 127.0.0.21-23; yields them and their pids."""
-    members = [Member(f"m{i}", f"127.0.0.{20 + i}", _free_port(f"127.0.0.{20 + i}"),
-                      _free_port(f"127.0.0.{20 + i}")) for i in (1, 2, 3)]
+    members = [Member(f"m{i}", f"127.0.0.{20 + i}", free_port(f"127.0.0.{20 + i}"),
+                      free_port(f"127.0.0.{20 + i}")) for i in (1, 2, 3)]
     token = uuid.uuid4().hex
     procs = [start_member(m, members, tmp_path / m.name, token) for m in members]
     try:

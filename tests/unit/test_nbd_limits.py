@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.cli_support import free_port
 from virtua.edge.limits import Admission, ConnectionLimits, source_of
 from virtua.errors import InvalidArgument
 from virtua.nbd import proto as P
@@ -36,11 +37,6 @@ FLOOD = 1000
 FLOODER = "127.0.0.2"
 OTHER = "127.0.0.3"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tool(name: str) -> str:

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import virtua.storage.pool as pool_module
+from tests.cli_support import free_port
 from virtua.nbd.client import NBDClient
 from virtua.storage.pool import Pool
 from virtua.storage.volume import VolumeDevice
@@ -88,11 +88,6 @@ def test_a_freed_chunk_whose_wipe_fails_is_never_reused_until_wiped(
     assert pool.check()["stale_bytes"] == 0
     pool.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_cli_check_and_repair_through_virtua_serve(tmp_path: Path) -> None:

@@ -100,6 +100,21 @@ class KV(Protocol):
     async def close(self) -> None: ...
 
 
+class TxnWrites:
+    """put and delete as one-operation transactions, for stores whose primitive is txn()."""
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        raise NotImplementedError
+
+    async def put(self, key: str, value: Doc, lease: int = 0) -> int:
+        return (await self.txn([], [Put(key, value, lease)])).revision
+
+    async def delete(self, key: str) -> int:
+        return (await self.txn([], [Delete(key)])).revision
+
+
 async def put_if(kv: KV, key: str, value: Doc, expected_revision: int, lease: int = 0) -> bool:
     """Compare-and-swap one key: write only if its mod revision is still the one we read
     (0: only if it does not exist yet). False means someone else changed it first."""

@@ -24,8 +24,6 @@ from aetcd import rpc, watcher
 
 from virtua.cluster.kv import (
     Compare,
-    Delete,
-    Doc,
     Entry,
     Event,
     LeaseExpired,
@@ -33,6 +31,7 @@ from virtua.cluster.kv import (
     Op,
     Put,
     TxnResult,
+    TxnWrites,
     decode,
     encode,
 )
@@ -106,7 +105,7 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-class EtcdKV:
+class EtcdKV(TxnWrites):
     def __init__(self, urls: str, tls: EtcdTLS | None = None, timeout: float = CALL_TIMEOUT) -> None:
         self.urls = urls
         self.endpoints = parse_endpoints(urls)
@@ -176,12 +175,6 @@ class EtcdKV:
         return int(r.header.revision)
 
     # ------------------------------------------------------------------ writes
-
-    async def put(self, key: str, value: Doc, lease: int = 0) -> int:
-        return (await self.txn([], [Put(key, value, lease)])).revision
-
-    async def delete(self, key: str) -> int:
-        return (await self.txn([], [Delete(key)])).revision
 
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()

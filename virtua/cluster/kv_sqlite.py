@@ -19,14 +19,13 @@ from pathlib import Path
 
 from virtua.cluster.kv import (
     Compare,
-    Delete,
-    Doc,
     Entry,
     Event,
     LeaseExpired,
     Op,
     Put,
     TxnResult,
+    TxnWrites,
     decode,
     encode,
 )
@@ -51,7 +50,7 @@ class Compacted(InvalidArgument):
     """A watch asked for a revision older than the retained event log."""
 
 
-class SQLiteKV:
+class SQLiteKV(TxnWrites):
     def __init__(self, path: Path) -> None:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -93,12 +92,6 @@ class SQLiteKV:
         return self._rev
 
     # ------------------------------------------------------------------ writes
-
-    async def put(self, key: str, value: Doc, lease: int = 0) -> int:
-        return (await self.txn([], [Put(key, value, lease)])).revision
-
-    async def delete(self, key: str) -> int:
-        return (await self.txn([], [Delete(key)])).revision
 
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()

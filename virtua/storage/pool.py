@@ -1089,24 +1089,26 @@ class Pool:
         snap.name = new
         return snap
 
+    def content(self, volume: str, snapshot: str | None) -> tuple[BlockMap, int]:
+        """The block map and size of volume's head (snapshot None) or of volume@snapshot."""
+        if snapshot is None:
+            vol = self.volume(volume)
+            return self.volume_map(vol), vol.size
+        snap = self.snapshot(volume, snapshot)
+        frozen = self.frozen_map(snap.layer)
+        assert frozen is not None
+        return frozen, snap.size
+
     def copy_volume(self, volume: str, snapshot: str | None, new: str) -> tuple[Volume, int]:
         """A deep, independent copy of volume (or volume@snapshot): only allocated chunks are
         copied (in the kernel where it can), holes and zeros stay unallocated."""
-        if snapshot is None:
-            src = self.volume(volume)
-            m, size = self.volume_map(src), src.size
-        else:
-            snap = self.snapshot(volume, snapshot)
-            frozen = self.frozen_map(snap.layer)
-            assert frozen is not None
-            m, size = frozen, snap.size
+        m, size = self.content(volume, snapshot)
         limit = (size + self.chunk_mask) >> self.chunk_shift
         todo = [(c, p) for c, p in m.items() if p > 0 and c < limit]
         self.reserve(len(todo))
         vol = self.create_volume(new, size)
         sh = self.chunk_shift
         try:
-            self.reserve(len(todo))
             for c, p in todo:
                 q = self.alloc(vol.layer)
                 _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
@@ -1159,14 +1161,7 @@ class Pool:
     def diff(self, volume: str, to: str | None, since: str | None) -> tuple[int, list[tuple[int, int, bool]]]:
         """(size, runs) of what changed from volume@since to volume@to (None: the head):
         (offset, length, is_data); not data means it reads as zeros. since=None: everything."""
-        vol = self.volume(volume)
-        if to is None:
-            m2, size = self.volume_map(vol), vol.size
-        else:
-            s2 = self.snapshot(volume, to)
-            frozen = self.frozen_map(s2.layer)
-            assert frozen is not None
-            m2, size = frozen, s2.size
+        m2, size = self.content(volume, to)
         m1 = None
         if since is not None:
             m1 = self.frozen_map(self.snapshot(volume, since).layer)
