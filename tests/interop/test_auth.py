@@ -22,7 +22,7 @@ import pytest
 
 from tests.cli_support import free_port
 from virtua.pki.ca import ClusterCA
-from virtua.pki.credentials import Credentials
+from virtua.pki.credentials import MANAGER, Credentials, PeerRule
 from virtua.pki.files import write_private
 
 pytestmark = pytest.mark.interop
@@ -70,8 +70,8 @@ class Plane:
     def pki(self) -> Path:
         return self.home / "pki"
 
-    def client(self, creds: Credentials | None, base: str | None = None) -> httpx.Client:
-        ctx = creds.client_context() if creds else ssl.create_default_context(cafile=str(self.pki / "ca-cert.pem"))
+    def client(self, creds: Credentials | None, base: str | None = None, peer: PeerRule = MANAGER) -> httpx.Client:
+        ctx = creds.client_context(peer) if creds else ssl.create_default_context(cafile=str(self.pki / "ca-cert.pem"))
         return httpx.Client(base_url=base or self.api, verify=ctx, timeout=20)
 
     def log_has(self, text: str, timeout: float = 5) -> bool:
@@ -186,7 +186,7 @@ def test_a_host_certificate_may_not_run_admin_operations(plane: Plane) -> None:
 
 def test_the_agent_api_answers_the_manager_only(plane: Plane) -> None:
     base = f"https://127.0.0.1:{plane.agent_port}"
-    with plane.client(Credentials(plane.agent_home / "pki"), base) as c:
+    with plane.client(Credentials(plane.agent_home / "pki"), base, PeerRule("host", "a1")) as c:
         r = c.post("/v1/vm/exec", json={"id": "x/y", "script": "id"})
         assert r.status_code == 403 and "only the manager" in r.json()["message"]
     with pytest.raises(httpx.HTTPError), plane.client(None, base) as c:
@@ -222,6 +222,56 @@ def test_a_join_token_works_once(plane: Plane, tmp_path: Path) -> None:
     )
     assert r.returncode == 11 and r.stderr.strip().startswith("virtua: error: join token"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_host_added_by_hand_joins_only_with_a_token_for_it(plane: Plane, tmp_path: Path) -> None:
+    """Break B2: a token for any new host took over the record of a host the admin added."""
+    from virtua.pki.ca import make_csr, new_key
+
+    plane.cli("host", "add", "h9", "--address", "127.0.0.1:9")
+    any_host, for_h9 = tmp_path / "any", tmp_path / "h9"
+    plane.cli("host", "join-token", "--output", str(any_host))
+    plane.cli("host", "join-token", "h9", "--output", str(for_h9))
+
+    def join(token: Path, name: str) -> httpx.Response:
+        body = {"token": token.read_text().strip(), "name": name, "address": "127.0.0.1:9",
+                "csr": make_csr(new_key(), name).decode()}
+        with plane.client(None) as c:
+            return c.post("/v1/join", json=body)
+
+    r = join(any_host, "h9")
+    assert r.status_code == 403 and "host join-token h9" in r.json()["message"], r.text
+    r = join(for_h9, "h8")
+    assert r.status_code == 403 and "is for host h9, not h8" in r.json()["message"], r.text
+    assert join(for_h9, "h9").status_code == 200, "control: its own token"
+    assert join(any_host, "h7").status_code == 200, "neither refusal spent a token"
+    r = plane.cli("host", "join-token", "admin", check=False)
+    assert r.returncode != 0 and "reserved" in r.stderr
+    plane.cli("host", "rm", "h9")
+    plane.cli("host", "rm", "h7", check=False)
+
+
+def test_a_host_registers_only_at_its_certificates_address(plane: Plane) -> None:
+    reg = {"name": "a1", "cores": 1, "memory_mb": 512, "address": "127.0.0.2:8781"}
+    with plane.client(Credentials(plane.agent_home / "pki")) as c:
+        r = c.post("/v1/hosts/register", json=reg)
+        assert r.status_code == 403 and "certificate is for 127.0.0.1" in r.json()["message"], r.text
+        ok = c.post("/v1/hosts/register", json={**reg, "address": f"127.0.0.1:{plane.agent_port}"})
+        assert ok.status_code == 200, ok.text
+    hosts = {h["name"]: h for h in json.loads(plane.cli("host", "list", "--json").stdout)}
+    assert hosts["a1"]["address"] == f"127.0.0.1:{plane.agent_port}"
+
+
+def test_two_authorization_headers_are_refused(plane: Plane) -> None:
+    """M2: only the first header counted; a proxy reading the last would disagree."""
+    token = plane.pki.joinpath("admin-token").read_text().strip()
+    ctx = ssl.create_default_context(cafile=str(plane.pki / "ca-cert.pem"))
+    with httpx.Client(base_url=plane.api, verify=ctx, timeout=20) as c:
+        two = [("authorization", f"Bearer {token}"), ("authorization", "Bearer junk")]
+        r = c.post("/v1/ops/volume.list", content=b"{}", headers=two)
+        assert r.status_code == 401 and "2 Authorization headers" in r.json()["message"], r.text
+        one = c.post("/v1/ops/volume.list", content=b"{}", headers=[two[0]])
+        assert one.status_code == 200, "control: one header"
 
 
 def test_the_admin_token_over_tls(plane: Plane, tmp_path: Path) -> None:

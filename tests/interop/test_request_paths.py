@@ -23,7 +23,7 @@ import pytest
 
 from tests.cli_support import free_port
 from virtua.pki.ca import ClusterCA
-from virtua.pki.credentials import Credentials
+from virtua.pki.credentials import MANAGER, Credentials
 from virtua.pki.files import write_private
 
 pytestmark = pytest.mark.interop
@@ -64,7 +64,7 @@ class Daemon:
 
     def tls_context(self, creds: Credentials | None) -> ssl.SSLContext:
         """Verifies the manager against the cluster CA; presents creds' certificate if any."""
-        return creds.client_context() if creds else ssl.create_default_context(cafile=str(self.pki / "ca-cert.pem"))
+        return creds.client_context(MANAGER) if creds else ssl.create_default_context(cafile=str(self.pki / "ca-cert.pem"))
 
     def tcp_op(self, op: str, creds: Credentials | None = None, token: str | None = None,
                **args: object) -> httpx.Response:

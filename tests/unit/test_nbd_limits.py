@@ -30,7 +30,7 @@ from virtua.nbd import proto as P
 from virtua.nbd.client import NBDClient, NBDError
 from virtua.nbd.exports import DirectoryProvider
 from virtua.nbd.testing import ServerThread
-from virtua.pki.credentials import Credentials
+from virtua.pki.credentials import MANAGER, Credentials, PeerRule
 from virtua.storage.device import FileDevice
 
 FLOOD = 1000
@@ -250,7 +250,7 @@ def test_api_tcp_listener_drops_idle_connections_and_limits_a_source(serve: type
     drip = None
     try:
         time.sleep(0.5)
-        with httpx.Client(verify=admin.client_context(), timeout=5) as http:
+        with httpx.Client(verify=admin.client_context(MANAGER), timeout=5) as http:
             r = http.get(f"{base}/v1/status")
         assert r.status_code == 200 and r.json()["pid"] == srv.proc.pid
         cli = subprocess.run([sys.executable, "-m", "virtua.cli", "--api", base, "--cert", str(admin.dir),
@@ -263,7 +263,7 @@ def test_api_tcp_listener_drops_idle_connections_and_limits_a_source(serve: type
         # slow headers over TLS: a byte every 0.3 s never finishes a request
         raw = socket.create_connection(("127.0.0.1", srv.api_port), source_address=(OTHER, 0), timeout=10)
         t0 = time.monotonic()
-        drip = admin.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+        drip = admin.client_context(MANAGER).wrap_socket(raw, server_hostname="127.0.0.1")
         dropped = False
         for byte in b"GET /v1/status HTTP/1.1\r\nHost: x\r\n":
             try:
@@ -283,7 +283,7 @@ def test_api_tcp_listener_drops_idle_connections_and_limits_a_source(serve: type
         assert time.monotonic() - t0 < 5
         # the flood's admitted connections are gone after the timeout: the source may connect again
         time.sleep(0.5)
-        transport = httpx.HTTPTransport(local_address=FLOODER, verify=admin.client_context())
+        transport = httpx.HTTPTransport(local_address=FLOODER, verify=admin.client_context(MANAGER))
         with httpx.Client(transport=transport, timeout=5) as http:
             assert http.get(f"{base}/v1/status").status_code == 200
     finally:
@@ -390,10 +390,10 @@ def test_agent_api_limits_a_source(serve: type[Serve], tmp_path: Path) -> None:
         socks = flood(port)
         try:
             time.sleep(1.0)
-            with httpx.Client(verify=admin.client_context(), timeout=5) as http:
+            with httpx.Client(verify=admin.client_context(PeerRule("host", "h1")), timeout=5) as http:
                 r = http.get(f"{base}/v1/health")
             assert r.status_code == 200 and r.json()["name"] == "h1"
-            transport = httpx.HTTPTransport(local_address=FLOODER, verify=admin.client_context())
+            transport = httpx.HTTPTransport(local_address=FLOODER, verify=admin.client_context(PeerRule("host", "h1")))
             with pytest.raises(httpx.TransportError), httpx.Client(transport=transport, timeout=5) as http:
                 http.get(f"{base}/v1/health")
         finally:

@@ -36,7 +36,7 @@ def test_first_start_creates_root_only_files(ca: ClusterCA) -> None:
     cert = x509.load_pem_x509_certificate(ca.manager.cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(i) for i in sans.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "virtua-manager"], "the name QEMU checks"
 
 
 def test_second_start_keeps_the_ca_and_reissues_only_for_new_names(ca: ClusterCA) -> None:
@@ -61,13 +61,15 @@ def test_an_administrator_supplied_ca_is_used(ca: ClusterCA, tmp_path: Path) -> 
 
 def test_csr_signing_checks_the_name(ca: ClusterCA) -> None:
     key = new_key()
-    cert = x509.load_pem_x509_certificate(ca.sign_csr(make_csr(key, "h1"), "host", "h1", ["10.0.0.11"]))
+    csr = ca.check_csr(make_csr(key, "h1"), "h1")
+    cert = x509.load_pem_x509_certificate(ca.sign_csr(csr, "host", "h1", ["10.0.0.11"]))
     assert cert.issuer == ca.cert.subject
     assert ca.active_serials("host", "h1") == [cert.serial_number]
+    assert ca.holders_of_address("10.0.0.11") == ["h1"]
     with pytest.raises(InvalidArgument, match="CN must be the host name"):
-        ca.sign_csr(make_csr(key, "h2"), "host", "h1", [])
+        ca.check_csr(make_csr(key, "h2"), "h1")
     with pytest.raises(InvalidArgument, match="bad certificate request"):
-        ca.sign_csr(b"not a csr", "host", "h1", [])
+        ca.check_csr(b"not a csr", "h1")
 
 
 def test_revocation_lists_the_serial_and_tells_listeners(ca: ClusterCA) -> None:
@@ -91,10 +93,23 @@ def test_join_tokens_work_once_and_are_stored_hashed(ca: ClusterCA) -> None:
     assert token.secret not in stored and mode(ca.dir / "tokens.json") == 0o600
     wrong = f"vjt1.{token.id}.{'0' * 64}.{token.ca_fingerprint}"
     with pytest.raises(Unauthenticated, match="wrong secret"):
-        tokens.consume(wrong)
-    assert tokens.consume(str(token)) == token.id, "a wrong guess does not burn the token"
+        tokens.consume(wrong, "h1", existing=False)
+    assert tokens.consume(str(token), "h1", existing=False) == token.id, "a wrong guess does not burn the token"
     with pytest.raises(Unauthenticated, match="unknown or already used"):
-        tokens.consume(str(token))
+        tokens.consume(str(token), "h1", existing=False)
+
+
+def test_a_token_made_for_a_host_joins_that_host_only(ca: ClusterCA) -> None:
+    tokens = JoinTokens(ca.dir / "tokens.json", ca.fingerprint)
+    bound, _ = tokens.create(60, "h9")
+    with pytest.raises(Forbidden, match="is for host h9, not h1"):
+        tokens.consume(str(bound), "h1", existing=False)
+    free, _ = tokens.create(60)
+    with pytest.raises(Forbidden, match="host join-token h2"):
+        tokens.consume(str(free), "h2", existing=True)
+    # neither refusal spent its token
+    assert tokens.consume(str(bound), "h9", existing=True) == bound.id
+    assert tokens.consume(str(free), "h3", existing=False) == free.id
 
 
 def test_expired_and_malformed_tokens(ca: ClusterCA) -> None:
@@ -104,7 +119,7 @@ def test_expired_and_malformed_tokens(ca: ClusterCA) -> None:
     data[token.id]["expires"] = 1.0
     (ca.dir / "tokens.json").write_text(json.dumps(data))
     with pytest.raises(Unauthenticated, match="expired"):
-        tokens.consume(str(token))
+        tokens.consume(str(token), "h1", existing=False)
     with pytest.raises(InvalidArgument, match="bad join token"):
         parse_token("vjt1.short")
     with pytest.raises(InvalidArgument, match="bad --ttl"):
@@ -204,12 +219,62 @@ def test_join_refuses_reserved_and_taken_names(tmp_path: Path, ca: ClusterCA) ->
     m = Manager(tmp_path, Storage(tmp_path / "home"), SQLiteStore(tmp_path / "m.db"), authority=ca)
     csr = make_csr(new_key(), "h1").decode()
     with pytest.raises(InvalidArgument, match="reserved"):
-        m.join(m.join_token("1h")["token"], "admin", csr, "10.0.0.11:8781")
-    r = m.join(m.join_token("1h")["token"], "h1", csr, "10.0.0.11:8781")
+        m.join(m.join_token("1h")["token"], "admin", csr, "10.0.0.11:8781", peer="10.0.0.11")
+    r = m.join(m.join_token("1h")["token"], "h1", csr, "10.0.0.11:8781", peer="10.0.0.11")
     cert = x509.load_pem_x509_certificate(r["cert"].encode())
     assert cert.subject.rfc4514_string() == "CN=h1,OU=host,O=virtua"
     with pytest.raises(AlreadyExists, match="host rm h1"):
-        m.join(m.join_token("1h")["token"], "h1", csr, "10.0.0.11:8781")
+        m.join(m.join_token("1h")["token"], "h1", csr, "10.0.0.11:8781", peer="10.0.0.11")
+
+
+def test_join_binds_the_certificate_to_the_joining_address(tmp_path: Path, ca: ClusterCA) -> None:
+    """Break B1 of the adversarial pass: the certificate's IP was whatever the body said,
+    so a host could get one for the manager's address (or another host's)."""
+    from virtua.cluster.manager import Manager
+    from virtua.cluster.store import SQLiteStore
+    from virtua.storage.service import Storage
+
+    m = Manager(tmp_path, Storage(tmp_path / "home"), SQLiteStore(tmp_path / "m.db"), authority=ca,
+                advertise="10.0.0.1")
+    token = m.join_token("1h")["token"]
+
+    def join(name: str, address: str, peer: str) -> dict[str, str]:
+        return m.join(token, name, make_csr(new_key(), name).decode(), address, peer=peer)
+
+    with pytest.raises(Forbidden, match="joins from 10.0.0.66 but says it listens on 10.0.0.1"):
+        join("h1", "10.0.0.1:8781", "10.0.0.66")  # the manager's address
+    with pytest.raises(InvalidArgument, match="expected IP:PORT"):
+        join("h1", "virtua-manager:8781", "10.0.0.66")  # would have been a DNS name in the certificate
+    with pytest.raises(InvalidArgument, match="one address"):
+        join("h1", "0.0.0.0:8781", "10.0.0.66")
+    with pytest.raises(InvalidArgument, match="bad certificate request"):
+        m.join(token, "h1", "garbage", "10.0.0.66:8781", peer="10.0.0.66")  # M1: checked first
+    r = join("h1", "10.0.0.66:8781", "10.0.0.66")  # the same token: no refusal above spent it
+    cert = x509.load_pem_x509_certificate(r["cert"].encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(v.value) for v in san] == ["10.0.0.66"], "one IP, no DNS name"
+    with pytest.raises(AlreadyExists, match="belongs to host h1"):
+        m.join(m.join_token("1h")["token"], "h2", make_csr(new_key(), "h2").decode(), "10.0.0.66:8781",
+               peer="10.0.0.66")
+    # a joiner on the manager's own machine may listen on loopback (the local agent)
+    m.join(m.join_token("1h")["token"], "local", make_csr(new_key(), "local").decode(), "127.0.0.1:8781",
+           peer="10.0.0.1")
+
+
+def test_a_host_added_by_the_admin_joins_only_with_its_own_token(tmp_path: Path, ca: ClusterCA) -> None:
+    """Break B2: any token could take over a host record the administrator had added."""
+    from virtua.cluster.manager import Manager
+    from virtua.cluster.store import SQLiteStore
+    from virtua.storage.service import Storage
+
+    m = Manager(tmp_path, Storage(tmp_path / "home"), SQLiteStore(tmp_path / "m.db"), authority=ca)
+    m.add_host("h9", "10.0.0.9:8781")
+    csr = make_csr(new_key(), "h9").decode()
+    with pytest.raises(Forbidden, match="host join-token h9"):
+        m.join(m.join_token("1h")["token"], "h9", csr, "10.0.0.9:8781", peer="10.0.0.9")
+    assert ca.active_serials("host", "h9") == []
+    m.join(m.join_token("1h", name="h9")["token"], "h9", csr, "10.0.0.9:8781", peer="10.0.0.9")
+    assert len(ca.active_serials("host", "h9")) == 1
 
 
 def test_a_bearer_token_is_the_admin_token_or_refused(ca: ClusterCA) -> None:

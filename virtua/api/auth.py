@@ -50,12 +50,14 @@ def caller_of(scope: dict[str, Any], admin_token: Callable[[str], bool] | None =
     if is_local(scope):
         return Caller(peer="unix", local=True)
     peer = peer_address(scope)
-    for key, value in scope.get("headers", ()):
-        if key == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or admin_token is None or not admin_token(token.strip()):
-                raise Unauthenticated(f"{peer}: the bearer token is not the admin token")
-            return Caller(peer=peer, admin_token=True)
+    presented = [value for key, value in scope.get("headers", ()) if key == b"authorization"]
+    if len(presented) > 1:  # which one counts would depend on who reads the headers
+        raise Unauthenticated(f"{peer}: {len(presented)} Authorization headers: send one")
+    if presented:
+        scheme, _, token = presented[0].decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or admin_token is None or not admin_token(token.strip()):
+            raise Unauthenticated(f"{peer}: the bearer token is not the admin token")
+        return Caller(peer=peer, admin_token=True)
     return Caller(peer=peer, identity=peer_identity(scope))
 
 

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fnmatch
 import inspect
+import ipaddress
 import logging
 import os
 import signal
@@ -29,8 +30,9 @@ from virtua.api import ops
 from virtua.api.auth import AuthMiddleware, may_act_as_host
 from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
-from virtua.errors import Busy, InvalidArgument, NoSpace, NotFound, VirtuaError
+from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
+from virtua.pki.identity import certificate_addresses
 from virtua.procs import stop_process_group
 from virtua.storage.device import BlockDevice
 from virtua.storage.names import check_name
@@ -300,6 +302,13 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
             caller = getattr(request.state, "virtua_caller", None)
             if caller is not None:
                 may_act_as_host(caller, reg.name)
+                if not caller.admin:  # a host stays at the address its certificate names
+                    cert_ips = certificate_addresses(getattr(request.state, "virtua_peercert", None))
+                    if _normal_ip(host.strip("[]")) not in cert_ips:
+                        raise Forbidden(
+                            f"host {reg.name} registers {reg.address[:80]!r}, but its certificate is for "
+                            f"{', '.join(cert_ips) or 'no address'}: join again to move it"
+                        )
             return manager.register_host(reg.model_dump())
         except VirtuaError as e:
             return error(e)
@@ -437,6 +446,13 @@ def _bind_unix(path: Path) -> socket.socket:
     return s
 
 
+def _normal_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
     """Start `virtua agent` for this machine unless one already runs (then None); serve
     stops the one it started when it stops, and the VMs (own sessions) keep running.
@@ -457,7 +473,9 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: 
         pass
     logf = open(agent_home / "agent.log", "ab")
     token_file = agent_home / "join-token"
-    manager.write_join_token(token_file, ttl=600)
+    from virtua.cluster.agent import default_name
+
+    manager.write_join_token(token_file, ttl=600, name=default_name())
     proc = subprocess.Popen(
         [sys.executable, "-m", "virtua.cli", "--home", str(agent_home), "agent",
          "--listen", cfg.agent_listen, "--manager", f"https://{advertise}:{api_port}",

@@ -69,7 +69,7 @@ class RemoteClient(Client):
                 timeout=600,
             )
             return
-        from virtua.pki.credentials import Credentials
+        from virtua.pki.credentials import MANAGER, Credentials, peer_checked_context
 
         if not api.startswith("https://"):
             raise InvalidArgument(f"bad --api {api!r}: expected https://HOST:PORT (the API needs TLS)")
@@ -80,7 +80,7 @@ class RemoteClient(Client):
                 raise InvalidArgument("--token-file needs --ca FILE (the cluster CA certificate, pki/ca-cert.pem)")
             try:
                 token = token_file.read_text().strip()
-                verify = ssl.create_default_context(cafile=str(ca))
+                verify = peer_checked_context(MANAGER, cafile=str(ca))  # the token goes to the manager only
             except (OSError, ssl.SSLError) as e:
                 raise InvalidArgument(f"cannot read --token-file/--ca: {e}") from e
             self.http = httpx.Client(base_url=api.rstrip("/"), timeout=600, verify=verify,
@@ -90,7 +90,7 @@ class RemoteClient(Client):
             raise InvalidArgument("--api needs --cert DIR (the admin credentials, $VIRTUA_HOME/pki/admin on "
                                   "the manager) or --token-file with --ca")
         creds = Credentials(cert).check()
-        self.http = httpx.Client(base_url=api.rstrip("/"), timeout=600, verify=creds.client_context())
+        self.http = httpx.Client(base_url=api.rstrip("/"), timeout=600, verify=creds.client_context(MANAGER))
 
     def call(self, op: str, **args: Any) -> Any:
         import httpx

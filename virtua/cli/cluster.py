@@ -62,11 +62,13 @@ def host_rm(name: str, force: bool = typer.Option(False, "--force")) -> None:
 
 @host_app.command("join-token")
 def host_join_token(
+    name: str | None = typer.Argument(None, help="the host it joins (needed for a host added with `host add`)"),
     ttl: str = typer.Option("1h", "--ttl", help="how long it stays valid, e.g. 30m, 1h, 2d"),
     output: str | None = typer.Option(None, "--output", "-o", help="write it to this file (0600) instead of stdout"),
 ) -> None:
-    """A one-time token for a new host: `virtua agent --join-token-file FILE` on that host."""
-    r = State.client().call("host.join-token", ttl=ttl)
+    """A one-time token for a new host: `virtua agent --join-token-file FILE` on that host.
+    With NAME it joins that host only."""
+    r = State.client().call("host.join-token", ttl=ttl, name=name)
     if output is None:
         sys.stdout.write(r["token"] + "\n")
         return
@@ -298,7 +300,7 @@ def lab_join_tokens(lab: Lab, home: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for h in lab.names():
         path = home / h / "join-token"
-        token, _ = tokens.create(3600)
+        token, _ = tokens.create(3600, h)
         write_private(path, f"{token}\n".encode())
         out[h] = path
     return out

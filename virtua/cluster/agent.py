@@ -36,7 +36,8 @@ from virtua.errors import (
     VirtuaError,
 )
 from virtua.pki.asgi import peer_address, peer_identity
-from virtua.pki.credentials import Credentials
+from virtua.pki.credentials import MANAGER, Credentials
+from virtua.pki.identity import MANAGER_NAME
 
 log = logging.getLogger("virtua.agent")
 
@@ -108,7 +109,7 @@ class Agent:
         self.cache.mkdir(parents=True, exist_ok=True)
         creds = await join_cluster(self.cfg)
         await self.http.aclose()
-        self.http = httpx.AsyncClient(timeout=600, verify=creds.client_context())
+        self.http = httpx.AsyncClient(timeout=600, verify=creds.client_context(MANAGER))
         if self.cfg.network:
             from virtua.net.hostnet import HostNetwork
 
@@ -249,7 +250,8 @@ class Agent:
             name=launch.hostname, cpus=launch.cpus, memory_mib=launch.memory_mb, kernel=kernel,
             initrd=initrd, append=launch.cmdline,
             # reconnect: QEMU queues guest I/O while the NBD server restarts or moves
-            disks=[DiskSpec(source=uri, reconnect_delay=60) for uri in launch.disks],
+            # the disks are the manager's exports: its certificate's name, not the address
+            disks=[DiskSpec(source=uri, reconnect_delay=60, tls_hostname=MANAGER_NAME) for uri in launch.disks],
             tls_creds_dir=self.cfg.credentials.dir,  # used by nbds:// disks (the key stays a file)
             nics=nics, accel="kvm" if self.accel == "kvm" else "tcg",
             serial_log=d / "serial.log", console_socket=d / "console.sock",
@@ -572,6 +574,7 @@ async def join_cluster(cfg: AgentConfig) -> Credentials:
     (before the secret goes anywhere), then send the token and a certificate request
     over TLS verified against that CA; the key never leaves this host."""
     from virtua.pki.ca import cert_pem, fingerprint, key_pem, make_csr, new_key
+    from virtua.pki.credentials import peer_checked_context
     from virtua.pki.files import private_dir, write_private
     from virtua.pki.tokens import parse_token
 
@@ -616,7 +619,8 @@ async def join_cluster(cfg: AgentConfig) -> Credentials:
         if fingerprint(ca) != token.ca_fingerprint:
             raise Forbidden(f"the manager at {url} shows a CA whose sha256 is not the one in the join token: refusing")
         key = new_key()
-        ctx = ssl.create_default_context(cadata=cert_pem(ca).decode())
+        # the token goes only to the manager: another host's certificate of this CA fails here
+        ctx = peer_checked_context(MANAGER, cadata=cert_pem(ca).decode())
         async with httpx.AsyncClient(timeout=30, verify=ctx) as pinned:
             r = await pinned.post(f"{url}/v1/join", json={
                 "token": token_text, "name": cfg.name, "address": cfg.listen,

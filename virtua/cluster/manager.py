@@ -9,6 +9,7 @@ default), so VMs keep running and `vc info` stays right across a manager restart
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from virtua.errors import (
     AlreadyExists,
     Busy,
     DependencyError,
+    Forbidden,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -38,9 +40,10 @@ from virtua.errors import (
     VirtuaError,
 )
 from virtua.pki.ca import ClusterCA
+from virtua.pki.credentials import PeerRule
 from virtua.pki.files import write_private
 from virtua.pki.identity import RESERVED_NAMES
-from virtua.pki.tokens import JoinTokens
+from virtua.pki.tokens import JoinTokens, parse_token
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.service import TEMPLATE_VOLUME_PREFIX, Storage
 from virtua.units import parse_size
@@ -80,8 +83,9 @@ class Manager:
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
         self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
-        verify: Any = authority.manager.client_context() if authority else True
-        self.http = httpx.AsyncClient(timeout=AGENT_TIMEOUT, verify=verify)
+        # one client per host: each checks in its TLS handshake that the agent it reached
+        # holds that host's certificate (not another host's, not the admin's)
+        self._agent_http: dict[str, httpx.AsyncClient] = {}
         self._scheme = "https" if authority else "http"
         self._template_grants: dict[str, set[str]] = {}  # host -> templates being prepared
         self.states_dir = home / "vmstate"
@@ -115,7 +119,9 @@ class Manager:
             from virtua.net.hostnet import sync_routes
 
             sync_routes(self._routes, {})
-        await self.http.aclose()
+        for client in self._agent_http.values():
+            await client.aclose()
+        self._agent_http.clear()
 
     # ================================================================== hosts
 
@@ -215,6 +221,10 @@ class Manager:
                 "drain it first or use --force"
             )
         self.store.delete(f"/hosts/{name}")
+        client = self._agent_http.pop(name, None)
+        if client is not None:  # its pooled connections would outlive the revocation
+            with contextlib.suppress(RuntimeError):  # no loop: nothing was ever sent on it
+                asyncio.get_running_loop().create_task(client.aclose())
         revoked = self.authority.revoke_name("host", name) if self.authority else []
         return {"removed": [name], "revoked": [f"{s:x}" for s in revoked]}
 
@@ -225,37 +235,77 @@ class Manager:
             raise Unavailable("this manager has no cluster CA")
         return self.authority
 
-    def join_token(self, ttl: str = "1h") -> dict[str, Any]:
-        """A one-time token for `virtua agent --join-token-file` (stored hashed)."""
+    def join_token(self, ttl: str = "1h", name: str | None = None) -> dict[str, Any]:
+        """A one-time token for `virtua agent --join-token-file` (stored hashed); with a
+        name it joins that host only."""
         self._authority()
         assert self.tokens is not None
-        token, expires = self.tokens.create(_parse_ttl(ttl))
-        log.info("join token %s created, valid until %s", token.id, time.strftime("%H:%M:%S", time.localtime(expires)))
-        return {"token": str(token), "id": token.id, "expires": expires}
+        if name is not None:
+            self._check_joinable_name(name)
+        token, expires = self.tokens.create(_parse_ttl(ttl), name)
+        log.info("join token %s%s created, valid until %s", token.id, f" for host {name}" if name else "",
+                 time.strftime("%H:%M:%S", time.localtime(expires)))
+        return {"token": str(token), "id": token.id, "expires": expires, "host": name}
 
-    def write_join_token(self, path: Path, ttl: float) -> None:
+    def write_join_token(self, path: Path, ttl: float, name: str | None = None) -> None:
         self._authority()
         assert self.tokens is not None
-        token, _ = self.tokens.create(ttl)
+        token, _ = self.tokens.create(ttl, name)
         write_private(path, f"{token}\n".encode())
 
-    def join(self, token: str, name: str, csr: str, address: str, peer: str = "?") -> dict[str, Any]:
-        """Spend a join token: sign the host's certificate request (CN = its name, an IP
-        SAN = the address its agent listens on)."""
-        authority = self._authority()
-        assert self.tokens is not None
+    def _check_joinable_name(self, name: str) -> None:
         check_name(name, "host name")
         if name in RESERVED_NAMES:
             raise InvalidArgument(f"bad host name {name!r}: reserved")
-        ip = address.rpartition(":")[0].strip("[]")
-        if not ip:
-            raise InvalidArgument(f"bad agent address {address!r}: expected HOST:PORT")
+
+    def join(self, token: str, name: str, csr: str, address: str, peer: str = "?") -> dict[str, Any]:
+        """Spend a join token: sign the host's certificate request (CN = its name, one IP
+        SAN = the address its agent listens on, which must be the address it joins from:
+        nobody gets a certificate for another machine's address).
+
+        Everything that can be checked without the token is checked first, so a bad
+        request never burns it."""
+        authority = self._authority()
+        assert self.tokens is not None
+        parse_token(token)
+        self._check_joinable_name(name)
+        ip = self._join_address(address, peer)
+        csr_req = authority.check_csr(csr.encode(), name)
         if authority.active_serials("host", name):
             raise AlreadyExists(f"host {name} has joined already: `virtua host rm {name}` first to replace it")
-        token_id = self.tokens.consume(token)
-        cert = authority.sign_csr(csr.encode(), "host", name, [ip])
+        holders = [h for h in authority.holders_of_address(ip) if h != name]
+        if holders and not ip_address(ip).is_loopback:
+            raise AlreadyExists(f"address {ip} belongs to host {holders[0]}: `virtua host rm {holders[0]}` first")
+        existing = self.store.get(f"/hosts/{name}") is not None
+        token_id = self.tokens.consume(token, name, existing=existing)
+        cert = authority.sign_csr(csr_req, "host", name, [ip])
         log.info("host %s joined from %s with token %s", name, peer, token_id)
         return {"cert": cert.decode(), "ca": authority.ca_pem.decode()}
+
+    def _join_address(self, address: str, peer: str) -> str:
+        """The IP address in a join request, checked against where the request came from:
+        the same address, or a loopback one when the joiner is on this machine."""
+        host, sep, port = address.rpartition(":")
+        raw = host.strip("[]")
+        try:
+            ip = ip_address(raw)
+        except ValueError:
+            raise InvalidArgument(f"bad agent address {address[:80]!r}: expected IP:PORT") from None
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"bad agent address {address[:80]!r}: expected IP:PORT")
+        if ip.is_unspecified or ip.is_multicast:
+            raise InvalidArgument(f"bad agent address {address[:80]!r}: the agent must listen on one address")
+        try:
+            source = ip_address(peer)
+        except ValueError:
+            raise Forbidden(f"cannot tell where the join request for {address} came from ({peer!r})") from None
+        local = source.is_loopback or str(source) == self.advertise
+        if ip != source and not (local and ip.is_loopback):
+            raise Forbidden(
+                f"the agent joins from {source} but says it listens on {ip}: "
+                "a host joins from the address its agent listens on"
+            )
+        return str(ip)
 
     def nbd_access(self, export: str, identity: str) -> bool:
         """May this TLS identity (a certificate's CN) open this export? The admin: any; a
@@ -990,9 +1040,18 @@ class Manager:
 
     # ================================================================== agents
 
+    def _http_for(self, host: str) -> httpx.AsyncClient:
+        client = self._agent_http.get(host)
+        if client is None:
+            verify: Any = True
+            if self.authority is not None:
+                verify = self.authority.manager.client_context(PeerRule("host", host))
+            client = self._agent_http[host] = httpx.AsyncClient(timeout=AGENT_TIMEOUT, verify=verify)
+        return client
+
     async def _agent(self, h: HostRecord, method: str, path: str, json: Any = None) -> dict[str, Any]:
         try:
-            r = await self.http.request(method, f"{self._scheme}://{h.address}{path}", json=json)
+            r = await self._http_for(h.name).request(method, f"{self._scheme}://{h.address}{path}", json=json)
         except httpx.HTTPError as e:
             raise Unavailable(f"host {h.name} ({h.address}) is not answering: {type(e).__name__} {e}") from e
         try:

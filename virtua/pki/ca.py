@@ -138,7 +138,8 @@ class ClusterCA:
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
             raise InvalidArgument(f"{key_path}: the CA key must be an EC key")
         ca = cls(pki_dir, ca_cert, ca_key)
-        ca._ensure_identity(ca.manager, "manager", MANAGER_NAME, manager_sans)
+        # MANAGER_NAME as a DNS name: what QEMU's tls-hostname checks (no host gets it)
+        ca._ensure_identity(ca.manager, "manager", MANAGER_NAME, [*manager_sans, MANAGER_NAME])
         ca._ensure_identity(ca.admin, "admin", ADMIN_NAME, [])
         if not (pki_dir / "crl.pem").exists():
             ca.write_crl()
@@ -227,7 +228,7 @@ class ClusterCA:
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(_san(sans)), critical=False)
         cert = b.sign(self.key, hashes.SHA256())
-        self._record(serial, role, name, cert.not_valid_after_utc.timestamp())
+        self._record(serial, role, name, cert.not_valid_after_utc.timestamp(), sans)
         return cert_pem(cert)
 
     def issue(self, role: Role, name: str, sans: list[str] | None = None,
@@ -236,7 +237,10 @@ class ClusterCA:
         key = new_key()
         return self._sign(key.public_key(), role, name, sans or [], not_after=not_after), key_pem(key)
 
-    def sign_csr(self, csr_pem: bytes, role: Role, name: str, sans: list[str]) -> bytes:
+    @staticmethod
+    def check_csr(csr_pem: bytes, name: str) -> x509.CertificateSigningRequest:
+        """A well-formed, self-signed request whose CN is name (touches nothing). Only its
+        key is used: the CA chooses the subject and the names itself."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as e:
@@ -246,7 +250,20 @@ class ClusterCA:
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if not cns or cns[0].value != name:
             raise InvalidArgument(f"bad certificate request: its CN must be the host name {name!r}")
+        return csr
+
+    def sign_csr(self, csr: x509.CertificateSigningRequest, role: Role, name: str, sans: list[str]) -> bytes:
+        """Sign a request that check_csr() passed; sans must be IP addresses for a host."""
         return self._sign(csr.public_key(), role, name, sans)
+
+    def holders_of_address(self, ip: str) -> list[str]:
+        """Names of the hosts whose live certificates carry this IP address."""
+        now = dt.datetime.now(dt.UTC).timestamp()
+        return sorted({
+            rec["name"] for s, rec in self.issued().items()
+            if rec["role"] == "host" and rec["not_after"] > now and int(s) not in self.revoked
+            and ip in rec.get("sans", ())
+        })
 
     # ------------------------------------------------------------------ registry, revocation
 
@@ -259,10 +276,10 @@ class ClusterCA:
     def issued(self) -> dict[str, dict[str, Any]]:
         return json.loads(self._read("issued.json", "{}"))
 
-    def _record(self, serial: int, role: str, name: str, not_after: float) -> None:
+    def _record(self, serial: int, role: str, name: str, not_after: float, sans: list[str]) -> None:
         with self._lock:
             issued = self.issued()
-            issued[str(serial)] = {"role": role, "name": name, "not_after": not_after}
+            issued[str(serial)] = {"role": role, "name": name, "not_after": not_after, "sans": sans}
             write_private(self.dir / "issued.json", json.dumps(issued, indent=1).encode())
 
     def active_serials(self, role: Role, name: str) -> list[int]:

@@ -6,6 +6,7 @@ The cluster CA writes the role into the subject's OU and the name into its CN.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Any, Literal
 
 Role = Literal["admin", "manager", "host"]
@@ -39,3 +40,17 @@ def identity_from_peercert(cert: dict[str, Any] | None) -> Identity | None:
     except ValueError:
         return None
     return Identity(role, name, serial)  # type: ignore[arg-type]
+
+
+def certificate_addresses(cert: dict[str, Any] | None) -> list[str]:
+    """The IP addresses in a verified peer certificate's subjectAltName."""
+    if not cert:
+        return []
+    out = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "IP Address":
+            try:
+                out.append(str(ip_address(str(value).strip())))  # ssl spells IPv6 long-hand
+            except ValueError:
+                continue
+    return out

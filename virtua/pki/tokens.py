@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtua.errors import InvalidArgument, Unauthenticated
+from virtua.errors import Forbidden, InvalidArgument, Unauthenticated
 from virtua.pki.files import write_private
 
 PREFIX = "vjt1"
@@ -67,30 +67,47 @@ class JoinTokens:
         live = {k: v for k, v in tokens.items() if float(v["expires"]) > now}
         write_private(self.path, json.dumps(live).encode())
 
-    def create(self, ttl: float) -> tuple[JoinToken, float]:
+    def create(self, ttl: float, name: str | None = None) -> tuple[JoinToken, float]:
+        """A new token; with a name it joins that host only (and may take over the
+        record of a host the administrator added), without one any new host."""
         if not 0 < ttl <= MAX_TTL:
             raise InvalidArgument(f"bad --ttl {ttl:g} s: must be more than 0 and at most 7 days")
         token = JoinToken(secrets.token_hex(8), secrets.token_hex(32), self.ca_fingerprint)
         expires = time.time() + ttl
+        rec: dict[str, float | str] = {"sha256": _hash(token.secret), "expires": expires}
+        if name is not None:
+            rec["name"] = name
         with self._lock:
             tokens = self._load()
-            tokens[token.id] = {"sha256": _hash(token.secret), "expires": expires}
+            tokens[token.id] = rec
             self._save(tokens)
         return token, expires
 
-    def consume(self, text: str) -> str:
-        """Spend a token (it never works again); returns its id. Raises Unauthenticated
-        for an unknown, used, expired or wrong one."""
+    def consume(self, text: str, name: str, *, existing: bool) -> str:
+        """Spend a token for host `name` (it never works again); returns its id. Raises
+        Unauthenticated for an unknown, used, expired or wrong one, Forbidden (and keeps
+        the token) when it is bound to another name, or when `existing` (a host record
+        without a certificate is there already) and it is bound to no name."""
         token = parse_token(text)
         with self._lock:
             tokens = self._load()
-            rec = tokens.pop(token.id, None)
+            rec = tokens.get(token.id)
             if rec is None:
                 raise Unauthenticated(f"join token {token.id} is unknown or already used")
             if not hmac.compare_digest(str(rec["sha256"]), _hash(token.secret)):
-                tokens[token.id] = rec  # a wrong secret does not burn the right one
-                raise Unauthenticated(f"join token {token.id}: wrong secret")
-            self._save(tokens)
+                raise Unauthenticated(f"join token {token.id}: wrong secret")  # the right one still works
             if float(rec["expires"]) <= time.time():
+                tokens.pop(token.id)
+                self._save(tokens)
                 raise Unauthenticated(f"join token {token.id} expired")
+            bound = rec.get("name")
+            if bound is not None and bound != name:
+                raise Forbidden(f"join token {token.id} is for host {bound}, not {name}")
+            if bound is None and existing:
+                raise Forbidden(
+                    f"host {name} is known already: only a token made for it "
+                    f"(`virtua host join-token {name}`) may join as it"
+                )
+            tokens.pop(token.id)
+            self._save(tokens)
         return token.id

@@ -34,6 +34,9 @@ class DiskSpec(BaseModel):
     format: Literal["raw", "qcow2"] = "raw"  # files only; NBD exports are raw
     serial: str | None = None
     reconnect_delay: int = 0  # NBD: seconds to keep retrying after the server drops
+    # nbds://: the name the server's certificate must carry (QEMU otherwise checks the
+    # address, which any certificate of the same CA issued for that address passes)
+    tls_hostname: str | None = None
     discard: bool = True
 
     @property
@@ -144,6 +147,8 @@ def _blockdev(i: int, d: DiskSpec) -> list[str]:
         opts += list(parse_nbd_uri(d.source).items())
         if d.tls:
             opts.append(("tls-creds", TLS_CREDS_ID))
+            if d.tls_hostname:
+                opts.append(("tls-hostname", d.tls_hostname))
         if d.reconnect_delay:
             opts.append(("reconnect-delay", str(d.reconnect_delay)))
     else:
