@@ -19,12 +19,13 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from virtua.api import ops
 from virtua.api.auth import AuthMiddleware, may_act_as_host
@@ -32,7 +33,7 @@ from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
 from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
-from virtua.pki.identity import certificate_addresses
+from virtua.pki.identity import canonical_ip, certificate_addresses
 from virtua.procs import stop_process_group
 from virtua.storage.device import BlockDevice
 from virtua.storage.names import check_name
@@ -183,7 +184,6 @@ def parse_allow(rules: list[str]) -> dict[str, set[str]]:
 
 
 def _loopback(host: str) -> bool:
-    import ipaddress
 
     if host == "localhost":
         return True
@@ -200,31 +200,51 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+Accel = Literal["kvm", "tcg", "unknown"]
+# what a host says about itself reaches every host's filter and the admin's terminal
+Label = Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")]
+Message = Annotated[str, Field(max_length=2000)]
+
+
+def _host_network(text: str) -> str:
+    try:
+        net = IPv4Network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"bad network {text[:64]!r}: {e}") from None
+    if net.prefixlen < MIN_HOST_PREFIX:
+        raise ValueError(f"network {net} is wider than /{MIN_HOST_PREFIX}")
+    return str(net)
+
+
+MIN_HOST_PREFIX = 8
+HostNetwork = Annotated[str, AfterValidator(_host_network)]
+
+
 class Registration(BaseModel):
     """What an agent sends to /v1/hosts/register (Agent.registration)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     name: str
-    address: str  # HOST:PORT of the agent's API
+    address: Annotated[str, Field(max_length=80)]  # HOST:PORT of the agent's API
     cores: Annotated[int, Field(ge=1, le=1 << 16)]
     memory_mb: Annotated[int, Field(ge=1, le=1 << 40)]
-    templates: list[str] | None = None
-    accel: str = "unknown"
-    networks: list[str] = Field(default_factory=list)
+    templates: Annotated[list[Label], Field(max_length=1024)] | None = None
+    accel: Accel = "unknown"
+    networks: Annotated[list[HostNetwork], Field(max_length=16)] = Field(default_factory=list)
 
 
 class VMReport(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    id: str
-    state: str
-    error: str | None = None
+    id: Annotated[str, Field(max_length=200)]
+    state: Literal["starting", "running", "stopped", "failed", "suspended"]
+    error: Message | None = None
     pid: int | None = None
 
 
 class Heartbeat(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    vms: list[VMReport] = Field(default_factory=list)
-    accel: str | None = None
+    vms: Annotated[list[VMReport], Field(max_length=4096)] = Field(default_factory=list)
+    accel: Accel | None = None
 
 
 # A saved VM state is the guest's memory and its devices' state: at most twice the
@@ -249,7 +269,7 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     api = FastAPI(title="virtua", version="0.1")
     if manager is not None and getattr(manager, "authority", None) is not None:
         api.add_middleware(
-            AuthMiddleware, revoked=manager.authority.revoked.__contains__, owners_of=manager.owners_of,
+            AuthMiddleware, revoked=manager.authority.is_revoked, owners_of=manager.owners_of,
             admin_token=manager.authority.is_admin_token,
         )
     web.install(api, log)
@@ -302,13 +322,8 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
             caller = getattr(request.state, "virtua_caller", None)
             if caller is not None:
                 may_act_as_host(caller, reg.name)
-                if not caller.admin:  # a host stays at the address its certificate names
-                    cert_ips = certificate_addresses(getattr(request.state, "virtua_peercert", None))
-                    if _normal_ip(host.strip("[]")) not in cert_ips:
-                        raise Forbidden(
-                            f"host {reg.name} registers {reg.address[:80]!r}, but its certificate is for "
-                            f"{', '.join(cert_ips) or 'no address'}: join again to move it"
-                        )
+                if not caller.admin:
+                    _check_host_claims(reg, certificate_addresses(getattr(request.state, "virtua_peercert", None)))
             return manager.register_host(reg.model_dump())
         except VirtuaError as e:
             return error(e)
@@ -446,9 +461,23 @@ def _bind_unix(path: Path) -> socket.socket:
     return s
 
 
+def _check_host_claims(reg: Registration, cert_ips: list[str]) -> None:
+    """A host stays at the address its certificate names, and its networks (which go into
+    every host's guest filter) are networks that address is on."""
+    host = reg.address.rpartition(":")[0].strip("[]")
+    if _normal_ip(host) not in cert_ips:
+        raise Forbidden(
+            f"host {reg.name} registers {reg.address!r}, but its certificate is for "
+            f"{', '.join(cert_ips) or 'no address'}: join again to move it"
+        )
+    for net in reg.networks:
+        if not any(IPv4Network(net).overlaps(IPv4Network(ip)) for ip in cert_ips if ":" not in ip):
+            raise Forbidden(f"host {reg.name} claims network {net}, which its address {host} is not on")
+
+
 def _normal_ip(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text))
+        return str(canonical_ip(text))
     except ValueError:
         return text
 
@@ -568,6 +597,7 @@ async def serve(cfg: ServeConfig) -> None:
     )
     if cfg.tls == "auto":
         exports.host_access = manager.nbd_access
+        manager.enforce_nbd_access = True
     await manager.start()
     from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission
@@ -580,6 +610,7 @@ async def serve(cfg: ServeConfig) -> None:
     uv_local = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", lifespan="off", http=guarded(PeerAwareH11, api_admission),
         timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        proxy_headers=False,  # the peer is the TCP peer: X-Forwarded-For would let anyone say where it is
     ))
     mcreds = authority.manager
     api_tls = [mcreds.server_context(client_cert="optional", crl=authority.crl_path)]
@@ -590,6 +621,7 @@ async def serve(cfg: ServeConfig) -> None:
         app, log_level="warning", lifespan="off",
         http=guarded(tls_gate(lambda: api_tls[0], "manager API"), api_admission),
         timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        proxy_headers=False,  # the peer is the TCP peer: X-Forwarded-For would let anyone say where it is
     ))
     servers = [uv_local, uv_tcp]
     for uv in servers:

@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
             import json
 
             sys.stdout.write(json.dumps(e.to_dict()) + "\n")
-        render.err.print(f"virtua: error: {e.message}", highlight=False, markup=False, soft_wrap=True)
+        render.err.print(f"virtua: error: {render.printable(e.message)}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, _click.exceptions.UsageError):
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             message = e.format_message().replace("\n", " ")
-            render.err.print(f"virtua: error: {message}{hint}", highlight=False, markup=False, soft_wrap=True)
+            render.err.print(f"virtua: error: {render.printable(message)}{hint}", highlight=False, markup=False, soft_wrap=True)
             sys.exit(2)
         if isinstance(e, _click.exceptions.ClickException):
             render.err.print(f"virtua: error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from virtua.units import format_size
 
@@ -22,7 +23,20 @@ SIZE_KEYS = {
 }
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
+
+
+def printable(text: str) -> str:
+    """Control characters escaped (\\x1b...): what a host, a guest or a server says about
+    itself must not drive the administrator's terminal."""
+    return text.translate(_CONTROL)
+
+
 def fmt(key: str, value: Any) -> str:
+    return printable(_fmt(key, value))
+
+
+def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key in SIZE_KEYS and isinstance(value, int):
@@ -88,7 +102,7 @@ def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title
                 table.add_column(c.upper().replace("_", " "), justify="right" if c in SIZE_KEYS else "left",
                                  no_wrap=True)
             for r in rows:
-                table.add_row(*(r[i] for i in keep))
+                table.add_row(*(Text(r[i]) for i in keep))  # Text: no markup from the data
             out.print(table)
             if len(keep) < len(cols):
                 dropped = ", ".join(cols[i] for i in range(len(cols)) if i not in keep)
@@ -96,7 +110,7 @@ def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title
                           highlight=False)
         for row in result:
             if row.get("warning"):
-                err.print(f"[yellow]warning:[/] {row['warning']}")
+                err.print("[yellow]warning:[/]", Text(printable(str(row["warning"]))))
         return
     if isinstance(result, dict):
         pairs = [(k.replace("_", " "), fmt(k, v)) for k, v in result.items() if k != "warning"]
@@ -108,9 +122,9 @@ def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title
             table.add_column(style="bold", no_wrap=True)
             table.add_column(overflow="fold")
             for k, v in pairs:
-                table.add_row(k, v)
+                table.add_row(Text(k), Text(v))
             out.print(table)
         if result.get("warning"):
-            err.print(f"[yellow]warning:[/] {result['warning']}")
+            err.print("[yellow]warning:[/]", Text(printable(str(result["warning"]))))
         return
     out.print(result)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -43,6 +44,7 @@ log = logging.getLogger("virtua.agent")
 
 HEARTBEAT_INTERVAL = 1.0
 REFUSED_BACKOFF = 10.0  # a revoked host asks again this rarely
+_HEX = re.compile(r"[0-9a-f]{1,40}")
 JOIN_WAIT = 300.0  # seconds an agent waits for its manager to answer its join
 BOOT_TIMEOUT = 180.0
 
@@ -99,6 +101,7 @@ class Agent:
         self.cache = cfg.home / "cache"
         self.http = httpx.AsyncClient(timeout=600)  # replaced by the mTLS client in start()
         self.accel = "unknown"
+        self.revoked: set[int] = set()  # serials the manager revoked (its heartbeat replies say)
         self._tasks: list[asyncio.Task[Any]] = []
         self.net: Any = None
 
@@ -168,6 +171,9 @@ class Agent:
                 if reply.get("register"):
                     registered = False
                     continue
+                revoked = reply.get("revoked")
+                if isinstance(revoked, list):
+                    self.revoked = {int(x, 16) for x in revoked if isinstance(x, str) and _HEX.fullmatch(x)}
                 if self.net is not None and "network" in reply:
                     await asyncio.to_thread(self.net.sync, reply["network"])
             except VirtuaError as e:
@@ -192,7 +198,7 @@ class Agent:
             if vm.state in ("running", "starting") and not vm.spawning and not vm.proc.is_running():
                 vm.state = "stopped"
                 vm.error = "QEMU exited"
-            out.append({"id": vm.id, "state": vm.state, "error": vm.error, "pid": vm.proc.pid})
+            out.append({"id": vm.id, "state": vm.state, "error": vm.error[-1000:] if vm.error else None, "pid": vm.proc.pid})
         return out
 
     # ------------------------------------------------------------------ artifacts
@@ -465,8 +471,9 @@ class ManagerOnly:
     """The agent's API answers the manager's certificate (and the admin's) only: a host's
     certificate, or none, gets 403/401 and a log line (peer, reason)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, agent: Agent) -> None:
         self.app = app
+        self.agent = agent
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -478,6 +485,8 @@ class ManagerOnly:
             err = Unauthenticated(f"{peer}: a client certificate of the cluster CA is required")
         elif ident.role not in ("manager", "admin"):
             err = Forbidden(f"{peer} ({ident.role} {ident.name}): only the manager may call an agent")
+        elif ident.serial in self.agent.revoked:
+            err = Forbidden(f"{peer} ({ident.role} {ident.name}): this certificate is revoked")
         if err is None:
             return await self.app(scope, receive, send)
         log.warning("refused %s %s from %s", scope["method"], scope["path"], err.message)
@@ -490,7 +499,7 @@ class ManagerOnly:
 
 def build_agent_api(agent: Agent) -> FastAPI:
     api = FastAPI(title="virtua agent")
-    api.add_middleware(ManagerOnly)
+    api.add_middleware(ManagerOnly, agent=agent)
     web.install(api, log)
 
     def wrap(fn: Any, model: type[BaseModel]) -> Any:
@@ -545,6 +554,7 @@ async def run_agent(cfg: AgentConfig) -> None:
         build_agent_api(agent), host=host, port=int(port), log_level="warning", lifespan="off",
         http=guarded(tls_gate(lambda: tls, f"agent {cfg.name} API"), admission),
         timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        proxy_headers=False,  # the peer is the TCP peer: X-Forwarded-For would let anyone say where it is
     ))
     uv.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     task = asyncio.create_task(uv.serve())

@@ -42,7 +42,7 @@ from virtua.errors import (
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import PeerRule
 from virtua.pki.files import write_private
-from virtua.pki.identity import RESERVED_NAMES
+from virtua.pki.identity import RESERVED_NAMES, canonical_ip
 from virtua.pki.tokens import JoinTokens, parse_token
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.service import TEMPLATE_VOLUME_PREFIX, Storage
@@ -83,6 +83,7 @@ class Manager:
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
         self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
+        self.enforce_nbd_access = False  # serve sets it when NBD follows placement (--tls auto)
         # one client per host: each checks in its TLS handshake that the agent it reached
         # holds that host's certificate (not another host's, not the admin's)
         self._agent_http: dict[str, httpx.AsyncClient] = {}
@@ -173,7 +174,9 @@ class Manager:
                 rec.state = state
                 rec.error = report.get("error")
                 self._put_vm(rec)
-        return {"ok": True, "network": self.network_for(name)}
+        # the agents refuse these certificates too (they hold no CRL of their own)
+        revoked = sorted(f"{s:x}" for s in self.authority.revoked) if self.authority else []
+        return {"ok": True, "network": self.network_for(name), "revoked": revoked}
 
     def network_for(self, host: str) -> dict[str, Any]:
         """What a host must route and filter: every VC subnet, and a /32 route to each VM
@@ -226,6 +229,7 @@ class Manager:
             with contextlib.suppress(RuntimeError):  # no loop: nothing was ever sent on it
                 asyncio.get_running_loop().create_task(client.aclose())
         revoked = self.authority.revoke_name("host", name) if self.authority else []
+        self.fence_nbd()
         return {"removed": [name], "revoked": [f"{s:x}" for s in revoked]}
 
     # ================================================================== credentials
@@ -255,7 +259,7 @@ class Manager:
 
     def _check_joinable_name(self, name: str) -> None:
         check_name(name, "host name")
-        if name in RESERVED_NAMES:
+        if name.lower() in RESERVED_NAMES:  # TLS name checks ignore case
             raise InvalidArgument(f"bad host name {name!r}: reserved")
 
     def join(self, token: str, name: str, csr: str, address: str, peer: str = "?") -> dict[str, Any]:
@@ -288,7 +292,7 @@ class Manager:
         host, sep, port = address.rpartition(":")
         raw = host.strip("[]")
         try:
-            ip = ip_address(raw)
+            ip = canonical_ip(raw)
         except ValueError:
             raise InvalidArgument(f"bad agent address {address[:80]!r}: expected IP:PORT") from None
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -296,7 +300,7 @@ class Manager:
         if ip.is_unspecified or ip.is_multicast:
             raise InvalidArgument(f"bad agent address {address[:80]!r}: the agent must listen on one address")
         try:
-            source = ip_address(peer)
+            source = canonical_ip(peer)
         except ValueError:
             raise Forbidden(f"cannot tell where the join request for {address} came from ({peer!r})") from None
         local = source.is_loopback or str(source) == self.advertise
@@ -312,13 +316,33 @@ class Manager:
         host: the disks of the VMs placed on it while they start or run; nobody else."""
         if identity == "admin":
             return True
-        v = self.store.get(f"/hosts/{identity}")
-        if v is None:
-            return False
+        return export in self._nbd_grants().get(identity, set())
+
+    def _nbd_grants(self) -> dict[str, set[str]]:
+        """host -> the exports it may hold now (one pass over the records)."""
+        hosts = {h.name for h in self.hosts()}
+        grants: dict[str, set[str]] = {}
         for vm in self.vms():
-            if vm.host == identity and vm.state in ("starting", "running") and export in (vm.disk, vm.swap, vm.seed):
-                return True
-        return False
+            if vm.host in hosts and vm.state in ("starting", "running"):
+                grants.setdefault(vm.host, set()).update(e for e in (vm.disk, vm.swap, vm.seed) if e)
+        return grants
+
+    def fence_nbd(self) -> list[str]:
+        """Close every NBD session that its host may no longer hold: access is checked when
+        an export is opened, so without this a removed host, or the old host of a VM that
+        moved or was restarted elsewhere, would keep writing the disk (two writers).
+        Returns what it closed. Runs on every change of a VM record or a host removal."""
+        if not self.enforce_nbd_access:
+            return []
+        grants = self._nbd_grants()
+        closed = []
+        for h in self.storage.holders.all():
+            if h.identity is None or h.identity == "admin" or h.disconnect is None:
+                continue  # local plaintext (root) and the administrator
+            if h.export not in grants.get(h.identity, set()):
+                closed.append(f"{h.identity}:{h.export}")
+                h.disconnect(f"host {h.identity} no longer holds export {h.export} (moved, stopped or removed)")
+        return closed
 
     def owners_of(self, kind: str, key: str) -> set[str]:
         """The hosts that may fetch a template's boot files or a VM's saved state."""
@@ -553,6 +577,7 @@ class Manager:
 
     def _put_vm(self, vm: VMRecord) -> None:
         self.store.put(f"/vms/{vm.key}", vm.model_dump())
+        self.fence_nbd()
 
     def _put_vc(self, vc: VCRecord) -> None:
         self.store.put(f"/vcs/{vc.name}", vc.model_dump())

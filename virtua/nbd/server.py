@@ -657,18 +657,19 @@ class _Connection(asyncio.BufferedProtocol):
             return False
 
     def _lookup(self, name: str) -> tuple[BlockDevice | None, int, str]:
-        """(device, error reply type, message)."""
+        """(device, error reply type, message). The policy comes first: a client may not
+        learn whether an export it may not open exists."""
+        if not self._allowed(name):
+            self.log.warning("nbd %s: identity %r may not open export %r", self.peer, self.identity, name)
+            if not self.tls_active and self.srv.ssl_context is not None:
+                return None, P.REP_ERR_TLS_REQD, f"export {name!r} requires TLS"
+            return None, P.REP_ERR_POLICY, f"access to export {name!r} denied"
         try:
             dev = self.srv.provider.open_export(name)
         except DEVICE_ERRORS as e:
             return None, P.REP_ERR_UNKNOWN, f"cannot open export {name!r}: {e}"
         if dev is None:
             return None, P.REP_ERR_UNKNOWN, f"no export named {name!r}"
-        if not self._allowed(name):
-            self.log.warning("nbd %s: identity %r may not open export %r", self.peer, self.identity, name)
-            if not self.tls_active and self.srv.ssl_context is not None:
-                return None, P.REP_ERR_TLS_REQD, f"export {name!r} requires TLS"
-            return None, P.REP_ERR_POLICY, f"access to export {name!r} denied"
         return dev, 0, ""
 
     def _tx_flags(self, dev: BlockDevice) -> int:
@@ -818,7 +819,8 @@ class _Connection(asyncio.BufferedProtocol):
         # a volume's physical run never covers a hole; a plain file's may (sparse file)
         self._run_is_data = not isinstance(dev, FileDevice)
         self.srv._register_device(dev)
-        self.holder = Holder(name, _client_address(self.transport), self.identity, self.readonly)
+        self.holder = Holder(name, _client_address(self.transport), self.identity, self.readonly,
+                             disconnect=self._abort)
         self.srv.holders.add(self.holder)
         if self._timer is not None:
             self._timer.cancel()

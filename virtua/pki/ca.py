@@ -88,7 +88,9 @@ class ClusterCA:
         self.key = key
         self._lock = threading.Lock()
         self.on_revoke: list[Callable[[], None]] = []  # e.g. reload a TLS context's CRL
-        self.revoked: set[int] = set(json.loads(self._read("revoked.json", "[]")))
+        self.revoked: set[int] = set()
+        self._revoked_mtime = -1
+        self._sync_revoked()
 
     # ------------------------------------------------------------------ creation
 
@@ -196,12 +198,15 @@ class ClusterCA:
             ours = cert.issuer == self.cert.subject and creds.ca.read_bytes() == self.ca_pem
             if set(sans) <= have and fresh and ours and cert.serial_number not in self.revoked:
                 return
+        old = self.active_serials(role, name)
         key = new_key()
         cert_bytes = self._sign(key.public_key(), role, name, sans)
         write_private(creds.key, key_pem(key))
         write_private(creds.cert, cert_bytes)
         write_private(creds.ca, self.ca_pem)
         log.info("issued the %s certificate (%s) in %s", role, ", ".join(sans) or name, creds.dir)
+        if old:  # a reissued identity leaves no older certificate valid (rotate = delete the dir, restart)
+            self.revoke_serials(old, f"{role} {name}, reissued")
 
     # ------------------------------------------------------------------ issuing
 
@@ -287,21 +292,41 @@ class ClusterCA:
         return [
             int(s) for s, rec in self.issued().items()
             if rec["role"] == role and rec["name"] == name and rec["not_after"] > now
-            and int(s) not in self.revoked
+            and not self.is_revoked(int(s))
         ]
 
     def revoke_name(self, role: Role, name: str) -> list[int]:
         """Revoke every certificate issued to (role, name); returns their serials."""
         serials = self.active_serials(role, name)
-        if serials:
-            with self._lock:
-                self.revoked.update(serials)
-                write_private(self.dir / "revoked.json", json.dumps(sorted(self.revoked)).encode())
-            self.write_crl()
-            for listener in self.on_revoke:
-                listener()
-            log.info("revoked the certificate(s) of %s %s: %s", role, name, ", ".join(f"{s:x}" for s in serials))
+        self.revoke_serials(serials, f"{role} {name}")
         return serials
+
+    def _sync_revoked(self) -> None:
+        """Take in revocations another process wrote (`virtua lab up` and serve share the
+        pki directory); the set is only ever added to, in place."""
+        try:
+            mtime = (self.dir / "revoked.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime != self._revoked_mtime:
+            self._revoked_mtime = mtime
+            self.revoked.update(int(x) for x in json.loads(self._read("revoked.json", "[]")))
+
+    def is_revoked(self, serial: int) -> bool:
+        self._sync_revoked()
+        return serial in self.revoked
+
+    def revoke_serials(self, serials: list[int], whose: str) -> None:
+        if not serials:
+            return
+        with self._lock:
+            self._sync_revoked()
+            self.revoked.update(serials)
+            write_private(self.dir / "revoked.json", json.dumps(sorted(self.revoked)).encode())
+        self.write_crl()
+        for listener in self.on_revoke:
+            listener()
+        log.info("revoked the certificate(s) of %s: %s", whose, ", ".join(f"{s:x}" for s in serials))
 
     def write_crl(self) -> None:
         now = dt.datetime.now(dt.UTC)

@@ -6,7 +6,7 @@ The cluster CA writes the role into the subject's OU and the name into its CN.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Literal
 
 Role = Literal["admin", "manager", "host"]
@@ -42,6 +42,15 @@ def identity_from_peercert(cert: dict[str, Any] | None) -> Identity | None:
     return Identity(role, name, serial)  # type: ignore[arg-type]
 
 
+def canonical_ip(text: str) -> IPv4Address | IPv6Address:
+    """An IP address in one spelling: an IPv4-mapped IPv6 address is its IPv4 address
+    (::ffff:10.0.0.5 is 10.0.0.5), so no comparison sees two addresses in one."""
+    ip = ip_address(text.strip())
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def certificate_addresses(cert: dict[str, Any] | None) -> list[str]:
     """The IP addresses in a verified peer certificate's subjectAltName."""
     if not cert:
@@ -50,7 +59,7 @@ def certificate_addresses(cert: dict[str, Any] | None) -> list[str]:
     for kind, value in cert.get("subjectAltName", ()):
         if kind == "IP Address":
             try:
-                out.append(str(ip_address(str(value).strip())))  # ssl spells IPv6 long-hand
+                out.append(str(canonical_ip(str(value))))  # ssl spells IPv6 long-hand
             except ValueError:
                 continue
     return out

@@ -8,7 +8,7 @@ here first, so they refuse (naming the client) while a volume is in use.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ class Holder:
     since: float = field(default_factory=time.time)
     bytes_read: int = 0
     bytes_written: int = 0
+    # closes this connection (the NBD server's), with a reason for its log
+    disconnect: Callable[[str], None] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         who = f"NBD client {self.client}"
@@ -57,6 +59,9 @@ class Holders:
             held.remove(holder)
             if not held:
                 del self._by_export[holder.export]
+
+    def all(self) -> list[Holder]:
+        return [h for held in self._by_export.values() for h in held]
 
     def of(self, exports: Iterable[str]) -> list[Holder]:
         return [h for e in exports for h in self._by_export.get(e, ())]
