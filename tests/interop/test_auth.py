@@ -274,6 +274,60 @@ def test_two_authorization_headers_are_refused(plane: Plane) -> None:
         assert one.status_code == 200, "control: one header"
 
 
+def test_join_believes_no_forwarded_for_header(plane: Plane, tmp_path: Path) -> None:
+    """F1: uvicorn took X-Forwarded-For from loopback as the peer: a local joiner got a
+    certificate for any address."""
+    from virtua.pki.ca import make_csr, new_key
+
+    token = tmp_path / "t"
+    plane.cli("host", "join-token", "--output", str(token))
+    body = {"token": token.read_text().strip(), "name": "x5", "address": "10.0.0.5:8781",
+            "csr": make_csr(new_key(), "x5").decode()}
+    with plane.client(None) as c:
+        for header in ({"x-forwarded-for": "10.0.0.5"}, {"x-real-ip": "10.0.0.5"}, {"forwarded": "for=10.0.0.5"}):
+            r = c.post("/v1/join", json=body, headers=header)
+            assert r.status_code == 403 and "joins from 127.0.0.1" in r.json()["message"], r.text
+
+
+def test_a_host_says_only_true_things_about_itself(plane: Plane) -> None:
+    """F3/F6: a host's networks go into every host's guest filter and its strings to the
+    admin's terminal: networks must be real, narrow, and the host's own; accel is a word."""
+    reg = {"name": "a1", "cores": 1, "memory_mb": 512, "address": f"127.0.0.1:{plane.agent_port}"}
+    with plane.client(Credentials(plane.agent_home / "pki")) as c:
+        for networks, status, text in ((["0.0.0.0/0"], 400, "wider than /8"), (["bogus"], 400, "bad network"),
+                                       (["10.99.0.0/24"], 403, "is not on"), (["127.0.0.0/8"], 200, "")):
+            r = c.post("/v1/hosts/register", json={**reg, "networks": networks})
+            assert r.status_code == status and text in r.text, (networks, r.text)
+        r = c.post("/v1/hosts/register", json={**reg, "accel": "kvm\x1b[2J"})
+        assert r.status_code == 400, r.text
+        r = c.post("/v1/hosts/a1/heartbeat", json={"vms": [{"id": "x/y", "state": "evil\x07"}]})
+        assert r.status_code == 400, r.text
+        assert c.post("/v1/hosts/register", json=reg).status_code == 200, "control, and back to no networks"
+
+
+def test_an_agent_refuses_a_revoked_admin_certificate(plane: Plane, tmp_path: Path) -> None:
+    """F4: agents held no revocation list at all."""
+    ca = ca_of(plane)
+    cert, key = ca.issue("admin", "admin")
+    spare = creds_from(tmp_path / "spare", ca.ca_pem, cert, key)
+    base = f"https://127.0.0.1:{plane.agent_port}"
+    with plane.client(spare, base, PeerRule("host", "a1")) as c:
+        assert c.get("/v1/health").status_code == 200, "control: an admin certificate may call an agent"
+    serial = x509_serial(cert)
+    ca.revoke_serials([serial], "a spare admin certificate")
+
+    def refused() -> bool:
+        with plane.client(spare, base, PeerRule("host", "a1")) as c:
+            return c.get("/v1/health").status_code == 403
+    wait_for(refused, "the agent to learn of the revocation from its heartbeat", timeout=30)
+
+
+def x509_serial(cert_pem: bytes) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert_pem).serial_number
+
+
 def test_the_admin_token_over_tls(plane: Plane, tmp_path: Path) -> None:
     base = ["--api", plane.api, "--ca", str(plane.pki / "ca-cert.pem")]
     r = plane.cli(*base, "--token-file", str(plane.pki / "admin-token"), "volume", "list", "--json")

@@ -256,6 +256,12 @@ def test_join_binds_the_certificate_to_the_joining_address(tmp_path: Path, ca: C
     with pytest.raises(AlreadyExists, match="belongs to host h1"):
         m.join(m.join_token("1h")["token"], "h2", make_csr(new_key(), "h2").decode(), "10.0.0.66:8781",
                peer="10.0.0.66")
+    with pytest.raises(AlreadyExists, match="belongs to host h1"):  # the same address, IPv4-mapped
+        m.join(m.join_token("1h")["token"], "h3", make_csr(new_key(), "h3").decode(), "::ffff:10.0.0.66:8781",
+               peer="::ffff:10.0.0.66")
+    with pytest.raises(InvalidArgument, match="reserved"):
+        m.join(m.join_token("1h")["token"], "Virtua-Manager", make_csr(new_key(), "Virtua-Manager").decode(),
+               "10.0.0.67:8781", peer="10.0.0.67")
     # a joiner on the manager's own machine may listen on loopback (the local agent)
     m.join(m.join_token("1h")["token"], "local", make_csr(new_key(), "local").decode(), "127.0.0.1:8781",
            peer="10.0.0.1")
@@ -292,3 +298,19 @@ def test_a_bearer_token_is_the_admin_token_or_refused(ca: ClusterCA) -> None:
     with pytest.raises(Unauthenticated):
         caller_of(scope(b"Basic " + token.encode()), ca.is_admin_token)
     assert not caller_of(scope(None), ca.is_admin_token).admin
+
+
+def test_a_reissued_identity_revokes_the_older_certificate(ca: ClusterCA) -> None:
+    """F4: deleting pki/admin and restarting issued a new admin certificate and left the
+    old one valid for a year."""
+    old = x509.load_pem_x509_certificate(ca.admin.cert.read_bytes()).serial_number
+    assert not ca.is_revoked(old)
+    import shutil
+
+    shutil.rmtree(ca.admin.dir)
+    again = ClusterCA.ensure(ca.dir, manager_sans=["10.1.2.3", "127.0.0.1", "localhost"])
+    new = x509.load_pem_x509_certificate(again.admin.cert.read_bytes()).serial_number
+    assert new != old and again.is_revoked(old) and not again.is_revoked(new)
+    assert ca.is_revoked(old), "another process's CA object sees it too (revoked.json)"
+    crl = x509.load_pem_x509_crl(again.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(old) is not None

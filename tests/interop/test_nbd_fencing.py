@@ -1,0 +1,138 @@
+"""Break F2 of the second adversarial pass, reproduced: NBD access followed placement only
+when an export was opened, so a removed host, or the old host of a VM that moved or was
+restarted elsewhere, kept its open session and went on writing: two writers on one disk.
+
+The real NBD server with the cluster policy (virtua serve's --tls auto wiring) and a real
+TLS client holding a host's certificate; the manager's records change under it."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from virtua.api.daemon import StorageExports
+from virtua.cluster.manager import Manager
+from virtua.cluster.model import HostRecord, VMRecord
+from virtua.cluster.store import SQLiteStore
+from virtua.nbd import proto as P
+from virtua.nbd.client import NBDClient, OptionError
+from virtua.nbd.server import NBDServer
+from virtua.nbd.tls import TLSConfig
+from virtua.pki.ca import ClusterCA
+from virtua.pki.credentials import MANAGER, Credentials
+from virtua.pki.files import write_private
+from virtua.storage.service import Storage
+
+pytestmark = pytest.mark.interop
+DISK = "p/vc-n1"
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.ca = ClusterCA.ensure(tmp / "pki", manager_sans=["127.0.0.1"])
+        self.storage = Storage(tmp / "home")
+        self.storage.create_pool("p", capacity=64 << 20)
+        self.storage.pool("p").create_volume("vc-n1", 4 << 20)
+        self.manager = Manager(tmp, self.storage, SQLiteStore(tmp / "m.db"), authority=self.ca)
+        self.manager.enforce_nbd_access = True
+        for h in ("h1", "h2"):
+            self.manager.store.put(f"/hosts/{h}", HostRecord(name=h, address=f"127.0.0.1:{len(h)}", cores=1,
+                                                             memory_mb=512).model_dump())
+        self.vm = VMRecord(vc="vc", name="n1", index=1, host="h1", state="running", address="10.9.0.2",
+                           mac="52:54:00:00:00:01", tap="t1", disk=DISK, swap="p/vc-n1-swap", seed="p/vc-n1-seed")
+        self.manager._put_vm(self.vm)
+        exports = StorageExports(self.storage, {}, host_access=self.manager.nbd_access)
+        mcreds = self.ca.manager
+        self.nbd = NBDServer(exports, tls=TLSConfig(str(mcreds.cert), str(mcreds.key), str(mcreds.ca)),
+                             tls_mode="require", holders=self.storage.holders)
+        self.tmp = tmp
+
+    def host_context(self, name: str) -> ssl.SSLContext:
+        cert, key = self.ca.issue("host", name, ["127.0.0.1"])
+        c = Credentials(self.tmp / f"creds-{name}")
+        c.dir.mkdir(mode=0o700)
+        write_private(c.ca, self.ca.ca_pem)
+        write_private(c.cert, cert)
+        write_private(c.key, key)
+        return c.client_context(MANAGER)
+
+
+def open_disk(port: int, ctx: ssl.SSLContext) -> NBDClient:
+    c = NBDClient.connect("127.0.0.1", port)
+    c.hello()
+    c.starttls(ctx, server_hostname="127.0.0.1")
+    c.go(DISK)
+    return c
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.storage.close()
+
+
+async def _scenario(cluster: Cluster, change: str) -> None:
+    await cluster.nbd.start(host="127.0.0.1", port=0)
+    try:
+        h1, h2 = cluster.host_context("h1"), cluster.host_context("h2")
+        old = await asyncio.to_thread(open_disk, cluster.nbd.port, h1)
+        await asyncio.to_thread(old.write, 0, b"A" * 4096, P.CMD_FLAG_FUA)  # control: h1 holds it now
+        with pytest.raises(OptionError):  # control: h2 may not, while the VM is on h1
+            await asyncio.to_thread(open_disk, cluster.nbd.port, h2)
+        if change == "moved":
+            cluster.manager._put_vm(cluster.vm.model_copy(update={"host": "h2", "state": "starting"}))
+        elif change == "failed":
+            cluster.manager._put_vm(cluster.vm.model_copy(update={"state": "failed"}))
+        else:
+            cluster.manager.remove_host("h1", force=True)
+        await asyncio.sleep(0.1)
+        with pytest.raises((ConnectionError, OSError)):
+            await asyncio.to_thread(old.write, 0, b"B" * 4096, P.CMD_FLAG_FUA)
+        dev = cluster.storage.open_export(DISK)
+        assert dev is not None and bytes(dev.read(0, 4096)) == b"A" * 4096, "the old writer's write never landed"
+        with pytest.raises(OptionError):
+            await asyncio.to_thread(open_disk, cluster.nbd.port, h1)  # nor can it reconnect
+        if change == "moved":  # the new host can
+            new = await asyncio.to_thread(open_disk, cluster.nbd.port, h2)
+            await asyncio.to_thread(new.write, 0, b"C" * 4096, P.CMD_FLAG_FUA)
+            new.close()
+        old.close()
+    finally:
+        await cluster.nbd.close()
+
+
+@pytest.mark.parametrize("change", ["moved", "failed", "removed"])
+def test_a_host_loses_its_open_disk_when_it_may_no_longer_hold_it(cluster: Cluster, change: str) -> None:
+    asyncio.run(_scenario(cluster, change))
+
+
+def test_a_host_cannot_tell_which_exports_exist(cluster: Cluster) -> None:
+    """F5: the lookup came before the policy, so a refusal said whether the export existed."""
+
+    async def go() -> None:
+        await cluster.nbd.start(host="127.0.0.1", port=0)
+        try:
+            h2 = cluster.host_context("h2")
+
+            def refusal(name: str) -> tuple[int, str]:
+                c = NBDClient.connect("127.0.0.1", cluster.nbd.port)
+                c.hello()
+                c.starttls(h2, server_hostname="127.0.0.1")
+                try:
+                    with pytest.raises(OptionError) as e:
+                        c.go(name)
+                    return e.value.rep, str(e.value).replace(name, "NAME")
+                finally:
+                    c.close()
+
+            exists, missing = await asyncio.to_thread(refusal, DISK), await asyncio.to_thread(refusal, "p/nope")
+            assert exists == missing and exists[0] == P.REP_ERR_POLICY, (exists, missing)
+        finally:
+            await cluster.nbd.close()
+
+    asyncio.run(go())
