@@ -17,6 +17,7 @@ which is the disk here: a tmpfs has nothing to fdatasync).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -50,31 +51,38 @@ def run_kill_points(kill_points: int, seed: int, where: Path) -> int:
     return 1 if s.counts else 0
 
 
-def run_flush_isolation(dirty_mib: list[int], seconds: float, where: Path) -> None:
+def run_flush_isolation(dirty_mib: list[int], seconds: float, where: Path, rounds: int = 2) -> None:
+    """Both writeback settings in one run, alternating (the machine's noise moves between
+    runs more than between neighbours): early writeback every 8 MiB (the default) and
+    none (VIRTUA_WRITEBACK_MIB=0: the whole dirty set waits for the FLUSH)."""
     sys.path.insert(0, str(ROOT))
     from tests.helpers.crash_flush import MIB, measure
     from tests.helpers.crash_server import CrashServer
     from virtua.storage.service import Storage
 
-    home = where / "flush-home"
-    st = Storage(home)
-    st.create_pool("f", capacity=8 << 30)
-    st.pool("f").create_volume("r", 64 * MIB)
-    st.pool("f").create_volume("w", 4 << 30)
-    st.close()
-    srv = CrashServer(home).start()
     print("flush isolation: fio randread 4k qd1 on f/r, another client writes DIRTY to f/w, then FLUSH")
-    print(f"  {'dirty':>8} {'idle p50':>9} {'idle p99':>9} {'flush p50':>9} {'flush p99':>9} {'p99 ratio':>9} "
-          f"{'flushes':>7} {'FLUSH ms':>8} {'reads':>6}")
-    try:
+    print(f"  {'writeback':>9} {'dirty':>8} {'idle p50':>9} {'idle p99':>9} {'flush p50':>9} {'flush p99':>9} "
+          f"{'p99 ratio':>9} {'busy p99':>9} {'flushes':>7} {'FLUSH ms':>8} {'reads':>6}")
+    for rnd in range(rounds):
         for mib in dirty_mib:
-            r = measure(srv.port, "f/r", "f/w", where, dirty_bytes=mib * MIB, seconds=seconds)
-            ratio = r.flush_p99_us / r.idle_p99_us if r.idle_p99_us else 0.0
-            print(f"  {mib:>5}MiB {r.idle_p50_us:>7.0f}us {r.idle_p99_us:>7.0f}us {r.flush_p50_us:>7.0f}us "
-                  f"{r.flush_p99_us:>7.0f}us {ratio:>8.1f}x {r.flushes:>7} {r.flush_ms:>8.1f} {r.flush_reads:>6}",
-                  flush=True)
-    finally:
-        srv.kill()
+            for writeback in ("8", "0"):
+                home = where / f"flush-{rnd}-{mib}-{writeback}"
+                st = Storage(home)
+                st.create_pool("f", capacity=8 << 30)
+                st.pool("f").create_volume("r", 64 * MIB)
+                st.pool("f").create_volume("w", 4 << 30)
+                st.close()
+                srv = CrashServer(home, env={"VIRTUA_WRITEBACK_MIB": writeback}).start()
+                try:
+                    r = measure(srv.port, "f/r", "f/w", home, dirty_bytes=mib * MIB, seconds=seconds)
+                finally:
+                    srv.kill()
+                ratio = r.flush_p99_us / r.idle_p99_us if r.idle_p99_us else 0.0
+                label = "8 MiB" if writeback == "8" else "off"
+                print(f"  {label:>9} {mib:>5}MiB {r.idle_p50_us:>7.0f}us {r.idle_p99_us:>7.0f}us "
+                      f"{r.flush_p50_us:>7.0f}us {r.flush_p99_us:>7.0f}us {ratio:>8.1f}x {r.busy_p99_us:>7.0f}us "
+                      f"{r.flushes:>7} {r.flush_ms:>8.1f} {r.flush_reads:>6}", flush=True)
+                shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ class FlushIsolation:
     flushes: int
     flush_ms: float  # median FLUSH duration seen by the writer
     dirty_bytes: int
+    busy_p99_us: float = 0.0  # every read of the busy run: while writing and flushing
 
 
 def _read_lat_log(prefix: Path) -> list[tuple[float, float]]:
@@ -100,10 +101,16 @@ def measure(port: int, read_export: str, write_export: str, workdir: Path, *,
     t.join(60)
     writer.disconnect()
     assert busy.returncode == 0, err.decode()
+    busy_lat = _read_lat_log(workdir / "busy")
+    # A read is "during" a FLUSH when it was issued while the FLUSH was in flight: a read
+    # the FLUSH stalls counts however late it completes, and neither a read queued behind
+    # the writer's last 1 MiB write before it nor one behind the next write after it does
+    # (those are the writes' cost, measured by busy_p99). fio stamps completions in whole
+    # ms, truncated: done - latency is at most the true issue time, so ">= a" never lets
+    # in a read issued before the FLUSH.
     during = [
-        lat for done, lat in _read_lat_log(workdir / "busy")
-        # a read stalled by a flush completes right after it: count those too
-        if any(a <= done <= b + 0.002 for a, b in windows)
+        lat for done, lat in busy_lat
+        if any(a <= done - lat / 1e6 <= b for a, b in windows)
     ]
     flush_ms = sorted((b - a) * 1000 for a, b in windows)
     return FlushIsolation(
@@ -111,4 +118,5 @@ def measure(port: int, read_export: str, write_export: str, workdir: Path, *,
         flush_p50_us=_pct(during, 50), flush_p99_us=_pct(during, 99),
         flush_reads=len(during), flushes=len(windows),
         flush_ms=flush_ms[len(flush_ms) // 2] if flush_ms else 0.0, dirty_bytes=dirty_bytes,
+        busy_p99_us=_pct([lat for _, lat in busy_lat], 99),
     )

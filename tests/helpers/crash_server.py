@@ -74,8 +74,9 @@ class OpError(Exception):
 class CrashServer:
     """Start, call, kill -9 and restart the helper server over one home."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.home = home
+        self.env = env
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self._ops: socket.socket | None = None
@@ -85,6 +86,7 @@ class CrashServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.helpers.crash_server", str(self.home)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # '' if it died

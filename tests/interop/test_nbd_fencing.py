@@ -136,3 +136,16 @@ def test_a_host_cannot_tell_which_exports_exist(cluster: Cluster) -> None:
             await cluster.nbd.close()
 
     asyncio.run(go())
+
+
+def test_a_saved_state_is_taken_only_while_the_manager_suspends_that_vm(cluster: Cluster) -> None:
+    """A saved state is a QEMU migration stream another host loads: a host could send
+    one at any time, to be fed to the next host on a drain or resume."""
+    from virtua.errors import PermissionDenied
+
+    with pytest.raises(PermissionDenied, match="only while suspending"):
+        cluster.manager.save_state_upload("vc/n1")
+    cluster.manager._state_uploads.add("vc/n1")  # what _suspend_vm does around the agent's call
+    assert cluster.manager.save_state_upload("vc/n1") == cluster.manager.states_dir / "vc" / "n1.state"
+    with pytest.raises(PermissionDenied):
+        cluster.manager.save_state_upload("vc/n1")  # once

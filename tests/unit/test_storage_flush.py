@@ -83,6 +83,32 @@ def test_rows_of_a_commit_in_flight_stay_visible_and_freed_chunks_wait(
     reopened.close()
 
 
+def test_many_rows_without_a_flush_commit_in_the_flush_thread(
+    tmp_path: Path, held_fdatasync: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automatic commit (a client that writes gigabytes and never flushes) ran
+    fdatasync inline, on the server's loop: every other client stalled for its length."""
+    monkeypatch.setattr(pool_module, "AUTO_COMMIT_ROWS", 8)
+    pool = Pool.create(tmp_path / "p", "p", capacity=64 << 20, chunk_size=CHUNK)
+    a = VolumeDevice(pool, pool.create_volume("a", 64 * CHUNK))
+
+    async def scenario() -> None:
+        for i in range(12):  # past the mark: each write returns, the fdatasync is held
+            a.write(i * CHUNK, bytes([65 + i]) * CHUNK)
+        assert pool._job is not None, "the commit went to the flush thread"
+        assert a.read(0, CHUNK) == b"A" * CHUNK, "rows in flight stay visible"
+        held_fdatasync.set()
+        await asyncio.wait_for(pool.flush_async(), 30)
+
+    asyncio.run(scenario())
+    pool.close()
+    reopened = Pool(tmp_path / "p")
+    a2 = VolumeDevice(reopened, reopened.volume("a"))
+    assert [a2.read(i * CHUNK, 1) for i in range(12)] == [bytes([65 + i]) for i in range(12)]
+    assert reopened.check()["ok"]
+    reopened.close()
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[CrashServer]:
     st = Storage(tmp_path / "home")
@@ -114,7 +140,7 @@ def test_a_flush_reply_means_durable_even_if_killed_right_after(server: CrashSer
 def test_one_clients_flush_does_not_stall_another_clients_reads(server: CrashServer, tmp_path: Path) -> None:
     r = measure(server.port, "f/r", "f/w", tmp_path, dirty_bytes=64 * MIB, seconds=3.0)
     print(r)
-    assert r.flushes >= 3 and r.flush_ms >= 8, f"flushes too short to stall anything: {r}"
+    assert r.flushes >= 3 and r.flush_reads >= 50, f"too few flushes or reads during them to judge: {r}"
     # Inline, a read waits for the whole fdatasync (p99 ~ the flush: 45 ms measured).
     # Off the loop it waits at most for the loop's share of the work; this machine's
     # noise (2 cores, other jobs) is far above the 2x goal, hence the generous bound.

@@ -83,6 +83,7 @@ class Manager:
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
         self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
+        self._state_uploads: set[str] = set()  # VMs whose saved state may be uploaded once now
         self.enforce_nbd_access = False  # serve sets it when NBD follows placement (--tls auto)
         # one client per host: each checks in its TLS handshake that the agent it reached
         # holds that host's certificate (not another host's, not the admin's)
@@ -878,8 +879,12 @@ class Manager:
         if vm.state != "running":
             return
         self._state_path(vm).parent.mkdir(parents=True, exist_ok=True)
-        await self._agent(self.host(vm.host), "POST", "/v1/vm/suspend",
-                          json={"id": vm.key, "upload_url": f"{self.api_url}/v1/vmstate/{vm.key}"})
+        self._state_uploads.add(vm.key)
+        try:
+            await self._agent(self.host(vm.host), "POST", "/v1/vm/suspend",
+                              json={"id": vm.key, "upload_url": f"{self.api_url}/v1/vmstate/{vm.key}"})
+        finally:
+            self._state_uploads.discard(vm.key)
         if not self._state_path(vm).exists():
             raise Unavailable(f"{vm.key}: the agent reported success but no saved state arrived")
         vm.state = "suspended"
@@ -1171,7 +1176,13 @@ class Manager:
         return vm
 
     def save_state_upload(self, key: str) -> Path:
+        """Where the one upload the manager asked for goes: a saved state is a QEMU
+        migration stream that another host will load, so a host may send one only while
+        the manager is suspending that VM, and once."""
         vm = self.vm_record(key)
+        if key not in self._state_uploads:
+            raise PermissionDenied(f"no saved state of {key} was asked for: it is sent only while suspending it")
+        self._state_uploads.discard(key)
         path = self._state_path(vm)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path

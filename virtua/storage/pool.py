@@ -37,7 +37,7 @@ from virtua.errors import (
 )
 from virtua.storage.blockmap import HOLE_V, ZERO_V, BlockMap
 from virtua.storage.device import FileMap
-from virtua.storage.fallocate import punch_hole
+from virtua.storage.fallocate import punch_hole, start_writeback
 from virtua.storage.meta import SCHEMA_VERSION, MetaDB, Tx, connect
 from virtua.storage.names import check_name
 from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
@@ -48,6 +48,11 @@ SECTOR = 512
 # Commit metadata by itself once this many chunk mappings are pending, so memory stays
 # bounded for a writer that never flushes.
 AUTO_COMMIT_ROWS = 65536
+# Start the kernel's writeback every this many bytes written (RocksDB's bytes_per_sync,
+# PostgreSQL's backend_flush_after): a FLUSH then finds little dirty data, and its
+# fdatasync no longer competes with every client for the disk and the CPU at once.
+# VIRTUA_WRITEBACK_MIB overrides it (0: never; benchmarks compare the two in one run).
+WRITEBACK_AFTER = (int(os.environ.get("VIRTUA_WRITEBACK_MIB", "8")) << 20) or (1 << 62)
 _DELETE = None  # pending-row marker: remove the row
 
 
@@ -132,6 +137,8 @@ class Pool:
         self._flush_tasks: set[asyncio.Task[None]] = set()
         # set by every data write: a flush with nothing to sync or commit returns at once
         self.data_dirty = False
+        self.unsynced = 0  # bytes written since writeback was last started
+        self._writeback: asyncio.Future[None] | None = None
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
@@ -314,6 +321,32 @@ class Pool:
         """Record a mapping change to commit at the next flush (None deletes the row)."""
         self._pending[(layer, chunk)] = phys
         if len(self._pending) >= AUTO_COMMIT_ROWS:
+            self._auto_commit()
+
+    def start_writeback(self) -> None:
+        """Ask the kernel to write the data file back (in a thread: it may wait for the
+        device queue), one request at a time; without a loop, nothing (the next flush)."""
+        if self._writeback is not None and not self._writeback.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.unsynced = 0
+        self._writeback = loop.run_in_executor(None, start_writeback, self.data_fd)
+
+    def _auto_commit(self) -> None:
+        """Many rows and no FLUSH yet: commit them. Beside a server's loop, in the flush
+        thread like a FLUSH (an inline fdatasync of gigabytes would stall every client);
+        only a backlog far past the mark, the disk not keeping up, waits inline."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # admin tools and tests: no one else to stall
+            self.flush()
+            return
+        if self._job is None:
+            self._start_flush_job(loop, loop.create_future())
+        elif len(self._pending) >= 4 * AUTO_COMMIT_ROWS:
             self.flush()
 
     # ------------------------------------------------------------------ durability

@@ -13,7 +13,7 @@ import os
 from virtua.errors import InvalidArgument, NoSpace, NotFound, ReadOnly
 from virtua.storage.blockmap import HOLE_V, SEG_MASK, SEG_SHIFT, ZERO_V, BlockMap
 from virtua.storage.device import HOLE, ZERO, Extent
-from virtua.storage.pool import Pool, Snapshot, Volume, _copy
+from virtua.storage.pool import WRITEBACK_AFTER, Pool, Snapshot, Volume, _copy
 
 
 class _Reader:
@@ -221,6 +221,9 @@ class VolumeDevice(_Reader):
                     if e.errno == errno.ENOSPC:
                         raise _no_space(pool) from e
                     raise
+                pool.unsynced += n
+                if pool.unsynced >= WRITEBACK_AFTER:
+                    pool.start_writeback()
                 if fua:
                     pool.flush()
                 return
@@ -278,6 +281,9 @@ class VolumeDevice(_Reader):
         # a chunk whose data is still on its way.
         for c, phys in new_rows:
             pool.set_row(top, c, phys)
+        pool.unsynced += n
+        if pool.unsynced >= WRITEBACK_AFTER:
+            pool.start_writeback()
         if fua:
             pool.flush()
 
