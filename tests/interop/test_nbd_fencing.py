@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from virtua.api.daemon import StorageExports
+from virtua.api.ops import _refuse_if_open
 from virtua.cluster.manager import Manager
 from virtua.cluster.model import HostRecord, VMRecord
 from virtua.cluster.store import SQLiteStore
+from virtua.errors import Busy
 from virtua.nbd import proto as P
 from virtua.nbd.client import NBDClient, OptionError
 from virtua.nbd.server import NBDServer
@@ -46,6 +48,7 @@ class Cluster:
                            mac="52:54:00:00:00:01", tap="t1", disk=DISK, swap="p/vc-n1-swap", seed="p/vc-n1-seed")
         self.manager._put_vm(self.vm)
         exports = StorageExports(self.storage, {}, host_access=self.manager.nbd_access)
+        exports.holder_label = self.manager.disk_user
         mcreds = self.ca.manager
         self.nbd = NBDServer(exports, tls=TLSConfig(str(mcreds.cert), str(mcreds.key), str(mcreds.ca)),
                              tls_mode="require", holders=self.storage.holders)
@@ -82,6 +85,8 @@ async def _scenario(cluster: Cluster, change: str) -> None:
         h1, h2 = cluster.host_context("h1"), cluster.host_context("h2")
         old = await asyncio.to_thread(open_disk, cluster.nbd.port, h1)
         await asyncio.to_thread(old.write, 0, b"A" * 4096, P.CMD_FLAG_FUA)  # control: h1 holds it now
+        with pytest.raises(Busy, match=r"in use by VM vc/n1 on host h1 \(NBD client 127.0.0.1:\d+, TLS h1\)"):
+            _refuse_if_open(cluster.storage, [DISK], "remove it", force=False)  # the VM, not just an address
         with pytest.raises(OptionError):  # control: h2 may not, while the VM is on h1
             await asyncio.to_thread(open_disk, cluster.nbd.port, h2)
         if change == "moved":

@@ -111,6 +111,10 @@ def test_trash_keeps_a_removed_volume_until_restored_or_expired(v: V, tmp_path: 
     assert v.json("pool", "info", "p")["used"] == 256 << 10, "the trash still holds the data"
     v.run("trash", "restore", "p/keep")
     assert export(v, "p/keep")[: 256 << 10] == img[: 256 << 10]
+    # a user who removes a volume to get space back is told that the trash keeps it
+    err = v.run("volume", "rm", "p/keep").stderr.decode()
+    assert "warning:" in err and "256 KiB stay allocated" in err and "trash purge p --all" in err, err
+    v.run("trash", "restore", "p/keep")
     v.run("volume", "rm", "p/keep", "--keep", "1s")
     time.sleep(1.5)
     assert v.json("trash", "list") == [], "its time is up: purged"

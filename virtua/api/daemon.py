@@ -123,6 +123,8 @@ class StorageExports:
         self.allow = allow
         # (export, TLS identity) -> may it open it: the manager's per-host allow-list
         self.host_access = host_access
+        # (export, TLS identity) -> who that is ("VM web/web-1 on host h1"), for in-use errors
+        self.holder_label: Callable[[str, str | None], str | None] | None = None
         self._devices: dict[str, BlockDevice] = {}
 
     def open_export(self, name: str) -> BlockDevice | None:
@@ -598,6 +600,7 @@ async def serve(cfg: ServeConfig) -> None:
     if cfg.tls == "auto":
         exports.host_access = manager.nbd_access
         manager.enforce_nbd_access = True
+    exports.holder_label = manager.disk_user
     await manager.start()
     from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission

@@ -14,6 +14,7 @@ MANAGER_METHODS is checked against the method's own signature.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from virtua.api.args import arguments_model, check_arguments
 from virtua.errors import Busy, DependencyError, InvalidArgument
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
-from virtua.units import parse_size
+from virtua.units import human_size, parse_size
 
 Op = Callable[..., Any]
 OPS: dict[str, Op] = {}
@@ -279,8 +280,15 @@ def volume_rm(
         return {"removed": pool.delete_volume(r.volume, recursive)}
     if snaps and not recursive:
         pool.delete_volume(r.volume, recursive=False)  # raises the usual DependencyError
+    held = sum(row["used"] for row in pool.du(r.volume))
     entry = pool.trash_volume(r.volume, parse_duration(keep) if keep is not None else DEFAULT_TRASH_KEEP)
-    return {"trashed": [ref], "expires": entry["expires"]}
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["expires"]))
+    # like `rbd trash mv`: restorable, so nothing is freed yet; say so (on a full pool
+    # a user removes a volume to get space back)
+    return {"trashed": [ref], "expires": entry["expires"], "held": held,
+            "warning": f"{ref} is in the trash until {until} (`virtua trash restore`): its "
+                       f"{human_size(held)} stay allocated; `virtua trash purge {pool.name} --all` "
+                       "or `volume rm --now` frees them"}
 
 
 @op("volume.reset")

@@ -319,6 +319,14 @@ class Manager:
             return True
         return export in self._nbd_grants().get(identity, set())
 
+    def disk_user(self, export: str, identity: str | None) -> str | None:
+        """Which VM a client of this export is, when the export is a VM's disk: "VM
+        web/web-1 on host h1" (the client's certificate names the host)."""
+        for vm in self.vms():
+            if export in (vm.disk, vm.swap, vm.seed) and identity in (None, vm.host):  # None: local plaintext
+                return f"VM {vm.key} on host {vm.host}"
+        return None
+
     def _nbd_grants(self) -> dict[str, set[str]]:
         """host -> the exports it may hold now (one pass over the records)."""
         hosts = {h.name for h in self.hosts()}

@@ -819,8 +819,9 @@ class _Connection(asyncio.BufferedProtocol):
         # a volume's physical run never covers a hole; a plain file's may (sparse file)
         self._run_is_data = not isinstance(dev, FileDevice)
         self.srv._register_device(dev)
+        label = getattr(self.srv.provider, "holder_label", None)
         self.holder = Holder(name, _client_address(self.transport), self.identity, self.readonly,
-                             disconnect=self._abort)
+                             label=label(name, self.identity) if label else None, disconnect=self._abort)
         self.srv.holders.add(self.holder)
         if self._timer is not None:
             self._timer.cancel()

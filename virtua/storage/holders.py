@@ -22,11 +22,18 @@ class Holder:
     since: float = field(default_factory=time.time)
     bytes_read: int = 0
     bytes_written: int = 0
+    label: str | None = None
     # closes this connection (the NBD server's), with a reason for its log
     disconnect: Callable[[str], None] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         who = f"NBD client {self.client}"
+        if self.label:  # who the client is, in the cluster's words: "VM web/web-1 on host h1"
+            who = f"{self.label} ({who}"
+            if self.identity:
+                who += f", TLS {self.identity}"
+            since = time.strftime("%H:%M:%S", time.localtime(self.since))
+            return f"{who}) on {self.export} since {since}"
         if self.identity:
             who += f" (TLS {self.identity})"
         since = time.strftime("%H:%M:%S", time.localtime(self.since))
@@ -41,6 +48,7 @@ class Holder:
             "since": self.since,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
+            "user": self.label,
         }
 
 
