@@ -241,6 +241,53 @@ def test_vms_of_a_dead_host_restart_elsewhere(cluster: NetCluster) -> None:
     c.wait_hosts(3)
 
 
+def test_an_agent_killed_alone_leaves_no_second_writer(cluster: NetCluster) -> None:
+    """The adversarial run of issue 14: kill -9 of h3's agent only left its QEMU running;
+    the manager restarted the VM on another host and both instances wrote one disk, and
+    the old one kept running after the agent came back. Now the old instance loses its
+    disk the moment the VM is placed elsewhere (the NBD server closes its session and
+    refuses it again), and is killed when its agent reports it."""
+    c = cluster
+    info = c.json("vc", "create", "hb", "--template", "tiny", "--nodes", "3", "--strategy", "cyclic",
+                  "--mode", "lazy", "--memory", "128M", "--start")
+    (node,) = [n for n in info["nodes"] if n["host"] == "h3"]
+    name, disk = node["name"], node["disk"]
+
+    def instances() -> list[int]:
+        r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/hb~{name}/"], capture_output=True, text=True)
+        return [int(p) for p in r.stdout.split()]
+
+    def disk_holders() -> list[str | None]:
+        return [h["tls_identity"] for h in c.json("volume", "status", disk)["connections"]]
+
+    assert len(instances()) == 1 and disk_holders() == ["h3"], "control: one instance, on h3"
+    c.kill_agent("h3")  # its QEMU goes on running
+    deadline = time.monotonic() + 90
+    while True:
+        moved = {n["name"]: n for n in c.json("vc", "info", "hb")["nodes"]}[name]
+        if moved["host"] != "h3" and moved["state"] == "running":
+            break
+        assert time.monotonic() < deadline, f"not restarted elsewhere: {moved}"
+        time.sleep(1)
+    new_host = moved["host"]
+    assert len(instances()) == 2, "the old instance still runs (nothing on h3 can stop it)"
+    time.sleep(3)  # the old QEMU retries its disk every second or so
+    assert disk_holders() == [new_host], "only the new instance holds the disk"
+    log = (c.tmp / "serve.log").read_text()
+    assert f"host h3 no longer holds export {disk}" in log, "its session was closed, not left to time out"
+    assert "identity 'h3' may not open export" in log, "and its reconnects are refused"
+    assert c.exec(f"hb/{name}", "hostname").strip() == name
+    c.start_agent("h3")  # it comes back, reattaches the old QEMU and reports it
+    deadline = time.monotonic() + 60
+    while len(instances()) != 1:
+        assert time.monotonic() < deadline, f"two instances of {name} after h3 came back: {instances()}"
+        time.sleep(0.5)
+    c.wait_hosts(3)
+    assert disk_holders() == [new_host]
+    assert c.exec(f"hb/{name}", "hostname").strip() == name, "the one left is the new one"
+    c.json("vc", "destroy", "hb", "--force")
+
+
 def test_template_import(cluster: NetCluster, tmp_path: Path) -> None:
     c = cluster
     img = c.home / "import" / "root.raw"  # the daemon's import directory: the only place it reads

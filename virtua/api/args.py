@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from virtua.edge.web import describe_errors, json_kind
+from virtua.edge.validation import describe_errors, json_kind
 from virtua.errors import InvalidArgument
 
 _CONFIG = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)

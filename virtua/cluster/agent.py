@@ -171,6 +171,10 @@ class Agent:
                 if reply.get("register"):
                     registered = False
                     continue
+                for vm_id in reply.get("stop") or []:  # placed elsewhere now: never two instances
+                    if isinstance(vm_id, str) and vm_id in self.vms:
+                        log.warning("the manager places %s elsewhere now: killing this instance", vm_id)
+                        await self.vm_stop({"id": vm_id, "force": True})
                 revoked = reply.get("revoked")
                 if isinstance(revoked, list):
                     self.revoked = {int(x, 16) for x in revoked if isinstance(x, str) and _HEX.fullmatch(x)}

@@ -165,10 +165,17 @@ class Manager:
             h.state = "draining" if h.draining else "online"
             log.info("host %s is back", name)
         self._put_host(h)
-        # what the agent reports is the truth about its VMs
+        # what the agent reports is the truth about its VMs; one it runs that the records
+        # place elsewhere (restarted there while this host was away) or no longer have
+        # (destroyed meanwhile) is an instance too many: the reply tells it to kill that
+        stop: list[str] = []
         for report in vms:
             rec = self._vm_or_none(report.get("id", ""))
             if rec is None or rec.host != name:
+                if report.get("state") in ("running", "starting", "suspended"):
+                    stop.append(str(report.get("id")))
+                    log.warning("host %s runs %s, which %s: telling it to stop it", name, report.get("id"),
+                                "no longer exists" if rec is None else f"is placed on {rec.host}")
                 continue
             state = report.get("state")
             if rec.state in ("running", "starting") and state in ("stopped", "failed"):
@@ -177,7 +184,7 @@ class Manager:
                 self._put_vm(rec)
         # the agents refuse these certificates too (they hold no CRL of their own)
         revoked = sorted(f"{s:x}" for s in self.authority.revoked) if self.authority else []
-        return {"ok": True, "network": self.network_for(name), "revoked": revoked}
+        return {"ok": True, "network": self.network_for(name), "revoked": revoked, "stop": stop}
 
     def network_for(self, host: str) -> dict[str, Any]:
         """What a host must route and filter: every VC subnet, and a /32 route to each VM
