@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from virtua.api.daemon import StorageExports
 from virtua.api.ops import _refuse_if_open
 from virtua.cluster.manager import Manager
 from virtua.cluster.model import HostRecord, VMRecord
@@ -24,6 +23,7 @@ from virtua.nbd import proto as P
 from virtua.nbd.client import NBDClient, OptionError
 from virtua.nbd.server import NBDServer
 from virtua.nbd.tls import TLSConfig
+from virtua.nbd.volumes import StorageExports
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import MANAGER, Credentials
 from virtua.pki.files import write_private

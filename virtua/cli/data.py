@@ -44,12 +44,12 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[float], None]]:
 def nbd_socket(home: Path, client: Client) -> Iterator[str]:
     """A unix socket where every volume of the pools is an NBD export, without TLS."""
     if not isinstance(client, LocalClient):
-        from virtua.api.daemon import admin_nbd_socket
+        from virtua.nbd.volumes import admin_nbd_socket
 
         yield str(admin_nbd_socket(home))
         return
-    from virtua.api.daemon import StorageExports
     from virtua.nbd.testing import ServerThread
+    from virtua.nbd.volumes import StorageExports
 
     where = tempfile.mkdtemp(prefix="virtua-nbd-")  # 0700: only we can connect
     path = os.path.join(where, "nbd.sock")
