@@ -93,6 +93,15 @@ def test_import_export_round_trip_sparse(v: V, tmp_path: Path) -> None:
     v.run("volume", "import", "-", "p/fromstdin", input=img.read_bytes())
     r = v.run("volume", "export", "p/fromstdin", "-")
     assert r.stdout == img.read_bytes()
+    # with --size, stdin streams straight in (no spooled copy); more than that is refused
+    data = img.read_bytes()
+    v.run("volume", "import", "-", "p/streamed", "--size", str(len(data)), input=data)
+    assert v.run("volume", "export", "p/streamed", "-").stdout == data
+    assert v.json("volume", "info", "p/streamed")["size"] == len(data)
+    r = v.run("volume", "import", "-", "p/toolong", "--size", "1M", input=data, ok=False)
+    assert r.returncode == 2 and b"stdin holds more than --size 1M" in r.stderr, r.stderr
+    assert "p/toolong" not in [x["name"] for x in v.json("volume", "list")], "nothing left behind"
+    v.fails(2, "volume", "import", str(img), "p/x", "--size", "1M", match="--size is for an import from stdin")
 
 
 def test_clone_reset_rebase_flatten(v: V, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ import typer
 
 from virtua.cli import render
 from virtua.cli.client import Client, connect
-from virtua.errors import VirtuaError
+from virtua.errors import InvalidArgument, VirtuaError
 from virtua.storage.service import default_home
+from virtua.units import parse_size
 
 app = typer.Typer(no_args_is_help=True, help="virtua: storage virtualization and virtual clusters")
 pool_app = typer.Typer(no_args_is_help=True, help="Storage pools")
@@ -261,11 +262,17 @@ def volume_status(ref: str) -> None:
 def volume_import(
     source: str = typer.Argument(..., help="image file (raw, qcow2, or any format qemu-img reads), or - for stdin (raw)"),
     ref: str = typer.Argument(..., help="POOL/VOLUME to create"),
+    size: str | None = typer.Option(
+        None, "--size", help="stdin only: the volume's size; the data streams straight in (else it is spooled first)"
+    ),
 ) -> None:
     """Create POOL/VOLUME from an image, checked first (a damaged one is refused); zeros stay unallocated."""
     from virtua.cli import data
 
-    result = data.import_image(State.home, State.client(), source, ref)
+    if size is not None and source != "-":
+        raise InvalidArgument("--size is for an import from stdin (-): a file's size is its own")
+    result = data.import_image(State.home, State.client(), source, ref,
+                               stream_size=parse_size(size) if size is not None else None)
     render.emit(result, State.json)
 
 

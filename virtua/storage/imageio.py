@@ -256,6 +256,12 @@ def import_command(image: Image, uri: str) -> list[str]:
             "-O", "raw", image.path, uri]
 
 
+def stream_import_command(uri: str) -> list[str]:
+    """stdin (raw) into an empty volume: nbdcopy reads a pipe in order, skipping zeros."""
+    _need("nbdcopy", "libnbd-bin")
+    return ["nbdcopy", "--destination-is-zero", "--flush", "-", uri]
+
+
 def export_command(uri: str, dest: str, fmt: str) -> list[str]:
     """Copy a volume to dest ('-' for stdout: raw only); holes stay holes."""
     if fmt == "raw":
@@ -273,7 +279,8 @@ _QEMU_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 _NBDCOPY_PROGRESS = re.compile(rb"(\d+)/100\n")
 
 
-def run_copy(cmd: list[str], progress: Callable[[float], None] | None, stdout: int | None = None) -> str:
+def run_copy(cmd: list[str], progress: Callable[[float], None] | None, stdout: int | None = None,
+             stdin: int | None = None) -> str:
     """Run a copy tool, feeding its progress (0..100) to progress; returns its stderr on failure, else ''.
 
     qemu-img prints its progress on stdout, nbdcopy on the file descriptor it is given.
@@ -282,7 +289,7 @@ def run_copy(cmd: list[str], progress: Callable[[float], None] | None, stdout: i
     qemu = cmd[0] == "qemu-img"
     cmd = [c.replace(PROGRESS_FD, str(wfd)) for c in cmd]
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cmd, stdin=stdin if stdin is not None else subprocess.DEVNULL, stderr=subprocess.PIPE,
         stdout=wfd if qemu else (stdout if stdout is not None else subprocess.DEVNULL),
         pass_fds=() if qemu else (wfd,),
     )
