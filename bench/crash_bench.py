@@ -26,11 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_kill_points(kill_points: int, seed: int, where: Path) -> int:
+def run_kill_points(kill_points: int, seed: int, where: Path, serve: bool = False) -> int:
     sys.path.insert(0, str(ROOT))
     from tests.helpers.crash_workload import CrashWorkload
 
-    work = CrashWorkload(where / "home", seed=seed)
+    work = CrashWorkload(where / "home", seed=seed, serve=serve)
     t0 = time.monotonic()
     try:
         for i in range(kill_points):
@@ -94,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="where the pools live (default: a temp dir)")
     ap.add_argument("--dirty", default="64,512", help="MiB written before each FLUSH, comma-separated")
     ap.add_argument("--seconds", type=float, default=6.0, help="length of each fio run")
+    ap.add_argument("--serve", action="store_true", help="kill the whole `virtua serve` (API, manager, CA) "
+                    "instead of the lean crash server (same NBD server, storage and operations)")
     args = ap.parse_args(argv)
     dirty = [int(x) for x in args.dirty.split(",") if x]
     print(f"crash: {args.kill_points} kill points, seed {args.seed}", flush=True)
 
     def run(where: Path) -> int:
-        rc = run_kill_points(args.kill_points, args.seed, where) if args.kill_points else 0
+        rc = run_kill_points(args.kill_points, args.seed, where, args.serve) if args.kill_points else 0
         if dirty:
             run_flush_isolation(dirty, args.seconds, where)
         return rc

@@ -154,3 +154,52 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class ServeCrashServer(CrashServer):
+    """The same driver for the whole daemon: `virtua serve` (HTTP API, manager, cluster
+    CA, edge limits and all) is what gets killed; operations go through its API socket."""
+
+    def start(self) -> CrashServer:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            api_port = probe.getsockname()[1]
+        env = {**os.environ, "VIRTUA_HOME": str(self.home), **(self.env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{port}",
+             "--api-listen", f"127.0.0.1:{api_port}"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("VIRTUA_READY"):
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            self.proc.kill()
+            raise RuntimeError(f"virtua serve did not start: {line!r} {err[-2000:]}")
+        self.port = port
+        return self
+
+    def call(self, op: str, **args: Any) -> Any:
+        import httpx
+
+        if self._http is None:
+            self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.home / "virtua.sock")),
+                                      base_url="http://virtua", timeout=120)
+        try:
+            r = self._http.post(f"/v1/ops/{op}", content=json.dumps(args))
+        except httpx.TransportError as e:  # killed under the request: what the workload expects
+            raise ConnectionError(f"virtua serve dropped {op}: {e}") from e
+        answer = r.json()
+        if r.status_code >= 400:
+            raise OpError(answer.get("error", "VirtuaError"), answer.get("message", r.text))
+        return answer
+
+    _http: Any = None
+
+    def _drop_ops(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.crash_server import CrashServer, OpError
+from tests.helpers.crash_server import CrashServer, OpError, ServeCrashServer
 from virtua.nbd import proto as P
 from virtua.nbd.client import NBDClient
 from virtua.storage.service import Storage
@@ -94,7 +94,7 @@ class CrashWorkload:
 
     def __init__(
         self, home: Path, seed: int, *, volume_size: int = 1 << 20, chunk_size: int = 16384,
-        max_volumes: int = 6, window: tuple[float, float] = (0.05, 0.6),
+        max_volumes: int = 6, window: tuple[float, float] = (0.05, 0.6), serve: bool = False,
     ) -> None:
         self.home = home
         self.rng = random.Random(seed)
@@ -110,7 +110,7 @@ class CrashWorkload:
         st = Storage(home)
         st.create_pool(POOL, capacity=512 << 20, chunk_size=chunk_size)
         st.close()
-        self.server = CrashServer(home).start()
+        self.server = (ServeCrashServer(home) if serve else CrashServer(home)).start()
         self.clients: dict[str, NBDClient] = {}
         for _ in range(3):
             self._create_volume()
@@ -194,19 +194,21 @@ class CrashWorkload:
                 return
             snap = self.rng.choice(sorted(mv.snapshots))
             self.uncertain.append(("snapshot.rm", (mv, snap)))
-            self.server.call("snapshot.rm", ref=f"{POOL}/{mv.name}@{snap}", recursive=True)
+            self.server.call("snapshot.rm", ref=f"{POOL}/{mv.name}@{snap}", recursive=True, force=True)
             del mv.snapshots[snap]
         else:
             if len(self.vols) <= 2:
                 return
             self.uncertain.append(("volume.rm", mv))
-            self.server.call("volume.rm", ref=f"{POOL}/{mv.name}", recursive=True)
+            self.server.call("volume.rm", ref=f"{POOL}/{mv.name}", recursive=True, force=True)
             self.vols.pop(mv.name)
         self._forget_missing()  # the clones a recursive removal took along
         self.uncertain.pop()
 
     def _flatten(self, mv: ModelVolume) -> None:
-        self.server.call("volume.flatten", ref=f"{POOL}/{mv.name}")  # content unchanged
+        # force: the workload's own clients hold its volumes open (an admin's --force;
+        # virtua serve refuses otherwise, the lean crash server keeps no holders)
+        self.server.call("volume.flatten", ref=f"{POOL}/{mv.name}", force=True)  # content unchanged
 
     def _forget_missing(self) -> None:
         """Drop model volumes the server no longer has (clones of removed snapshots)."""

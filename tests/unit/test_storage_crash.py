@@ -156,3 +156,20 @@ def test_kill9_of_the_server_under_a_random_workload_never_shows_foreign_bytes(t
     assert stats.kill_points == SERVER_KILL_POINTS
     assert stats.ops > 5 * SERVER_KILL_POINTS, "the workload barely ran: the test proves nothing"
     assert not stats.violations, "\n".join(stats.violations)
+
+
+def test_kill9_of_virtua_serve_itself_keeps_the_same_promise(tmp_path: Path) -> None:
+    """The same workload against the whole daemon (API, manager, cluster CA, edge limits):
+    what is killed is `virtua serve`, operations go through its API socket."""
+    from tests.helpers.crash_workload import CrashWorkload
+
+    points = max(3, SERVER_KILL_POINTS // 4)
+    work = CrashWorkload(tmp_path / "home", seed=20261202, serve=True)
+    try:
+        for _ in range(points):
+            work.kill_point()
+    finally:
+        work.close()
+    stats = work.stats
+    assert stats.kill_points == points and stats.ops > 5 * points, stats
+    assert not stats.violations, "\n".join(stats.violations)
