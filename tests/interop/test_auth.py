@@ -294,14 +294,26 @@ def test_a_host_says_only_true_things_about_itself(plane: Plane) -> None:
     admin's terminal: networks must be real, narrow, and the host's own; accel is a word."""
     reg = {"name": "a1", "cores": 1, "memory_mb": 512, "address": f"127.0.0.1:{plane.agent_port}"}
     with plane.client(Credentials(plane.agent_home / "pki")) as c:
-        for networks, status, text in ((["0.0.0.0/0"], 400, "wider than /8"), (["bogus"], 400, "bad network"),
-                                       (["10.99.0.0/24"], 403, "is not on"), (["127.0.0.0/8"], 200, "")):
+        for networks, status, text in ((["0.0.0.0/0"], 400, "wider than /16"), (["10.0.0.0/8"], 400, "wider than /16"),
+                                       (["10.200.7.0/24"], 400, "overlaps the VC subnets"),
+                                       (["bogus"], 400, "bad network"), (["10.99.0.0/24"], 403, "is not on"),
+                                       (["127.0.0.0/16"], 200, "")):
             r = c.post("/v1/hosts/register", json={**reg, "networks": networks})
             assert r.status_code == status and text in r.text, (networks, r.text)
         r = c.post("/v1/hosts/register", json={**reg, "accel": "kvm\x1b[2J"})
         assert r.status_code == 400, r.text
         r = c.post("/v1/hosts/a1/heartbeat", json={"vms": [{"id": "x/y", "state": "evil\x07"}]})
         assert r.status_code == 400, r.text
+        r = c.post("/v1/hosts/a1/heartbeat", json={"vms": [{"id": "x/y\nvirtua.manager: host good is offline",
+                                                            "state": "running"}]})
+        assert r.status_code == 400, "a VM id is VC/NODE: no forged log lines"
+        for spelling in ("127.0.0.1\n:9", "::ffff:127.0.0.1:9", "[::ffff:127.0.0.1%eth0]:9", "127.0.0.1:09"):
+            r = c.post("/v1/hosts/register", json={**reg, "address": spelling})
+            assert r.status_code == 400, (spelling, r.text)  # one spelling: it becomes others' routes
+        ok = c.post("/v1/hosts/register", json={**reg, "address": f"[::ffff:127.0.0.1]:{plane.agent_port}"})
+        assert ok.status_code == 200, ok.text
+        hosts = {h["name"]: h for h in json.loads(plane.cli("host", "list", "--json").stdout)}
+        assert hosts["a1"]["address"] == f"127.0.0.1:{plane.agent_port}", "stored canonical"
         assert c.post("/v1/hosts/register", json=reg).status_code == 200, "control, and back to no networks"
 
 

@@ -47,8 +47,12 @@ class Cluster:
         self.vm = VMRecord(vc="vc", name="n1", index=1, host="h1", state="running", address="10.9.0.2",
                            mac="52:54:00:00:00:01", tap="t1", disk=DISK, swap="p/vc-n1-swap", seed="p/vc-n1-seed")
         self.manager._put_vm(self.vm)
-        exports = StorageExports(self.storage, {}, host_access=self.manager.nbd_access)
+        # an administrator's rule: a backup tool's own export, nothing to do with placement
+        self.storage.pool("p").create_volume("bk", 1 << 20)
+        self.exports = exports = StorageExports(self.storage, {"p/bk": {"backup"}},
+                                                host_access=self.manager.nbd_access)
         exports.holder_label = self.manager.disk_user
+        self.manager.nbd_allowed = exports.allowed  # as serve wires it
         mcreds = self.ca.manager
         self.nbd = NBDServer(exports, tls=TLSConfig(str(mcreds.cert), str(mcreds.key), str(mcreds.ca)),
                              tls_mode="require", holders=self.storage.holders)
@@ -154,3 +158,59 @@ def test_a_saved_state_is_taken_only_while_the_manager_suspends_that_vm(cluster:
     assert cluster.manager.save_state_upload("vc/n1") == cluster.manager.states_dir / "vc" / "n1.state"
     with pytest.raises(PermissionDenied):
         cluster.manager.save_state_upload("vc/n1")  # once
+
+
+def test_fencing_looks_only_at_the_sessions_concerned_and_keeps_the_admins_rules(cluster: Cluster) -> None:
+    """Review 3: fencing re-read every record for every holder on every record change
+    (11 s of a stalled loop for one heartbeat of 1000 VMs), and closed sessions that an
+    --allow rule grants."""
+
+    async def go() -> None:
+        await cluster.nbd.start(host="127.0.0.1", port=0)
+        try:
+            h1, backup = cluster.host_context("h1"), cluster.host_context("backup")
+            old = await asyncio.to_thread(open_disk, cluster.nbd.port, h1)
+
+            def open_bk() -> NBDClient:
+                c = NBDClient.connect("127.0.0.1", cluster.nbd.port)
+                c.hello()
+                c.starttls(backup, server_hostname="127.0.0.1")
+                c.go("p/bk")
+                return c
+
+            bk = await asyncio.to_thread(open_bk)
+            checked: list[tuple[str, str]] = []
+            real = cluster.manager.nbd_allowed
+
+            def counting(export: str, identity: str) -> bool:
+                checked.append((export, identity))
+                return real(export, identity)
+
+            cluster.manager.nbd_allowed = counting
+            cluster.manager._put_vm(cluster.vm.model_copy(update={"host": "h2", "state": "starting"}))
+            assert checked == [(DISK, "h1")], "one check: the one session on the VM's disks"
+            cluster.manager.remove_host("h1", force=True)
+            await asyncio.sleep(0.1)
+            await asyncio.to_thread(bk.write, 0, b"K" * 4096, P.CMD_FLAG_FUA)  # the rule's session lives on
+            with pytest.raises((ConnectionError, OSError)):
+                await asyncio.to_thread(old.write, 0, b"B" * 4096, P.CMD_FLAG_FUA)
+            bk.close()
+            old.close()
+        finally:
+            await cluster.nbd.close()
+
+    asyncio.run(go())
+
+
+def test_a_stale_stopped_report_does_not_undo_a_start(cluster: Cluster) -> None:
+    """Review 3: the agent's report of the instance before a start ("stopped") turned the
+    starting record back, and the new QEMU's disk open was refused."""
+    m = cluster.manager
+    m._put_vm(cluster.vm.model_copy(update={"state": "starting"}))
+    m.heartbeat("h1", [{"id": "vc/n1", "state": "stopped"}])
+    assert m.vm_record("vc/n1").state == "starting"
+    m._put_vm(cluster.vm.model_copy(update={"state": "running"}))
+    m.heartbeat("h1", [{"id": "vc/n1", "state": "failed", "error": "QEMU exited"}])
+    assert m.vm_record("vc/n1").state == "failed", "control: a running VM's death is taken"
+    reply = m.heartbeat("h2", [{"id": "vc/n1", "state": "running"}])
+    assert reply["stop"] == ["vc/n1"], "another host's instance is told to stop"

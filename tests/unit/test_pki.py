@@ -314,3 +314,17 @@ def test_a_reissued_identity_revokes_the_older_certificate(ca: ClusterCA) -> Non
     assert ca.is_revoked(old), "another process's CA object sees it too (revoked.json)"
     crl = x509.load_pem_x509_crl(again.crl_path.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(old) is not None
+
+
+def test_an_agent_keeps_the_revocations_it_heard_of_across_restarts(tmp_path: Path) -> None:
+    """Review 3: a restarted agent accepted revoked certificates until its first heartbeat
+    (forever, with the manager unreachable)."""
+    from virtua.cluster.agent import Agent, AgentConfig
+
+    cfg = AgentConfig(name="h1", listen="127.0.0.1:1", manager="https://127.0.0.1:2", home=tmp_path)
+    first = Agent(cfg)
+    first._set_revoked({0xABC, 0x123})
+    first._set_revoked({0x123})  # a shorter list never un-revokes
+    assert first.revoked == {0xABC, 0x123}
+    assert Agent(cfg).revoked == {0xABC, 0x123}
+    assert mode(tmp_path / "pki-revoked.json") == 0o600

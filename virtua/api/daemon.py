@@ -27,12 +27,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from virtua.api import ops
 from virtua.api.auth import AuthMiddleware, may_act_as_host
+from virtua.cluster import netplan
 from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
 from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.nbd.volumes import AdminExports, StorageExports, admin_nbd_socket
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
-from virtua.pki.identity import canonical_ip, certificate_addresses
+from virtua.pki.identity import canonical_address, canonical_ip, certificate_addresses
 from virtua.procs import stop_process_group
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -128,10 +129,12 @@ def _host_network(text: str) -> str:
         raise ValueError(f"bad network {text[:64]!r}: {e}") from None
     if net.prefixlen < MIN_HOST_PREFIX:
         raise ValueError(f"network {net} is wider than /{MIN_HOST_PREFIX}")
+    if net.overlaps(netplan.DEFAULT_POOL):  # guests' own subnets: filtering it cuts VCs off
+        raise ValueError(f"network {net} overlaps the VC subnets ({netplan.DEFAULT_POOL})")
     return str(net)
 
 
-MIN_HOST_PREFIX = 8
+MIN_HOST_PREFIX = 16
 HostNetwork = Annotated[str, AfterValidator(_host_network)]
 
 
@@ -150,7 +153,7 @@ class Registration(BaseModel):
 
 class VMReport(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    id: Annotated[str, Field(max_length=200)]
+    id: Annotated[str, Field(max_length=129, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
     state: Literal["starting", "running", "stopped", "failed", "suspended"]
     error: Message | None = None
     pid: int | None = None
@@ -158,7 +161,7 @@ class VMReport(BaseModel):
 
 class Heartbeat(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    vms: Annotated[list[VMReport], Field(max_length=4096)] = Field(default_factory=list)
+    vms: Annotated[list[VMReport], Field(max_length=1024)] = Field(default_factory=list)
     accel: Accel | None = None
 
 
@@ -231,14 +234,18 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     async def register(request: Request) -> Any:
         try:
             reg = web.validated(Registration, await web.json_object(request, "registration"), "registration")
-            host, sep, port = reg.address.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise InvalidArgument(f"registration: bad address {reg.address[:80]!r}: expected HOST:PORT")
+            try:  # one spelling: it becomes every other host's route (via) and filter entry
+                reg = reg.model_copy(update={"address": canonical_address(reg.address)})
+            except ValueError as e:
+                raise InvalidArgument(f"registration: {e}") from None
             caller = getattr(request.state, "virtua_caller", None)
             if caller is not None:
                 may_act_as_host(caller, reg.name)
                 if not caller.admin:
                     _check_host_claims(reg, certificate_addresses(getattr(request.state, "virtua_peercert", None)))
+                    for vc in manager.vcs():
+                        if any(IPv4Network(n).overlaps(IPv4Network(vc.subnet)) for n in reg.networks):
+                            raise Forbidden(f"host {reg.name} claims a network over VC {vc.name}'s subnet {vc.subnet}")
             return manager.register_host(reg.model_dump())
         except VirtuaError as e:
             return error(e)
@@ -513,6 +520,7 @@ async def serve(cfg: ServeConfig) -> None:
     if cfg.tls == "auto":
         exports.host_access = manager.nbd_access
         manager.enforce_nbd_access = True
+        manager.nbd_allowed = exports.allowed  # --allow rules first, as at open
     exports.holder_label = manager.disk_user
     await manager.start()
     from virtua.edge.guard import MAX_HEADER_BYTES

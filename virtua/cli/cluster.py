@@ -231,12 +231,15 @@ def vc_list() -> None:
 
 
 @vm_app.command("console")
-def vm_console(ref: str = typer.Argument(..., help="VC/NODE"), follow: bool = typer.Option(False, "--follow", "-f")) -> None:
-    """Print a VM's console log (-f to follow)."""
+def vm_console(
+    ref: str = typer.Argument(..., help="VC/NODE"), follow: bool = typer.Option(False, "--follow", "-f"),
+    raw: bool = typer.Option(False, "--raw", help="the guest's bytes as they are, terminal escapes included"),
+) -> None:
+    """Print a VM's console log (-f to follow); control sequences escaped unless --raw."""
     offset = 0
     while True:
         r = State.client().call("vm.console", ref=ref, offset=offset)
-        sys.stdout.write(r["text"])
+        sys.stdout.write(r["text"] if raw else render.printable(r["text"]))
         sys.stdout.flush()
         offset = r["offset"]
         if not follow:
@@ -246,13 +249,14 @@ def vm_console(ref: str = typer.Argument(..., help="VC/NODE"), follow: bool = ty
 
 @vm_app.command("exec")
 def vm_exec(ref: str = typer.Argument(..., help="VC/NODE"), script: str = typer.Argument(...),
-            timeout: float = typer.Option(30.0, "--timeout")) -> None:
-    """Run a shell command in a guest (through its agent serial port)."""
+            timeout: float = typer.Option(30.0, "--timeout"),
+            raw: bool = typer.Option(False, "--raw", help="the output as it is, terminal escapes included")) -> None:
+    """Run a shell command in a guest (through its agent serial port); output escaped unless --raw."""
     r = State.client().call("vm.exec", ref=ref, script=script, timeout=timeout)
     if State.json:
         render.emit(r, True)
     else:
-        sys.stdout.write(r["output"])
+        sys.stdout.write(r["output"] if raw else render.printable(r["output"]))
     if r["rc"]:
         raise typer.Exit(r["rc"])
 

@@ -24,6 +24,8 @@ SIZE_KEYS = {
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
+# bidirectional overrides and isolates reorder what the terminal shows (Trojan Source)
+_CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]})
 
 
 def printable(text: str) -> str:

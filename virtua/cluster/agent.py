@@ -101,7 +101,12 @@ class Agent:
         self.cache = cfg.home / "cache"
         self.http = httpx.AsyncClient(timeout=600)  # replaced by the mTLS client in start()
         self.accel = "unknown"
-        self.revoked: set[int] = set()  # serials the manager revoked (its heartbeat replies say)
+        # serials the manager revoked (its heartbeat replies say), kept across restarts: an
+        # agent that cannot reach its manager still refuses what it last heard was revoked
+        self.revoked: set[int] = set()
+        self._revoked_file = cfg.home / "pki-revoked.json"
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.revoked = {int(x) for x in json.loads(self._revoked_file.read_text())}
         self._tasks: list[asyncio.Task[Any]] = []
         self.net: Any = None
 
@@ -154,6 +159,13 @@ class Agent:
             "networks": self.cfg.host_networks,
         }
 
+    def _set_revoked(self, serials: set[int]) -> None:
+        if serials - self.revoked:  # only ever grows: a revocation is for good
+            self.revoked |= serials
+            from virtua.pki.files import write_private
+
+            write_private(self._revoked_file, json.dumps(sorted(self.revoked)).encode())
+
     async def _heartbeat_loop(self) -> None:
         registered = False
         while True:
@@ -177,7 +189,7 @@ class Agent:
                         await self.vm_stop({"id": vm_id, "force": True})
                 revoked = reply.get("revoked")
                 if isinstance(revoked, list):
-                    self.revoked = {int(x, 16) for x in revoked if isinstance(x, str) and _HEX.fullmatch(x)}
+                    self._set_revoked({int(x, 16) for x in revoked if isinstance(x, str) and _HEX.fullmatch(x)})
                 if self.net is not None and "network" in reply:
                     await asyncio.to_thread(self.net.sync, reply["network"])
             except VirtuaError as e:

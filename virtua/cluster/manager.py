@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from ipaddress import IPv4Network, ip_address
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from virtua.errors import (
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import PeerRule
 from virtua.pki.files import write_private
-from virtua.pki.identity import RESERVED_NAMES, canonical_ip
+from virtua.pki.identity import RESERVED_NAMES, canonical_address, canonical_ip
 from virtua.pki.tokens import JoinTokens, parse_token
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.service import TEMPLATE_VOLUME_PREFIX, Storage
@@ -83,8 +83,10 @@ class Manager:
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
         self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
+        self._told_to_stop: dict[str, set[str]] = {}  # host -> what its last heartbeat reply said to stop
         self._state_uploads: set[str] = set()  # VMs whose saved state may be uploaded once now
         self.enforce_nbd_access = False  # serve sets it when NBD follows placement (--tls auto)
+        self.nbd_allowed: Callable[[str, str], bool] = self.nbd_access  # serve: its exports' whole check
         # one client per host: each checks in its TLS handshake that the agent it reached
         # holds that host's certificate (not another host's, not the admin's)
         self._agent_http: dict[str, httpx.AsyncClient] = {}
@@ -174,14 +176,19 @@ class Manager:
             if rec is None or rec.host != name:
                 if report.get("state") in ("running", "starting", "suspended"):
                     stop.append(str(report.get("id")))
-                    log.warning("host %s runs %s, which %s: telling it to stop it", name, report.get("id"),
-                                "no longer exists" if rec is None else f"is placed on {rec.host}")
                 continue
             state = report.get("state")
-            if rec.state in ("running", "starting") and state in ("stopped", "failed"):
+            # only a running record: while the manager is starting a VM, a report of the
+            # instance before it ("stopped") is stale, and the start's own answer decides
+            if rec.state == "running" and state in ("stopped", "failed"):
                 rec.state = state
                 rec.error = report.get("error")
                 self._put_vm(rec)
+        if set(stop) != self._told_to_stop.get(name, set()):  # one line per change, not per beat
+            if stop:
+                log.warning("host %s runs %d VM(s) the records place elsewhere or no longer have: telling it to "
+                            "stop %s", name, len(stop), ", ".join(stop[:5]) + (" ..." if len(stop) > 5 else ""))
+            self._told_to_stop[name] = set(stop)
         # the agents refuse these certificates too (they hold no CRL of their own)
         revoked = sorted(f"{s:x}" for s in self.authority.revoked) if self.authority else []
         return {"ok": True, "network": self.network_for(name), "revoked": revoked, "stop": stop}
@@ -210,6 +217,10 @@ class Manager:
     def add_host(self, name: str, address: str, cores: int | None = None, memory: str | None = None) -> dict[str, Any]:
         """Register a host by hand (normally its agent registers itself)."""
         check_name(name, "host name")
+        try:
+            address = canonical_address(address)
+        except ValueError as e:
+            raise InvalidArgument(f"--address: {e}") from None
         if self.store.get(f"/hosts/{name}") is not None:
             raise AlreadyExists(f"host {name} is already registered")
         rec = {
@@ -237,7 +248,7 @@ class Manager:
             with contextlib.suppress(RuntimeError):  # no loop: nothing was ever sent on it
                 asyncio.get_running_loop().create_task(client.aclose())
         revoked = self.authority.revoke_name("host", name) if self.authority else []
-        self.fence_nbd()
+        self.fence_nbd(host=name)
         return {"removed": [name], "revoked": [f"{s:x}" for s in revoked]}
 
     # ================================================================== credentials
@@ -343,19 +354,24 @@ class Manager:
                 grants.setdefault(vm.host, set()).update(e for e in (vm.disk, vm.swap, vm.seed) if e)
         return grants
 
-    def fence_nbd(self) -> list[str]:
-        """Close every NBD session that its host may no longer hold: access is checked when
-        an export is opened, so without this a removed host, or the old host of a VM that
-        moved or was restarted elsewhere, would keep writing the disk (two writers).
-        Returns what it closed. Runs on every change of a VM record or a host removal."""
+    def fence_nbd(self, exports: Iterable[str] | None = None, host: str | None = None) -> list[str]:
+        """Close the NBD sessions on these exports (or of this host) that the policy no
+        longer allows: access is checked when an export is opened, so without this a
+        removed host, or the old host of a VM that moved, stopped, failed or was destroyed,
+        would keep writing its disk (two writers). The check is the one made at open
+        (`nbd_allowed`: the administrator's --allow rules, then placement), on the few
+        sessions concerned, so a batch of record changes stays linear. Returns what it closed."""
         if not self.enforce_nbd_access:
             return []
-        grants = self._nbd_grants()
+        holders = self.storage.holders
+        concerned = holders.of(exports) if exports is not None else []
+        if host is not None:
+            concerned += [h for h in holders.all() if h.identity == host]
         closed = []
-        for h in self.storage.holders.all():
+        for h in concerned:
             if h.identity is None or h.identity == "admin" or h.disconnect is None:
                 continue  # local plaintext (root) and the administrator
-            if h.export not in grants.get(h.identity, set()):
+            if not self.nbd_allowed(h.export, h.identity):
                 closed.append(f"{h.identity}:{h.export}")
                 h.disconnect(f"host {h.identity} no longer holds export {h.export} (moved, stopped or removed)")
         return closed
@@ -593,7 +609,7 @@ class Manager:
 
     def _put_vm(self, vm: VMRecord) -> None:
         self.store.put(f"/vms/{vm.key}", vm.model_dump())
-        self.fence_nbd()
+        self.fence_nbd(_exports_of(vm))
 
     def _put_vc(self, vc: VCRecord) -> None:
         self.store.put(f"/vcs/{vc.name}", vc.model_dump())
@@ -783,10 +799,12 @@ class Manager:
                 self._put_vm(v)
 
     def _forget_vc(self, name: str) -> None:
+        gone = self.vc_vms(name)
         with self.store.txn():
             for key, _ in self.store.range(f"/vms/{name}/"):
                 self.store.delete(key)
             self.store.delete(f"/vcs/{name}")
+        self.fence_nbd([e for vm in gone for e in _exports_of(vm)])  # destroyed: no instance may write
 
     def _artifacts(self, t: TemplateRecord) -> dict[str, Any]:
         return {
@@ -1137,6 +1155,8 @@ class Manager:
                 await asyncio.to_thread(self._route_vms_here)
             except VirtuaError as e:
                 log.warning("routes to VMs on this host: %s", e.message)
+            except ValueError as e:  # a bad record must not stop the liveness check below
+                log.error("routes to VMs on this host: %s", e)
         now = time.time()
         for h in self.hosts():
             if h.state == "offline" or now - h.last_seen < HEARTBEAT_TIMEOUT:
@@ -1208,6 +1228,10 @@ class Manager:
         if not path.exists():
             raise NotFound(f"VM {key} has no saved state")
         return path
+
+
+def _exports_of(vm: VMRecord) -> list[str]:
+    return [e for e in (vm.disk, vm.swap, vm.seed) if e]
 
 
 def _vc_state(vms: list[VMRecord]) -> str:

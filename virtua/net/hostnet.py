@@ -24,17 +24,21 @@ name), so leftovers can be listed and removed.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from virtua.errors import InvalidArgument, Unavailable
+from virtua.errors import InvalidArgument, Unavailable, VirtuaError
 
 TAP_PREFIX = "vt"
 ROUTE_PROTO = "187"
 TABLE = "virtua"
 
+
+
+log = logging.getLogger("virtua.net")
 
 def ip(*args: str, check: bool = True) -> str:
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
@@ -60,10 +64,16 @@ def sync_routes(current: dict[str, str], want: dict[str, str]) -> dict[str, str]
     for dst in set(current) - set(want):
         # only the route via the old host: the VM may have moved here and own a tap route
         ip("route", "del", dst, "via", current[dst], "proto", ROUTE_PROTO, check=False)
+    done: dict[str, str] = {}
     for dst, via in want.items():
         if current.get(dst) != via:
-            ip("route", "replace", dst, "via", via, "proto", ROUTE_PROTO)
-    return dict(want)
+            try:
+                ip("route", "replace", dst, "via", via, "proto", ROUTE_PROTO)
+            except VirtuaError as e:  # one bad route must not keep the others (or the filter) away
+                log.error("route to %s via %s: %s", dst, via, e.message)
+                continue
+        done[dst] = via
+    return done
 
 
 EGRESS_MODES = ("none", "nat", "routed")

@@ -45,10 +45,26 @@ def identity_from_peercert(cert: dict[str, Any] | None) -> Identity | None:
 def canonical_ip(text: str) -> IPv4Address | IPv6Address:
     """An IP address in one spelling: an IPv4-mapped IPv6 address is its IPv4 address
     (::ffff:10.0.0.5 is 10.0.0.5), so no comparison sees two addresses in one."""
-    ip = ip_address(text.strip())
+    if "%" in text or text != text.strip():  # zone ids and padding are other spellings
+        raise ValueError(f"{text!r} is not an IP address")
+    ip = ip_address(text)
     if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def canonical_address(text: str) -> str:
+    """HOST:PORT with HOST an IP address, in its one spelling ("10.0.0.5:8781",
+    "[fd00::5]:8781"); ValueError for anything else (names, padding, zones, bad ports)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536 or port != str(int(port)):
+        raise ValueError(f"bad address {text[:80]!r}: expected IP:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"bad address {text[:80]!r}: an IPv6 address goes in brackets, [ADDR]:PORT")
+    ip = canonical_ip(host)
+    return f"[{ip}]:{int(port)}" if isinstance(ip, IPv6Address) else f"{ip}:{int(port)}"
 
 
 def certificate_addresses(cert: dict[str, Any] | None) -> list[str]:
@@ -59,7 +75,7 @@ def certificate_addresses(cert: dict[str, Any] | None) -> list[str]:
     for kind, value in cert.get("subjectAltName", ()):
         if kind == "IP Address":
             try:
-                out.append(str(canonical_ip(str(value))))  # ssl spells IPv6 long-hand
+                out.append(str(canonical_ip(str(value).strip())))  # ssl spells IPv6 long-hand
             except ValueError:
                 continue
     return out
