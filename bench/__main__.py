@@ -15,6 +15,7 @@ SUITES = {
     "nbd-ab": ("bench.nbd_ab", "two NBD servers taking turns on one fio workload (A/B)"),
     "vc": ("bench.vc_bench", "virtual clusters: create + boot 1/4/8 nodes, disk space"),
     "crash": ("bench.crash_bench", "kill -9 the server at random points: bytes checked, violations"),
+    "isolation": ("bench.isolation_bench", "fio on a guest's disk while admin operations run, against idle"),
     "io": ("bench.io_bench", "volume import/export, raw and qcow2, offline and via serve, vs qemu-img and nbdcopy"),
 }
 
