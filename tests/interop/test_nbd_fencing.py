@@ -208,9 +208,61 @@ def test_a_stale_stopped_report_does_not_undo_a_start(cluster: Cluster) -> None:
     m = cluster.manager
     m._put_vm(cluster.vm.model_copy(update={"state": "starting"}))
     m.heartbeat("h1", [{"id": "vc/n1", "state": "stopped"}])
+    m._last_beat.clear()  # the next beat, a second later
     assert m.vm_record("vc/n1").state == "starting"
     m._put_vm(cluster.vm.model_copy(update={"state": "running"}))
     m.heartbeat("h1", [{"id": "vc/n1", "state": "failed", "error": "QEMU exited"}])
     assert m.vm_record("vc/n1").state == "failed", "control: a running VM's death is taken"
     reply = m.heartbeat("h2", [{"id": "vc/n1", "state": "running"}])
     assert reply["stop"] == ["vc/n1"], "another host's instance is told to stop"
+
+
+def test_a_hosts_answers_and_old_records_cannot_poison_the_records(cluster: Cluster) -> None:
+    """Review 4: a start reply's "state" and "accel" went unchecked into the VM record, and
+    from then on every listing and every heartbeat failed on it."""
+    from virtua.cluster.manager import _started
+    from virtua.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="answered the start with state 'pwned'"):
+        _started({"state": "pwned"}, cluster.vm, None)
+    assert _started({"state": "running", "accel": "tcg\x1b]0;x\x07"}, cluster.vm, "kvm") == ("running", "kvm")
+    m = cluster.manager
+    m.store.put("/vms/vc/bad", {"vc": "vc", "name": "bad", "state": "pwned"})  # damaged or from elsewhere
+    assert [v.key for v in m.vms()] == ["vc/n1"], "the bad record is left out, the rest still listed"
+    assert m.heartbeat("h1", [])["ok"]
+
+
+def test_the_nbd_policy_reads_the_records_once_per_change(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 4: every export opened or listed re-read every record (13.8 s for one
+    NBD_OPT_LIST with 1000 exports); fencing did so per session."""
+    m = cluster.manager
+    assert m.nbd_access(DISK, "h1")
+    reads = []
+    real = m.vms
+    monkeypatch.setattr(m, "vms", lambda: reads.append(1) or real())
+    for _ in range(1000):
+        assert m.nbd_access(DISK, "h1") and not m.nbd_access(DISK, "h2")
+    assert reads == [], "answered from the cache"
+    m._put_vm(cluster.vm.model_copy(update={"host": "h2"}))
+    assert m.nbd_access(DISK, "h2") and not m.nbd_access(DISK, "h1"), "a record change is seen at once"
+    assert len(reads) == 1
+
+
+def test_a_host_beating_too_fast_is_told_to_slow_down(cluster: Cluster) -> None:
+    from virtua.errors import Busy
+
+    m = cluster.manager
+    assert m.heartbeat("h1", [])["ok"]
+    with pytest.raises(Busy, match="at most every"):
+        m.heartbeat("h1", [])
+
+
+def test_addresses_from_before_get_one_spelling_and_ipv6_routes_lose_their_brackets(cluster: Cluster) -> None:
+    m = cluster.manager
+    m.store.put("/hosts/h3", HostRecord(name="h3", address="10.99.0.3\n:19003", cores=1, memory_mb=512).model_dump())
+    m.store.put("/hosts/h6", HostRecord(name="h6", address="[fd00::6]:8781", cores=1, memory_mb=512).model_dump())
+    m._canonical_addresses()
+    assert m.host("h3").address == "10.99.0.3:19003"
+    m._put_vm(cluster.vm.model_copy(update={"host": "h6"}))
+    (route,) = m.network_for("h1")["routes"]
+    assert route == {"dst": "10.9.0.2/32", "via": "fd00::6"}

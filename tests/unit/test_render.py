@@ -28,3 +28,19 @@ def test_tables_on_a_terminal_and_in_a_pipe_carry_no_escape(
     out = capsys.readouterr().out
     assert "\x1b]0;" not in out and "\x07" not in out and "\x1b[2J" not in out and "\r" not in out
     assert out.count("[bold red]fake[/]") == 2, "markup shown as text, not applied"
+
+
+def test_a_log_line_stays_one_line_whatever_a_peer_said(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(render.OneLineFormatter("%(name)s: %(message)s"))
+    log = logging.getLogger("virtua.test-render")
+    log.addHandler(handler)
+    try:
+        log.warning("restart of %s failed: %s", "a/b", "x\nvirtua.manager: host good is offline" + HOSTILE)
+    finally:
+        log.removeHandler(handler)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "\x1b" not in out and "\\nvirtua.manager" in out, out

@@ -59,7 +59,7 @@ def serve_cmd(
         raise InvalidArgument(f"{flags} given but --tls is {tls}: add --tls on (offer TLS) or --tls require")
     if tls in ("on", "require") and not ((tls_cert and tls_key) or tls_psk):
         raise InvalidArgument("--tls on/require needs --tls-cert and --tls-key, or --tls-psk")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = ServeConfig(
         home=State.home,
@@ -111,7 +111,7 @@ def agent_cmd(
 
     if not manager.startswith("https://"):
         raise InvalidArgument(f"bad --manager {manager!r}: expected https://HOST:PORT (agents talk mTLS)")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = AgentConfig(
         name=name or default_name(), listen=listen, manager=manager.rstrip("/"), home=State.home,
@@ -124,3 +124,12 @@ def agent_cmd(
         cfg.memory_mb = parse_size(memory) >> 20
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(run_agent(cfg))
+
+
+def _log_to_stderr() -> None:
+    """One line per message, whatever a peer's text holds (virtua.cli.render.OneLineFormatter)."""
+    from virtua.cli.render import OneLineFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,10 +29,22 @@ _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] i
 _CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]})
 
 
-def printable(text: str) -> str:
+_CONTROL_LINE = {**_CONTROL, 0x0A: "\\n", 0x09: "\\t"}
+
+
+def printable(text: str, one_line: bool = False) -> str:
     """Control characters escaped (\\x1b...): what a host, a guest or a server says about
-    itself must not drive the administrator's terminal."""
-    return text.translate(_CONTROL)
+    itself must not drive the administrator's terminal; one_line escapes newlines too
+    (a log line a peer's text cannot split or forge)."""
+    return text.translate(_CONTROL_LINE if one_line else _CONTROL)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log messages on one line each, control characters escaped; tracebacks as usual."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message, one_line=True)
+        return super().formatMessage(record)
 
 
 def fmt(key: str, value: Any) -> str:

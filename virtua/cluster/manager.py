@@ -19,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from ipaddress import IPv4Network, ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from virtua.cluster import netplan
 from virtua.cluster.model import HostRecord, NicLaunch, TemplateRecord, VCRecord, VMLaunch, VMRecord
@@ -50,6 +51,7 @@ from virtua.units import parse_size
 
 log = logging.getLogger("virtua.manager")
 
+MIN_BEAT_INTERVAL = 0.25  # a host sending faster gets Busy: each beat costs the loop record reads
 HEARTBEAT_TIMEOUT = 6.0  # seconds without a heartbeat before a host is offline
 AGENT_TIMEOUT = 180.0
 DEFAULT_POOL = "default"
@@ -83,6 +85,8 @@ class Manager:
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
         self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
+        self._grants: dict[str, set[str]] | None = None  # _nbd_grants' cache
+        self._last_beat: dict[str, float] = {}  # host -> monotonic time of its last heartbeat
         self._told_to_stop: dict[str, set[str]] = {}  # host -> what its last heartbeat reply said to stop
         self._state_uploads: set[str] = set()  # VMs whose saved state may be uploaded once now
         self.enforce_nbd_access = False  # serve sets it when NBD follows placement (--tls auto)
@@ -114,7 +118,28 @@ class Manager:
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def start(self) -> None:
+        self._canonical_addresses()
         self._watch = asyncio.create_task(self._watch_hosts())
+
+    def _canonical_addresses(self) -> None:
+        """Host records written before addresses had one spelling: rewrite the ones that
+        parse once trimmed; an address that still does not is kept out of every route
+        (network_for) and said once here."""
+        for h in self.hosts():
+            try:
+                fixed = canonical_address(h.address)
+            except ValueError:
+                host, _, port = h.address.rpartition(":")
+                try:
+                    fixed = canonical_address(f"{host.strip()}:{port.strip()}")
+                except ValueError:
+                    log.error("host %s has an unusable address %r: it gets no routes until it registers again",
+                              h.name, h.address)
+                    continue
+            if fixed != h.address:
+                log.info("host %s: address %r rewritten as %s", h.name, h.address, fixed)
+                h.address = fixed
+                self._put_host(h)
 
     async def close(self) -> None:
         if self._watch:
@@ -140,7 +165,10 @@ class Manager:
         return HostRecord(**v)
 
     def _put_host(self, h: HostRecord) -> None:
+        known = self._grants is None or self.store.get(f"/hosts/{h.name}") is not None
         self.store.put(f"/hosts/{h.name}", h.model_dump())
+        if not known:  # a new host changes who may hold what; a heartbeat does not
+            self._grants = None
 
     def register_host(self, rec: dict[str, Any]) -> dict[str, Any]:
         h = HostRecord(**rec)
@@ -156,6 +184,10 @@ class Manager:
         return {"ok": True, "manager": self.api_url, "nbd": f"{self.advertise}:{self.nbd_port}"}
 
     def heartbeat(self, name: str, vms: list[dict[str, Any]], accel: str | None = None) -> dict[str, Any]:
+        now_m = time.monotonic()
+        if now_m - self._last_beat.get(name, -1e9) < MIN_BEAT_INTERVAL:  # agents beat every 1 s
+            raise Busy(f"host {name}: heartbeats come at most every {MIN_BEAT_INTERVAL:g} s")
+        self._last_beat[name] = now_m
         v = self.store.get(f"/hosts/{name}")
         if v is None:
             return {"register": True}
@@ -196,7 +228,7 @@ class Manager:
     def network_for(self, host: str) -> dict[str, Any]:
         """What a host must route and filter: every VC subnet, and a /32 route to each VM
         that runs elsewhere, via the address of the host that runs it."""
-        addresses = {h.name: h.address.rpartition(":")[0] for h in self.hosts()}
+        addresses = {h.name: h.address.rpartition(":")[0].strip("[]") for h in self.hosts() if _usable(h.address)}
         routes = [
             {"dst": f"{vm.address}/32", "via": addresses[vm.host]}
             for vm in self.vms()
@@ -243,6 +275,7 @@ class Manager:
                 "drain it first or use --force"
             )
         self.store.delete(f"/hosts/{name}")
+        self._grants = None
         client = self._agent_http.pop(name, None)
         if client is not None:  # its pooled connections would outlive the revocation
             with contextlib.suppress(RuntimeError):  # no loop: nothing was ever sent on it
@@ -346,13 +379,16 @@ class Manager:
         return None
 
     def _nbd_grants(self) -> dict[str, set[str]]:
-        """host -> the exports it may hold now (one pass over the records)."""
-        hosts = {h.name for h in self.hosts()}
-        grants: dict[str, set[str]] = {}
-        for vm in self.vms():
-            if vm.host in hosts and vm.state in ("starting", "running"):
-                grants.setdefault(vm.host, set()).update(e for e in (vm.disk, vm.swap, vm.seed) if e)
-        return grants
+        """host -> the exports it may hold now: one pass over the records, kept until a VM
+        or host record changes (NBD asks for every export opened and every one listed)."""
+        if self._grants is None:
+            hosts = {h.name for h in self.hosts()}
+            grants: dict[str, set[str]] = {}
+            for vm in self.vms():
+                if vm.host in hosts and vm.state in ("starting", "running"):
+                    grants.setdefault(vm.host, set()).update(_exports_of(vm))
+            self._grants = grants
+        return self._grants
 
     def fence_nbd(self, exports: Iterable[str] | None = None, host: str | None = None) -> list[str]:
         """Close the NBD sessions on these exports (or of this host) that the policy no
@@ -598,10 +634,10 @@ class Manager:
         return VCRecord(**v)
 
     def vms(self) -> list[VMRecord]:
-        return [VMRecord(**v) for _, v in self.store.range("/vms/")]
+        return _records(VMRecord, self.store.range("/vms/"))
 
     def vc_vms(self, vc: str) -> list[VMRecord]:
-        return sorted((VMRecord(**v) for _, v in self.store.range(f"/vms/{vc}/")), key=lambda v: v.index)
+        return sorted(_records(VMRecord, self.store.range(f"/vms/{vc}/")), key=lambda v: v.index)
 
     def _vm_or_none(self, key: str) -> VMRecord | None:
         v = self.store.get(f"/vms/{key}")
@@ -609,6 +645,7 @@ class Manager:
 
     def _put_vm(self, vm: VMRecord) -> None:
         self.store.put(f"/vms/{vm.key}", vm.model_dump())
+        self._grants = None
         self.fence_nbd(_exports_of(vm))
 
     def _put_vc(self, vc: VCRecord) -> None:
@@ -804,6 +841,7 @@ class Manager:
             for key, _ in self.store.range(f"/vms/{name}/"):
                 self.store.delete(key)
             self.store.delete(f"/vcs/{name}")
+        self._grants = None
         self.fence_nbd([e for vm in gone for e in _exports_of(vm)])  # destroyed: no instance may write
 
     def _artifacts(self, t: TemplateRecord) -> dict[str, Any]:
@@ -855,8 +893,7 @@ class Manager:
             vm.error = e.message
             self._put_vm(vm)
             raise
-        vm.state = r.get("state", "running")
-        vm.accel = r.get("accel")
+        vm.state, vm.accel = _started(r, vm, None)
         self._put_vm(vm)
 
     async def vc_start(self, name: str) -> dict[str, Any]:
@@ -951,8 +988,7 @@ class Manager:
             self._put_vm(vm)
             raise
         self._drop_state(vm)
-        vm.state = r.get("state", "running")
-        vm.accel = r.get("accel", vm.accel)
+        vm.state, vm.accel = _started(r, vm, vm.accel)
         self._put_vm(vm)
 
     async def vc_resume(self, name: str) -> dict[str, Any]:
@@ -1228,6 +1264,38 @@ class Manager:
         if not path.exists():
             raise NotFound(f"VM {key} has no saved state")
         return path
+
+
+_R = TypeVar("_R", bound=BaseModel)
+
+
+def _records(model: type[_R], rows: Iterable[tuple[str, Any]]) -> list[_R]:
+    """The records that parse; one that does not (written by an older version, or damaged)
+    is logged and left out rather than failing every listing and every heartbeat."""
+    out = []
+    for key, value in rows:
+        try:
+            out.append(model(**value))
+        except (ValidationError, TypeError) as e:
+            log.error("record %s is not a valid %s, left out: %s", key, model.__name__, str(e).splitlines()[0])
+    return out
+
+
+def _started(reply: dict[str, Any], vm: VMRecord, accel: str | None) -> tuple[Any, str | None]:
+    """The state and accelerator an agent's start or resume reply gives, checked: a host's
+    answer goes into the records every node reads, so anything else is the host's error."""
+    state = reply.get("state", "running")
+    if state not in ("running", "starting"):
+        raise Unavailable(f"{vm.key}: host {vm.host} answered the start with state {str(state)[:40]!r}")
+    got = reply.get("accel", accel)
+    return state, got if got in ("kvm", "tcg") else accel
+
+
+def _usable(address: str) -> bool:
+    try:
+        return canonical_address(address) == address
+    except ValueError:
+        return False
 
 
 def _exports_of(vm: VMRecord) -> list[str]:
