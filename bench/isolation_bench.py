@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     with open(image, "wb") as f:
         for _ in range(data >> 24):
             f.write(os.urandom(16 << 20))
-    v("pool", "create", "p", "--capacity", format_size(8 * data))
+    v("pool", "create", "p", "--capacity", format_size(8 * data), "--overcommit", "400")  # 200 clones of DATA
     port = _port()
     serve = subprocess.Popen([*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{port}",
                               "--api-listen", f"127.0.0.1:{_port()}"], env=env,
