@@ -187,10 +187,10 @@ class Manager:
         now_m = time.monotonic()
         if now_m - self._last_beat.get(name, -1e9) < MIN_BEAT_INTERVAL:  # agents beat every 1 s
             raise Busy(f"host {name}: heartbeats come at most every {MIN_BEAT_INTERVAL:g} s")
-        self._last_beat[name] = now_m
         v = self.store.get(f"/hosts/{name}")
         if v is None:
-            return {"register": True}
+            return {"register": True}  # and its next beat, right after registering, is welcome
+        self._last_beat[name] = now_m
         h = HostRecord(**v)
         h.last_seen = time.time()
         if accel and accel != "unknown":
