@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,13 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-VIRTUA = [sys.executable, "-m", "virtua.cli"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.io_bench import VIRTUA, free_port
 
 
 def fio(uri: str, seconds: float) -> dict[str, float]:
@@ -77,9 +70,9 @@ def main(argv: list[str]) -> int:
         for _ in range(data >> 24):
             f.write(os.urandom(16 << 20))
     v("pool", "create", "p", "--capacity", format_size(8 * data), "--overcommit", "400")  # 200 clones of DATA
-    port = _port()
+    port = free_port()
     serve = subprocess.Popen([*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{port}",
-                              "--api-listen", f"127.0.0.1:{_port()}"], env=env,
+                              "--api-listen", f"127.0.0.1:{free_port()}"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert serve.stdout is not None and serve.stdout.readline().startswith("VIRTUA_READY")
     try:

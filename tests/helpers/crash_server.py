@@ -161,12 +161,9 @@ class ServeCrashServer(CrashServer):
     CA, edge limits and all) is what gets killed; operations go through its API socket."""
 
     def start(self) -> CrashServer:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            api_port = probe.getsockname()[1]
+        from tests.cli_support import free_port
+
+        port, api_port = free_port(), free_port()
         env = {**os.environ, "VIRTUA_HOME": str(self.home), **(self.env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{port}",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,19 +141,24 @@ def test_enospc_keeps_data_and_recovers(tmp_path: Path, chunk: int) -> None:
 SERVER_KILL_POINTS = int(os.environ.get("VIRTUA_SERVER_KILL_POINTS", "20"))
 
 
+def _kill_points(tmp_path: Path, points: int, *, seed: int, serve: bool) -> Any:
+    """Run the crash workload for this many kill points; its stats."""
+    from tests.helpers.crash_workload import CrashWorkload
+
+    work = CrashWorkload(tmp_path / "home", seed=seed, serve=serve)
+    try:
+        for _ in range(points):
+            work.kill_point()
+    finally:
+        work.close()
+    return work.stats
+
+
 def test_kill9_of_the_server_under_a_random_workload_never_shows_foreign_bytes(tmp_path: Path) -> None:
     """The real NBD server and operations over several volumes (writes, zeroes, trims,
     flushes, FUA, snapshots, clones, removals, flatten), killed at random moments: after
     each restart every byte is its volume's flushed data or its own newer data."""
-    from tests.helpers.crash_workload import CrashWorkload
-
-    work = CrashWorkload(tmp_path / "home", seed=20261201)
-    try:
-        for _ in range(SERVER_KILL_POINTS):
-            work.kill_point()
-    finally:
-        work.close()
-    stats = work.stats
+    stats = _kill_points(tmp_path, SERVER_KILL_POINTS, seed=20261201, serve=False)
     assert stats.kill_points == SERVER_KILL_POINTS
     assert stats.ops > 5 * SERVER_KILL_POINTS, "the workload barely ran: the test proves nothing"
     assert not stats.violations, "\n".join(stats.violations)
@@ -161,15 +167,7 @@ def test_kill9_of_the_server_under_a_random_workload_never_shows_foreign_bytes(t
 def test_kill9_of_virtua_serve_itself_keeps_the_same_promise(tmp_path: Path) -> None:
     """The same workload against the whole daemon (API, manager, cluster CA, edge limits):
     what is killed is `virtua serve`, operations go through its API socket."""
-    from tests.helpers.crash_workload import CrashWorkload
-
     points = max(3, SERVER_KILL_POINTS // 4)
-    work = CrashWorkload(tmp_path / "home", seed=20261202, serve=True)
-    try:
-        for _ in range(points):
-            work.kill_point()
-    finally:
-        work.close()
-    stats = work.stats
+    stats = _kill_points(tmp_path, points, seed=20261202, serve=True)
     assert stats.kill_points == points and stats.ops > 5 * points, stats
     assert not stats.violations, "\n".join(stats.violations)

@@ -33,7 +33,7 @@ from virtua.edge.limits import ConnectionLimits
 from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, VirtuaError
 from virtua.nbd.volumes import AdminExports, StorageExports, admin_nbd_socket
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
-from virtua.pki.identity import canonical_address, canonical_ip, certificate_addresses
+from virtua.pki.identity import canonical_address, certificate_addresses
 from virtua.procs import stop_process_group
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -386,8 +386,8 @@ def _bind_unix(path: Path) -> socket.socket:
 def _check_host_claims(reg: Registration, cert_ips: list[str]) -> None:
     """A host stays at the address its certificate names, and its networks (which go into
     every host's guest filter) are networks that address is on."""
-    host = reg.address.rpartition(":")[0].strip("[]")
-    if _normal_ip(host) not in cert_ips:
+    host = reg.address.rpartition(":")[0].strip("[]")  # canonical already (register)
+    if host not in cert_ips:
         raise Forbidden(
             f"host {reg.name} registers {reg.address!r}, but its certificate is for "
             f"{', '.join(cert_ips) or 'no address'}: join again to move it"
@@ -395,13 +395,6 @@ def _check_host_claims(reg: Registration, cert_ips: list[str]) -> None:
     for net in reg.networks:
         if not any(IPv4Network(net).overlaps(IPv4Network(ip)) for ip in cert_ips if ":" not in ip):
             raise Forbidden(f"host {reg.name} claims network {net}, which its address {host} is not on")
-
-
-def _normal_ip(text: str) -> str:
-    try:
-        return str(canonical_ip(text))
-    except ValueError:
-        return text
 
 
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:

@@ -75,32 +75,24 @@ def _source_file(source: str) -> Iterator[str]:
 
 
 def import_image(home: Path, client: Client, source: str, ref: str, stream_size: int | None = None) -> dict[str, Any]:
-    r = parse_ref(ref, snapshot=False)
+    parse_ref(ref, snapshot=False)  # a bad name before anything is read
     if stream_size is not None:
         return _import_stream(home, client, ref, stream_size)
     with _source_file(source) as path:
         image = imageio.probe(path)
         shown = "stdin" if source == "-" else source
-        vsize = (image.virtual_size + SECTOR - 1) // SECTOR * SECTOR
-        client.call("volume.create", ref=ref, size=vsize)
-        try:
-            with nbd_socket(home, client) as sock, progress_bar(f"import {ref}", image.virtual_size) as bar:
-                err = imageio.run_copy(imageio.import_command(image, imageio.nbd_uri(sock, str(r))), bar)
-            if err:
-                if "No space left" in err:
-                    free = client.call("pool.info", name=r.pool)["free"]
-                    raise NoSpace(
-                        f"pool {r.pool} is full: {shown} needs more than its {format_size(free)} free"
-                    )
-                raise InvalidArgument(f"cannot import {shown}: {_last_line(err)}")
-        except BaseException:
-            with contextlib.suppress(VirtuaError):
-                client.call("volume.rm", ref=ref, force=True)
-            raise
-    info: dict[str, Any] = client.call("volume.info", ref=ref)
-    info["written"] = info["allocated"]
-    info["format"] = image.format
-    return info
+
+        def failed(err: str, pool: str) -> VirtuaError:
+            if "No space left" in err:
+                free = client.call("pool.info", name=pool)["free"]
+                return NoSpace(f"pool {pool} is full: {shown} needs more than its {format_size(free)} free")
+            return InvalidArgument(f"cannot import {shown}: {_last_line(err)}")
+
+        def copy(uri: str) -> str:
+            with progress_bar(f"import {ref}", image.virtual_size) as bar:
+                return imageio.run_copy(imageio.import_command(image, uri), bar)
+
+        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed)
 
 
 COPY_SLACK = 64 << 20  # less free than this after a failed copy: the pool filled up
@@ -109,27 +101,41 @@ COPY_SLACK = 64 << 20  # less free than this after a failed copy: the pool fille
 def _import_stream(home: Path, client: Client, ref: str, size: int) -> dict[str, Any]:
     """stdin (raw) straight into a new volume of the given size: no temporary copy, like
     `rbd import -`. More than `size` bytes is refused; fewer leave the rest zero."""
+
+    def failed(err: str, pool: str) -> VirtuaError:
+        if "No space left" in err:  # NBD's answer to a write past the end, and to a full pool
+            free = client.call("pool.info", name=pool)["free"]
+            if free < COPY_SLACK:
+                return NoSpace(f"pool {pool} is full: stdin needs more than its {format_size(free)} free")
+            return InvalidArgument(f"stdin holds more than --size {format_size(size)}: give its size")
+        return InvalidArgument(f"cannot import stdin: {_last_line(err)}")
+
+    def copy(uri: str) -> str:
+        return imageio.run_copy(imageio.stream_import_command(uri), None, stdin=sys.stdin.fileno())
+
+    return _into_new_volume(home, client, ref, size, "raw", copy, failed)
+
+
+def _into_new_volume(
+    home: Path, client: Client, ref: str, size: int, fmt: str, copy: Callable[[str], str],
+    failed: Callable[[str, str], VirtuaError],
+) -> dict[str, Any]:
+    """Create ref (size rounded up to a sector), run copy(its NBD URI) into it, and remove
+    it again if the copy fails (failed(stderr, pool) says why) or is interrupted."""
     r = parse_ref(ref, snapshot=False)
-    vsize = (size + SECTOR - 1) // SECTOR * SECTOR
-    client.call("volume.create", ref=ref, size=vsize)
+    client.call("volume.create", ref=ref, size=(size + SECTOR - 1) // SECTOR * SECTOR)
     try:
         with nbd_socket(home, client) as sock:
-            err = imageio.run_copy(imageio.stream_import_command(imageio.nbd_uri(sock, str(r))), None,
-                                   stdin=sys.stdin.fileno())
+            err = copy(imageio.nbd_uri(sock, str(r)))
         if err:
-            if "No space left" in err:  # NBD's answer to a write past the end, and to a full pool
-                free = client.call("pool.info", name=r.pool)["free"]
-                if free < COPY_SLACK:
-                    raise NoSpace(f"pool {r.pool} is full: stdin needs more than its {format_size(free)} free")
-                raise InvalidArgument(f"stdin holds more than --size {format_size(size)}: give its size")
-            raise InvalidArgument(f"cannot import stdin: {_last_line(err)}")
+            raise failed(err, r.pool)
     except BaseException:
         with contextlib.suppress(VirtuaError):
             client.call("volume.rm", ref=ref, force=True)
         raise
     info: dict[str, Any] = client.call("volume.info", ref=ref)
     info["written"] = info["allocated"]
-    info["format"] = "raw"
+    info["format"] = fmt
     return info
 
 

@@ -85,7 +85,7 @@ class Manager:
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
         self.nbd_tls = nbd_tls  # QEMU opens the disks over TLS with its host's certificate
-        self._grants: dict[str, set[str]] | None = None  # _nbd_grants' cache
+        self._grants: dict[str, VMRecord] | None = None  # _disk_owners' cache: export -> VM
         self._last_beat: dict[str, float] = {}  # host -> monotonic time of its last heartbeat
         self._told_to_stop: dict[str, set[str]] = {}  # host -> what its last heartbeat reply said to stop
         self._state_uploads: set[str] = set()  # VMs whose saved state may be uploaded once now
@@ -165,10 +165,7 @@ class Manager:
         return HostRecord(**v)
 
     def _put_host(self, h: HostRecord) -> None:
-        known = self._grants is None or self.store.get(f"/hosts/{h.name}") is not None
         self.store.put(f"/hosts/{h.name}", h.model_dump())
-        if not known:  # a new host changes who may hold what; a heartbeat does not
-            self._grants = None
 
     def register_host(self, rec: dict[str, Any]) -> dict[str, Any]:
         h = HostRecord(**rec)
@@ -180,6 +177,7 @@ class Manager:
         h.state = "draining" if h.draining else "online"
         h.last_seen = now
         self._put_host(h)
+        self._grants = None  # a new host may hold disks; its heartbeats (_put_host) change nothing there
         log.info("host %s registered at %s (%d cores, %d MiB, accel %s)", h.name, h.address, h.cores, h.memory_mb, h.accel)
         return {"ok": True, "manager": self.api_url, "nbd": f"{self.advertise}:{self.nbd_port}"}
 
@@ -341,14 +339,13 @@ class Manager:
     def _join_address(self, address: str, peer: str) -> str:
         """The IP address in a join request, checked against where the request came from:
         the same address, or a loopback one when the joiner is on this machine."""
-        host, sep, port = address.rpartition(":")
-        raw = host.strip("[]")
+        host, _, port = address.rpartition(":")
+        if ":" in host and not host.startswith("["):  # agents send IPv6 listen addresses bare
+            host = f"[{host}]"
         try:
-            ip = canonical_ip(raw)
+            ip = canonical_ip(canonical_address(f"{host}:{port}").rpartition(":")[0].strip("[]"))
         except ValueError:
             raise InvalidArgument(f"bad agent address {address[:80]!r}: expected IP:PORT") from None
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidArgument(f"bad agent address {address[:80]!r}: expected IP:PORT")
         if ip.is_unspecified or ip.is_multicast:
             raise InvalidArgument(f"bad agent address {address[:80]!r}: the agent must listen on one address")
         try:
@@ -368,26 +365,27 @@ class Manager:
         host: the disks of the VMs placed on it while they start or run; nobody else."""
         if identity == "admin":
             return True
-        return export in self._nbd_grants().get(identity, set())
+        vm = self._disk_owners().get(export)
+        return vm is not None and vm.host == identity
 
     def disk_user(self, export: str, identity: str | None) -> str | None:
-        """Which VM a client of this export is, when the export is a VM's disk: "VM
-        web/web-1 on host h1" (the client's certificate names the host)."""
-        for vm in self.vms():
-            if export in (vm.disk, vm.swap, vm.seed) and identity in (None, vm.host):  # None: local plaintext
-                return f"VM {vm.key} on host {vm.host}"
+        """Which VM a client of this export is, when the export is the disk of a starting or
+        running VM: "VM web/web-1 on host h1" (the client's certificate names the host)."""
+        vm = self._disk_owners().get(export)
+        if vm is not None and identity in (None, vm.host):  # None: local plaintext
+            return f"VM {vm.key} on host {vm.host}"
         return None
 
-    def _nbd_grants(self) -> dict[str, set[str]]:
-        """host -> the exports it may hold now: one pass over the records, kept until a VM
-        or host record changes (NBD asks for every export opened and every one listed)."""
+    def _disk_owners(self) -> dict[str, VMRecord]:
+        """export -> the starting or running VM (on a known host) whose disk it is: one pass
+        over the records, kept until a VM or host record changes (NBD asks for every export
+        opened and every one listed)."""
         if self._grants is None:
             hosts = {h.name for h in self.hosts()}
-            grants: dict[str, set[str]] = {}
-            for vm in self.vms():
-                if vm.host in hosts and vm.state in ("starting", "running"):
-                    grants.setdefault(vm.host, set()).update(_exports_of(vm))
-            self._grants = grants
+            self._grants = {
+                e: vm for vm in self.vms() if vm.host in hosts and vm.state in ("starting", "running")
+                for e in _exports_of(vm)
+            }
         return self._grants
 
     def fence_nbd(self, exports: Iterable[str] | None = None, host: str | None = None) -> list[str]:

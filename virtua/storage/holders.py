@@ -27,14 +27,13 @@ class Holder:
     disconnect: Callable[[str], None] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
+        """"NBD client 10.0.0.11:5544 (TLS h1) on p/d since 12:00:00", or with a label
+        (who the client is in the cluster's words) "VM web/web-1 on host h1 (NBD client
+        10.0.0.11:5544, TLS h1) on p/d since 12:00:00"."""
         who = f"NBD client {self.client}"
-        if self.label:  # who the client is, in the cluster's words: "VM web/web-1 on host h1"
-            who = f"{self.label} ({who}"
-            if self.identity:
-                who += f", TLS {self.identity}"
-            since = time.strftime("%H:%M:%S", time.localtime(self.since))
-            return f"{who}) on {self.export} since {since}"
-        if self.identity:
+        if self.label:
+            who = f"{self.label} ({who}{f', TLS {self.identity}' if self.identity else ''})"
+        elif self.identity:
             who += f" (TLS {self.identity})"
         since = time.strftime("%H:%M:%S", time.localtime(self.since))
         return f"{who} on {self.export} since {since}"
