@@ -617,11 +617,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._send_opt_reply(opt, P.REP_ACK)
         loop = asyncio.get_running_loop()
         self.reading_paused = False
-        new = await loop.start_tls(
-            self.transport, self, ctx, server_side=True, ssl_handshake_timeout=self.srv.handshake_timeout
-        )
+        try:
+            new = await loop.start_tls(
+                self.transport, self, ctx, server_side=True, ssl_handshake_timeout=self.srv.handshake_timeout
+            )
+        except (ConnectionError, TimeoutError) as e:  # a refusal the peer hung up on is still a refusal
+            raise ssl.SSLError(f"{type(e).__name__}: {e}") from e
         if new is None:
-            raise ConnectionResetError("TLS aborted")
+            raise ssl.SSLError("TLS aborted")
         self.transport = new
         self.tls_active = True
         self.identity = peer_identity(new)
