@@ -230,8 +230,10 @@ class NBDServer:
         for dev in list(self._devices.values()):
             try:
                 dev.flush()
-            except Exception as e:  # noqa: BLE001 - report and keep closing
+            except DEVICE_ERRORS as e:  # the device's own failure: say so, keep closing
                 self.log.error("nbd: flush on close failed: %s", e)
+            except Exception:  # noqa: BLE001 - a bug of ours: its traceback, and keep closing
+                self.log.exception("nbd: internal error flushing a device on close")
         for c in conns:
             c.close()
         for srv in self._servers:
@@ -654,9 +656,13 @@ class _Connection(asyncio.BufferedProtocol):
         return self.srv.tls_mode == "require" and (self.srv.tls_on_unix or not self.local)
 
     def _allowed(self, name: str) -> bool:
+        """The provider's policy. A policy that cannot be read (the device or the cluster's
+        state failing) denies; any other exception is a bug and goes up to the handshake's
+        catch-all (traceback, this connection dropped) instead of passing for a refusal."""
         try:
             return bool(self.srv.provider.allowed(name, self.identity))
-        except Exception:  # noqa: BLE001
+        except DEVICE_ERRORS as e:
+            self.log.warning("nbd %s: cannot check access to export %r: %s", self.peer, name, e)
             return False
 
     def _lookup(self, name: str) -> tuple[BlockDevice | None, int, str]:
@@ -736,7 +742,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._send_opt_reply(opt, rep, P.S_U16.pack(P.INFO_NAME) + name.encode())
         if P.INFO_DESCRIPTION in reqs:
             desc = ""
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*DEVICE_ERRORS):  # a bug of the provider's is not hidden
                 desc = dict(self.srv.provider.list_exports()).get(name, "")
             self._send_opt_reply(opt, rep, P.S_U16.pack(P.INFO_DESCRIPTION) + desc.encode()[:4096])
         pref = dev.block_size
@@ -773,7 +779,7 @@ class _Connection(asyncio.BufferedProtocol):
             if pos != len(data):
                 return None
             return name, queries
-        except Exception:
+        except (struct.error, UnicodeDecodeError):  # the client's malformed request
             return None
 
     def _opt_meta_context(self, opt: int, data: bytes) -> None:
@@ -1075,7 +1081,10 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         if sent < hl:  # socket full: queue the rest of the header and the data, in order
             t.write(bytes(hdr[sent:]))
-            t.write(pread_padded(fd, length, pos))
+            try:
+                t.write(pread_padded(fd, length, pos))
+            except OSError as e:  # part of the header is out: the stream cannot be repaired
+                self._abort(f"read failed after its reply header was sent: {e}")
             return True
         done = sent - hl
         try:
@@ -1092,8 +1101,8 @@ class _Connection(asyncio.BufferedProtocol):
         if done < length:
             try:
                 t.write(pread_padded(fd, length - done, pos + done))
-            except OSError:
-                t.abort()  # the header is out: the stream cannot be repaired
+            except OSError as e:  # the header is out: the stream cannot be repaired
+                self._abort(f"read failed after its reply header was sent: {e}")
         return True
 
     def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:
