@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
@@ -26,12 +27,26 @@ pytestmark = pytest.mark.interop
 
 EIO_AT = 0x10000  # the disk's I/O error: EIO to the client, its connection stays
 BUG_AT = 0x20000  # a TypeError in the read path: traceback in the log, connection dropped
+LOST_AT = 0x80000  # a zero-copy read whose data the file cannot supply once its header is out
 SIZE = 1 << 20
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 class FaultyDevice(FileDevice):
     fail_flush = False
+    physical_view = None  # the zero-copy path is sendfile(2) then pread(2)
+    lost_fd = -1  # a directory: sendfile and pread from it fail (EINVAL, EISDIR)
+
+    def physical_run(self, offset: int, length: int) -> tuple[int, int] | None:
+        if offset == LOST_AT:
+            return self.lost_fd, 0
+        return super().physical_run(offset, length)
+
+    def close(self) -> None:
+        if self.lost_fd >= 0:
+            os.close(self.lost_fd)
+            self.lost_fd = -1
+        super().close()
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         if offset == EIO_AT:
@@ -62,6 +77,7 @@ class FaultyProvider(DirectoryProvider):
                 if path is None:
                     return None
                 dev = self._devices[name] = FaultyDevice(path)
+                dev.lost_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
             return dev
 
     def allowed(self, name: str, identity: str | None) -> bool:
@@ -186,3 +202,35 @@ def test_a_bug_flushing_on_close_is_logged_with_its_traceback(
     server.stop()
     logged = tracebacks(caplog)
     assert [m for t, m in logged if t is AttributeError and "flushing a device on close" in m], logged
+
+
+SENDFILE = """\
+import json, sys
+import nbd
+
+port, lost_at = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD()
+h.connect_uri(f"nbd://127.0.0.1:{port}/bug.img")
+out = {"tries": 0}
+# the zero-copy path is taken once the socket's send buffer has room for the whole
+# reply: bulk reads grow it (TCP autotuning); until then the copy path answers
+for out["tries"] in range(1, 200):
+    try:
+        h.pread(256 * 1024, lost_at)
+    except nbd.Error as e:
+        out["error"] = e.string
+        break
+    for off in range(0, 1 << 20, 256 * 1024):
+        h.pread(256 * 1024, off)
+out["dead"] = bool(h.aio_is_dead() or h.aio_is_closed())
+print(json.dumps(out))
+"""
+
+
+def test_a_read_that_fails_after_its_header_is_sent_is_logged(
+        server: ServerThread, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = libnbd(tmp_path, SENDFILE, str(server.port), str(LOST_AT))
+    assert "error" in out and out["dead"] is True, out  # nothing else can be done with the stream
+    assert [r for r in caplog.records if r.levelno == logging.WARNING
+            and "read failed after its reply header was sent" in r.getMessage()], \
+        [r.getMessage() for r in caplog.records]
