@@ -34,8 +34,10 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 class FaultyDevice(FileDevice):
     fail_flush = False
-    physical_view = None  # the zero-copy path is sendfile(2) then pread(2)
     lost_fd = -1  # a directory: sendfile and pread from it fail (EINVAL, EISDIR)
+
+    def physical_view(self, pos: int, length: int) -> memoryview | None:
+        return None  # no mapping: the zero-copy path is sendfile(2), then pread(2)
 
     def physical_run(self, offset: int, length: int) -> tuple[int, int] | None:
         if offset == LOST_AT:
