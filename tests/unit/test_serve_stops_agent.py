@@ -1,15 +1,21 @@
 """`virtua serve` stopped with SIGTERM stops the local agent it started (it used to leave
-it running). Runs in a network namespace of its own: the agent manages nftables there."""
+it running), and nothing started under its home is left behind; a stale pid file naming
+some other process does not keep serve from starting its agent, nor make serve stop that
+process. Runs in a network namespace of its own: the agent manages nftables there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,45 +25,125 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
     return stat.split(b")")[-1].split()[0] != b"Z"
 
 
-def test_sigterm_of_serve_stops_the_agent_it_started(tmp_path: Path) -> None:
-    ns = f"vts{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    serve = None
-    agent_pid = 0
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        home = tmp_path / "home"
+def processes_under(path: Path) -> dict[int, str]:
+    """Every live process whose command line names `path` (or a file under it)."""
+    found = {}
+    needle = str(path).encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and _alive(int(d.name)):
+            found[int(d.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+class Serve:
+    def __init__(self, tmp: Path, ns: str) -> None:
+        self.tmp, self.ns = tmp, ns
+        self.home = tmp / "home"
+        self.log = tmp / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        serve = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "virtua.cli", "--home", str(home), "serve",
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, sys.executable, "-m", "virtua.cli", "--home", str(self.home), "serve",
              "--listen", "127.0.0.1:10809", "--api-listen", "127.0.0.1:8780", "--agent-listen", "127.0.0.1:8781"],
-            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "wb"), env=env, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), env=env, start_new_session=True,
         )
-        pidfile = home / "agent" / "agent.pid"
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait_agent(self, not_pid: int = 0) -> int:
+        """The pid of the agent serve started, once it has registered with serve."""
+        pidfile = self.home / "agent" / "agent.pid"
         deadline = time.monotonic() + 60
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        while not (pidfile.exists() and pidfile.read_text().strip() and int(pidfile.read_text()) != not_pid):
+            assert time.monotonic() < deadline, self.text()
+            assert self.proc is not None and self.proc.poll() is None, self.text()
             time.sleep(0.2)
-        agent_pid = int(pidfile.read_text())
-        log = home / "agent" / "agent.log"
+        pid = int(pidfile.read_text())
+        log = self.home / "agent" / "agent.log"
         while b"registered" not in (log.read_bytes() if log.exists() else b""):  # joined and working
             assert time.monotonic() < deadline, log.read_text() if log.exists() else "no agent log"
-            assert _alive(agent_pid)
+            assert _alive(pid), log.read_text() if log.exists() else "no agent log"
             time.sleep(0.2)
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(30) == 0
-        deadline = time.monotonic() + 10
-        while _alive(agent_pid):
-            assert time.monotonic() < deadline, "the agent outlived serve"
-            time.sleep(0.1)
-        assert "stopped the local agent" in (tmp_path / "serve.log").read_text()
+        return pid
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0, self.text()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    ns = f"vts{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    srv = Serve(tmp_path, ns)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        yield srv
     finally:
-        if serve is not None and serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-        if agent_pid and _alive(agent_pid):
-            os.killpg(agent_pid, signal.SIGKILL)
+        srv.kill()
+        for pid in processes_under(srv.home):  # a failed test must not leak its processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def wait_gone(pids: object, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = pids() if callable(pids) else pids
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"{what} outlived serve: {left}"
+        time.sleep(0.1)
+
+
+def test_sigterm_of_serve_stops_the_agent_it_started(serve: Serve) -> None:
+    serve.start()
+    agent_pid = serve.wait_agent()
+    assert agent_pid in processes_under(serve.home / "agent")
+    serve.terminate()
+    wait_gone(lambda: processes_under(serve.home), "a process of serve's home")
+    assert not _alive(agent_pid)
+    assert "stopped the local agent" in serve.text()
+
+
+def test_a_stale_agent_pid_file_naming_another_process(serve: Serve, tmp_path: Path) -> None:
+    """The pid in agent.pid now belongs to an unrelated process with "agent" in its command
+    line (a pid is reused; ssh-agent, gpg-agent): serve starts its own agent, and leaves
+    that process alone when it stops."""
+    (serve.home / "agent").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "some-agent"])
+    try:
+        (serve.home / "agent" / "agent.pid").write_text(str(other.pid))
+        serve.start()
+        agent_pid = serve.wait_agent(not_pid=other.pid)
+        assert agent_pid != other.pid and "already running" not in serve.text(), serve.text()
+        serve.terminate()
+        wait_gone(lambda: processes_under(serve.home), "a process of serve's home")
+        assert other.poll() is None, "serve stopped a process that was not its agent"
+        assert not (serve.home / "agent" / "agent.pid").exists(), "the stopped agent's pid file is left"
+    finally:
+        other.kill()
+        other.wait()

@@ -397,6 +397,25 @@ def _check_host_claims(reg: Registration, cert_ips: list[str]) -> None:
             raise Forbidden(f"host {reg.name} claims network {net}, which its address {host} is not on")
 
 
+def _is_agent_of(pid: int, agent_home: Path) -> bool:
+    """Is pid a `virtua ... --home AGENT_HOME agent`? A pid file outlives its process, and
+    its pid may be any process's since (another agent, ssh-agent): serve would then
+    neither start its agent nor, rightly, stop that process."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    home = str(agent_home).encode()
+    return any(a == b"--home" and b == home for a, b in zip(args, args[1:], strict=False)) and b"agent" in args
+
+
+def stop_local_agent(pid: int, agent_home: Path) -> None:
+    """Stop the agent serve started (its process group; its VMs, in sessions of their own,
+    keep running) and remove its pid file if it still names it."""
+    stop_process_group(pid, "the local agent", log)
+    pidfile = agent_home / "agent.pid"
+    with contextlib.suppress(OSError, ValueError):
+        if int(pidfile.read_text()) == pid:
+            pidfile.unlink()
+
+
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
     """Start `virtua agent` for this machine unless one already runs (then None); serve
     stops the one it started when it stops, and the VMs (own sessions) keep running.
@@ -409,8 +428,7 @@ def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: 
     pidfile = agent_home / "agent.pid"
     try:
         pid = int(pidfile.read_text())
-        os.kill(pid, 0)
-        if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if _is_agent_of(pid, agent_home):
             log.info("local agent already running (pid %d); it is not ours to stop", pid)
             return None
     except (OSError, ValueError):
@@ -547,30 +565,30 @@ async def serve(cfg: ServeConfig) -> None:
         asyncio.create_task(uv_local.serve(sockets=[_bind_unix(cfg.api_socket)])),
         asyncio.create_task(uv_tcp.serve(sockets=[_bind_tcp(cfg.api_listen)])),
     ]
-    agent_pid: int | None = None
-    if cfg.local_agent:
-        agent_pid = start_local_agent(cfg, advertise, api_port, manager)
-
+    # the handlers first: a SIGTERM from now on still goes through the clean-up below
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    where = f"{host}:{nbd.port}" if host else ""
-    tls_said = {"off": "off (plaintext)", "on": "on (offered)", "require": "required"}[tls_mode]
-    if cfg.tls == "auto":
-        tls_said += " with the cluster CA"
-    elif cfg.tls != "off":
-        tls_said += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
-    log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_said,
-             cfg.api_socket, cfg.api_listen, os.getpid())
-    print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} tls={cfg.tls} api={cfg.api_socket} "
-          f"api_tcp={cfg.api_listen}", flush=True)
+    agent_pid: int | None = None
     try:
+        if cfg.local_agent:
+            agent_pid = start_local_agent(cfg, advertise, api_port, manager)
+        where = f"{host}:{nbd.port}" if host else ""
+        tls_said = {"off": "off (plaintext)", "on": "on (offered)", "require": "required"}[tls_mode]
+        if cfg.tls == "auto":
+            tls_said += " with the cluster CA"
+        elif cfg.tls != "off":
+            tls_said += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
+        log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_said,
+                 cfg.api_socket, cfg.api_listen, os.getpid())
+        print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} tls={cfg.tls} api={cfg.api_socket} "
+              f"api_tcp={cfg.api_listen}", flush=True)
         await stop.wait()
     finally:
         log.info("virtua serve: stopping")
         if agent_pid is not None:  # the agent we started goes with us (its VMs keep running)
-            stop_process_group(agent_pid, "the local agent", log)
+            stop_local_agent(agent_pid, cfg.home / "agent")
         await nbd.close()  # in-flight requests finish, devices flush
         await admin_nbd.close()
         for uv in servers:
