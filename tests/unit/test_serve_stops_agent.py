@@ -17,35 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.procs import alive, processes_under
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat.split(b")")[-1].split()[0] != b"Z"
-
-
-def processes_under(path: Path) -> dict[int, str]:
-    """Every live process whose command line names `path` (or a file under it)."""
-    found = {}
-    needle = str(path).encode()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline and _alive(int(d.name)):
-            found[int(d.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-    return found
 
 
 class Serve:
@@ -78,7 +52,7 @@ class Serve:
         log = self.home / "agent" / "agent.log"
         while b"registered" not in (log.read_bytes() if log.exists() else b""):  # joined and working
             assert time.monotonic() < deadline, log.read_text() if log.exists() else "no agent log"
-            assert _alive(pid), log.read_text() if log.exists() else "no agent log"
+            assert alive(pid), log.read_text() if log.exists() else "no agent log"
             time.sleep(0.2)
         return pid
 
@@ -125,7 +99,7 @@ def test_sigterm_of_serve_stops_the_agent_it_started(serve: Serve) -> None:
     assert agent_pid in processes_under(serve.home / "agent")
     serve.terminate()
     wait_gone(lambda: processes_under(serve.home), "a process of serve's home")
-    assert not _alive(agent_pid)
+    assert not alive(agent_pid)
     assert "stopped the local agent" in serve.text()
 
 

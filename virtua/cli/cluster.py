@@ -277,13 +277,16 @@ def net_list() -> None:
 def lab_up(
     hosts: int = typer.Option(3, "--hosts"), prefix: str = typer.Option("10.213.0", "--prefix", help="first three octets of the hosts' /24"),
     cores: int = typer.Option(2, "--cores", help="cores each host offers"), memory: str = typer.Option("2G", "--memory"),
+    tag: str = typer.Option("vlab", "--tag", help="names the lab's namespaces (TAG-hN) and bridge (TAGbr); at most 8 characters"),
 ) -> None:
     """Create N namespaced hosts on a bridge and start an agent in each (manager at PREFIX.1:8780)."""
     from virtua.net.lab import Lab
 
-    lab = Lab(prefix=prefix, hosts=hosts)
+    lab = Lab(tag=tag, prefix=prefix, hosts=hosts)
     home = State.home / "lab"
     Lab.stop_agents(home)
+    if (home / "lab.json").exists():  # the lab this home had before, whatever its tag or size
+        Lab.load(home).destroy()
     lab.create()
     tokens = lab_join_tokens(lab, home)
     pids = lab.start_agents(home, f"https://{lab.gateway}:8780", cores, memory, tokens)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,8 +43,8 @@ class Lab:
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= 50:
             raise InvalidArgument(f"bad host count {self.hosts}: 1..50")
-        if len(self.tag) > 8:
-            raise InvalidArgument(f"bad lab tag {self.tag!r}: at most 8 characters")
+        if len(self.tag) > 8 or not re.fullmatch(r"[a-z][a-z0-9]*", self.tag):
+            raise InvalidArgument(f"bad lab tag {self.tag!r}: at most 8 lower-case letters and digits")
 
     @property
     def bridge(self) -> str:
