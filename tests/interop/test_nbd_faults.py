@@ -236,3 +236,41 @@ def test_a_read_that_fails_after_its_header_is_sent_is_logged(
     assert [r for r in caplog.records if r.levelno == logging.WARNING
             and "read failed after its reply header was sent" in r.getMessage()], \
         [r.getMessage() for r in caplog.records]
+
+
+BURST = """\
+import json, sys
+import nbd
+
+port, eio_at, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+h = nbd.NBD()
+h.connect_uri(f"nbd://127.0.0.1:{port}/bug.img")
+errors = []
+for _ in range(n):
+    try:
+        h.pread(4096, eio_at)
+    except nbd.Error as e:
+        errors.append(e.errno)
+out = {"errors": errors, "then": h.pread(4096, 0) == bytes(4096)}
+h.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_device_errors_are_answered_each_time_and_logged_at_a_limited_rate(
+        server: ServerThread, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "injected I/O error" in r.getMessage()]
+
+    out = libnbd(tmp_path, BURST, str(server.port), str(EIO_AT), "20")
+    assert out == {"errors": ["EIO"] * 20, "then": True}, out
+    logged = warnings()
+    assert len(logged) == 1 and "export 'bug.img': read failed" in logged[0], logged
+    assert server.server is not None
+    server.server.device_error_interval = 0.0  # the next one is logged, with the count of the others
+    out = libnbd(tmp_path, BURST, str(server.port), str(EIO_AT), "1")
+    assert out == {"errors": ["EIO"], "then": True}, out
+    logged = warnings()
+    assert len(logged) == 2 and "(19 more device errors since the last one logged)" in logged[1], logged
+    assert not tracebacks(caplog)

@@ -84,6 +84,8 @@ _ALLOWED_FLAGS = {
 # of the server: it is not answered with a made-up errno but goes up to the catch-all of
 # the handshake or of _process, which logs it with its traceback and drops the connection.
 DEVICE_ERRORS = (OSError, VirtuaError)
+# They are answered each time, and logged at most once per this many seconds.
+DEVICE_ERROR_LOG_INTERVAL = 10.0
 
 
 class _ReqError(Exception):
@@ -170,6 +172,10 @@ class NBDServer:
         self.unix_path: str | None = None
         self.stats = {"accepted": 0, "rejected": 0}
         self.holders = holders if holders is not None else Holders()  # who has which export open
+        # a device's failures answered to clients: one warning per interval at most
+        self.device_error_interval = DEVICE_ERROR_LOG_INTERVAL
+        self._device_error_last = -DEVICE_ERROR_LOG_INTERVAL
+        self._device_errors_unlogged = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -244,6 +250,19 @@ class NBDServer:
                 os.unlink(self.unix_path)
         if self._closed is not None:
             self._closed.set()
+
+    def device_error(self, peer: str, export: str | None, what: str) -> None:
+        """A device's failure, answered to its client with its errno: a warning at most once
+        per device_error_interval (a failing disk fails every request), which says how many
+        went unlogged since the last one."""
+        now = time.monotonic()
+        if now - self._device_error_last < self.device_error_interval:
+            self._device_errors_unlogged += 1
+            return
+        n, self._device_errors_unlogged = self._device_errors_unlogged, 0
+        self._device_error_last = now
+        more = f" ({n} more device errors since the last one logged)" if n else ""
+        self.log.warning("nbd %s: export %r: %s%s", peer, export, what, more)
 
     def _register_device(self, dev: BlockDevice) -> None:
         self._devices[id(dev)] = dev
@@ -643,6 +662,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             exports = self.srv.provider.list_exports()
         except DEVICE_ERRORS as e:
+            self.srv.device_error(self.peer, None, f"cannot list exports: {e}")
             self._send_opt_error(opt, P.REP_ERR_PLATFORM, f"cannot list exports: {e}")
             return
         for name, desc in exports:
@@ -676,6 +696,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             dev = self.srv.provider.open_export(name)
         except DEVICE_ERRORS as e:
+            self.srv.device_error(self.peer, name, f"cannot open export: {e}")
             return None, P.REP_ERR_UNKNOWN, f"cannot open export {name!r}: {e}"
         if dev is None:
             return None, P.REP_ERR_UNKNOWN, f"no export named {name!r}"
@@ -943,6 +964,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.dev.write(self._ws_off, self.rmv[start : start + k])  # type: ignore[union-attr]
             except DEVICE_ERRORS as e:
                 self._ws_err = (nbd_errno(e), f"write failed: {e}")
+                self.srv.device_error(self.peer, self.export_name, self._ws_err[1])
         self._ws_off += k
         if left:
             return False
@@ -953,6 +975,11 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, self._ws_handle))
         return True
+
+    def _device_error(self, handle: int, e: BaseException, what: str, cmd: int) -> None:
+        msg = f"{what} failed: {e}"
+        self.srv.device_error(self.peer, self.export_name, msg)
+        self._error(handle, nbd_errno(e), msg, cmd)
 
     def _ok(self, handle: int) -> None:
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
@@ -987,7 +1014,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             self.dev.write(offset, data)  # type: ignore[union-attr]
         except DEVICE_ERRORS as e:
-            return self._error(handle, nbd_errno(e), f"write failed: {e}", 1)
+            return self._device_error(handle, e, "write", 1)
         if flags & P.CMD_FLAG_FUA:
             return self._reply_when_durable(handle, 1)
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
@@ -1123,7 +1150,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.dev.readinto(offset, mv[hs:])  # type: ignore[union-attr]
         except DEVICE_ERRORS as e:
             self._put_buf(buf)
-            self._error(handle, nbd_errno(e), f"read failed: {e}", 0)
+            self._device_error(handle, e, "read", 0)
             return False
         self.out.append(buf)
         self._used.append(buf)
@@ -1213,7 +1240,7 @@ class _Connection(asyncio.BufferedProtocol):
         except _ReqError as e:
             return self._error(handle, e.err, e.msg, cmd)
         except DEVICE_ERRORS as e:
-            return self._error(handle, nbd_errno(e), f"command {cmd} failed: {e}", cmd)
+            return self._device_error(handle, e, f"command {cmd}", cmd)
         if fua and cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
             return self._reply_when_durable(handle, cmd)
         self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
@@ -1229,7 +1256,7 @@ class _Connection(asyncio.BufferedProtocol):
             try:
                 dev.flush()
             except DEVICE_ERRORS as e:
-                return self._error(handle, nbd_errno(e), f"flush failed: {e}", cmd)
+                return self._device_error(handle, e, "flush", cmd)
             return self._ok(handle)
         task = asyncio.get_running_loop().create_task(self._durable_then_reply(flush_async, handle, cmd))
         self._durable_waits.add(task)
@@ -1238,7 +1265,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             await flush_async()
         except DEVICE_ERRORS as e:
-            self._error(handle, nbd_errno(e), f"flush failed: {e}", cmd)
+            self._device_error(handle, e, "flush", cmd)
         except Exception as e:  # noqa: BLE001 - a bug of ours: log it, drop this connection only
             self.log.exception("nbd %s: internal error flushing export %r, dropping the connection",
                                self.peer, self.export_name)
@@ -1264,7 +1291,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             extents = dev.block_status(offset, length)
         except DEVICE_ERRORS as e:
-            return self._error(handle, nbd_errno(e), f"block status failed: {e}", cmd)
+            return self._device_error(handle, e, "block status", cmd)
         descs: list[tuple[int, int]] = []
         pos, end = offset, offset + length
         for ext in extents:
