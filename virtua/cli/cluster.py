@@ -148,9 +148,18 @@ def vc_create(
         "none", "--egress",
         help="what guests reach beyond their VC (never the hosts): none, nat (behind their host's address) or routed",
     ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and print the plan and placement; change nothing"),
 ) -> None:
-    """Create a virtual cluster: one clone of the template per node, swap, per-node seeds."""
+    """Create a virtual cluster: one clone of the template per node, swap, per-node seeds.
+    A recorded job (`virtua job list`): a failure or a crash in the middle undoes it."""
     t0 = time.monotonic()
+    if dry_run:
+        result = State.client().call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus,
+                                     memory=memory, swap=swap, strategy=strategy, mode=mode,
+                                     egress=egress, dry_run=True, **({"subnet": subnet} if subnet else {}),
+                                     **({"disk": disk} if disk else {}))
+        render.emit(result, State.json)
+        return
     vc_call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
          disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start, egress=egress)
     if not State.json:

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ValidationError
 from virtua.cluster import netplan
 from virtua.cluster.model import HostRecord, NicLaunch, TemplateRecord, VCRecord, VMLaunch, VMRecord
 from virtua.cluster.placement import HostCapacity, HostLoad, VMRequest, place, restart_plan
-from virtua.cluster.plan import Plan
 from virtua.cluster.store import StateStore
 from virtua.errors import (
     AlreadyExists,
@@ -40,6 +39,10 @@ from virtua.errors import (
     Unavailable,
     VirtuaError,
 )
+from virtua.jobs import runner
+from virtua.jobs.plan import Plan
+from virtua.jobs.record import Undo
+from virtua.jobs.recovery import Context, NeedsManager, undo_kind
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import PeerRule
 from virtua.pki.files import write_private
@@ -699,6 +702,7 @@ class Manager:
         self, name: str, template: str, nodes: int, cpus: int = 1, memory: str = "256M",
         disk: str | None = None, swap: str = "64M", strategy: str = "block", mode: str = "strict",
         subnet: str | None = None, start: bool = False, pool: str | None = None, egress: str = "none",
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         check_name(name, "VC name")
         egress_mode = netplan.validate_egress(egress)
@@ -749,29 +753,38 @@ class Manager:
                 )
                 for i, n in enumerate(node_names, 1)
             ]
+            def rm_undo(refs: list[str]) -> Undo:
+                return Undo(kind="volumes.rm", args={"refs": refs})
+
             plan = Plan(f"vc create {name}")
             plan.add(
                 f"clone {t.snapshot} x{nodes}",
                 lambda: self._clone_disks(p, snap.volume, snap.snapshot or "", vms, disk_size),
-                lambda: self._rm_volumes(p, [v.disk for v in vms]),
+                lambda: self._rm_volumes(p, [v.disk for v in vms]), rm_undo([v.disk for v in vms]),
             )
             plan.add(
                 "create swap volumes",
                 lambda: [p.create_volume(parse_ref(v.swap).volume, swap_size) for v in vms],
-                lambda: self._rm_volumes(p, [v.swap for v in vms]),
+                lambda: self._rm_volumes(p, [v.swap for v in vms]), rm_undo([v.swap for v in vms]),
             )
             plan.add(
                 "write per-node seeds",
                 lambda: self._write_seeds(rec, vms, net),
-                lambda: self._rm_volumes(p, [v.seed for v in vms]),
+                lambda: self._rm_volumes(p, [v.seed for v in vms]), rm_undo([v.seed for v in vms]),
             )
             plan.add("prepare hosts", lambda: self._prepare_hosts(t, vms))
             plan.add(
                 "record the VC",
                 lambda: self._record_vc(rec, vms),
-                lambda: self._forget_vc(name),
+                lambda: self._forget_vc(name), Undo(kind="vc.forget", args={"name": name}),
             )
-            await plan.run()
+            if dry_run:
+                return {"name": name, "plan": plan.describe(), "subnet": str(net),
+                        "placement": {v.name: v.host for v in vms}}
+            job = runner.start(self.storage.jobs, "vc.create", {"name": name, "template": template, "nodes": nodes},
+                               plan, total=len(plan.steps))
+            await plan.run(job)
+            job.finish({"name": name})
         if start:
             return await self.vc_start(name)
         return self.vc_info(name)
@@ -1331,3 +1344,13 @@ def _digest(path: Path) -> str:
 
 
 __all__ = ["Manager", "Busy"]
+
+
+@undo_kind("vc.forget")
+def _undo_vc_record(ctx: Context, name: str) -> None:
+    """A VC whose creation was interrupted: its records go (its volumes are undone by
+    the steps before)."""
+    if ctx.manager is None:
+        raise NeedsManager()
+    if ctx.manager.store.get(f"/vcs/{name}") is not None:
+        ctx.manager._forget_vc(name)
