@@ -104,6 +104,7 @@ class Manager:
         self.import_dir = import_dir or home / "import"  # the only host files a request may name
         self.import_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._jobs: set[asyncio.Task[Any]] = set()  # jobs started with wait=False
         self._own_networks = [str(n) for n in self.host_networks]
         self._routes: dict[str, str] = {}
         self._watch: asyncio.Task[None] | None = None
@@ -145,6 +146,10 @@ class Manager:
                 self._put_host(h)
 
     async def close(self) -> None:
+        for task in list(self._jobs):  # a job cut short undoes what it did (the journal says so)
+            task.cancel()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
         if self._watch:
             self._watch.cancel()
         if self._routes:
@@ -702,8 +707,10 @@ class Manager:
         self, name: str, template: str, nodes: int, cpus: int = 1, memory: str = "256M",
         disk: str | None = None, swap: str = "64M", strategy: str = "block", mode: str = "strict",
         subnet: str | None = None, start: bool = False, pool: str | None = None, egress: str = "none",
-        dry_run: bool = False,
+        dry_run: bool = False, wait: bool = True,
     ) -> dict[str, Any]:
+        """A recorded job; wait=False returns {"job": ID} once it is recorded (the CLI then
+        follows it with `job show`), else its result."""
         check_name(name, "VC name")
         egress_mode = netplan.validate_egress(egress)
         if len(name) > 40:
@@ -716,7 +723,9 @@ class Manager:
             raise InvalidArgument(f"bad strategy {strategy!r}: use block or cyclic")
         if mode not in ("strict", "lazy"):
             raise InvalidArgument(f"bad mode {mode!r}: use strict or lazy")
-        async with self.lock(f"vc/{name}"):
+        lock = self.lock(f"vc/{name}")
+        await lock.acquire()
+        try:
             if self.store.get(f"/vcs/{name}") is not None:
                 raise AlreadyExists(f"virtual cluster {name} already exists")
             t = self.template(template)
@@ -783,11 +792,32 @@ class Manager:
                         "placement": {v.name: v.host for v in vms}}
             job = runner.start(self.storage.jobs, "vc.create", {"name": name, "template": template, "nodes": nodes},
                                plan, total=len(plan.steps))
+        except BaseException:
+            lock.release()
+            raise
+        run = self._run_vc_create(job, plan, lock, name, start)  # releases the lock
+        if wait:
+            return await run
+        task = asyncio.create_task(run)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded in the job
+        return {"job": job.id, "name": name}
+
+    async def _run_vc_create(
+        self, job: runner.Job, plan: Plan, lock: asyncio.Lock, name: str, start: bool,
+    ) -> dict[str, Any]:
+        try:
             await plan.run(job)
-            job.finish({"name": name})
-        if start:
-            return await self.vc_start(name)
-        return self.vc_info(name)
+        finally:
+            lock.release()
+        try:
+            info = await self.vc_start(name) if start else self.vc_info(name)
+        except BaseException as e:  # created, but did not start: the job says so, the VC stays
+            job.failed_after(e)
+            raise
+        job.finish({"name": name, "state": info.get("state")})
+        return info
 
     def _clone_disks(self, p: Any, volume: str, snapshot: str, vms: list[VMRecord], size: int) -> None:
         made: list[str] = []

@@ -70,7 +70,8 @@ def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobR
     started = [s for s in job.steps if s.state in ("running", "done")]
     failed: list[str] = []
     for step in reversed(started):
-        if step.undo is None:
+        if step.undo is None:  # nothing of it to take back
+            step.state = "undone"
             continue
         fn = UNDO_KINDS.get(step.undo.kind)
         try:

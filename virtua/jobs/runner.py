@@ -62,6 +62,10 @@ class Job:
             step.error = _message(error)
         self._end("cancelled" if isinstance(error, Cancelled) else "failed", error=error)
 
+    def failed_after(self, error: BaseException) -> None:
+        """Every step done, then what followed them failed (e.g. starting a created VC)."""
+        self._end("failed", error=error)
+
     def finish(self, result: Any) -> Any:
         self.record.result = result
         if self.record.progress.total:
