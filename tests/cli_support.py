@@ -50,10 +50,10 @@ class V:
 class Serve:
     """A real `virtua serve` on loopback for one home; stop() sends SIGTERM."""
 
-    def __init__(self, home: Path, *extra: str) -> None:
+    def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
-        env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200")
+        env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200", **(env or {}))
         self.proc = subprocess.Popen(
             [*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{self.port}",
              "--api-listen", f"127.0.0.1:{free_port()}", *extra],

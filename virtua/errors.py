@@ -109,6 +109,15 @@ class PermissionDenied(Forbidden):
     errno = errno.EACCES
 
 
+class Cancelled(VirtuaError):
+    """An operation stopped at an administrator's request (`virtua job cancel`); what it
+    had done is undone."""
+
+    exit_code = 13
+    http_status = 409
+    errno = errno.ECANCELED
+
+
 ERROR_TYPES: dict[str, type[VirtuaError]] = {
     cls.__name__: cls
     for cls in (
@@ -125,6 +134,7 @@ ERROR_TYPES: dict[str, type[VirtuaError]] = {
         Unavailable,
         Unauthenticated,
         Forbidden,
+        Cancelled,
     )
 }
 

@@ -387,6 +387,30 @@ def test_host_vanishing_mid_create_rolls_back(cluster: NetCluster) -> None:
         c.wait_hosts(3)
 
 
+def test_a_manager_killed_mid_create_is_undone_at_its_next_start(cluster: NetCluster) -> None:
+    """serve is SIGKILLed when vc create has cloned the disks, made the swaps and written
+    the seeds (the journal says step 3, prepare hosts, began): its next start removes them."""
+    c = cluster
+    c.stop_manager()
+    c.start_manager(env={"VIRTUA_JOB_CRASH": "vc.create:3:begin"})
+    try:
+        r = c.cli("vc", "create", "cut", "--template", "tiny", "--nodes", "2", "--memory", "128M", check=False)
+        assert r.returncode != 0
+        assert c.serve is not None and c.serve.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        c.start_manager()
+    c.wait_hosts(3)
+    assert c.json("vc", "list") == []
+    assert not [v for v in c.json("volume", "list") if "vc-cut" in v["name"]], "disks, swaps and seeds undone"
+    job = next(j for j in c.json("job", "list", "--all") if j["op"] == "vc.create" and j["args"]["name"] == "cut")
+    assert job["state"] == "undone" and "interrupted" in job["error"], job
+    assert [s["state"] for s in job["steps"]] == ["undone"] * 4 + ["pending"], job["steps"]
+    assert c.json("pool", "check", "default")["ok"]
+    info = c.json("vc", "create", "cut", "--template", "tiny", "--nodes", "2", "--memory", "128M")
+    assert [n["name"] for n in info["nodes"]] == ["cut-1", "cut-2"], "control: the same create now works"
+    c.json("vc", "destroy", "cut", "--force")
+
+
 def test_manager_restart_keeps_vms_running(cluster: NetCluster) -> None:
     c = cluster
     c.json(

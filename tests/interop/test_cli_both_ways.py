@@ -67,7 +67,11 @@ TABLE: list[tuple[str, ...]] = [
 STAMP = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\"(created|since|deleted|expires)\": [0-9.e+]+")
 
 
+JOB_ID = re.compile(rb"\d{8}-\d{6}-[0-9a-f]{6}")  # virtua.jobs.record.new_job_id
+
+
 def normal(out: bytes, home: Path) -> bytes:
+    out = JOB_ID.sub(b"<job>", out)
     return STAMP.sub(b"<time>", out.replace(str(home.parent).encode(), b"<tmp>").replace(home.name.encode(), b"<home>"))
 
 

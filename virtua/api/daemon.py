@@ -416,6 +416,32 @@ def stop_local_agent(pid: int, agent_home: Path) -> None:
             pidfile.unlink()
 
 
+JOB_REAP_EVERY = 2.0
+
+
+def _recover_jobs(storage: Storage, manager: Any) -> asyncio.Task[None]:
+    """Undo what a crashed process left half done, now (before any client can see it) and
+    then whenever a client-driven job's client goes quiet; on the loop thread, like every
+    other change to the pools."""
+    from virtua.jobs.recovery import Context, recover
+
+    ctx = Context(storage, manager)
+    for job in recover(storage.jobs, ctx):
+        log.warning("recovered job %s (%s): %s", job.id, job.title, job.state)
+    return asyncio.create_task(_reap_jobs(storage, ctx))
+
+
+async def _reap_jobs(storage: Storage, ctx: Any) -> None:
+    from virtua.jobs.recovery import recover
+
+    while True:
+        await asyncio.sleep(JOB_REAP_EVERY)
+        try:
+            recover(storage.jobs, ctx, expired_only=True)
+        except Exception:  # noqa: BLE001 - keep reaping; say what broke
+            log.exception("job recovery failed")
+
+
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
     """Start `virtua agent` for this machine unless one already runs (then None); serve
     stops the one it started when it stops, and the VMs (own sessions) keep running.
@@ -534,6 +560,7 @@ async def serve(cfg: ServeConfig) -> None:
         manager.nbd_allowed = exports.allowed  # --allow rules first, as at open
     exports.holder_label = manager.disk_user
     await manager.start()
+    reaper = _recover_jobs(storage, manager)
     from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission
 
@@ -595,6 +622,7 @@ async def serve(cfg: ServeConfig) -> None:
             uv.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*api_tasks), 5)
+        reaper.cancel()
         await manager.close()
         store.close()
         storage.close()

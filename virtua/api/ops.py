@@ -22,6 +22,9 @@ from pydantic import BaseModel, Field
 
 from virtua.api.args import arguments_model, check_arguments
 from virtua.errors import Busy, DependencyError, InvalidArgument
+from virtua.jobs import runner
+from virtua.jobs.plan import Plan
+from virtua.jobs.record import Undo
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
 from virtua.units import human_size, parse_size
@@ -423,15 +426,32 @@ def volume_flatten(st: Storage, ref: str, force: bool = False) -> dict[str, Any]
 
 
 @op("clone")
-def clone(st: Storage, source: str, new: str, count: int = 1) -> dict[str, Any]:
+def clone(st: Storage, source: str, new: str, count: int = 1, dry_run: bool = False) -> dict[str, Any]:
+    """A job: the implicit snapshot (when source names none), then the clones in one
+    transaction; a crash between them undoes the snapshot (virtua.jobs.recovery)."""
     s = parse_ref(source)
     n = parse_ref(new, snapshot=False)
     if n.pool != s.pool:
         raise InvalidArgument(f"{new} is in pool {n.pool}, {source} in pool {s.pool}: same pool only")
     pool = st.pool(s.pool)
-    made = pool.clone(s.volume, s.snapshot, n.volume, count)
-    origin = pool.snapshot_ref(pool.snapshots[made[0].origin]) if made[0].origin else None
-    return {"origin": origin, "clones": [f"{s.pool}/{v.name}" for v in made]}
+    names = pool.check_clone(s.volume, s.snapshot, n.volume, count)  # touches nothing
+    snap_name = s.snapshot or f"clone-{n.volume}"
+    snap_ref = f"{s.pool}/{s.volume}@{snap_name}"
+    refs = [f"{s.pool}/{v}" for v in names]
+    plan = Plan(f"clone {snap_ref} -> {new}" + (f" x{count}" if count > 1 else ""))
+    if s.snapshot is None:
+        plan.add(f"snapshot {snap_ref}", lambda: pool.create_snapshot(s.volume, snap_name),
+                 lambda: pool.delete_snapshot(s.volume, snap_name), Undo(kind="snapshot.rm", args={"ref": snap_ref}))
+    made: list[Any] = []
+    plan.add(f"create {len(names)} clone(s) of {snap_ref}",
+             lambda: made.extend(pool.clone(s.volume, snap_name, n.volume, count)),
+             record=Undo(kind="volumes.rm", args={"refs": refs}))
+    if dry_run:
+        return {"plan": plan.describe(), "origin": snap_ref, "clones": refs}
+    job = runner.start(st.jobs, "clone", {"source": source, "new": new, "count": count}, plan,
+                       total=len(plan.steps))
+    plan.run_sync(job)
+    return job.finish({"origin": snap_ref, "clones": refs, "job": job.id})
 
 
 # ---------------------------------------------------------------------- snapshots
@@ -506,3 +526,6 @@ def host_info(m: Any, name: str) -> Any:
 @cluster_op("vm.console")
 def vm_console(m: Any, ref: str, offset: Annotated[int, Field(ge=0)] = 0) -> Any:
     return m.vm_console_text(ref, offset)
+
+
+from virtua.api import job_ops as _job_ops  # noqa: E402,F401 - registers the job operations

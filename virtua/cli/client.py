@@ -42,6 +42,11 @@ class LocalClient(Client):
         from virtua.storage.service import Storage
 
         self.storage = Storage(home)
+        if self.storage.jobs.running():  # a CLI or serve killed in the middle of one
+            from virtua.api import ops  # noqa: F401 - registers the undo kinds
+            from virtua.jobs.recovery import Context, recover
+
+            recover(self.storage.jobs, Context(self.storage))
 
     def call(self, op: str, **args: Any) -> Any:
         from virtua.api import ops

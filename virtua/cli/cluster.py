@@ -148,11 +148,31 @@ def vc_create(
         "none", "--egress",
         help="what guests reach beyond their VC (never the hosts): none, nat (behind their host's address) or routed",
     ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and print the plan and placement; change nothing"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job to its end (else print its ID)"),
 ) -> None:
-    """Create a virtual cluster: one clone of the template per node, swap, per-node seeds."""
+    """Create a virtual cluster: one clone of the template per node, swap, per-node seeds.
+    A recorded job (`virtua job list`): a failure or a crash in the middle undoes it."""
     t0 = time.monotonic()
-    vc_call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus, memory=memory,
-         disk=disk, swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start, egress=egress)
+    if dry_run:
+        result = State.client().call("vc.create", name=name, template=template, nodes=nodes, cpus=cpus,
+                                     memory=memory, swap=swap, strategy=strategy, mode=mode,
+                                     egress=egress, dry_run=True, **({"subnet": subnet} if subnet else {}),
+                                     **({"disk": disk} if disk else {}))
+        render.emit(result, State.json)
+        return
+    args = {k: v for k, v in dict(name=name, template=template, nodes=nodes, cpus=cpus, memory=memory, disk=disk,
+                                  swap=swap, strategy=strategy, mode=mode, subnet=subnet, start=start,
+                                  egress=egress).items() if v is not None}
+    client = State.client()
+    began = client.call("vc.create", **args, wait=False)
+    if not wait:
+        render.emit(began, State.json)
+        return
+    from virtua.cli.follow import follow
+
+    follow(client, began["job"], f"vc create {name}")
+    vc_call("vc.info", name=name)
     if not State.json:
         render.err.print(f"done in {time.monotonic() - t0:.1f} s")
 

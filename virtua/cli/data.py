@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from virtua.cli.client import Client, LocalClient
-from virtua.errors import AlreadyExists, InvalidArgument, NoSpace, VirtuaError
+from virtua.errors import AlreadyExists, Cancelled, InvalidArgument, NoSpace, VirtuaError
 from virtua.storage import imageio
 from virtua.storage.names import parse_ref
 from virtua.storage.pool import SECTOR
@@ -88,11 +89,15 @@ def import_image(home: Path, client: Client, source: str, ref: str, stream_size:
                 return NoSpace(f"pool {pool} is full: {shown} needs more than its {format_size(free)} free")
             return InvalidArgument(f"cannot import {shown}: {_last_line(err)}")
 
-        def copy(uri: str) -> str:
+        def copy(uri: str, job_progress: Callable[[float], None]) -> str:
             with progress_bar(f"import {ref}", image.virtual_size) as bar:
-                return imageio.run_copy(imageio.import_command(image, uri), bar)
+                def both(percent: float) -> None:
+                    bar(percent)
+                    job_progress(percent)
 
-        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed)
+                return imageio.run_copy(imageio.import_command(image, uri), both)
+
+        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed, shown)
 
 
 COPY_SLACK = 64 << 20  # less free than this after a failed copy: the pool filled up
@@ -110,33 +115,64 @@ def _import_stream(home: Path, client: Client, ref: str, size: int) -> dict[str,
             return InvalidArgument(f"stdin holds more than --size {format_size(size)}: give its size")
         return InvalidArgument(f"cannot import stdin: {_last_line(err)}")
 
-    def copy(uri: str) -> str:
-        return imageio.run_copy(imageio.stream_import_command(uri), None, stdin=sys.stdin.fileno())
+    def copy(uri: str, job_progress: Callable[[float], None]) -> str:
+        return imageio.run_copy(imageio.stream_import_command(uri), job_progress, stdin=sys.stdin.fileno())
 
-    return _into_new_volume(home, client, ref, size, "raw", copy, failed)
+    return _into_new_volume(home, client, ref, size, "raw", copy, failed, "stdin")
 
 
 def _into_new_volume(
-    home: Path, client: Client, ref: str, size: int, fmt: str, copy: Callable[[str], str],
-    failed: Callable[[str, str], VirtuaError],
+    home: Path, client: Client, ref: str, size: int, fmt: str, copy: Callable[[str, Callable[[float], None]], str],
+    failed: Callable[[str, str], VirtuaError], source: str = "an image",
 ) -> dict[str, Any]:
-    """Create ref (size rounded up to a sector), run copy(its NBD URI) into it, and remove
-    it again if the copy fails (failed(stderr, pool) says why) or is interrupted."""
+    """An import job: the daemon (or this process) creates ref (size rounded up to a
+    sector) and records it; copy(its NBD URI, a percent callback) fills it while a thread
+    renews the job; the job ends by keeping the volume, or by removing it when the copy
+    fails (failed(stderr, pool) says why), is cancelled (`virtua job cancel`) or this
+    process dies (the job's lease runs out, or the next start finds its owner gone)."""
     r = parse_ref(ref, snapshot=False)
-    client.call("volume.create", ref=ref, size=(size + SECTOR - 1) // SECTOR * SECTOR)
+    size = (size + SECTOR - 1) // SECTOR * SECTOR
+    job = str(client.call("volume.import.begin", ref=ref, size=size, format=fmt, source=source)["job"])
+    lock = threading.Lock()  # one call at a time on the client
+    done = [0]
+    stop = threading.Event()
+    cancel = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(RENEW_EVERY):
+            with contextlib.suppress(VirtuaError), lock:
+                if client.call("job.renew", id=job, done=done[0]).get("cancel"):
+                    cancel.set()
+
+    def progress(percent: float) -> None:
+        done[0] = int(size * percent / 100)
+        if cancel.is_set():
+            raise Cancelled(f"job {job} was cancelled; {ref} is removed")
+
+    renewer = threading.Thread(target=renew, name="virtua-import-renew", daemon=True)
+    renewer.start()
     try:
         with nbd_socket(home, client) as sock:
-            err = copy(imageio.nbd_uri(sock, str(r)))
+            err = copy(imageio.nbd_uri(sock, str(r)), progress)
         if err:
             raise failed(err, r.pool)
-    except BaseException:
-        with contextlib.suppress(VirtuaError):
-            client.call("volume.rm", ref=ref, force=True)
+    except BaseException as e:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(VirtuaError), lock:
+            client.call("volume.import.end", id=job, error=e.message if isinstance(e, VirtuaError) else repr(e))
         raise
-    info: dict[str, Any] = client.call("volume.info", ref=ref)
+    stop.set()
+    renewer.join()
+    with lock:
+        info: dict[str, Any] = client.call("volume.import.end", id=job)
     info["written"] = info["allocated"]
     info["format"] = fmt
+    info["job"] = job
     return info
+
+
+RENEW_EVERY = 1.0
 
 
 def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False) -> dict[str, Any]:

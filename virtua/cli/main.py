@@ -24,6 +24,8 @@ app.add_typer(volume_app, name="volume")
 app.add_typer(snapshot_app, name="snapshot")
 trash_app = typer.Typer(no_args_is_help=True, help="Removed volumes, kept for a while (volume rm without --now)")
 app.add_typer(trash_app, name="trash")
+job_app = typer.Typer(no_args_is_help=True, help="Admin jobs: recorded, undone on failure or after a crash")
+app.add_typer(job_app, name="job")
 
 
 class State:
@@ -296,9 +298,33 @@ def clone(
     source: str = typer.Argument(..., help="POOL/VOLUME@SNAPSHOT, or POOL/VOLUME (takes a snapshot)"),
     new: str = typer.Argument(..., help="POOL/NEW"),
     count: int = typer.Option(1, "--count", "-n", help="make NEW-1 ... NEW-N"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and print the plan; change nothing"),
 ) -> None:
-    """Writable copy-on-write clones, O(1) each."""
-    call("clone", source=source, new=new, count=count)
+    """Writable copy-on-write clones, O(1) each; a recorded job (`virtua job list`)."""
+    call("clone", source=source, new=new, count=count, dry_run=dry_run or None)
+
+
+# ---------------------------------------------------------------------- jobs
+
+JOB_COLUMNS = ["id", "op", "state", "step", "title", "error"]
+
+
+@job_app.command("list")
+def job_list(all_: bool = typer.Option(False, "--all", help="also the ended ones (the latest 50)")) -> None:
+    """Running admin jobs (imports, clone batches, VC creation)."""
+    call("job.list", JOB_COLUMNS, all=all_ or None)
+
+
+@job_app.command("show")
+def job_show(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """A job's plan, current step, progress, and its result or error."""
+    call("job.show", id=job_id)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Stop a running job; the steps it finished are undone."""
+    call("job.cancel", id=job_id)
 
 
 # ---------------------------------------------------------------------- snapshots

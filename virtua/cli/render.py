@@ -56,7 +56,7 @@ def _fmt(key: str, value: Any) -> str:
         return "-"
     if key in SIZE_KEYS and isinstance(value, int):
         return format_size(value)
-    if key in ("created", "registered", "last_seen", "since", "deleted", "expires") and isinstance(value, float):
+    if key in ("created", "registered", "last_seen", "since", "deleted", "expires", "updated", "ended", "lease_until") and isinstance(value, float):
         import datetime
 
         return datetime.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")

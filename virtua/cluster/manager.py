@@ -27,7 +27,6 @@ from pydantic import BaseModel, ValidationError
 from virtua.cluster import netplan
 from virtua.cluster.model import HostRecord, NicLaunch, TemplateRecord, VCRecord, VMLaunch, VMRecord
 from virtua.cluster.placement import HostCapacity, HostLoad, VMRequest, place, restart_plan
-from virtua.cluster.plan import Plan
 from virtua.cluster.store import StateStore
 from virtua.errors import (
     AlreadyExists,
@@ -40,6 +39,10 @@ from virtua.errors import (
     Unavailable,
     VirtuaError,
 )
+from virtua.jobs import runner
+from virtua.jobs.plan import Plan
+from virtua.jobs.record import Undo
+from virtua.jobs.recovery import Context, NeedsManager, undo_kind
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import PeerRule
 from virtua.pki.files import write_private
@@ -101,6 +104,7 @@ class Manager:
         self.import_dir = import_dir or home / "import"  # the only host files a request may name
         self.import_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._jobs: set[asyncio.Task[Any]] = set()  # jobs started with wait=False
         self._own_networks = [str(n) for n in self.host_networks]
         self._routes: dict[str, str] = {}
         self._watch: asyncio.Task[None] | None = None
@@ -142,6 +146,10 @@ class Manager:
                 self._put_host(h)
 
     async def close(self) -> None:
+        for task in list(self._jobs):  # a job cut short undoes what it did (the journal says so)
+            task.cancel()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
         if self._watch:
             self._watch.cancel()
         if self._routes:
@@ -699,7 +707,10 @@ class Manager:
         self, name: str, template: str, nodes: int, cpus: int = 1, memory: str = "256M",
         disk: str | None = None, swap: str = "64M", strategy: str = "block", mode: str = "strict",
         subnet: str | None = None, start: bool = False, pool: str | None = None, egress: str = "none",
+        dry_run: bool = False, wait: bool = True,
     ) -> dict[str, Any]:
+        """A recorded job; wait=False returns {"job": ID} once it is recorded (the CLI then
+        follows it with `job show`), else its result."""
         check_name(name, "VC name")
         egress_mode = netplan.validate_egress(egress)
         if len(name) > 40:
@@ -712,7 +723,9 @@ class Manager:
             raise InvalidArgument(f"bad strategy {strategy!r}: use block or cyclic")
         if mode not in ("strict", "lazy"):
             raise InvalidArgument(f"bad mode {mode!r}: use strict or lazy")
-        async with self.lock(f"vc/{name}"):
+        lock = self.lock(f"vc/{name}")
+        await lock.acquire()
+        try:
             if self.store.get(f"/vcs/{name}") is not None:
                 raise AlreadyExists(f"virtual cluster {name} already exists")
             t = self.template(template)
@@ -749,32 +762,62 @@ class Manager:
                 )
                 for i, n in enumerate(node_names, 1)
             ]
+            def rm_undo(refs: list[str]) -> Undo:
+                return Undo(kind="volumes.rm", args={"refs": refs})
+
             plan = Plan(f"vc create {name}")
             plan.add(
                 f"clone {t.snapshot} x{nodes}",
                 lambda: self._clone_disks(p, snap.volume, snap.snapshot or "", vms, disk_size),
-                lambda: self._rm_volumes(p, [v.disk for v in vms]),
+                lambda: self._rm_volumes(p, [v.disk for v in vms]), rm_undo([v.disk for v in vms]),
             )
             plan.add(
                 "create swap volumes",
                 lambda: [p.create_volume(parse_ref(v.swap).volume, swap_size) for v in vms],
-                lambda: self._rm_volumes(p, [v.swap for v in vms]),
+                lambda: self._rm_volumes(p, [v.swap for v in vms]), rm_undo([v.swap for v in vms]),
             )
             plan.add(
                 "write per-node seeds",
                 lambda: self._write_seeds(rec, vms, net),
-                lambda: self._rm_volumes(p, [v.seed for v in vms]),
+                lambda: self._rm_volumes(p, [v.seed for v in vms]), rm_undo([v.seed for v in vms]),
             )
             plan.add("prepare hosts", lambda: self._prepare_hosts(t, vms))
             plan.add(
                 "record the VC",
                 lambda: self._record_vc(rec, vms),
-                lambda: self._forget_vc(name),
+                lambda: self._forget_vc(name), Undo(kind="vc.forget", args={"name": name}),
             )
-            await plan.run()
-        if start:
-            return await self.vc_start(name)
-        return self.vc_info(name)
+            if dry_run:
+                return {"name": name, "plan": plan.describe(), "subnet": str(net),
+                        "placement": {v.name: v.host for v in vms}}
+            job = runner.start(self.storage.jobs, "vc.create", {"name": name, "template": template, "nodes": nodes},
+                               plan, total=len(plan.steps))
+        except BaseException:
+            lock.release()
+            raise
+        run = self._run_vc_create(job, plan, lock, name, start)  # releases the lock
+        if wait:
+            return await run
+        task = asyncio.create_task(run)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded in the job
+        return {"job": job.id, "name": name}
+
+    async def _run_vc_create(
+        self, job: runner.Job, plan: Plan, lock: asyncio.Lock, name: str, start: bool,
+    ) -> dict[str, Any]:
+        try:
+            await plan.run(job)
+        finally:
+            lock.release()
+        try:
+            info = await self.vc_start(name) if start else self.vc_info(name)
+        except BaseException as e:  # created, but did not start: the job says so, the VC stays
+            job.failed_after(e)
+            raise
+        job.finish({"name": name, "state": info.get("state")})
+        return info
 
     def _clone_disks(self, p: Any, volume: str, snapshot: str, vms: list[VMRecord], size: int) -> None:
         made: list[str] = []
@@ -1331,3 +1374,13 @@ def _digest(path: Path) -> str:
 
 
 __all__ = ["Manager", "Busy"]
+
+
+@undo_kind("vc.forget")
+def _undo_vc_record(ctx: Context, name: str) -> None:
+    """A VC whose creation was interrupted: its records go (its volumes are undone by
+    the steps before)."""
+    if ctx.manager is None:
+        raise NeedsManager()
+    if ctx.manager.store.get(f"/vcs/{name}") is not None:
+        ctx.manager._forget_vc(name)

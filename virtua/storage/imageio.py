@@ -296,15 +296,20 @@ def run_copy(cmd: list[str], progress: Callable[[float], None] | None, stdout: i
     os.close(wfd)
     pattern = _QEMU_PROGRESS if qemu else _NBDCOPY_PROGRESS
     buf = b""
-    with os.fdopen(rfd, "rb", buffering=0) as pipe:
-        while True:
-            block = pipe.read(4096)
-            if not block:
-                break
-            buf = (buf + block)[-256:]
-            found = pattern.findall(buf)
-            if found and progress is not None:
-                progress(float(found[-1]))
+    try:
+        with os.fdopen(rfd, "rb", buffering=0) as pipe:
+            while True:
+                block = pipe.read(4096)
+                if not block:
+                    break
+                buf = (buf + block)[-256:]
+                found = pattern.findall(buf)
+                if found and progress is not None:
+                    progress(float(found[-1]))  # may raise (a cancelled job): the copy stops
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     assert proc.stderr is not None
     err = proc.stderr.read().decode(errors="replace")
     if proc.wait() != 0:

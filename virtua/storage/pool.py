@@ -705,8 +705,8 @@ class Pool:
         vol = self.volumes[snap.volume]
         return self._repoint(vol, snap, snap.size, vol.origin)
 
-    def clone(self, volume: str, snapshot: str | None, new: str, count: int = 1) -> list[Volume]:
-        """Writable clones of volume@snapshot (an implicit snapshot when None): O(1) each."""
+    def check_clone(self, volume: str, snapshot: str | None, new: str, count: int = 1) -> list[str]:
+        """What clone() would make, or the error it would raise; touches nothing."""
         if count < 1 or count > 10000:
             raise InvalidArgument(f"bad clone count {count}: must be 1..10000")
         check_name(new, "volume name")
@@ -721,10 +721,17 @@ class Pool:
             if any(s.volume == src.id and s.name == snap_name for s in self.snapshots.values()):
                 raise AlreadyExists(f"snapshot {self.name}/{volume}@{snap_name} already exists")
             self._check_provision(src.size * count)
-            snap = self.create_snapshot(volume, snap_name)
+        else:
+            self._check_provision(self.snapshot(volume, snapshot).size * count)
+        return names
+
+    def clone(self, volume: str, snapshot: str | None, new: str, count: int = 1) -> list[Volume]:
+        """Writable clones of volume@snapshot (an implicit snapshot when None): O(1) each."""
+        names = self.check_clone(volume, snapshot, new, count)
+        if snapshot is None:
+            snap = self.create_snapshot(volume, f"clone-{new}")
         else:
             snap = self.snapshot(volume, snapshot)
-            self._check_provision(snap.size * count)
         now = time.time()
         made: list[tuple[int, int, str]] = []
         with Tx(self.db) as db:

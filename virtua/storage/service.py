@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from virtua.errors import AlreadyExists, InvalidArgument, NotFound, ReadOnly
+from virtua.jobs.record import JobStore
 from virtua.storage.device import BlockDevice
 from virtua.storage.holders import Holders
 from virtua.storage.meta import Tx
@@ -63,12 +64,14 @@ class Storage:
         )
         self.open_pools: dict[str, Pool] = {}
         self.holders = Holders()  # filled by the NBD server(s) serving these pools
+        self.jobs = JobStore(self.home / "jobs.db")  # the admin operations' journal
 
     def close(self) -> None:
         for pool in self.open_pools.values():
             pool.close()
         self.open_pools.clear()
         self.catalog.close()
+        self.jobs.close()
 
     def flush(self) -> None:
         for pool in self.open_pools.values():

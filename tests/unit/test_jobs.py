@@ -1,0 +1,148 @@
+"""The job journal and runner: every step is on disk as running before its work starts,
+a failure undoes the finished steps and keeps the error's category, a cancel from another
+connection stops the job at its next step, and recovery undoes a dead owner's job from
+its records only (its closures are gone)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtua.errors import Cancelled, NoSpace
+from virtua.jobs import runner
+from virtua.jobs.plan import Plan
+from virtua.jobs.record import JobStore, Owner, Undo
+from virtua.jobs.recovery import UNDO_KINDS, Context, recover
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore(tmp_path / "jobs.db")
+
+
+def test_each_step_is_journalled_before_it_runs(store: JobStore) -> None:
+    seen: list[list[str]] = []
+    plan = Plan("three")
+    job: runner.Job | None = None
+
+    def look() -> None:
+        assert job is not None
+        seen.append([s.state for s in store.get(job.id).steps])
+
+    for name in ("a", "b", "c"):
+        plan.add(name, look)
+    job = runner.start(store, "test", {}, plan)
+    plan.run_sync(job)
+    job.finish({"ok": True})
+    assert seen == [["running", "pending", "pending"], ["done", "running", "pending"], ["done", "done", "running"]]
+    rec = store.get(job.id)
+    assert rec.state == "done" and rec.result == {"ok": True} and rec.ended is not None
+    assert job.id not in runner.LIVE
+
+
+def test_a_failed_step_undoes_the_finished_ones_and_keeps_the_category(store: JobStore) -> None:
+    undone: list[str] = []
+
+    def full() -> None:
+        raise NoSpace("pool p is full")
+
+    plan = Plan("fails")
+    plan.add("a", lambda: None, lambda: undone.append("a"))
+    plan.add("b", lambda: None, lambda: undone.append("b"))
+    plan.add("c", full, lambda: undone.append("c"))
+    job = runner.start(store, "test", {}, plan)
+    with pytest.raises(NoSpace):
+        plan.run_sync(job)
+    assert undone == ["b", "a"], "newest first, and not the step that failed (it cleans up itself)"
+    rec = store.get(job.id)
+    assert rec.state == "failed" and rec.error == "pool p is full" and rec.error_kind == "NoSpace"
+    assert [s.state for s in rec.steps] == ["undone", "undone", "undone"]
+
+
+def test_a_cancel_from_another_connection_stops_at_the_next_step(store: JobStore, tmp_path: Path) -> None:
+    other = JobStore(tmp_path / "jobs.db")  # e.g. `virtua job cancel` in another process
+    undone: list[str] = []
+    plan = Plan("cancelled")
+    job: runner.Job | None = None
+
+    def cancel_me() -> None:
+        assert job is not None
+        runner.LIVE.pop(job.id)  # as seen from the other process: not its live job
+        runner.cancel(other, job.id)
+        runner.LIVE[job.id] = job
+
+    plan.add("a", cancel_me, lambda: undone.append("a"))
+    plan.add("b", lambda: undone.append("b ran"))
+    job = runner.start(store, "test", {}, plan)
+    with pytest.raises(Cancelled):
+        plan.run_sync(job)
+    assert undone == ["a"], "b never ran; a was undone"
+    rec = store.get(job.id)
+    assert rec.state == "cancelled" and rec.error_kind == "Cancelled" and rec.cancel_requested
+
+
+def dead_owner() -> Owner:
+    p = subprocess.Popen(["sleep", "0"])
+    owner = Owner.me(p.pid)
+    p.wait()
+    return owner
+
+
+def test_recovery_undoes_a_dead_owners_job_from_its_records(store: JobStore) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+    UNDO_KINDS["test.undo"] = lambda ctx, **args: calls.append(("undo", args))
+    plan = Plan("crashed")
+    plan.add("a", lambda: None, record=Undo(kind="test.undo", args={"what": "a"}))
+    plan.add("b", lambda: None, record=Undo(kind="test.undo", args={"what": "b"}))
+    plan.add("c", lambda: None, record=Undo(kind="test.undo", args={"what": "c"}))
+    job = runner.start(store, "test", {}, plan)
+    job.begin_step(0)
+    job.end_step(0)
+    job.begin_step(1)  # ...and the process dies here
+    runner.LIVE.pop(job.id)
+    job.record.owner = dead_owner()
+    store.put(job.record)
+    live = runner.start(store, "test", {}, Plan("alive", []))  # this process's own: left alone
+    done = recover(store, Context(storage=None))
+    assert [j.id for j in done] == [job.id]
+    assert calls == [("undo", {"what": "b"}), ("undo", {"what": "a"})], "started steps, newest first; c never began"
+    rec = store.get(job.id)
+    assert rec.state == "undone" and "interrupted" in (rec.error or "")
+    assert [s.state for s in rec.steps] == ["undone", "undone", "pending"]
+    assert store.get(live.id).state == "running"
+    assert recover(store, Context(storage=None)) == [], "recovered once"
+
+
+def test_a_failing_undo_is_recorded_and_the_rest_still_runs(store: JobStore) -> None:
+    calls: list[str] = []
+
+    def broken(ctx: Context, **args: Any) -> None:
+        raise OSError("disk gone")
+
+    UNDO_KINDS["test.broken"] = broken
+    UNDO_KINDS["test.ok"] = lambda ctx, **args: calls.append("ok")
+    plan = Plan("half")
+    plan.add("a", lambda: None, record=Undo(kind="test.ok"))
+    plan.add("b", lambda: None, record=Undo(kind="test.broken"))
+    job = runner.start(store, "test", {}, plan)
+    for i in (0, 1):
+        job.begin_step(i)
+        job.end_step(i)
+    runner.LIVE.pop(job.id)
+    job.record.owner = dead_owner()
+    store.put(job.record)
+    recover(store, Context(storage=None))
+    rec = store.get(job.id)
+    assert calls == ["ok"]
+    assert rec.state == "failed" and "disk gone" in (rec.error or "")
+    assert [s.state for s in rec.steps] == ["undone", "undo-failed"]
+
+
+def test_an_owner_from_an_earlier_boot_or_a_reused_pid_is_dead() -> None:
+    me = Owner.me()
+    assert me.alive()
+    assert not me.model_copy(update={"boot": "another-boot"}).alive()
+    assert not me.model_copy(update={"started": me.started + 1}).alive(), "same pid, another process"

@@ -1,0 +1,125 @@
+"""Jobs as operations (`job list/show/cancel`), the client-driven import's three calls,
+and the undo kinds of storage steps (what recovery runs after a crash)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from virtua.api.ops import op
+from virtua.errors import Cancelled, InvalidArgument
+from virtua.jobs import runner
+from virtua.jobs.plan import Plan
+from virtua.jobs.record import Undo
+from virtua.jobs.recovery import Context, undo_kind
+from virtua.storage.names import parse_ref
+from virtua.storage.service import Storage
+
+JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-z-]+$")]
+
+
+# ---------------------------------------------------------------------- undo kinds
+
+
+@undo_kind("volumes.rm")
+def _undo_volumes(ctx: Context, refs: list[str]) -> None:
+    """Remove the volumes that exist (with their snapshots and clones)."""
+    for ref in refs:
+        r = parse_ref(ref, snapshot=False)
+        if r.pool not in ctx.storage.pool_paths():
+            continue
+        pool = ctx.storage.pool(r.pool)
+        if r.volume in pool.volumes_by_name:
+            pool.delete_volume(r.volume, recursive=True)
+
+
+@undo_kind("snapshot.rm")
+def _undo_snapshot(ctx: Context, ref: str) -> None:
+    r = parse_ref(ref, snapshot=True)
+    assert r.snapshot is not None
+    if r.pool not in ctx.storage.pool_paths():
+        return
+    pool = ctx.storage.pool(r.pool)
+    vol = pool.volumes_by_name.get(r.volume)
+    if vol is not None and any(s.name == r.snapshot for s in pool.snapshots_of(vol)):
+        pool.delete_snapshot(r.volume, r.snapshot, recursive=True)
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+@op("job.list")
+def job_list(st: Storage, all: bool = False) -> list[dict[str, Any]]:
+    return [j.public() for j in st.jobs.recent(running_only=not all)]
+
+
+@op("job.show")
+def job_show(st: Storage, id: JobId) -> dict[str, Any]:
+    return st.jobs.get(id).public()
+
+
+@op("job.cancel")
+def job_cancel(st: Storage, id: JobId) -> dict[str, Any]:
+    return runner.cancel(st.jobs, id).public()
+
+
+# ---------------------------------------------------------------------- a client-driven import
+
+
+@op("volume.import.begin")
+def import_begin(
+    st: Storage, ref: str, size: Annotated[int, Field(gt=0)], format: str = "raw", source: str = "an image",
+) -> dict[str, Any]:
+    """Start an import job: create the volume (recorded, so a crash removes it again);
+    the client then copies the data over NBD, renews the job (job.renew) and ends it
+    (volume.import.end)."""
+    r = parse_ref(ref, snapshot=False)
+    pool = st.pool(r.pool)
+    if r.volume in pool.volumes_by_name:
+        from virtua.errors import AlreadyExists
+
+        raise AlreadyExists(f"volume {ref} already exists")
+    plan = Plan(f"import {source[:200]} into {ref}")
+    plan.add(f"create {ref}", lambda: None, record=Undo(kind="volumes.rm", args={"refs": [str(r)]}))
+    plan.add(f"copy the data into {ref}", lambda: None)
+    job = runner.start(st.jobs, "volume.import", {"ref": str(r), "size": size, "format": format}, plan,
+                       client_driven=True, total=size, unit="bytes")
+    try:
+        job.begin_step(0)
+        pool.create_volume(r.volume, size)
+        job.end_step(0)
+        job.begin_step(1)
+    except BaseException as e:
+        job.fail(0 if job.record.steps[1].state == "pending" else 1, e)
+        raise
+    return {"job": job.id, **pool.volume_info(r.volume)}
+
+
+@op("job.renew")
+def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] = 0) -> dict[str, Any]:
+    """A client-driven job's heartbeat and progress; says whether to stop."""
+    job = runner.live(id)
+    job.renew()
+    try:
+        job.progress(done)
+    except Cancelled:
+        return {"cancel": True}
+    return {"cancel": False}
+
+
+@op("volume.import.end")
+def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=2000)] | None = None) -> dict[str, Any]:
+    """The client's copy ended: keep the volume, or (error, or a cancel) remove it."""
+    job = runner.live(id)
+    ref = str(job.record.args["ref"])
+    r = parse_ref(ref, snapshot=False)
+    pool = st.pool(r.pool)
+    if error is None and not job.cancel_requested:
+        job.end_step(1)
+        return job.finish(pool.volume_info(r.volume))
+    _undo_volumes(Context(st), [ref])
+    job.undone_step(0)
+    why: Exception = Cancelled(f"job {id} was cancelled; {ref} is removed") if error is None else InvalidArgument(error)
+    job.fail(1, why)
+    raise why

@@ -1,0 +1,50 @@
+"""Follow a job the daemon runs: a progress bar of its steps on a terminal, then its
+result, or its error with the error's own category (exit code)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from virtua.cli.client import Client
+from virtua.errors import from_dict
+
+POLL = 0.25
+
+
+def follow(client: Client, job_id: str, label: str) -> dict[str, Any]:
+    """Wait for the job to end; return its record, or raise its error."""
+    bar = None
+    task = None
+    try:
+        if sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[step]}"), TimeElapsedColumn(), transient=True)
+            bar.start()
+        while True:
+            job: dict[str, Any] = client.call("job.show", id=job_id)
+            if bar is not None:
+                steps = job["steps"]
+                done = sum(1 for s in steps if s["state"] == "done")
+                if task is None:
+                    task = bar.add_task(label, total=len(steps), step="")
+                bar.update(task, completed=done, step=job.get("step") or "")
+            if job["state"] != "running":
+                break
+            time.sleep(POLL)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if job["state"] != "done":
+        raise from_dict({"error": job.get("error_kind") or "VirtuaError",
+                         "message": f"job {job_id}: {job.get('error') or job['state']}"})
+    return job

@@ -1,0 +1,183 @@
+"""The job journal: one row per job in $VIRTUA_HOME/jobs.db (SQLite, synchronous=FULL:
+a step is on disk before its work begins, so a crash can always be undone from here)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from virtua.errors import NotFound
+
+JobState = Literal["running", "done", "failed", "cancelled", "undone"]
+StepState = Literal["pending", "running", "done", "undone", "undo-failed"]
+ENDED: tuple[str, ...] = ("done", "failed", "cancelled", "undone")
+KEEP_ENDED = 500  # ended jobs kept for `job list`; older ones are dropped
+
+
+class Undo(BaseModel):
+    """How to undo a step after a crash, when its closure is gone: a registered kind and
+    its JSON arguments (virtua.jobs.recovery.UNDO_KINDS)."""
+
+    kind: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepRecord(BaseModel):
+    name: str
+    state: StepState = "pending"
+    undo: Undo | None = None
+    error: str | None = None
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int = 0
+    unit: str = "steps"
+
+
+class Owner(BaseModel):
+    """The process that drives the job; a job whose owner is gone is recovered."""
+
+    pid: int
+    started: int  # the process's start time in clock ticks since boot (/proc/PID/stat)
+    boot: str  # this boot's id: a pid from an earlier boot is never alive
+
+    @classmethod
+    def me(cls, pid: int | None = None) -> Owner:
+        pid = pid or os.getpid()
+        return cls(pid=pid, started=_start_ticks(pid), boot=_boot_id())
+
+    def alive(self) -> bool:
+        if self.boot != _boot_id():
+            return False
+        try:
+            return _start_ticks(self.pid) == self.started
+        except (OSError, ValueError):
+            return False
+
+
+class JobRecord(BaseModel):
+    id: str
+    op: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    title: str
+    state: JobState = "running"
+    steps: list[StepRecord] = Field(default_factory=list)
+    progress: Progress = Field(default_factory=Progress)
+    result: Any = None
+    error: str | None = None
+    error_kind: str | None = None  # the VirtuaError class name: keeps the error's category
+    owner: Owner
+    lease_until: float | None = None  # driven by a client: it renews, or the job is recovered
+    cancel_requested: bool = False
+    created: float
+    updated: float
+    ended: float | None = None
+
+    @property
+    def current(self) -> str | None:
+        for s in self.steps:
+            if s.state == "running":
+                return s.name
+        return None
+
+    def public(self) -> dict[str, Any]:
+        d = self.model_dump(exclude={"owner"})
+        d["step"] = self.current
+        return d
+
+
+def _record(row: tuple[str, int]) -> JobRecord:
+    record = JobRecord.model_validate_json(row[0])
+    record.cancel_requested = bool(row[1])
+    return record
+
+
+def _start_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+_BOOT: str | None = None
+
+
+def _boot_id() -> str:
+    global _BOOT
+    if _BOOT is None:
+        _BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return _BOOT
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, "
+            "record TEXT NOT NULL, cancel INTEGER NOT NULL DEFAULT 0)"  # cancel: set by anyone, never by put
+        )
+        os.chmod(path, 0o600)
+
+    def put(self, job: JobRecord) -> None:
+        job.updated = time.time()
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO jobs (id, state, created, record) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET state = excluded.state, record = excluded.record",
+                (job.id, job.state, job.created, job.model_dump_json()),
+            )
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self.db.execute("SELECT record, cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"job {job_id} does not exist (`virtua job list --all` shows them)")
+        return _record(row)
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._lock:
+            self.db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            row = self.db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def recent(self, *, running_only: bool = False, limit: int = 50) -> list[JobRecord]:
+        q = "SELECT record, cancel FROM jobs"
+        if running_only:
+            q += " WHERE state = 'running'"
+        q += " ORDER BY created DESC LIMIT ?"
+        with self._lock:
+            rows = self.db.execute(q, (limit,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def running(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self.db.execute("SELECT record, cancel FROM jobs WHERE state = 'running' ORDER BY created").fetchall()
+        return [_record(r) for r in rows]
+
+    def prune(self) -> None:
+        with self._lock:
+            self.db.execute(
+                "DELETE FROM jobs WHERE state != 'running' AND id NOT IN "
+                "(SELECT id FROM jobs WHERE state != 'running' ORDER BY created DESC LIMIT ?)", (KEEP_ENDED,)
+            )
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,98 @@
+"""Undo what a crashed process left half done, from its journal.
+
+A job is recovered when the process that ran it is gone (checked at every start of
+`virtua serve` and of the CLI without a daemon), or when the client that drives it stops
+renewing its lease (checked by serve while it runs). Its started steps are undone newest
+first through the undo kinds registered here by the layers that own the work; each undo
+must be idempotent and must accept a step that never got going (remove what exists).
+A job whose undo needs the manager waits for the next `virtua serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from virtua.jobs import runner
+from virtua.jobs.record import JobRecord, JobStore
+
+log = logging.getLogger("virtua.jobs")
+
+
+@dataclass
+class Context:
+    storage: Any
+    manager: Any = None
+
+
+class NeedsManager(Exception):
+    """This undo runs in `virtua serve` only."""
+
+
+UndoFn = Callable[..., Any]
+UNDO_KINDS: dict[str, UndoFn] = {}
+
+
+def undo_kind(name: str) -> Callable[[UndoFn], UndoFn]:
+    def register(fn: UndoFn) -> UndoFn:
+        UNDO_KINDS[name] = fn
+        return fn
+
+    return register
+
+
+def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> list[JobRecord]:
+    """Recover every running job nobody runs any more; returns them as recovered.
+    expired_only: just the client-driven jobs of this process whose client went quiet."""
+    out = []
+    now = time.time()
+    for job in store.running():
+        mine = job.id in runner.LIVE
+        if expired_only:
+            if not (mine and job.lease_until is not None and job.lease_until < now):
+                continue
+            why = f"its client stopped renewing it during step {job.current!r}"
+        else:
+            if mine or job.owner.alive():
+                continue
+            why = f"process {job.owner.pid} stopped during step {job.current!r}"
+        try:
+            out.append(undo_record(store, job, ctx, why))
+        except NeedsManager:
+            log.info("job %s (%s) waits for `virtua serve` to be undone", job.id, job.title)
+    return out
+
+
+def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobRecord:
+    started = [s for s in job.steps if s.state in ("running", "done")]
+    failed: list[str] = []
+    for step in reversed(started):
+        if step.undo is None:  # nothing of it to take back
+            step.state = "undone"
+            continue
+        fn = UNDO_KINDS.get(step.undo.kind)
+        try:
+            if fn is None:
+                raise RuntimeError(f"no undo registered for {step.undo.kind!r}")
+            fn(ctx, **step.undo.args)
+            step.state, step.error = "undone", None
+        except NeedsManager:
+            store.put(job)  # what was undone so far stays undone
+            raise
+        except Exception as e:  # noqa: BLE001 - record it, undo the rest
+            step.state, step.error = "undo-failed", f"{type(e).__name__}: {e}"
+            failed.append(f"{step.name}: {step.error}")
+        store.put(job)
+    job.state = "failed" if failed else "undone"
+    job.error = f"interrupted: {why}; " + (
+        f"undo failed for {'; '.join(failed)}" if failed else f"undone {len(started)} started step(s)"
+    )
+    job.error_kind = "Unavailable"
+    job.ended = time.time()
+    store.put(job)
+    runner.LIVE.pop(job.id, None)
+    (log.error if failed else log.warning)("job %s (%s) %s", job.id, job.title, job.error)
+    return job

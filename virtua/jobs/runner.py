@@ -1,0 +1,159 @@
+"""A job: one admin operation's plan, journalled step by step (virtua.jobs.record).
+
+The journal is written before each step starts (with the step's undo as data) and after
+it ends, so at any instant a crash leaves a record that says what may be half done and
+how to take it back. Progress is written at most a few times a second. Cancelling a job
+of this process takes effect at its next step or progress report; a job that a client
+drives (an import whose data the CLI copies) learns it from its next renewal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from virtua.errors import Cancelled, InvalidArgument, VirtuaError
+from virtua.jobs.plan import Plan
+from virtua.jobs.record import ENDED, JobRecord, JobStore, Owner, StepRecord, new_job_id
+
+PROGRESS_EVERY = 0.25  # seconds between progress writes
+# a client-driven job whose client stops renewing this long is recovered
+LEASE = float(os.environ.get("VIRTUA_JOB_LEASE", "15"))
+
+LIVE: dict[str, Job] = {}  # this process's running jobs, by id
+
+
+class Job:
+    def __init__(self, store: JobStore, record: JobRecord) -> None:
+        self.store = store
+        self.record = record
+        self.cancel_requested = False
+        self._progress_written = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    # -- the runner's journal --------------------------------------------------------
+
+    def begin_step(self, i: int) -> None:
+        self.check_cancel()
+        self.record.steps[i].state = "running"
+        self.store.put(self.record)  # on disk before the step touches anything
+        _failpoint(f"{self.record.op}:{i}:begin")
+
+    def end_step(self, i: int) -> None:
+        _failpoint(f"{self.record.op}:{i}:end")  # its work is done, its journal says running
+        self.record.steps[i].state = "done"
+        self.store.put(self.record)
+
+    def undone_step(self, i: int, error: BaseException | None = None) -> None:
+        step = self.record.steps[i]
+        step.state = "undo-failed" if error else "undone"
+        step.error = str(error) if error else None
+        self.store.put(self.record)
+
+    def fail(self, i: int, error: BaseException) -> None:
+        step = self.record.steps[i]
+        if step.state == "running":  # it cleans up after itself (or recovery does)
+            step.state = "undone"
+            step.error = _message(error)
+        self._end("cancelled" if isinstance(error, Cancelled) else "failed", error=error)
+
+    def failed_after(self, error: BaseException) -> None:
+        """Every step done, then what followed them failed (e.g. starting a created VC)."""
+        self._end("failed", error=error)
+
+    def finish(self, result: Any) -> Any:
+        self.record.result = result
+        if self.record.progress.total:
+            self.record.progress.done = self.record.progress.total
+        self._end("done")
+        return result
+
+    def _end(self, state: str, error: BaseException | None = None) -> None:
+        r = self.record
+        r.state = state  # type: ignore[assignment]
+        if error is not None:
+            r.error = _message(error)
+            r.error_kind = type(error).__name__ if isinstance(error, VirtuaError) else "VirtuaError"
+        r.ended = time.time()
+        self.store.put(r)
+        LIVE.pop(r.id, None)
+        self.store.prune()
+
+    # -- progress and cancel -----------------------------------------------------------
+
+    def progress(self, done: int, total: int | None = None, unit: str | None = None) -> None:
+        self.check_cancel()
+        p = self.record.progress
+        p.done = done
+        if total is not None:
+            p.total = total
+        if unit is not None:
+            p.unit = unit
+        now = time.monotonic()
+        if now - self._progress_written >= PROGRESS_EVERY or (p.total and done >= p.total):
+            self._progress_written = now
+            self.store.put(self.record)
+
+    def check_cancel(self) -> None:
+        if not self.cancel_requested and self.store.cancel_requested(self.id):  # from any process
+            self.cancel_requested = self.record.cancel_requested = True
+        if self.cancel_requested:
+            raise Cancelled(f"job {self.id} ({self.record.title}) was cancelled; its finished steps are undone")
+
+    def renew(self) -> None:
+        self.record.lease_until = time.time() + LEASE
+
+
+def start(
+    store: JobStore, op: str, args: dict[str, Any], plan: Plan, *, client_driven: bool = False,
+    total: int = 0, unit: str = "steps",
+) -> Job:
+    """Record a new job for plan (every step pending) and return it, registered as live."""
+    now = time.time()
+    record = JobRecord(
+        id=new_job_id(), op=op, args=args, title=plan.title, owner=Owner.me(),
+        steps=[StepRecord(name=s.name, undo=s.record) for s in plan.steps],
+        created=now, updated=now, lease_until=now + LEASE if client_driven else None,
+    )
+    record.progress.total, record.progress.unit = total, unit
+    job = Job(store, record)
+    store.put(record)
+    LIVE[record.id] = job
+    return job
+
+
+def live(job_id: str) -> Job:
+    job = LIVE.get(job_id)
+    if job is None:
+        raise InvalidArgument(f"job {job_id} is not running here")
+    return job
+
+
+def cancel(store: JobStore, job_id: str) -> JobRecord:
+    """Ask a running job to stop; its finished steps are undone (by its runner, or by
+    recovery if its process is gone)."""
+    record = store.get(job_id)
+    if record.state in ENDED:
+        raise InvalidArgument(f"job {job_id} has ended ({record.state}): nothing to cancel")
+    store.request_cancel(job_id)
+    job = LIVE.get(job_id)
+    if job is not None:
+        job.cancel_requested = True
+    record.cancel_requested = True
+    return record
+
+
+def _failpoint(where: str) -> None:
+    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end kills this process there (SIGKILL,
+    no clean-up), so recovery is tested against a real kill at every step boundary."""
+    if os.environ.get("VIRTUA_JOB_CRASH") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _message(e: BaseException) -> str:
+    return e.message if isinstance(e, VirtuaError) else f"{type(e).__name__}: {e}"
