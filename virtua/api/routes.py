@@ -360,8 +360,9 @@ def body_schema(name: str, manager_type: type) -> dict[str, Any]:
     schema = ops.argument_model(name, manager_type).model_json_schema()
     if "$defs" in schema:  # the document inlines each body: a nested model would need components
         raise RuntimeError(f"{name}: its arguments' schema has $defs")
-    props = {k: v for k, v in schema.get("properties", {}).items()
-             if k not in route.args and k not in TRANSPORT_ARGUMENTS}
+    # a default of None says nothing more than "optional" (and the document drops it)
+    props = {k: {a: b for a, b in v.items() if not (a == "default" and b is None)}
+             for k, v in schema.get("properties", {}).items() if k not in route.args and k not in TRANSPORT_ARGUMENTS}
     required = [k for k in schema.get("required", []) if k in props]
     for f in route.fields:
         props[f] = {"type": "string", "title": f.title(), "pattern": f"^{PARAMS[f][1]}$",
