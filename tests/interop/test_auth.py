@@ -159,7 +159,8 @@ def test_no_certificate_gets_401_and_nothing_runs(plane: Plane) -> None:
 
 def test_plaintext_http_on_the_tls_port_is_refused_and_logged(plane: Plane) -> None:
     with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as c:
-        c.delete(f"http://127.0.0.1:{plane.api_port}/v1/pools/p/volumes/victim")
+        # a POST: OpenSSL names plaintext HTTP by its first word (GET, POST, HEAD, PUT), not DELETE
+        c.post(f"http://127.0.0.1:{plane.api_port}/v1/pools/p/volumes/victim/reset", json={"force": True})
     assert plane.log_has("refused TLS from 127.0.0.1:") and plane.log_has("plaintext HTTP on the TLS port")
     assert "p/victim" in plane.volumes()
 
