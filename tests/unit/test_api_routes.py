@@ -94,6 +94,7 @@ def test_openapi_documents_every_operation(tmp_path: Path) -> None:
             assert schema == body and schema["additionalProperties"] is False, name
         # no argument of the operation is left undocumented: path, template field, body or query
         model = ops.argument_model(name, Manager)
+        assert not set(route.fields) & set(model.model_fields), f"{name}: a template field shadows an argument"
         assert set(model.model_fields) - {"caller_is_admin"} == set(route.args) | set(body["properties"]) - set(
             route.fields), name
         assert {"200", "400", "404", "409"} <= set(operation["responses"]), name
