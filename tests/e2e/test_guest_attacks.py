@@ -52,6 +52,16 @@ def http(method: str, path: str, body: object | None = None) -> bytes:
     return head.encode() + data
 
 
+def op_http(name: str, args: dict[str, object]) -> bytes:
+    """Operation `name` on its route (virtua.api.routes), as the CLI sends it."""
+    from urllib.parse import urlencode
+
+    from virtua.api.routes import request_for
+
+    req = request_for(name, args)
+    return http(req.method, req.path + (f"?{urlencode(req.query)}" if req.query else ""), req.body)
+
+
 def nbd_opt(option: int, data: bytes = b"") -> bytes:
     """Client flags (fixed newstyle, no zeroes), then one option."""
     return (3).to_bytes(4, "big") + IHAVEOPT + option.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
@@ -220,12 +230,12 @@ def attacks(lab: AttackLab, guest_vc: str) -> tuple[list[Probe], dict[str, str]]
     vb1 = lab.node("vb")
     gw = lab.gateways[guest_vc]
     own_host = lab.node(guest_vc)["host"]
-    harmless = http("POST", "/v1/ops/vc.info", {"name": "vb"})
+    harmless = op_http("vc.info", {"name": "vb"})
     probes = [
-        Probe("api volume.list", m, 8780, http("POST", "/v1/ops/volume.list", {}), tls=True),
-        Probe("api volume.rm vb-1", m, 8780, http("POST", "/v1/ops/volume.rm", {"ref": vb1["disk"]}), harmless,
+        Probe("api volume.list", m, 8780, op_http("volume.list", {}), tls=True),
+        Probe("api volume.rm vb-1", m, 8780, op_http("volume.rm", {"ref": vb1["disk"]}), harmless,
               tls=True),
-        Probe("api vc.destroy vb", m, 8780, http("POST", "/v1/ops/vc.destroy", {"name": "vb", "force": True}), harmless,
+        Probe("api vc.destroy vb", m, 8780, op_http("vc.destroy", {"name": "vb", "force": True}), harmless,
               tls=True),
         Probe("nbd OPT_LIST", m, 10809, nbd_opt(3)),
         Probe("nbd open vb-1", m, 10809, nbd_opt(1, vb1["disk"].encode())),

@@ -185,8 +185,12 @@ class ServeCrashServer(CrashServer):
         if self._http is None:
             self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.home / "virtua.sock")),
                                       base_url="http://virtua", timeout=120)
+        from virtua.api.routes import request_for
+
+        req = request_for(op, args)
         try:
-            r = self._http.post(f"/v1/ops/{op}", content=json.dumps(args))
+            r = self._http.request(req.method, req.path, params=req.query,
+                                   content=None if req.body is None else json.dumps(req.body))
         except httpx.TransportError as e:  # killed under the request: what the workload expects
             raise ConnectionError(f"virtua serve dropped {op}: {e}") from e
         answer = r.json()

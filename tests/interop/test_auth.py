@@ -147,10 +147,10 @@ def test_secrets_are_root_only_and_the_socket_is_0600(plane: Plane) -> None:
 
 def test_no_certificate_gets_401_and_nothing_runs(plane: Plane) -> None:
     with plane.client(None) as c:
-        r = c.post("/v1/ops/volume.rm", content=json.dumps({"ref": "p/victim"}))
+        r = c.delete("/v1/pools/p/volumes/victim")
     assert r.status_code == 401 and r.json()["error"] == "Unauthenticated"
     assert "client certificate" in r.json()["message"]
-    assert plane.log_has("refused POST /v1/ops/volume.rm from 127.0.0.1:"), "the refusal is logged"
+    assert plane.log_has("refused DELETE /v1/pools/p/volumes/victim from 127.0.0.1:"), "the refusal is logged"
     assert "p/victim" in plane.volumes(), "nothing ran"
     # control: the admin certificate over TCP, through the CLI
     r2 = plane.cli("--api", plane.api, "--cert", str(plane.pki / "admin"), "volume", "list", "--json")
@@ -159,7 +159,8 @@ def test_no_certificate_gets_401_and_nothing_runs(plane: Plane) -> None:
 
 def test_plaintext_http_on_the_tls_port_is_refused_and_logged(plane: Plane) -> None:
     with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as c:
-        c.post(f"http://127.0.0.1:{plane.api_port}/v1/ops/volume.rm", content=b'{"ref": "p/victim"}')
+        # a POST: OpenSSL names plaintext HTTP by its first word (GET, POST, HEAD, PUT), not DELETE
+        c.post(f"http://127.0.0.1:{plane.api_port}/v1/pools/p/volumes/victim/reset", json={"force": True})
     assert plane.log_has("refused TLS from 127.0.0.1:") and plane.log_has("plaintext HTTP on the TLS port")
     assert "p/victim" in plane.volumes()
 
@@ -168,24 +169,30 @@ def test_foreign_ca_and_expired_certificates_fail_the_handshake(plane: Plane, tm
     foreign = ClusterCA.ensure(tmp_path / "foreign", manager_sans=["127.0.0.1"])
     bad = creds_from(tmp_path / "f", (plane.pki / "ca-cert.pem").read_bytes(), *foreign.issue("admin", "admin"))
     with pytest.raises(httpx.HTTPError), plane.client(bad) as c:
-        c.post("/v1/ops/volume.rm", content=b'{"ref": "p/victim"}')
+        c.delete("/v1/pools/p/volumes/victim")
     assert plane.log_has("unable to get local issuer certificate"), "the foreign CA's refusal is logged"
     past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     expired = creds_from(tmp_path / "e", (plane.pki / "ca-cert.pem").read_bytes(),
                          *ca_of(plane).issue("admin", "admin", not_after=past))
     with pytest.raises(httpx.HTTPError), plane.client(expired) as c:
-        c.post("/v1/ops/volume.rm", content=b'{"ref": "p/victim"}')
+        c.delete("/v1/pools/p/volumes/victim")
     assert plane.log_has("certificate has expired")
     assert "p/victim" in plane.volumes(), "nothing ran"
     with plane.client(Credentials(plane.pki / "admin")) as c:  # control
-        assert c.post("/v1/ops/pool.list", content=b"{}").status_code == 200
+        assert c.get("/v1/pools").status_code == 200
 
 
 def test_a_host_certificate_may_not_run_admin_operations(plane: Plane) -> None:
     host = Credentials(plane.agent_home / "pki")
     with plane.client(host) as c:
-        r = c.post("/v1/ops/volume.rm", content=json.dumps({"ref": "p/victim"}))
+        r = c.request("DELETE", "/v1/pools/p/volumes/victim", json={"force": True})
         assert r.status_code == 403 and "admin operations" in r.json()["message"]
+        # the operations on a host, itself or one called like the agent's own endpoint
+        for method, path in [("DELETE", "/v1/hosts/a1"), ("POST", "/v1/hosts/a1/drain"), ("GET", "/v1/hosts/a1"),
+                             ("GET", "/v1/hosts/register"), ("DELETE", "/v1/hosts/register"),
+                             ("GET", "/v1/templates/x"), ("GET", "/v1/openapi.json")]:
+            r = c.request(method, path)
+            assert r.status_code == 403 and "admin operations" in r.json()["message"], (method, path, r.text)
         r = c.post("/v1/hosts/other/heartbeat", json={"vms": []})
         assert r.status_code == 403, "a host heartbeats as itself only"
         r = c.post("/v1/hosts/register", json={"name": "other", "address": "127.0.0.1:1", "cores": 1, "memory_mb": 64})
@@ -279,9 +286,9 @@ def test_two_authorization_headers_are_refused(plane: Plane) -> None:
     ctx = ssl.create_default_context(cafile=str(plane.pki / "ca-cert.pem"))
     with httpx.Client(base_url=plane.api, verify=ctx, timeout=20) as c:
         two = [("authorization", f"Bearer {token}"), ("authorization", "Bearer junk")]
-        r = c.post("/v1/ops/volume.list", content=b"{}", headers=two)
+        r = c.get("/v1/volumes", headers=two)
         assert r.status_code == 401 and "2 Authorization headers" in r.json()["message"], r.text
-        one = c.post("/v1/ops/volume.list", content=b"{}", headers=[two[0]])
+        one = c.get("/v1/volumes", headers=[two[0]])
         assert one.status_code == 200, "control: one header"
 
 

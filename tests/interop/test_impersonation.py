@@ -145,7 +145,7 @@ def test_the_cli_control_the_manager_certificate_passes(ca: ClusterCA) -> None:
              "--token-file", str(ca.admin_token_path), "volume", "list", "--json"],
             capture_output=True, text=True, timeout=60,
         )
-        assert b"POST /v1/ops/volume.list" in imp.received, (r.stderr, imp.received)
+        assert b"GET /v1/volumes HTTP/1.1" in imp.received, (r.stderr, imp.received)
     finally:
         imp.close()
 

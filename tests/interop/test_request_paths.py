@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.cli_support import free_port
+from virtua.api.routes import request_for
 from virtua.pki.ca import ClusterCA
 from virtua.pki.credentials import MANAGER, Credentials
 from virtua.pki.files import write_private
@@ -70,8 +71,9 @@ class Daemon:
                **args: object) -> httpx.Response:
         """The same operation from a TCP client (TLS; with creds' certificate, or the bearer token)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.post(f"https://127.0.0.1:{self.api_port}/v1/ops/{op}", json=args, headers=headers,
-                          verify=self.tls_context(creds), timeout=30)
+        req = request_for(op, args)  # the operation's route, as the CLI sends it
+        return httpx.request(req.method, f"https://127.0.0.1:{self.api_port}{req.path}", params=req.query,
+                             json=req.body, headers=headers, verify=self.tls_context(creds), timeout=30)
 
     def host_credentials(self, tmp: Path, name: str) -> Credentials:
         """A host (agent) identity of the cluster CA, as a joined agent holds one."""
@@ -179,7 +181,7 @@ def test_only_an_administrator_may_import(daemon: Daemon, tmp_path: Path) -> Non
     assert r.status_code == 400 and "caller_is_admin is not an argument" in r.json()["message"], r.text
     nothing_imported(d)
     log = (d.home / "serve.log").read_text()
-    assert "refused POST /v1/ops/template.import from 127.0.0.1:" in log
+    assert "refused POST /v1/templates/import from 127.0.0.1:" in log
     assert "(no certificate)" in log and "(host h9, serial" in log
     # the positive controls: the admin certificate and the admin token over TLS import host files
     r = d.tcp_op("template.import", Credentials(d.pki / "admin"), name="by-cert", image="root.raw", kernel="vmlinuz")
@@ -201,6 +203,14 @@ def test_only_an_administrator_may_import(daemon: Daemon, tmp_path: Path) -> Non
         ("GET /v1/vmstate/%2e%2e/%2e%2e", "bad VC name '..'"),
         ("GET /v1/templates/%2e%2e/kernel", "bad template name '..'"),
         ("GET /v1/templates/.hidden/kernel", "bad template name '.hidden'"),
+        # the operations' routes: the name reaches the operation, which refuses it
+        ("GET /v1/vcs/%2e%2e", "bad VC name '..'"),
+        ("POST /v1/vcs/%2e%2e/start", "bad VC name '..'"),
+        ("DELETE /v1/vcs/%2e%2e", "bad VC name '..'"),
+        ("GET /v1/templates/%2e%2e", "bad template name '..'"),
+        ("POST /v1/vms/%2e%2e/x/console", "bad VC name '..'"),
+        ("GET /v1/pools/%2e%2e", "bad pool name '..'"),
+        ("GET /v1/pools/p/volumes/%2e%2e", "bad name 'p/..'"),
     ],
 )
 def test_names_that_build_paths_refuse_traversal(daemon: Daemon, request_line: str, message: str) -> None:

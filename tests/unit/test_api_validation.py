@@ -7,8 +7,10 @@ argument (true is not a size, "yes" is not a boolean)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from fastapi.testclient import TestClient
 
 from tests.cli_support import free_port
 from virtua.api import ops
+from virtua.api.routes import PARAMS, ROUTES, TRANSPORT_ARGUMENTS, request_for
 from virtua.cluster.manager import Manager
 from virtua.edge import web
 from virtua.edge.web import MAX_BODY, type_name
@@ -49,11 +52,17 @@ class Daemon:
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(home / "virtua.sock")),
                                  base_url="http://virtua", timeout=30)
 
+    def send(self, name: str, args: dict[str, Any]) -> httpx.Response:
+        """Operation `name` as the CLI sends it (virtua.api.routes.request_for)."""
+        req = request_for(name, args)
+        return self.http.request(req.method, req.path, params=req.query,
+                                 content=None if req.body is None else json.dumps(req.body))
+
     def state(self) -> dict[str, Any]:
         """What a malformed request must not change."""
         out: dict[str, Any] = {}
         for name in ("pool.list", "volume.list", "host.list", "vc.list", "template.list", "net.list"):
-            r = self.http.post(f"/v1/ops/{name}", content=b"{}")
+            r = self.send(name, {})
             assert r.status_code == 200, r.text
             out[name] = r.json()
         for v in out["volume.list"]:
@@ -99,8 +108,10 @@ MALFORMED_BODIES: list[tuple[str, bytes, str]] = [
 ]
 
 
-# arguments of an operation's model that come from the transport, never from the body
-TRANSPORT_ARGUMENTS = frozenset({"caller_is_admin"})
+# a value for each path parameter and template field (virtua.api.routes.PARAMS)
+SAMPLE = {"pool": "p", "volume": "v", "snapshot": "s", "image": "v", "vc": "x", "node": "x-1", "host": "h",
+          "template": "t", "name": "n", "job": "20261201-000000-abcdef"}
+assert set(SAMPLE) == set(PARAMS)
 
 
 def wrong_value(annotation: Any) -> Any:
@@ -108,18 +119,50 @@ def wrong_value(annotation: Any) -> Any:
     return "yes" if "true or false" in type_name(annotation) else True
 
 
-def operation_cases() -> list[tuple[str, str, bytes, str]]:
-    cases = []
+def target(name: str) -> tuple[str, str, dict[str, str]]:
+    """Method and path of operation `name` for sample names, and its body's template fields."""
+    route = ROUTES[name]
+    args = {arg: template.format(**SAMPLE) for arg, template in route.args.items()}
+    req = request_for(name, args)
+    return req.method, req.path, {f: SAMPLE[f] for f in route.fields}
+
+
+# (operation, what, method, path, body or query, a part of the expected message)
+Case = tuple[str, str, str, str, Any, str]
+
+
+def operation_cases() -> list[Case]:
+    cases: list[Case] = []
     for name in ops.operation_names():
-        for what, body, msg in MALFORMED_BODIES:
-            cases.append((name, what, body, msg))
+        method, path, fields = target(name)
         model = ops.argument_model(name, Manager)
+        if method == "GET":  # the arguments are in the query: optional strings
+            cases.append((name, "unknown argument", method, path, [("no_such_argument", "1")],
+                          "unknown argument 'no_such_argument'"))
+            cases.append((name, "NUL", method, path, [("x", "a\0b")], "contains NUL"))
+            for arg in model.model_fields:
+                if arg not in ROUTES[name].args:
+                    cases.append((name, f"{arg} twice", method, path, [(arg, "a"), (arg, "b")], "given twice"))
+            continue
+        for what, body, msg in MALFORMED_BODIES:
+            if what == "unknown argument":
+                body = json.dumps({**fields, "no_such_argument": 1}).encode()
+            cases.append((name, what, method, path, body, msg))
         for arg, field in model.model_fields.items():
+            if arg in ROUTES[name].args:  # from the path: refused in the body
+                body = json.dumps({**fields, arg: "p/v"}).encode()
+                cases.append((name, f"{arg} in the body", method, path, body, f"{arg!r} is not an argument here"))
+                continue
             value = wrong_value(field.annotation)
-            body = httpx.Request("POST", "/", json={arg: value}).content
+            body = json.dumps({**fields, arg: value}).encode()
             # the transport supplies these (who is calling): a request naming one is refused by name
             msg = f"{arg} is not an argument" if arg in TRANSPORT_ARGUMENTS else f"argument '{arg}' should be"
-            cases.append((name, f"{arg}={value!r}", body, msg))
+            cases.append((name, f"{arg}={value!r}", method, path, body, msg))
+        for f in fields:
+            body = json.dumps({**fields, f: 7}).encode()
+            cases.append((name, f"{f}=7", method, path, body, f"argument '{f}' should be a string, not a number"))
+            body = json.dumps({k: v for k, v in fields.items() if k != f}).encode()
+            cases.append((name, f"no {f}", method, path, body, f"missing argument '{f}'"))
     return cases
 
 
@@ -133,12 +176,16 @@ def check_error(r: httpx.Response, status: int, error: str, message: str) -> Non
     assert "\n" not in body["message"] and len(body["message"]) < 400, body
 
 
-def test_every_operation_refuses_every_malformed_body(daemon: Daemon) -> None:
+def test_every_operation_refuses_every_malformed_request(daemon: Daemon) -> None:
     assert len(OP_CASES) > 500 and {"volume.create", "vc.create", "vm.exec", "host.add"} <= set(ops.operation_names())
-    assert any(n == "template.import" and w.startswith("caller_is_admin=") for n, w, _, _ in OP_CASES)
+    assert any(n == "template.import" and w.startswith("caller_is_admin=") for n, w, *_ in OP_CASES)
+    assert {n for n, *_ in OP_CASES} == set(ops.operation_names())
     before = daemon.state()
-    for name, what, body, msg in OP_CASES:
-        r = daemon.http.post(f"/v1/ops/{name}", content=body)
+    for name, what, method, path, payload, msg in OP_CASES:
+        if method == "GET":
+            r = daemon.http.request(method, path, params=payload)
+        else:
+            r = daemon.http.request(method, path, content=payload)
         check_error(r, 400, "InvalidArgument", msg)
         assert name in r.json()["message"] or "NUL" in msg or "surrogate" in msg, (name, what, r.text)
     assert daemon.state() == before
@@ -151,7 +198,6 @@ def test_every_operation_refuses_every_malformed_body(daemon: Daemon) -> None:
         ("volume.create", {"ref": "p/w", "size": 1.5}, "argument 'size' should be"),
         ("volume.create", {"ref": "p/w", "size": -4096}, "must not be negative"),
         ("volume.create", {"ref": "p/w", "size": "1E"}, "bad size"),
-        ("volume.create", {"ref": "p/w\n", "size": "1M"}, "bad name"),
         ("volume.create", {"ref": "p/w"}, "missing argument 'size'"),
         ("volume.resize", {"ref": "p/v", "size": 2**64}, "larger than the maximum"),
         ("pool.create", {"name": "q", "overcommit": "2"}, "argument 'overcommit' should be a number or null"),
@@ -160,23 +206,62 @@ def test_every_operation_refuses_every_malformed_body(daemon: Daemon) -> None:
         ("volume.rm", {"ref": "p/v", "recursive": "false"}, "argument 'recursive' should be true or false"),
         ("vc.create", {"name": "x", "template": "t", "nodes": True}, "argument 'nodes' should be an integer"),
         ("vm.console", {"ref": "x/y", "offset": -1}, "argument 'offset': input should be greater than or equal to 0"),
-        ("no.such.op", {}, "unknown operation 'no.such.op'"),
     ],
 )
 def test_named_cases(daemon: Daemon, name: str, args: dict[str, Any], message: str) -> None:
     before = daemon.state()
-    check_error(daemon.http.post(f"/v1/ops/{name}", json=args), 400, "InvalidArgument", message)
+    check_error(daemon.send(name, args), 400, "InvalidArgument", message)
     assert daemon.state() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [  # names in the path reach the operation as they are, and it checks them
+        ("POST", "/v1/pools/p/volumes", b'{"name": "w\\n", "size": "1M"}', "bad name"),
+        ("POST", "/v1/pools/p/volumes", b'{"name": "a/b", "size": "1M"}', "bad name"),
+        ("POST", "/v1/pools/p/volumes/v/snapshots", b'{"name": "s@t"}', "bad name"),
+        ("GET", "/v1/pools/p/volumes/v%0A", b"", "bad name"),
+        ("GET", "/v1/pools/p/volumes/v@s", b"", "names a snapshot; expected POOL/VOLUME"),
+        ("GET", "/v1/pools/p%0A", b"", "bad pool name"),
+        ("GET", "/v1/pools/p%00", b"", "contains NUL"),
+        ("POST", "/v1/vms/..%20/x/console", b"{}", "bad VC name"),
+        ("GET", "/v1/vcs/x%0A", b"", "bad VC name"),
+    ],
+)
+def test_names_in_paths(daemon: Daemon, method: str, path: str, body: bytes, message: str) -> None:
+    before = daemon.state()
+    check_error(daemon.http.request(method, path, content=body), 400, "InvalidArgument", message)
+    assert daemon.state() == before
+
+
+def test_the_client_refuses_what_has_no_route() -> None:
+    """request_for says what the operation would (the CLI's messages stay the same)."""
+    for name, args, message in [
+        ("no.such.op", {}, "unknown operation 'no.such.op'"),
+        ("volume.info", {"ref": "p/v@s"}, "names a snapshot; expected POOL/VOLUME"),
+        ("volume.info", {"ref": "p/../v"}, "bad name"),
+        ("snapshot.create", {"ref": "p/v"}, "expected POOL/VOLUME@SNAPSHOT"),
+        ("pool.info", {"name": "a/b"}, "bad pool name 'a/b'"),
+        ("vc.info", {"name": "../x"}, "bad VC name '../x'"),
+        ("vm.console", {"ref": "../../x"}, "bad VC name '..'"),
+        ("vm.console", {"ref": "x"}, "bad VM 'x': expected VC/NODE"),
+        ("volume.info", {}, "volume.info: missing argument 'ref'"),
+        ("volume.info", {"ref": 7}, "volume.info: bad ref a number: expected POOL/VOLUME"),
+        ("volume.list", {"pool": 7}, "argument 'pool' should be a string or null"),
+    ]:
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
+            request_for(name, args)
 
 
 def test_oversized_bodies_are_refused_before_reading(daemon: Daemon) -> None:
     big = b'{"ref": "' + b"x" * MAX_BODY + b'"}'
-    check_error(daemon.http.post("/v1/ops/volume.info", content=big), 400, "InvalidArgument", "over the limit")
+    check_error(daemon.http.post("/v1/pools/p/volumes/v/resize", content=big), 400, "InvalidArgument",
+                "over the limit")
     # a claimed length is enough: the server answers without waiting for the body
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(daemon.home / "virtua.sock"))
-        s.sendall(b"POST /v1/ops/pool.list HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n{")
+        s.sendall(b"POST /v1/pools HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n{")
         reply = b""
         while b"}" not in reply:  # headers and body may come in separate reads
             chunk = s.recv(4096)
@@ -186,7 +271,7 @@ def test_oversized_bodies_are_refused_before_reading(daemon: Daemon) -> None:
     assert reply.startswith(b"HTTP/1.1 400") and b"over the limit" in reply, reply
     # chunked, no length: cut off once past the limit
     chunks = (b"[" * 65536 for _ in range(32))
-    r = daemon.http.post("/v1/ops/pool.list", content=chunks)
+    r = daemon.http.post("/v1/pools", content=chunks)
     check_error(r, 400, "InvalidArgument", "over the limit")
 
 
@@ -231,7 +316,9 @@ OTHER_ENDPOINTS: list[tuple[str, str, bytes, int, str, str]] = [
     ("GET", "/v1/templates/..%2F/kernel", b"", 404, "NotFound", "no such endpoint"),
     ("GET", "/v1/templates/nope/kernel", b"", 404, "NotFound", "does not exist"),
     ("GET", "/v1/no/such/thing", b"", 404, "NotFound", "no such endpoint: GET /v1/no/such/thing"),
-    ("GET", "/v1/ops/pool.list", b"", 405, "InvalidArgument", "method not allowed"),
+    ("POST", "/v1/ops/pool.list", b"{}", 404, "NotFound", "no such endpoint"),
+    ("PUT", "/v1/pools", b"{}", 405, "InvalidArgument", "method not allowed"),
+    ("GET", "/v1/pools/nope", b"", 404, "NotFound", "pool nope does not exist"),
     ("DELETE", "/v1/status", b"", 405, "InvalidArgument", "method not allowed"),
 ]
 

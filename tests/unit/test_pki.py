@@ -146,12 +146,17 @@ OWNERS = {("template", "mini"): {"h1"}, ("vmstate", "web/web-1"): {"h1"}}
 
 # (method, path, caller, expected: None = allowed, else the error raised)
 AUTH_TABLE = [
-    ("POST", "/v1/ops/volume.rm", LOCAL, None),
-    ("POST", "/v1/ops/volume.rm", ADMIN, None),
-    ("POST", "/v1/ops/volume.rm", H1, Forbidden),
-    ("POST", "/v1/ops/volume.rm", MANAGER, Forbidden),
-    ("POST", "/v1/ops/volume.rm", NOBODY, Unauthenticated),
-    ("POST", "/v1/ops/volume.rm", TOKEN, None),
+    ("DELETE", "/v1/pools/p/volumes/v", LOCAL, None),
+    ("DELETE", "/v1/pools/p/volumes/v", ADMIN, None),
+    ("DELETE", "/v1/pools/p/volumes/v", H1, Forbidden),
+    ("DELETE", "/v1/pools/p/volumes/v", MANAGER, Forbidden),
+    ("DELETE", "/v1/pools/p/volumes/v", NOBODY, Unauthenticated),
+    ("DELETE", "/v1/pools/p/volumes/v", TOKEN, None),
+    # a host called "register" or "h1": the operations on it are an administrator's
+    ("GET", "/v1/hosts/register", H1, Forbidden),
+    ("DELETE", "/v1/hosts/register", H1, Forbidden),
+    ("POST", "/v1/hosts/h1/drain", H1, Forbidden),
+    ("GET", "/v1/hosts/h1/heartbeat", H1, Forbidden),
     ("GET", "/v1/vmstate/web/web-1", TOKEN, None),
     ("GET", "/v1/status", H1, Forbidden),
     ("GET", "/v1/anything-new", H1, Forbidden),
@@ -186,6 +191,29 @@ def test_authorization_table(method: str, path: str, caller: Caller, expected: t
     else:
         with pytest.raises(expected):
             authorize(method, path, caller, owners_of)
+
+
+def test_every_operations_route_is_an_administrators() -> None:
+    """No operation's route falls into a host's or anyone's endpoint class, whatever its
+    names are (a host, a template or a VC called like a path word)."""
+    from virtua.api.routes import ROUTES
+
+    def owners_of(kind: str, key: str) -> set[str]:
+        return {"h1"}  # h1 owns everything: only the endpoint class may refuse it
+
+    words = ["register", "heartbeat", "h1", "kernel", "initrd", "ca", "join", "web-1"]
+    checked = 0
+    for route in ROUTES.values():
+        for word in words:
+            path = route.path.format(**dict.fromkeys(route.path_params, word))
+            for caller in (H1, MANAGER):
+                with pytest.raises(Forbidden):
+                    authorize(route.method, path, caller, owners_of)
+            with pytest.raises(Unauthenticated):
+                authorize(route.method, path, NOBODY, owners_of)
+            authorize(route.method, path, TOKEN, owners_of)
+            checked += 1
+    assert checked == len(ROUTES) * len(words) and len(ROUTES) > 40
 
 
 def test_qemu_opens_nbds_disks_with_the_hosts_credentials_directory(tmp_path: Path) -> None:

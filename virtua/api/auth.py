@@ -69,7 +69,8 @@ def may_join(caller: Caller) -> None:
 
 
 def may_administer(caller: Caller) -> None:
-    """Admin operations (/v1/ops/*, /v1/status, anything unclassified)."""
+    """Admin operations (every operation's route, virtua.api.routes; /v1/status; anything
+    unclassified)."""
     if caller.admin:
         return
     _need_identity(caller)
@@ -114,12 +115,14 @@ def authorize(method: str, path: str, caller: Caller, owners_of: OwnersOf) -> No
     Registration is checked again in its handler, which knows the name in the body."""
     if path in ("/v1/join", "/v1/join/ca"):
         return may_join(caller)
-    if path == "/v1/hosts/register":
+    # method and path both: GET/DELETE /v1/hosts/{host} are admin operations on a host
+    # that may well be called "register" (virtua.api.routes)
+    if path == "/v1/hosts/register" and method == "POST":
         if caller.admin:
             return None
         _need_identity(caller)
         return None
-    if m := _HOST_PATH.fullmatch(path):
+    if (m := _HOST_PATH.fullmatch(path)) and method == "POST":
         return may_act_as_host(caller, m.group(1))
     if (m := _TEMPLATE_PATH.fullmatch(path)) and method == "GET":
         return may_use_host_resource(caller, owners_of("template", m.group(1)), f"template {m.group(1)}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import inspect
 import ipaddress
 import logging
 import os
@@ -197,17 +196,16 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     async def status() -> dict[str, Any]:
         return {"pid": os.getpid(), **storage.summary()}
 
-    @api.post("/v1/ops/{name}")
-    async def run_op(name: str, request: Request) -> Any:
-        # async on purpose: runs on the loop thread, never beside an NBD request
-        try:
-            args = await web.json_object(request, name)
-            result = ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request))
-            if inspect.isawaitable(result):
-                result = await result
-            return result
-        except VirtuaError as e:
-            return error(e)
+    from virtua.api.routes import add_routes
+
+    def run(name: str, args: dict[str, Any], request: Request) -> Any:
+        return ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request))
+
+    if manager is not None:
+        manager_type: type = type(manager)
+    else:
+        from virtua.cluster.manager import Manager as manager_type
+    add_routes(api, run, manager_type)  # one typed endpoint per operation: virtua.api.routes
 
     if manager is None:
         return api

@@ -11,7 +11,7 @@ from virtua.api.ops import op
 from virtua.errors import Cancelled, InvalidArgument
 from virtua.jobs import runner
 from virtua.jobs.plan import Plan
-from virtua.jobs.record import Undo
+from virtua.jobs.record import ENDED, Undo
 from virtua.jobs.recovery import Context, undo_kind
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
@@ -50,8 +50,12 @@ def _undo_snapshot(ctx: Context, ref: str) -> None:
 
 
 @op("job.list")
-def job_list(st: Storage, all: bool = False) -> list[dict[str, Any]]:
-    return [j.public() for j in st.jobs.recent(running_only=not all)]
+def job_list(st: Storage, state: str | None = None) -> list[dict[str, Any]]:
+    """Running jobs; state="all" the latest ended ones too, or only those in that state."""
+    if state not in (None, "all", "running", *ENDED):
+        raise InvalidArgument(f"bad job state {state!r}: use all, running, {', '.join(ENDED)}")
+    jobs = st.jobs.recent(running_only=state in (None, "running"))
+    return [j.public() for j in jobs if state in (None, "all") or j.state == state]
 
 
 @op("job.show")

@@ -100,8 +100,13 @@ class RemoteClient(Client):
     def call(self, op: str, **args: Any) -> Any:
         import httpx
 
+        from virtua.api.routes import request_for
+
+        req = request_for(op, args)  # the daemon's route of the operation (virtua.api.routes)
+        content = None if req.body is None else json.dumps(req.body)
+        headers = None if content is None else {"content-type": "application/json"}
         try:
-            r = self.http.post(f"/v1/ops/{op}", content=json.dumps(args))
+            r = self.http.request(req.method, req.path, params=req.query, content=content, headers=headers)
         except httpx.HTTPError as e:
             raise Unavailable(f"virtua serve is not answering: {e}") from e
         body = r.json()

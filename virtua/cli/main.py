@@ -312,7 +312,7 @@ JOB_COLUMNS = ["id", "op", "state", "step", "title", "error"]
 @job_app.command("list")
 def job_list(all_: bool = typer.Option(False, "--all", help="also the ended ones (the latest 50)")) -> None:
     """Running admin jobs (imports, clone batches, VC creation)."""
-    call("job.list", JOB_COLUMNS, all=all_ or None)
+    call("job.list", JOB_COLUMNS, state="all" if all_ else None)
 
 
 @job_app.command("show")

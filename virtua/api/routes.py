@@ -1,0 +1,492 @@
+"""Every admin operation's HTTP route, as one table.
+
+ROUTES maps each operation (virtua.api.ops: `@op`, `@cluster_op`, MANAGER_METHODS) to an
+HTTP method and a path template, and says which of its arguments come from the path:
+``ref="{pool}/{volume}"`` makes the argument `ref` of the path parameters `pool` and
+`volume`. A template parameter that is not in the path is a string field of the request
+body (volume.create's `name` in ``POST /v1/pools/{pool}/volumes``). Every other argument
+is a body field (POST, DELETE: one JSON object, may be empty) or a query parameter (GET:
+only optional string arguments).
+
+The same table builds the daemon's endpoints (`add_routes`, which hands the arguments to
+ops.run: the one place that validates and runs) and the CLI's requests (`request_for`),
+so the two cannot drift. It is checked at import: one route per operation, none for an
+operation that does not exist, no two routes that can match the same request.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict
+
+from virtua.api import ops
+from virtua.errors import InvalidArgument
+from virtua.storage.names import check_name, parse_ref
+
+_PART = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
+
+# path parameters and template body fields: (what a person calls it, its pattern)
+PARAMS: dict[str, tuple[str, str]] = {
+    "pool": ("pool name", _PART),
+    "volume": ("volume name", _PART),
+    "snapshot": ("snapshot name", _PART),
+    "image": ("VOLUME or VOLUME@SNAPSHOT", f"{_PART}(?:@{_PART})?"),
+    "vc": ("VC name", _PART),
+    "node": ("node name", _PART),
+    "host": ("host name", _PART),
+    "template": ("template name", _PART),
+    "name": ("name", _PART),
+    "job": ("job ID", r"[0-9a-z][0-9a-z-]{0,63}"),
+}
+_PARAM_RE = re.compile(r"\{(\w+)\}")
+METHODS = ("GET", "POST", "DELETE")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    args: dict[str, str] = field(default_factory=dict)  # argument -> template
+
+    @property
+    def path_params(self) -> list[str]:
+        return _PARAM_RE.findall(self.path)
+
+    @property
+    def fields(self) -> list[str]:
+        """Template parameters that are not in the path: string fields of the body."""
+        out = [p for t in self.args.values() for p in _PARAM_RE.findall(t) if p not in self.path_params]
+        return list(dict.fromkeys(out))
+
+    def arguments(self, name: str, path_params: dict[str, str], given: dict[str, Any]) -> dict[str, Any]:
+        """The operation's arguments from a request's path parameters and its body (or
+        query): the path-derived ones composed, everything else passed on as given."""
+        out = dict(given)
+        values = dict(path_params)
+        for f in self.fields:
+            if f not in out:
+                raise InvalidArgument(f"{name}: missing argument {f!r}")
+            v = out.pop(f)
+            if not isinstance(v, str):
+                from virtua.edge.validation import json_kind
+
+                raise InvalidArgument(f"{name}: argument {f!r} should be a string, not {json_kind(v)}")
+            values[f] = v
+        for arg, template in self.args.items():
+            if arg in out:
+                raise InvalidArgument(f"{name}: {arg!r} is not an argument here: it comes from {self.path}")
+            out[arg] = template.format(**values)
+        return out
+
+    def split(self, name: str, arg: str, value: Any) -> dict[str, str]:
+        """The path parameters and fields that argument `arg` = `value` is made of
+        (InvalidArgument, with the operation's own message where there is one, if none)."""
+        template = self.args[arg]
+        if isinstance(value, str):
+            m = _template_re(template).fullmatch(value)
+            if m:
+                return m.groupdict()
+            _explain(template, value)
+        from virtua.edge.validation import json_kind
+
+        shown = f"{value!r}" if isinstance(value, str) else json_kind(value)
+        raise InvalidArgument(f"{name}: bad {arg} {shown}: expected {template.upper().replace('{', '').replace('}', '')}")
+
+
+def _template_re(template: str) -> re.Pattern[str]:
+    out, pos = [], 0
+    for m in _PARAM_RE.finditer(template):
+        out.append(re.escape(template[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>{PARAMS[m.group(1)][1]})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out), re.ASCII)
+
+
+def _explain(template: str, value: str) -> None:
+    """Raise what the operation itself would say about a value that does not fit."""
+    params = _PARAM_RE.findall(template)
+    if params[:1] == ["pool"] and len(params) > 1:
+        parse_ref(value, snapshot=True if "@" in template else None if "image" in params else False)
+    elif params == ["vc", "node"]:
+        vc, sep, node = value.partition("/")
+        if not sep:
+            raise InvalidArgument(f"bad VM {value!r}: expected VC/NODE, e.g. web/web-1")
+        check_name(vc, "VC name")
+        check_name(node, "node name")
+    elif len(params) == 1:
+        check_name(value, PARAMS[params[0]][0])
+
+
+def R(method: str, path: str, **args: str) -> Route:  # noqa: N802 (a table row)
+    return Route(method, path, args)
+
+
+VOLUME = "{pool}/{volume}"
+IMAGE = "{pool}/{image}"  # POOL/VOLUME or POOL/VOLUME@SNAPSHOT
+SNAPSHOT = "{pool}/{volume}@{snapshot}"
+_P = "/v1/pools/{pool}"
+_V = _P + "/volumes/{volume}"
+_I = _P + "/volumes/{image}"
+_S = _V + "/snapshots/{snapshot}"
+
+ROUTES: dict[str, Route] = {
+    # pools
+    "pool.create": R("POST", "/v1/pools"),
+    "pool.list": R("GET", "/v1/pools"),
+    "pool.info": R("GET", _P, name="{pool}"),
+    "pool.rm": R("DELETE", _P, name="{pool}"),
+    "pool.check": R("POST", _P + "/check", name="{pool}"),
+    # volumes
+    "volume.create": R("POST", _P + "/volumes", ref="{pool}/{name}"),
+    "volume.list": R("GET", "/v1/volumes"),
+    "volume.info": R("GET", _V, ref=VOLUME),
+    "volume.rm": R("DELETE", _V, ref=VOLUME),
+    "volume.resize": R("POST", _V + "/resize", ref=VOLUME),
+    "volume.reset": R("POST", _V + "/reset", ref=VOLUME),
+    "volume.rename": R("POST", _V + "/rename", ref=VOLUME),
+    "volume.rebase": R("POST", _V + "/rebase", ref=VOLUME),
+    "volume.flatten": R("POST", _V + "/flatten", ref=VOLUME),
+    "volume.du": R("GET", _V + "/du", ref=VOLUME),
+    "volume.status": R("GET", _V + "/status", ref=VOLUME),
+    "volume.copy": R("POST", _I + "/copy", source=IMAGE),
+    "volume.diff": R("GET", _I + "/diff", ref=IMAGE),
+    "clone": R("POST", _I + "/clone", source=IMAGE),
+    # snapshots
+    "snapshot.create": R("POST", _V + "/snapshots", ref="{pool}/{volume}@{name}"),
+    "snapshot.list": R("GET", _V + "/snapshots", ref=VOLUME),
+    "snapshot.rm": R("DELETE", _S, ref=SNAPSHOT),
+    "snapshot.rename": R("POST", _S + "/rename", ref=SNAPSHOT),
+    "snapshot.protect": R("POST", _S + "/protect", ref=SNAPSHOT),
+    "snapshot.rollback": R("POST", _S + "/rollback", ref=SNAPSHOT),
+    # trash
+    "trash.list": R("GET", "/v1/trash"),
+    "trash.purge": R("POST", _P + "/trash/purge", pool="{pool}"),
+    "trash.restore": R("POST", _P + "/trash/{volume}/restore", ref=VOLUME),
+    # hosts
+    "host.list": R("GET", "/v1/hosts"),
+    "host.add": R("POST", "/v1/hosts"),
+    "host.info": R("GET", "/v1/hosts/{host}", name="{host}"),
+    "host.remove": R("DELETE", "/v1/hosts/{host}", name="{host}"),
+    "host.drain": R("POST", "/v1/hosts/{host}/drain", name="{host}"),
+    "host.undrain": R("POST", "/v1/hosts/{host}/undrain", name="{host}"),
+    "host.join-token": R("POST", "/v1/join-tokens"),
+    # templates
+    "template.list": R("GET", "/v1/templates"),
+    "template.build": R("POST", "/v1/templates"),
+    "template.import": R("POST", "/v1/templates/import"),
+    "template.info": R("GET", "/v1/templates/{template}", name="{template}"),
+    "template.rm": R("DELETE", "/v1/templates/{template}", name="{template}"),
+    # virtual clusters
+    "vc.list": R("GET", "/v1/vcs"),
+    "vc.create": R("POST", "/v1/vcs"),
+    "vc.info": R("GET", "/v1/vcs/{vc}", name="{vc}"),
+    "vc.destroy": R("DELETE", "/v1/vcs/{vc}", name="{vc}"),
+    **{f"vc.{verb}": R("POST", f"/v1/vcs/{{vc}}/{verb}", name="{vc}")
+       for verb in ("start", "stop", "suspend", "resume", "remap", "reset", "update")},
+    # VMs and networks
+    "vm.console": R("POST", "/v1/vms/{vc}/{node}/console", ref="{vc}/{node}"),
+    "vm.exec": R("POST", "/v1/vms/{vc}/{node}/exec", ref="{vc}/{node}"),
+    "net.list": R("GET", "/v1/networks"),
+    # jobs, and the import a client drives
+    "job.list": R("GET", "/v1/jobs"),
+    "job.show": R("GET", "/v1/jobs/{job}", id="{job}"),
+    "job.cancel": R("POST", "/v1/jobs/{job}/cancel", id="{job}"),
+    "job.renew": R("POST", "/v1/jobs/{job}/renew", id="{job}"),
+    "volume.import.begin": R("POST", _P + "/imports", ref="{pool}/{name}"),
+    "volume.import.end": R("POST", "/v1/imports/{job}/end", id="{job}"),
+}
+
+# The daemon's other endpoints (virtua.api.daemon.build_api): no operation may shadow them.
+OTHER_ROUTES: list[tuple[str, str]] = [
+    ("GET", "/v1/status"), ("GET", "/v1/join/ca"), ("POST", "/v1/join"), ("POST", "/v1/hosts/register"),
+    ("POST", "/v1/hosts/{name}/heartbeat"), ("GET", "/v1/templates/{name}/{which}"),
+    ("PUT", "/v1/vmstate/{vc}/{node}"), ("GET", "/v1/vmstate/{vc}/{node}"),
+]
+
+
+def _may_overlap(a: str, b: str) -> bool:
+    """Whether one request path could match both templates (a parameter matches any segment)."""
+    sa, sb = a.strip("/").split("/"), b.strip("/").split("/")
+    return len(sa) == len(sb) and all(x == y or _PARAM_RE.fullmatch(x) or _PARAM_RE.fullmatch(y)
+                                      for x, y in zip(sa, sb, strict=True))
+
+
+def check_table(routes: dict[str, Route] = ROUTES) -> None:
+    """Raise RuntimeError unless `routes` has one route per operation and no route is
+    ambiguous, unmapped or badly formed (at import, and in the unit tests)."""
+    names = set(ops.operation_names())
+    problems = [f"operation {n} has no route" for n in sorted(names - set(routes))]
+    problems += [f"route for unknown operation {n}" for n in sorted(set(routes) - names)]
+    everything = [(r.method, r.path, n) for n, r in routes.items()] + [(m, p, "") for m, p in OTHER_ROUTES]
+    for i, (m1, p1, n1) in enumerate(everything):
+        for m2, p2, n2 in everything[i + 1:]:
+            if m1 == m2 and _may_overlap(p1, p2) and (n1 or n2):
+                problems.append(f"{m1} {p1} ({n1 or 'daemon'}) and {p2} ({n2 or 'daemon'}) can match one request")
+    for n, r in routes.items():
+        if r.method not in METHODS:
+            problems.append(f"{n}: method {r.method}")
+        if not r.path.startswith("/v1/"):
+            problems.append(f"{n}: path {r.path} is not under /v1/")
+        used = {p for t in r.args.values() for p in _PARAM_RE.findall(t)}
+        for p in sorted((used | set(r.path_params)) - set(PARAMS)):
+            problems.append(f"{n}: unknown parameter {{{p}}}")
+        for p in r.path_params:
+            if p not in used:
+                problems.append(f"{n}: path parameter {{{p}}} makes no argument")
+        if len(set(r.path_params)) != len(r.path_params):
+            problems.append(f"{n}: a path parameter twice in {r.path}")
+        if r.method == "GET" and r.fields:
+            problems.append(f"{n}: a GET has no body for {r.fields}")
+    if problems:
+        raise RuntimeError("virtua.api.routes: " + "; ".join(problems))
+
+
+check_table()
+
+
+# ---------------------------------------------------------------------- the CLI's side
+
+
+@dataclass(frozen=True)
+class HTTPRequest:
+    method: str
+    path: str  # percent-encoded
+    query: dict[str, str] | None = None
+    body: dict[str, Any] | None = None
+
+
+def request_for(name: str, args: dict[str, Any]) -> HTTPRequest:
+    """The HTTP request that runs operation `name` with `args` (what ops.run would get)."""
+    route = ROUTES.get(name)
+    if route is None:
+        raise InvalidArgument(f"unknown operation {name!r}")
+    rest = dict(args)
+    values: dict[str, str] = {}
+    for arg in route.args:
+        if arg not in rest:
+            raise InvalidArgument(f"{name}: missing argument {arg!r}")
+        values.update(route.split(name, arg, rest.pop(arg)))
+    path = route.path.format(**{p: quote(values[p], safe="") for p in route.path_params})
+    payload = {**{f: values[f] for f in route.fields}, **rest}
+    if route.method != "GET":
+        return HTTPRequest(route.method, path, body=payload)
+    query: dict[str, str] = {}
+    for k, v in payload.items():
+        if v is None:  # a GET's arguments are optional strings: None is the default
+            continue
+        if not isinstance(v, str):
+            raise InvalidArgument(f"{name}: argument {k!r} should be a string or null")
+        query[k] = v
+    return HTTPRequest(route.method, path, query=query)
+
+
+# ---------------------------------------------------------------------- the daemon's side
+
+
+class ErrorBody(BaseModel):
+    """Every answer that is not a success (virtua.errors: the category and one line)."""
+
+    error: str
+    message: str
+
+
+class PoolInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str
+    chunk_size: int
+    capacity: int
+    used: int
+    free: int
+    used_percent: float
+    provisioned: int
+    overcommit: float
+    volumes: int
+    snapshots: int
+    filesystem_size: int
+    warning: str | None = None
+
+
+class VolumeInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str  # POOL/VOLUME
+    size: int
+    allocated: int
+    unique: int
+    shared: int
+    origin: str | None  # POOL/VOLUME@SNAPSHOT it was cloned from
+    children: list[str]
+    snapshots: list[str]
+    created: float
+    copied: int | None = None  # volume.copy, volume.flatten: bytes copied
+
+
+class SnapshotInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str  # POOL/VOLUME@SNAPSHOT
+    size: int
+    created: float
+    clones: list[str]
+    protected: bool
+
+
+_VOLUME_RESULTS = ("volume.create", "volume.info", "volume.resize", "volume.reset", "volume.rename",
+                   "volume.copy", "volume.flatten", "volume.rebase", "snapshot.rollback", "trash.restore")
+# operations whose result has a stable shape; the others are documented as an object or an array
+RESULTS: dict[str, Any] = {
+    "pool.create": PoolInfo, "pool.info": PoolInfo, "pool.list": list[PoolInfo],
+    **dict.fromkeys(_VOLUME_RESULTS, VolumeInfo), "volume.list": list[VolumeInfo],
+    "snapshot.create": SnapshotInfo, "snapshot.rename": SnapshotInfo, "snapshot.protect": SnapshotInfo,
+    "snapshot.list": list[SnapshotInfo],
+}
+LIST_RESULTS = {"pool.list", "volume.list", "volume.du", "snapshot.list", "trash.list", "host.list",
+                "template.list", "vc.list", "net.list"}
+_ERRORS = {400: "InvalidArgument", 401: "Unauthenticated", 403: "Forbidden or ReadOnly", 404: "NotFound",
+           409: "AlreadyExists, DependencyError or PlacementError", 423: "Busy", 500: "an internal error",
+           503: "Unavailable", 507: "NoSpace"}
+
+
+def _function(name: str, manager_type: type | None) -> Callable[..., Any] | None:
+    fn = ops.OPS.get(name) or ops.CLUSTER_OPS.get(name)
+    if fn is None and manager_type is not None and name in ops.MANAGER_METHODS:
+        fn = getattr(manager_type, ops.MANAGER_METHODS[name])
+    return fn
+
+
+def body_schema(name: str, manager_type: type) -> dict[str, Any]:
+    """The JSON schema of the request body (or the query) of operation `name`: its argument
+    model without the path's arguments and the transport's, with the template fields."""
+    route = ROUTES[name]
+    schema = ops.argument_model(name, manager_type).model_json_schema()
+    if "$defs" in schema:  # the document inlines each body: a nested model would need components
+        raise RuntimeError(f"{name}: its arguments' schema has $defs")
+    # a default of None says nothing more than "optional" (and the document drops it)
+    props = {k: {a: b for a, b in v.items() if not (a == "default" and b is None)}
+             for k, v in schema.get("properties", {}).items() if k not in route.args and k not in TRANSPORT_ARGUMENTS}
+    required = [k for k in schema.get("required", []) if k in props]
+    for f in route.fields:
+        props[f] = {"type": "string", "title": f.title(), "pattern": f"^{PARAMS[f][1]}$",
+                    "description": f"the new object's {PARAMS[f][0]}"}
+        required.append(f)
+    out: dict[str, Any] = {"type": "object", "title": f"{name} request", "properties": props,
+                           "additionalProperties": False}
+    if required:
+        out["required"] = required
+    return out
+
+
+# the transport supplies these (ops.HOST_PATH_OPS): a request naming one is refused
+TRANSPORT_ARGUMENTS = frozenset({"caller_is_admin"})
+
+
+def _openapi(name: str, route: Route, manager_type: type) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [
+        {"name": p, "in": "path", "required": True, "description": PARAMS[p][0],
+         "schema": {"type": "string", "pattern": f"^{PARAMS[p][1]}$"}} for p in route.path_params
+    ]
+    schema = body_schema(name, manager_type)
+    extra: dict[str, Any] = {"parameters": params}
+    if route.method == "GET":
+        for k, prop in schema["properties"].items():
+            params.append({"name": k, "in": "query", "required": k in schema.get("required", []), "schema": prop})
+    else:
+        extra["requestBody"] = {"required": bool(schema.get("required")),
+                                "content": {"application/json": {"schema": schema}}}
+    return extra
+
+
+def _responses(name: str) -> dict[int | str, dict[str, Any]]:
+    result = RESULTS.get(name)
+    ok: dict[str, Any] = {"description": "the operation's result"}
+    if result is not None:
+        ok["model"] = result
+    else:
+        shape = {"type": "array", "items": {"type": "object"}} if name in LIST_RESULTS else {"type": "object"}
+        ok["content"] = {"application/json": {"schema": shape}}
+    out: dict[int | str, dict[str, Any]] = {200: ok}
+    for status, what in _ERRORS.items():
+        out[status] = {"model": ErrorBody, "description": what}
+    return out
+
+
+Run = Callable[[str, dict[str, Any], Any], Any]  # (operation, arguments, request) -> result or awaitable
+
+
+async def request_arguments(name: str, route: Route, request: Any) -> dict[str, Any]:
+    """The operation's arguments in a request: a GET's query, or the body read up to
+    virtua.edge.web.MAX_BODY as one JSON object; with the path's arguments composed."""
+    from virtua.edge import web
+
+    params = dict(request.path_params)
+    if route.method == "GET":
+        given: dict[str, Any] = {}
+        for k, v in request.query_params.multi_items():
+            if k in given:
+                raise InvalidArgument(f"{name}: argument {k!r} is given twice")
+            given[k] = v
+        strings = [*params.values(), *given, *given.values()]
+    else:
+        given = web.parse_json_object(await web.read_body(request), name)
+        strings = list(params.values())
+    if any("\0" in v for v in strings):
+        raise InvalidArgument(f"{name}: the request's path or query contains NUL")
+    return route.arguments(name, params, given)
+
+
+def add_routes(api: Any, run: Run, manager_type: type) -> None:
+    """One endpoint per operation on the FastAPI app `api`. Arguments are only gathered
+    here; `run` (ops.run) validates and runs them, and every VirtuaError is answered in
+    the error tree's shape (virtua.edge.web.error_response)."""
+    from fastapi import Request
+
+    from virtua.edge import web
+    from virtua.errors import VirtuaError
+
+    check_table()
+    for name, route in ROUTES.items():
+        if route.method == "GET":
+            model = ops.argument_model(name, manager_type)
+            bad = [k for k in body_schema(name, manager_type)["properties"]
+                   if not _optional_string(model.model_fields[k].annotation)]
+            if bad:
+                raise RuntimeError(f"{name}: a GET's query arguments are optional strings, not {bad}")
+
+        def endpoint_for(name: str, route: Route) -> Callable[..., Any]:
+            # async on purpose: runs on the loop thread, never beside an NBD request
+            async def endpoint(request: Request) -> Any:
+                try:
+                    result = run(name, await request_arguments(name, route, request), request)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    return result
+                except VirtuaError as e:
+                    return web.error_response(e)
+
+            endpoint.__annotations__ = {"request": Request, "return": Any}  # resolved: imported here, not globally
+            return endpoint
+
+        fn = _function(name, manager_type)
+        doc = inspect.getdoc(fn) if fn is not None else None
+        api.add_api_route(
+            route.path, endpoint_for(name, route), methods=[route.method], name=name, operation_id=name,
+            summary=f"{name} (`virtua {name.replace('.', ' ')}`)",
+            description=doc or f"The `{name}` operation.",
+            tags=[name.partition(".")[0] if "." in name else "volume"], response_model=None,
+            responses=_responses(name), openapi_extra=_openapi(name, route, manager_type),
+        )
+
+
+def _optional_string(tp: Any) -> bool:
+    return set(typing.get_args(tp)) == {str, type(None)}
+
+
+__all__ = ["OTHER_ROUTES", "ROUTES", "HTTPRequest", "Route", "add_routes", "body_schema", "check_table",
+           "request_for"]
