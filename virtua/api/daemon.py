@@ -58,6 +58,8 @@ class ServeConfig:
     local_agent: bool = True
     agent_listen: str = "127.0.0.1:8781"
     host_networks: list[str] = field(default_factory=list)
+    lease_ttl: float = 10.0  # a host's lease (virtua.cluster.fence)
+    ha: bool = True  # restart a lost host's VMs elsewhere (and hosts fence themselves)
     # connection limits of every listener (NBD and API, TCP and unix): see virtua.edge.limits
     handshake_timeout: float = ConnectionLimits.handshake_timeout
     max_connections_per_source: int = ConnectionLimits.max_connections_per_source
@@ -550,7 +552,7 @@ async def serve(cfg: ServeConfig) -> None:
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
         api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
-        authority=authority, nbd_tls=tls_mode == "require",
+        authority=authority, nbd_tls=tls_mode == "require", lease_ttl=cfg.lease_ttl, restart_dead=cfg.ha,
     )
     if cfg.tls == "auto":
         exports.host_access = manager.nbd_access

@@ -38,6 +38,10 @@ def serve_cmd(
     ),
     ca_cert: Path | None = typer.Option(None, "--ca-cert", help="use this cluster CA (PEM) instead of creating one (first start)"),
     ca_key: Path | None = typer.Option(None, "--ca-key", help="the supplied CA's key (PEM, unencrypted EC)"),
+    lease_ttl: float = typer.Option(10.0, "--lease-ttl", help="seconds a host's lease lasts after its last heartbeat; "
+                                    "its guests are killed by the host itself 3 s before, and restarted elsewhere after"),
+    no_ha: bool = typer.Option(False, "--no-ha", help="never restart a lost host's VMs elsewhere (hosts then never "
+                               "fence themselves: their guests ride out a manager outage)"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -59,9 +63,13 @@ def serve_cmd(
         raise InvalidArgument(f"{flags} given but --tls is {tls}: add --tls on (offer TLS) or --tls require")
     if tls in ("on", "require") and not ((tls_cert and tls_key) or tls_psk):
         raise InvalidArgument("--tls on/require needs --tls-cert and --tls-key, or --tls-psk")
+    if not 4.0 <= lease_ttl <= 600.0:
+        raise InvalidArgument(f"bad --lease-ttl {lease_ttl:g}: must be 4..600 seconds")
     _log_to_stderr()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = ServeConfig(
+        lease_ttl=lease_ttl,
+        ha=not no_ha,
         home=State.home,
         listen=listen or None,
         nbd_socket=Path(socket) if socket else None,

@@ -26,6 +26,7 @@ import httpx
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from virtua.cluster.fence import Fence
 from virtua.cluster.model import VMLaunch
 from virtua.edge import web
 from virtua.errors import (
@@ -109,6 +110,7 @@ class Agent:
             self.revoked = {int(x) for x in json.loads(self._revoked_file.read_text())}
         self._tasks: list[asyncio.Task[Any]] = []
         self.net: Any = None
+        self.fence = Fence(cfg.home)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,6 +125,7 @@ class Agent:
 
             self.net = HostNetwork(self.cfg.name, self.cfg.host_networks)
         await self._reattach()
+        self.fence.ensure_watchdog()  # before the first beat can arm it
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
 
     async def close(self) -> None:
@@ -175,6 +178,7 @@ class Agent:
                     r.raise_for_status()
                     registered = True
                     log.info("registered with %s", self.cfg.manager)
+                sent = time.monotonic()  # the lease runs from the manager's receipt, later than this
                 r = await self.http.post(
                     f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report(), "accel": self.accel}
                 )
@@ -183,6 +187,12 @@ class Agent:
                 if reply.get("register"):
                     registered = False
                     continue
+                after = reply.get("fence_after")
+                if isinstance(after, int | float) and not isinstance(after, bool) and 0 < after <= 600:
+                    self.fence.arm(sent + after)
+                else:
+                    self.fence.disarm("the manager restarts no VM elsewhere (--no-ha)")
+                self.fence.ensure_watchdog()  # killed meanwhile? a new one (cheap: one file read)
                 for vm_id in reply.get("stop") or []:  # placed elsewhere now: never two instances
                     if isinstance(vm_id, str) and vm_id in self.vms:
                         log.warning("the manager places %s elsewhere now: killing this instance", vm_id)

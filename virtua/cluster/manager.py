@@ -25,6 +25,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from virtua.cluster import netplan
+from virtua.cluster.fence import LEASE_TTL, fence_after
 from virtua.cluster.model import HostRecord, NicLaunch, TemplateRecord, VCRecord, VMLaunch, VMRecord
 from virtua.cluster.placement import HostCapacity, HostLoad, VMRequest, place, restart_plan
 from virtua.cluster.store import StateStore
@@ -55,7 +56,6 @@ from virtua.units import parse_size
 log = logging.getLogger("virtua.manager")
 
 MIN_BEAT_INTERVAL = 0.25  # a host sending faster gets Busy: each beat costs the loop record reads
-HEARTBEAT_TIMEOUT = 6.0  # seconds without a heartbeat before a host is offline
 AGENT_TIMEOUT = 180.0
 DEFAULT_POOL = "default"
 
@@ -72,6 +72,7 @@ class Manager:
         api_port: int = 8780,
         host_networks: list[str] | None = None,
         restart_dead: bool = True,
+        lease_ttl: float = LEASE_TTL,
         import_dir: Path | None = None,
         authority: ClusterCA | None = None,
         nbd_tls: bool = False,
@@ -84,6 +85,11 @@ class Manager:
         self.api_port = api_port
         self.host_networks = [IPv4Network(n) for n in host_networks or []]
         self.restart_dead = restart_dead
+        # a host's lease: renewed by each answered heartbeat, for lease_ttl seconds of this
+        # process's monotonic clock; its VMs are restarted elsewhere only once it ran out,
+        # and the host kills them itself before that (virtua.cluster.fence)
+        self.lease_ttl = lease_ttl
+        self._renewed: dict[str, float] = {}  # host -> monotonic time its lease was last renewed
         # with a cluster CA: https to agents, presenting the manager's certificate
         self.authority = authority
         self.tokens = JoinTokens(authority.dir / "tokens.json", authority.fingerprint) if authority else None
@@ -184,6 +190,7 @@ class Manager:
         h.draining = bool(old and old.get("draining"))
         h.state = "draining" if h.draining else "online"
         h.last_seen = now
+        self._renewed[h.name] = time.monotonic()
         self._put_host(h)
         self._grants = None  # a new host may hold disks; its heartbeats (_put_host) change nothing there
         log.info("host %s registered at %s (%d cores, %d MiB, accel %s)", h.name, h.address, h.cores, h.memory_mb, h.accel)
@@ -197,6 +204,7 @@ class Manager:
         if v is None:
             return {"register": True}  # and its next beat, right after registering, is welcome
         self._last_beat[name] = now_m
+        self._renewed[name] = now_m
         h = HostRecord(**v)
         h.last_seen = time.time()
         if accel and accel != "unknown":
@@ -229,7 +237,16 @@ class Manager:
             self._told_to_stop[name] = set(stop)
         # the agents refuse these certificates too (they hold no CRL of their own)
         revoked = sorted(f"{s:x}" for s in self.authority.revoked) if self.authority else []
-        return {"ok": True, "network": self.network_for(name), "revoked": revoked, "stop": stop}
+        return {"ok": True, "network": self.network_for(name), "revoked": revoked, "stop": stop,
+                "lease_ttl": self.lease_ttl, "fence_after": fence_after(self.lease_ttl) if self.restart_dead else None}
+
+    def _leased(self, h: HostRecord) -> bool:
+        """Whether h's lease still runs. Right after this manager started, a host it has not
+        heard from yet is judged by the wall clock of its last record (the only clue)."""
+        renewed = self._renewed.get(h.name)
+        if renewed is None:
+            return time.time() - h.last_seen < self.lease_ttl
+        return time.monotonic() - renewed < self.lease_ttl
 
     def network_for(self, host: str) -> dict[str, Any]:
         """What a host must route and filter: every VC subnet, and a /32 route to each VM
@@ -459,7 +476,7 @@ class Manager:
         """Let the placement use a drained host again (kubectl uncordon)."""
         h = self.host(name)
         h.draining = False
-        h.state = "online" if time.time() - h.last_seen < HEARTBEAT_TIMEOUT else "offline"
+        h.state = "online" if self._leased(h) else "offline"
         self._put_host(h)
         return self.host_info(name)
 
@@ -469,7 +486,7 @@ class Manager:
         running = [v for v in vms if v.state in ("running", "starting")]
         return {
             **h.model_dump(),
-            "alive": time.time() - h.last_seen < HEARTBEAT_TIMEOUT,
+            "alive": self._leased(h),
             "vms": [v.key for v in vms],
             "cores_used": sum(self.vc(v.vc).cpus for v in running),
             "memory_used_mb": sum(self.vc(v.vc).memory_mb for v in running),
@@ -660,11 +677,10 @@ class Manager:
     # ================================================================== placement
 
     def _capacities(self) -> list[HostCapacity]:
-        now = time.time()
         return [
             HostCapacity(
                 name=h.name, cores=h.cores, memory_mb=h.memory_mb, reserved_memory_mb=h.reserved_memory_mb,
-                online=now - h.last_seen < HEARTBEAT_TIMEOUT, draining=h.draining,
+                online=self._leased(h), draining=h.draining,
                 templates=set(h.templates) if h.templates is not None else None,
             )
             for h in self.hosts()
@@ -1234,14 +1250,14 @@ class Manager:
                 log.warning("routes to VMs on this host: %s", e.message)
             except ValueError as e:  # a bad record must not stop the liveness check below
                 log.error("routes to VMs on this host: %s", e)
-        now = time.time()
         for h in self.hosts():
-            if h.state == "offline" or now - h.last_seen < HEARTBEAT_TIMEOUT:
+            if h.state == "offline" or self._leased(h):
                 continue
             h.state = "offline"
             self._put_host(h)
             lost = [v for v in self.vms() if v.host == h.name and v.state in ("running", "starting")]
-            log.warning("host %s is offline (silent for %.0f s); %d VM(s) lost", h.name, now - h.last_seen, len(lost))
+            log.warning("host %s is offline: its lease (%g s) ran out, silent since %s; %d VM(s) lost", h.name,
+                        self.lease_ttl, time.strftime("%H:%M:%S", time.localtime(h.last_seen)), len(lost))
             for vc_name in sorted({v.vc for v in lost}):
                 await self._restart_elsewhere(vc_name, h.name)
 

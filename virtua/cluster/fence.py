@@ -1,0 +1,172 @@
+"""Self-fencing: a host that cannot renew its lease stops its guests before the lease runs
+out, so the manager never restarts a VM that still runs (ARCHITECTURE.md, invariant 4).
+
+The lease: every heartbeat the manager answers renews it for LEASE_TTL seconds from when
+the manager received it; the manager restarts a silent host's VMs only after that. The
+agent, after each answered heartbeat, moves its fence deadline to FENCE_AFTER seconds
+after it *sent* that heartbeat (earlier than the manager's receipt, so the deadline is
+always before the lease's end, whatever the network delay). Monotonic clocks on both
+sides: a wall-clock jump moves nothing.
+
+The watchdog that enforces the deadline is a process of its own (`python -m
+virtua.cluster.fence AGENT_HOME`, in its own session), so an agent that is killed or
+stopped (SIGKILL, SIGSTOP, a wedged loop) still fences: the watchdog reads the deadline
+from AGENT_HOME/fence.json and, past it, kills every QEMU of that home with SIGKILL and
+says so in the agent's log. It exits once the agent is gone and nothing is left to fence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("virtua.fence")
+
+LEASE_TTL = 10.0  # seconds a host's lease lasts after its last answered heartbeat
+FENCE_MARGIN = 3.0  # a host kills its guests this long before its lease can end
+POLL = 0.2
+STATE = "fence.json"
+
+
+def fence_after(ttl: float) -> float:
+    return max(ttl - FENCE_MARGIN, ttl / 2)
+
+
+def _write(home: Path, state: dict[str, Any]) -> None:
+    tmp = home / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, home / STATE)
+
+
+def _read(home: Path) -> dict[str, Any]:
+    try:
+        d = json.loads((home / STATE).read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: Any, ticks: Any) -> bool:
+    return isinstance(pid, int) and pid > 0 and _start_ticks(pid) == ticks
+
+
+class Fence:
+    """The agent's side: arm (move the deadline), disarm, and keep the watchdog running."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.deadline: float | None = None
+
+    def arm(self, deadline: float) -> None:
+        """Fence at monotonic time `deadline` unless armed again before."""
+        if self.deadline is None:
+            log.info("fencing armed: this host's guests are killed if its lease is not renewed for %.1f s",
+                     deadline - time.monotonic())
+        self.deadline = deadline
+        self._save()
+
+    def disarm(self, why: str) -> None:
+        if self.deadline is not None:
+            log.info("fencing disarmed: %s", why)
+        self.deadline = None
+        self._save()
+
+    def _save(self) -> None:
+        me = os.getpid()
+        _write(self.home, {"deadline": self.deadline, "agent": me, "agent_ticks": _start_ticks(me)})
+
+    def ensure_watchdog(self) -> None:
+        """Start the watchdog unless the one of this home still runs."""
+        if _watchdog_alive(self.home):
+            return
+        import subprocess
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtua.cluster.fence", str(self.home)],
+            stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
+            start_new_session=True,  # not in the agent's process group: it outlives a kill of it
+        )
+        deadline = time.monotonic() + 10
+        while not _watchdog_alive(self.home) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("fence watchdog started (pid %d)", proc.pid)
+
+
+def _watchdog_alive(home: Path) -> bool:
+    try:
+        pid, ticks = (int(x) for x in (home / "fence.pid").read_text().split())
+    except (OSError, ValueError):
+        return False
+    return _alive(pid, ticks)
+
+
+def guests(home: Path) -> list[tuple[str, int]]:
+    """(run dir, pid) of every QEMU of this agent home that runs."""
+    out = []
+    for pidfile in sorted((home / "vms").glob("*/qemu.pid")):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(pidfile).encode() in cmd:  # that pid is still this QEMU, not a reused one
+            out.append((pidfile.parent.name, pid))
+    return out
+
+
+def watch(home: Path) -> int:
+    """The watchdog's loop (its own process)."""
+    if _watchdog_alive(home):
+        return 0  # one watchdog per home
+    me = os.getpid()
+    tmp = home / "fence.pid.tmp"
+    tmp.write_text(f"{me} {_start_ticks(me)}")
+    os.replace(tmp, home / "fence.pid")
+    fired_for: float | None = None
+    while True:
+        time.sleep(POLL)
+        state = _read(home)
+        deadline = state.get("deadline")
+        agent_alive = _alive(state.get("agent"), state.get("agent_ticks"))
+        running = guests(home)
+        if isinstance(deadline, int | float) and time.monotonic() > deadline and deadline != fired_for:
+            fired_for = deadline
+            if running:
+                late = time.monotonic() - deadline
+                for _name, pid in running:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                log.error(
+                    "FENCED: this host's lease was not renewed in time (the agent %s; %.1f s past the fence "
+                    "deadline): killed %d guest(s) before the manager may restart them elsewhere: %s",
+                    "runs but cannot reach its manager" if agent_alive else "is gone", late, len(running),
+                    ", ".join(n for n, _ in running),
+                )
+                running = []
+        if not agent_alive and (not running or not isinstance(deadline, int | float)):
+            return 0  # nobody to fence for
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.exit(watch(Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()
