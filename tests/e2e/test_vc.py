@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.netcluster import NetCluster, running_cluster
+from virtua.cluster.netplan import tap_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -284,9 +285,15 @@ def test_an_agent_killed_alone_leaves_no_second_writer(cluster: NetCluster) -> N
     assert len(instances()) == 1
     assert disk_holders() == [new_host], "only the new instance holds the disk"
     assert c.exec(f"hb/{name}", "hostname").strip() == name
+    tap = tap_name("hb", node["index"])
+    assert subprocess.run(["ip", "-n", c.ns["h3"], "link", "show", tap], capture_output=True).returncode == 0, \
+        "control: the fenced instance's tap is still on h3"
     c.start_agent("h3")
     c.wait_hosts(3)
-    time.sleep(2)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["ip", "-n", c.ns["h3"], "link", "show", tap], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "h3 came back: the fenced instance's tap goes"
+        time.sleep(0.5)
     assert len(instances()) == 1 and disk_holders() == [new_host]
     assert c.exec(f"hb/{name}", "hostname").strip() == name, "the one left is the new one"
     c.json("vc", "destroy", "hb", "--force")

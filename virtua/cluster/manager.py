@@ -220,8 +220,8 @@ class Manager:
         for report in vms:
             rec = self._vm_or_none(report.get("id", ""))
             if rec is None or rec.host != name:
-                if report.get("state") in ("running", "starting", "suspended"):
-                    stop.append(str(report.get("id")))
+                # running: an instance too many; stopped (e.g. fenced): its tap, routes and rules go
+                stop.append(str(report.get("id")))
                 continue
             state = report.get("state")
             # only a running record: while the manager is starting a VM, a report of the
@@ -232,7 +232,7 @@ class Manager:
                 self._put_vm(rec)
         if set(stop) != self._told_to_stop.get(name, set()):  # one line per change, not per beat
             if stop:
-                log.warning("host %s runs %d VM(s) the records place elsewhere or no longer have: telling it to "
+                log.warning("host %s holds %d VM(s) the records place elsewhere or no longer have: telling it to "
                             "stop %s", name, len(stop), ", ".join(stop[:5]) + (" ..." if len(stop) > 5 else ""))
             self._told_to_stop[name] = set(stop)
         # the agents refuse these certificates too (they hold no CRL of their own)
