@@ -16,6 +16,7 @@ SUITES = {
     "vc": ("bench.vc_bench", "virtual clusters: create + boot 1/4/8 nodes, disk space"),
     "crash": ("bench.crash_bench", "kill -9 the server at random points: bytes checked, violations"),
     "isolation": ("bench.isolation_bench", "fio on a guest's disk while admin operations run, against idle"),
+    "ha": ("bench.ha_bench", "HA restart: kill, stop, partition of a host -> fenced, running elsewhere, instances"),
     "io": ("bench.io_bench", "volume import/export, raw and qcow2, offline and via serve, vs qemu-img and nbdcopy"),
 }
 

@@ -64,11 +64,11 @@ class NetCluster:
             self.start_agent(h)
         self.wait_hosts(len(self.hosts))
 
-    def start_manager(self, env: dict[str, str] | None = None) -> None:
+    def start_manager(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "virtua.cli", "serve", "--no-agent",
              "--listen", f"{self.manager_addr}:10809", "--api-listen", f"{self.manager_addr}:8780",
-             "--host-network", f"{self.net}.0/24"],
+             "--host-network", f"{self.net}.0/24", *(args or [])],
             env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=open(self.tmp / "serve.log", "a"),
             text=True, start_new_session=True,
         )
