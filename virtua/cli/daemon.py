@@ -38,6 +38,9 @@ def serve_cmd(
     ),
     ca_cert: Path | None = typer.Option(None, "--ca-cert", help="use this cluster CA (PEM) instead of creating one (first start)"),
     ca_key: Path | None = typer.Option(None, "--ca-key", help="the supplied CA's key (PEM, unencrypted EC)"),
+    etcd: str | None = typer.Option(
+        None, "--etcd", help="keep the cluster state (hosts, templates, VCs, VMs) in etcd at URL[,URL...] instead of manager.db"),
+    etcd_prefix: str = typer.Option("/virtua/", "--etcd-prefix", help="the etcd key prefix of this cluster's state"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -81,7 +84,13 @@ def serve_cmd(
         import_dir=Path(import_dir).absolute() if import_dir else None,
         ca_cert=ca_cert,
         ca_key=ca_key,
+        etcd=etcd or None,
+        etcd_prefix=etcd_prefix,
     )
+    if cfg.etcd:  # a bad URL is a one-line error before anything starts
+        from virtua.cluster.store_etcd import parse_urls
+
+        parse_urls(cfg.etcd)
     cfg.limits  # noqa: B018 - a bad limit is a one-line error before anything starts
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(cfg))

@@ -108,6 +108,7 @@ class Manager:
         self._own_networks = [str(n) for n in self.host_networks]
         self._routes: dict[str, str] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._liveness_grace_from = 0.0  # the store was last unreachable then (see _watch_hosts)
 
     @property
     def api_url(self) -> str:
@@ -1208,12 +1209,21 @@ class Manager:
 
     async def _watch_hosts(self) -> None:
         """Mark silent hosts offline and restart their VMs elsewhere."""
+        said = ""
         while True:
             await asyncio.sleep(1.0)
             try:
                 await self._check_hosts()
+            except Unavailable as e:  # the store (etcd) is away: one line, and keep watching
+                # heartbeats could not be recorded meanwhile: no host is silent for that
+                self._liveness_grace_from = time.time()
+                if e.message != said:
+                    log.warning("host watch: %s", e.message)
+                said = e.message
+                continue
             except Exception:  # keep watching
                 log.exception("host watch failed")
+            said = ""
 
     def _route_vms_here(self) -> None:
         """The manager's host is on the hosts' network too: route each VM via its host, so
@@ -1236,7 +1246,7 @@ class Manager:
                 log.error("routes to VMs on this host: %s", e)
         now = time.time()
         for h in self.hosts():
-            if h.state == "offline" or now - h.last_seen < HEARTBEAT_TIMEOUT:
+            if h.state == "offline" or now - max(h.last_seen, self._liveness_grace_from) < HEARTBEAT_TIMEOUT:
                 continue
             h.state = "offline"
             self._put_host(h)
