@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ from virtua.cluster.store import StoreConflict
 from virtua.errors import InvalidArgument, NoSpace, Unavailable, VirtuaError
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
-READ_TIMEOUT = 3.0  # etcd answers in ms; a member without quorum never does
+READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
+# after the cluster failed to answer, calls fail at once for this long (the manager's event
+# loop must not wait a read timeout per call while etcd is away), then one probes again
+HOLD_DOWN = 2.0
 PAGE = 500  # keys per range request (a prefix range pages on)
 # etcd's answer when it cannot agree (no leader, lost quorum, a proposal that timed out)
 _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "not capable", "too many requests")
@@ -95,12 +99,23 @@ class EtcdStateStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._txn: _Txn | None = None
+        self._down_until = 0.0
+        self._down_said = ""
         if check:
             self.check()
 
     # ------------------------------------------------------------------ transport
 
     def _call(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+        if time.monotonic() < self._down_until:
+            raise Unavailable(self._down_said)
+        try:
+            return self._request(path, body, idempotent=idempotent)
+        except Unavailable as e:
+            self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+            raise
+
+    def _request(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
         """One request; on a connection failure the next endpoint. A request that was sent
         but got no answer goes to the next endpoint only if repeating it is harmless."""
         failures: list[str] = []
