@@ -7,6 +7,7 @@ later transaction) the test says what each does."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from tests.cli_support import free_port
 from virtua.cluster.etcd_server import Member, start_member, wait_healthy
 from virtua.cluster.store import SQLiteStore, StateStore, prefix_upper_bound
 from virtua.cluster.store_etcd import EtcdStateStore, prefix_end
-from virtua.errors import NoSpace, StoreConflict, Unavailable
+from virtua.errors import InvalidArgument, NoSpace, StoreConflict, Unavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,6 +140,14 @@ def test_a_document_over_etcds_request_limit_is_a_clear_error(store: StateStore,
     with pytest.raises(NoSpace, match="max-request-bytes"):
         store.put("/big/huge", doc)
     assert store.get("/big/huge") is None
+
+
+def test_a_txn_past_etcds_operation_limit_is_a_clear_error(store: StateStore, kind: str) -> None:
+    with pytest.raises(InvalidArgument, match="max-txn-ops") if kind == "etcd" else contextlib.nullcontext():
+        with store.txn():
+            for i in range(200):  # etcd's --max-txn-ops is 128 by default; SQLite has no limit
+                store.put(f"/ops/{i:03d}", {"i": i})
+    assert len(store.range("/ops/")) == (0 if kind == "etcd" else 200)  # all or nothing
 
 
 def test_an_exception_inside_a_txn_commits_nothing(opener: Opener) -> None:
