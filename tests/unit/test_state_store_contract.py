@@ -184,6 +184,31 @@ def test_reads_inside_a_txn_see_its_writes_and_others_see_them_at_commit(opener:
     assert other.range("/vms/v/") == [("/vms/v/2", {"n": 20}), ("/vms/v/3", {"n": 3})]
 
 
+def test_a_document_read_is_the_callers_copy(store: StateStore) -> None:
+    with store.txn():
+        store.put("/m/a", {"list": [1]})
+        store.get("/m/a")["list"].append(2)  # type: ignore[index]
+        store.range("/m/")[0][1]["list"].append(3)
+    assert store.get("/m/a") == {"list": [1]}
+
+
+def test_the_manager_keeps_its_hosts_in_either_store(store: StateStore, tmp_path: Path) -> None:
+    from virtua.cluster.manager import Manager
+    from virtua.storage.service import Storage
+
+    storage = Storage(tmp_path / "home")
+    try:
+        m = Manager(tmp_path, storage, store)
+        m.add_host("h1", "10.0.0.11:8781", cores=4, memory="8G")
+        m.register_host({"name": "h2", "address": "10.0.0.12:8781", "cores": 2, "memory_mb": 2048})
+        assert [h.name for h in m.hosts()] == ["h1", "h2"]
+        assert m.host("h1").cores == 4 and store.get("/hosts/h2")["memory_mb"] == 2048  # type: ignore[index]
+        m.remove_host("h1")
+        assert [h.name for h in m.hosts()] == ["h2"]
+    finally:
+        storage.close()
+
+
 def test_a_nested_txn_joins_the_outer_one(opener: Opener) -> None:
     s, other = opener(), opener()
     with s.txn():

@@ -20,6 +20,7 @@ cannot be reached, or that does not answer in time or says it has no leader, is
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import threading
 import time
@@ -212,7 +213,7 @@ class EtcdStateStore:
         with self._lock:
             t = self._txn
             if t is not None and key in t.writes:
-                return t.writes[key]
+                return copy.deepcopy(t.writes[key])  # the caller's changes are not the txn's
             value, rev = self._get_raw(key)
             if t is not None:
                 t.read_revs.setdefault(self._full(key), rev)
@@ -250,7 +251,7 @@ class EtcdStateStore:
                         merged.pop(k, None)
                     else:
                         merged[k] = w
-            return sorted(merged.items())
+            return sorted((k, copy.deepcopy(v)) for k, v in merged.items())
 
     @contextmanager
     def txn(self) -> Iterator[None]:
