@@ -554,6 +554,9 @@ async def serve(cfg: ServeConfig) -> None:
 
     if store is None:
         store = SQLiteStore(cfg.home / "manager.db")
+    elif (cfg.home / "manager.db").exists():
+        log.warning("%s is not used: the cluster state is in etcd (--etcd); nothing is copied from it",
+                    cfg.home / "manager.db")
     store_said = (f"etcd at {cfg.etcd} under {cfg.etcd_prefix}" if cfg.etcd else str(cfg.home / "manager.db"))
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
