@@ -72,6 +72,11 @@ class Busy(VirtuaError):
     errno = errno.EBUSY
 
 
+class StoreConflict(Busy):
+    """A cluster-state transaction read keys that another writer changed before it could
+    commit (etcd's compare-and-swap): nothing of it was written; retrying is the caller's choice."""
+
+
 class PlacementError(VirtuaError):
     exit_code = 9
     http_status = 409
@@ -130,6 +135,7 @@ ERROR_TYPES: dict[str, type[VirtuaError]] = {
         ReadOnly,
         PermissionDenied,
         Busy,
+        StoreConflict,
         PlacementError,
         Unavailable,
         Unauthenticated,

@@ -66,6 +66,9 @@ class ServeConfig:
     import_dir: Path | None = None  # default $VIRTUA_HOME/import
     ca_cert: Path | None = None  # an administrator-supplied cluster CA (first start only)
     ca_key: Path | None = None
+    # cluster state (hosts, templates, VCs, VMs) in etcd at these URLs instead of manager.db
+    etcd: str | None = None
+    etcd_prefix: str = "/virtua/"
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -490,10 +493,14 @@ def _raise_open_files_limit() -> None:
 async def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    from virtua.cluster.store import SQLiteStore, StateStore
+    from virtua.cluster.store_etcd import EtcdStateStore
     from virtua.nbd.server import NBDServer
     from virtua.nbd.tls import TLSConfig
     from virtua.pki.ca import ClusterCA
 
+    # first: an etcd that does not answer stops serve before anything starts (Unavailable)
+    store: StateStore | None = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix) if cfg.etcd else None
     _check_free(cfg.listen)
     _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)
@@ -546,9 +553,13 @@ async def serve(cfg: ServeConfig) -> None:
     await admin_nbd.start(host=None, port=None, unix_path=str(admin_socket))
 
     from virtua.cluster.manager import Manager
-    from virtua.cluster.store import SQLiteStore
 
-    store = SQLiteStore(cfg.home / "manager.db")
+    if store is None:
+        store = SQLiteStore(cfg.home / "manager.db")
+    elif (cfg.home / "manager.db").exists():
+        log.warning("%s is not used: the cluster state is in etcd (--etcd); nothing is copied from it",
+                    cfg.home / "manager.db")
+    store_said = (f"etcd at {cfg.etcd} under {cfg.etcd_prefix}" if cfg.etcd else str(cfg.home / "manager.db"))
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
         api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
@@ -607,8 +618,8 @@ async def serve(cfg: ServeConfig) -> None:
             tls_said += " with the cluster CA"
         elif cfg.tls != "off":
             tls_said += " with " + " and ".join(k for k, v in (("X.509", cfg.tls_cert), ("PSK", cfg.tls_psk)) if v)
-        log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s (pid %d)", where, nbd_socket, tls_said,
-                 cfg.api_socket, cfg.api_listen, os.getpid())
+        log.info("virtua serve: NBD on %s %s, TLS %s, API on %s and %s, cluster state in %s (pid %d)", where,
+                 nbd_socket, tls_said, cfg.api_socket, cfg.api_listen, store_said, os.getpid())
         print(f"VIRTUA_READY nbd={where or '-'} nbd_socket={nbd_socket} tls={cfg.tls} api={cfg.api_socket} "
               f"api_tcp={cfg.api_listen}", flush=True)
         await stop.wait()

@@ -42,6 +42,9 @@ def serve_cmd(
                                     "its guests are killed by the host itself 3 s before, and restarted elsewhere after"),
     no_ha: bool = typer.Option(False, "--no-ha", help="never restart a lost host's VMs elsewhere (hosts then never "
                                "fence themselves: their guests ride out a manager outage)"),
+    etcd: str | None = typer.Option(
+        None, "--etcd", help="keep the cluster state (hosts, templates, VCs, VMs) in etcd at URL[,URL...] instead of manager.db"),
+    etcd_prefix: str = typer.Option("/virtua/", "--etcd-prefix", help="the etcd key prefix of this cluster's state"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -89,7 +92,13 @@ def serve_cmd(
         import_dir=Path(import_dir).absolute() if import_dir else None,
         ca_cert=ca_cert,
         ca_key=ca_key,
+        etcd=etcd or None,
+        etcd_prefix=etcd_prefix,
     )
+    if cfg.etcd:  # a bad URL is a one-line error before anything starts
+        from virtua.cluster.store_etcd import parse_urls
+
+        parse_urls(cfg.etcd)
     cfg.limits  # noqa: B018 - a bad limit is a one-line error before anything starts
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(cfg))

@@ -114,6 +114,7 @@ class Manager:
         self._own_networks = [str(n) for n in self.host_networks]
         self._routes: dict[str, str] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._liveness_grace_from = 0.0  # the store was last unreachable then (see _watch_hosts)
 
     @property
     def api_url(self) -> str:
@@ -200,7 +201,15 @@ class Manager:
         now_m = time.monotonic()
         if now_m - self._last_beat.get(name, -1e9) < MIN_BEAT_INTERVAL:  # agents beat every 1 s
             raise Busy(f"host {name}: heartbeats come at most every {MIN_BEAT_INTERVAL:g} s")
-        v = self.store.get(f"/hosts/{name}")
+        try:
+            v = self.store.get(f"/hosts/{name}")
+        except Unavailable:
+            if name not in self._renewed:
+                raise
+            # the store is down: nothing can be restarted elsewhere meanwhile (that needs
+            # the store), so a host this manager knows keeps its lease and its guests
+            self._last_beat[name] = self._renewed[name] = now_m
+            return {"ok": True, "stop": [], "lease_ttl": self.lease_ttl, "fence_after": self._fence_after()}
         if v is None:
             return {"register": True}  # and its next beat, right after registering, is welcome
         self._last_beat[name] = now_m
@@ -238,7 +247,10 @@ class Manager:
         # the agents refuse these certificates too (they hold no CRL of their own)
         revoked = sorted(f"{s:x}" for s in self.authority.revoked) if self.authority else []
         return {"ok": True, "network": self.network_for(name), "revoked": revoked, "stop": stop,
-                "lease_ttl": self.lease_ttl, "fence_after": fence_after(self.lease_ttl) if self.restart_dead else None}
+                "lease_ttl": self.lease_ttl, "fence_after": self._fence_after()}
+
+    def _fence_after(self) -> float | None:
+        return fence_after(self.lease_ttl) if self.restart_dead else None
 
     def _leased(self, h: HostRecord) -> bool:
         """Whether h's lease still runs. Right after this manager started, a host it has not
@@ -1224,12 +1236,21 @@ class Manager:
 
     async def _watch_hosts(self) -> None:
         """Mark silent hosts offline and restart their VMs elsewhere."""
+        said = ""
         while True:
             await asyncio.sleep(1.0)
             try:
                 await self._check_hosts()
+            except Unavailable as e:  # the store (etcd) is away: one line, and keep watching
+                # heartbeats could not be recorded meanwhile: no host is silent for that
+                self._liveness_grace_from = time.time()
+                if e.message != said:
+                    log.warning("host watch: %s", e.message)
+                said = e.message
+                continue
             except Exception:  # keep watching
                 log.exception("host watch failed")
+            said = ""
 
     def _route_vms_here(self) -> None:
         """The manager's host is on the hosts' network too: route each VM via its host, so
@@ -1251,7 +1272,9 @@ class Manager:
             except ValueError as e:  # a bad record must not stop the liveness check below
                 log.error("routes to VMs on this host: %s", e)
         for h in self.hosts():
-            if h.state == "offline" or self._leased(h):
+            # a lease that ran out while the store was down is not a dead host (its beats
+            # could not be recorded): a lease's worth of grace after the store comes back
+            if h.state == "offline" or self._leased(h) or time.time() - self._liveness_grace_from < self.lease_ttl:
                 continue
             h.state = "offline"
             self._put_host(h)

@@ -1,8 +1,9 @@
 """Cluster state as keys and JSON documents: hosts, templates, VCs, VMs.
 
 The interface is the small subset of etcd's model the manager needs (get, put, delete,
-prefix range, transactions), so the embedded SQLite store here and an etcd store later
-are interchangeable.
+prefix range, transactions), so the embedded SQLite store here and the etcd store
+(virtua.cluster.store_etcd) are interchangeable; tests/unit/test_state_store_contract.py
+runs one contract on both.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from virtua.errors import StoreConflict
+
+__all__ = ["SQLiteStore", "StateStore", "StoreConflict", "prefix_upper_bound"]
+
 
 class StateStore(Protocol):
     def get(self, key: str) -> dict[str, Any] | None: ...
@@ -23,6 +28,21 @@ class StateStore(Protocol):
     def range(self, prefix: str) -> list[tuple[str, dict[str, Any]]]: ...
     def txn(self) -> Any: ...  # context manager: all puts/deletes inside commit together
     def close(self) -> None: ...
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The least string above every string that starts with prefix, in code point order
+    (SQLite's BINARY collation on UTF-8 and Python's str order); None: no bound. Not
+    `prefix + "\\uffff"`: that misses keys with a character beyond U+FFFF after the prefix."""
+    chars = list(prefix)
+    while chars:
+        c = ord(chars.pop())
+        if c < 0x10FFFF:
+            c += 1
+            if 0xD800 <= c <= 0xDFFF:  # surrogates are no characters: skip them
+                c = 0xE000
+            return "".join(chars) + chr(c)
+    return None
 
 
 class SQLiteStore:
@@ -53,10 +73,13 @@ class SQLiteStore:
             self.db.execute("DELETE FROM kv WHERE key = ?", (key,))
 
     def range(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-        rows = self.db.execute(
-            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key",
-            (prefix, prefix + "\uffff"),
-        ).fetchall()
+        end = prefix_upper_bound(prefix)
+        if end is None:
+            rows = self.db.execute("SELECT key, value FROM kv WHERE key >= ? ORDER BY key", (prefix,)).fetchall()
+        else:
+            rows = self.db.execute(
+                "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key", (prefix, end)
+            ).fetchall()
         return [(k, json.loads(v)) for k, v in rows]
 
     @contextmanager

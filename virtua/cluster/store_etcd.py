@@ -1,0 +1,304 @@
+"""The manager's `StateStore` on a real etcd cluster, through etcd v3's JSON gateway.
+
+The manager calls its store synchronously from its event loop, so every call here is one
+short HTTP request (a sync `httpx.Client`, keep-alive, bounded timeouts): `POST
+/v3/kv/range`, `/v3/kv/put`, `/v3/kv/deleterange`, `/v3/kv/txn`, keys and values base64.
+Every key lives under one prefix (default `/virtua/`); values are the JSON documents the
+SQLite store keeps.
+
+`txn()` buffers its puts and deletes and commits them at the end as ONE etcd transaction.
+Reads inside it see its own writes. The transaction is a compare-and-swap: every key read
+inside it must still have the mod revision it was read at (0: still absent), and no key may
+have appeared or changed under a prefix it ranged over; otherwise nothing is written and
+`StoreConflict` is raised (retrying is the caller's choice).
+
+Several endpoints: a request that cannot connect goes to the next one. A cluster that
+cannot be reached, or that does not answer in time or says it has no leader, is
+`Unavailable` with a message saying which.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from virtua.cluster.store import StoreConflict
+from virtua.errors import InvalidArgument, NoSpace, Unavailable, VirtuaError
+
+CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
+READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
+# after the cluster failed to answer, calls fail at once for this long (the manager's event
+# loop must not wait a read timeout per call while etcd is away), then one probes again
+HOLD_DOWN = 2.0
+PAGE = 500  # keys per range request (a prefix range pages on)
+# etcd's answer when it cannot agree (no leader, lost quorum, a proposal that timed out)
+_NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "not capable", "too many requests")
+
+
+def _b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def prefix_end(key: bytes) -> bytes:
+    """The first key after every key that starts with `key` (etcd's range_end of a prefix)."""
+    b = bytearray(key)
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return b"\0"  # every key
+
+
+def parse_urls(urls: str) -> list[str]:
+    out = []
+    for url in (u.strip().rstrip("/") for u in urls.split(",")):
+        if not url:
+            continue
+        if "://" not in url:
+            url = "http://" + url
+        scheme, _, rest = url.partition("://")
+        host, sep, port = rest.rpartition(":")
+        if scheme not in ("http", "https") or not sep or not port.isdigit() or not host or "/" in rest:
+            raise InvalidArgument(f"bad etcd endpoint {url!r}: expected http(s)://HOST:PORT")
+        out.append(url)
+    if not out:
+        raise InvalidArgument("no etcd endpoint given: expected http(s)://HOST:PORT[,...]")
+    return out
+
+
+@dataclass
+class _Txn:
+    writes: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # key -> value, None: delete
+    read_revs: dict[str, int] = field(default_factory=dict)  # full key -> mod revision seen (0: absent)
+    ranges: dict[str, int] = field(default_factory=dict)  # full prefix -> header revision of the read
+
+
+class EtcdStateStore:
+    def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
+        self.urls = parse_urls(urls)
+        if not prefix.startswith("/"):
+            raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts with /")
+        self.prefix = prefix.rstrip("/")
+        self.read_timeout = read_timeout
+        self._http = httpx.Client(timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
+        self._current = 0  # the endpoint that answered last
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._txn: _Txn | None = None
+        self._down_until = 0.0
+        self._down_said = ""
+        if check:
+            self.check()
+
+    # ------------------------------------------------------------------ transport
+
+    def _call(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+        if time.monotonic() < self._down_until:
+            raise Unavailable(self._down_said)
+        try:
+            return self._request(path, body, idempotent=idempotent)
+        except Unavailable as e:
+            self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+            raise
+
+    def _request(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+        """One request; on a connection failure the next endpoint. A request that was sent
+        but got no answer goes to the next endpoint only if repeating it is harmless."""
+        failures: list[str] = []
+        n = len(self.urls)
+        for i in range(n):
+            url = self.urls[(self._current + i) % n]
+            try:
+                r = self._http.post(f"{url}/v3/{path}", json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                failures.append(f"etcd at {url} unreachable: {_reason(e)}")
+                continue
+            except httpx.TimeoutException:
+                msg = f"etcd has no quorum ({url} gave no answer within {self.read_timeout:g} s)"
+                if not idempotent:
+                    raise Unavailable(msg + "; the write may or may not have been applied") from None
+                failures.append(msg)
+                continue
+            except httpx.HTTPError as e:
+                failures.append(f"etcd at {url} unreachable: {_reason(e)}")
+                continue
+            self._current = (self._current + i) % n
+            try:
+                doc = r.json()
+            except ValueError:
+                doc = {}
+            if r.status_code == 200 and isinstance(doc, dict):
+                return doc
+            message = str(doc.get("error") or doc.get("message") or r.text[:200]) if isinstance(doc, dict) else r.text[:200]
+            if any(s in message for s in _NO_QUORUM) or r.status_code == 503:
+                failures.append(f"etcd has no quorum ({url}: {message})")
+                if idempotent:
+                    continue
+                raise Unavailable("; ".join(failures))
+            if "too large" in message:
+                raise NoSpace(f"etcd refused the request as too large ({message}): documents are at most "
+                              "etcd's --max-request-bytes (1.5 MiB by default)")
+            if "too many operations" in message:
+                raise InvalidArgument(f"etcd refused the transaction ({message}): etcd's --max-txn-ops "
+                                      "(128 by default) bounds the keys one transaction reads and writes")
+            raise VirtuaError(f"etcd at {url} refused /v3/{path}: {message}")
+        raise Unavailable("; ".join(failures))
+
+    def check(self) -> None:
+        """That the cluster answers a linearizable read (a quorum agrees), else Unavailable."""
+        self._range_page(self._full("/"), prefix_end(self._full("/").encode()), 1, None)
+
+    # ------------------------------------------------------------------ keys
+
+    def _full(self, key: str) -> str:
+        return self.prefix + (key if key.startswith("/") else "/" + key)
+
+    def _short(self, full: bytes) -> str:
+        return full.decode()[len(self.prefix):]
+
+    def _range_page(self, key: str | bytes, end: bytes | None, limit: int, revision: int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": _b64(key)}
+        if end is not None:
+            body["range_end"] = _b64(end)
+        if limit:
+            body["limit"] = limit
+        if revision:
+            body["revision"] = revision
+        return self._call("kv/range", body, idempotent=True)
+
+    def _get_raw(self, key: str) -> tuple[dict[str, Any] | None, int]:
+        doc = self._range_page(self._full(key), None, 0, None)
+        kvs = doc.get("kvs") or []
+        if not kvs:
+            return None, 0
+        return json.loads(_unb64(kvs[0].get("value", ""))), int(kvs[0]["mod_revision"])
+
+    def _range_raw(self, prefix: str) -> tuple[list[tuple[str, dict[str, Any], int]], int]:
+        """Every key under prefix, in key order, read at one revision (page after page)."""
+        start = self._full(prefix).encode()
+        end = prefix_end(start)
+        out: list[tuple[str, dict[str, Any], int]] = []
+        revision: int | None = None
+        key: bytes = start
+        while True:
+            doc = self._range_page(key, end, PAGE, revision)
+            if revision is None:
+                revision = int(doc["header"]["revision"])
+            kvs = doc.get("kvs") or []
+            for kv in kvs:
+                out.append((self._short(_unb64(kv["key"])), json.loads(_unb64(kv.get("value", ""))),
+                            int(kv["mod_revision"])))
+            if not doc.get("more") or not kvs:
+                return out, revision
+            key = _unb64(kvs[-1]["key"]) + b"\0"
+
+    # ------------------------------------------------------------------ StateStore
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            t = self._txn
+            if t is not None and key in t.writes:
+                return copy.deepcopy(t.writes[key])  # the caller's changes are not the txn's
+            value, rev = self._get_raw(key)
+            if t is not None:
+                t.read_revs.setdefault(self._full(key), rev)
+            return value
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        data = json.dumps(value, sort_keys=True)
+        with self._lock:
+            if self._txn is not None:
+                self._txn.writes[key] = json.loads(data)  # a copy: later changes to value are not written
+                return
+            self._call("kv/put", {"key": _b64(self._full(key)), "value": _b64(data)}, idempotent=True)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            if self._txn is not None:
+                self._txn.writes[key] = None
+                return
+            self._call("kv/deleterange", {"key": _b64(self._full(key))}, idempotent=True)
+
+    def range(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            rows, revision = self._range_raw(prefix)
+            t = self._txn
+            if t is None:
+                return [(k, v) for k, v, _ in rows]
+            full = self._full(prefix)
+            t.ranges.setdefault(full, revision)
+            for k, _, rev in rows:
+                t.read_revs.setdefault(self._full(k), rev)
+            merged = {k: v for k, v, _ in rows}
+            for k, w in t.writes.items():
+                if k.startswith(prefix):
+                    if w is None:
+                        merged.pop(k, None)
+                    else:
+                        merged[k] = w
+            return sorted((k, copy.deepcopy(v)) for k, v in merged.items())
+
+    @contextmanager
+    def txn(self) -> Iterator[None]:
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._txn = _Txn()
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._txn = None
+                raise
+            self._depth -= 1
+            if outer:
+                t, self._txn = self._txn, None
+                assert t is not None
+                self._commit(t)
+
+    def _commit(self, t: _Txn) -> None:
+        if not t.writes:
+            return  # reads only: nothing to agree on
+        compare: list[dict[str, Any]] = [
+            {"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": rev}
+            for k, rev in sorted(t.read_revs.items())
+        ]
+        for p, rev in sorted(t.ranges.items()):  # nothing new or changed under a prefix ranged over
+            compare.append({"key": _b64(p), "range_end": _b64(prefix_end(p.encode())),
+                            "target": "MOD", "result": "LESS", "mod_revision": rev + 1})
+        success = [
+            {"request_put": {"key": _b64(self._full(k)), "value": _b64(json.dumps(v, sort_keys=True))}}
+            if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
+            for k, v in t.writes.items()
+        ]
+        doc = self._call("kv/txn", {"compare": compare, "success": success}, idempotent=False)
+        if not doc.get("succeeded"):
+            changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
+                self._short(p.encode()) + "*" for p in t.ranges)
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _reason(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text.replace("[Errno 111] ", "").strip()
