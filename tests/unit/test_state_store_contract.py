@@ -264,9 +264,8 @@ def test_a_conflicting_concurrent_write(opener: Opener, kind: str) -> None:
     assert b.get("/c/k") == {"n": 100}  # B came after A's commit
 
 
+@pytest.mark.parametrize("kind", ["etcd"])  # SQLite serializes writers: test_a_conflicting_concurrent_write
 def test_etcd_txn_conflicts_on_ranges_and_deletes(opener: Opener, kind: str) -> None:
-    if kind == "sqlite":
-        pytest.skip("SQLite serializes writers (see test_a_conflicting_concurrent_write)")
     a, b = opener(), opener()
     a.put("/vms/x/1", {"n": 1})
     cases: list[Callable[[], Any]] = [
