@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ AUTO_COMMIT_ROWS = 65536
 # VIRTUA_WRITEBACK_MIB overrides it (0: never; benchmarks compare the two in one run).
 WRITEBACK_AFTER = (int(os.environ.get("VIRTUA_WRITEBACK_MIB", "8")) << 20) or (1 << 62)
 _DELETE = None  # pending-row marker: remove the row
+# A flatten copies this much between two looks at the loop (FlattenJob.slices).
+FLATTEN_SLICE = 4 << 20
 
 
 @dataclass
@@ -143,6 +145,8 @@ class Pool:
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
         self.closed = False
+        # volume id -> the flatten at work on it (FlattenJob): its layers stay put meanwhile
+        self.busy: dict[int, FlattenJob] = {}
         self._load()
 
     # ------------------------------------------------------------------ creation / open
@@ -238,6 +242,9 @@ class Pool:
     def close(self) -> None:
         if self.closed:
             return
+        for job in list(self.busy.values()):  # a flatten's copy in a thread: let it end
+            job.stopped = True
+            job.idle.wait()
         self.flush()
         self.closed = True
         self.db.close()
@@ -595,6 +602,7 @@ class Pool:
 
     def resize_volume(self, name: str, size: int, force: bool = False) -> Volume:
         vol = self.volume(name)
+        self._check_idle([vol], f"resize {self.name}/{name}")
         self._check_size(size)
         if size < vol.size:
             if not force:
@@ -616,6 +624,7 @@ class Pool:
     def delete_volume(self, name: str, recursive: bool = False) -> list[str]:
         """Delete a volume; with recursive, its snapshots and their clones too."""
         vol = self.volume(name)
+        self._check_idle(self._tree(vol) if recursive else [vol], f"remove {self.name}/{name}")
         snaps = self.snapshots_of(vol)
         if snaps and not recursive:
             deps = [f"{self.name}/{name}@{s.name}" for s in snaps]
@@ -650,6 +659,7 @@ class Pool:
 
     def create_snapshot(self, volume: str, name: str) -> Snapshot:
         vol = self.volume(volume)
+        self._check_idle([vol], f"snapshot {self.name}/{volume}")
         check_name(name, "snapshot name")
         if any(s.volume == vol.id and s.name == name for s in self.snapshots.values()):
             raise AlreadyExists(f"snapshot {self.name}/{volume}@{name} already exists")
@@ -680,6 +690,8 @@ class Pool:
     def delete_snapshot(self, volume: str, name: str, recursive: bool = False) -> list[str]:
         snap = self.snapshot(volume, name)
         clones = self.clones_of(snap)
+        self._check_idle([self.volumes[snap.volume], *(t for c in clones if recursive for t in self._tree(c))],
+                         f"remove {self.snapshot_ref(snap)}")
         if clones and not recursive:
             raise DependencyError(
                 f"snapshot {self.snapshot_ref(snap)} has clone(s) "
@@ -793,6 +805,7 @@ class Pool:
 
     def _repoint(self, vol: Volume, snap: Snapshot, size: int, origin: int | None) -> Volume:
         """Replace vol's top layer by an empty one over snap's layer."""
+        self._check_idle([vol], f"change {self.name}/{vol.name}'s origin")
         self.flush()
         old_top = vol.layer
         with Tx(self.db) as db:
@@ -813,50 +826,60 @@ class Pool:
         return vol
 
     def flatten(self, volume: str) -> int:
-        """Copy what vol reads from its origin into its own bottom layer. Returns bytes copied."""
+        """Copy what vol reads from its origin into its own bottom layer. Returns bytes copied.
+
+        The copy is a FlattenJob's slices, back to back here; `virtua serve` runs the same
+        slices with flatten_async, its data copies in a thread between the guests' requests."""
+        job = self.flatten_job(volume)
+        try:
+            for copy in job.slices():
+                copy()
+            if job.copied:
+                self.flush()
+            return job.finish()
+        finally:
+            job.release()
+
+    async def flatten_async(self, volume: str) -> int:
+        """flatten() beside a server's clients: each slice's data copy in a worker thread,
+        the block map and its rows on the loop between them, durability by the flush job."""
+        loop = asyncio.get_running_loop()
+        job = self.flatten_job(volume)
+        try:
+            for copy in job.slices():
+                await loop.run_in_executor(None, copy)
+            if job.copied:
+                await self.flush_async()
+            return job.finish()
+        finally:
+            job.release()
+
+    def flatten_job(self, volume: str) -> FlattenJob:
+        """Start flattening volume: it is busy (no other admin operation may change its
+        layers) until the job's release()."""
         vol = self.volume(volume)
+        self._check_idle([vol], f"flatten {self.name}/{volume}")
         bottom = self.layers[vol.layer]
         while bottom.parent is not None and self.layers[bottom.parent].volume == vol.id:
             bottom = self.layers[bottom.parent]
-        if bottom.parent is None:
-            if vol.origin is not None:
-                vol.origin = None
-                self.db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
-            return 0
-        self.flush()
-        parent_id = bottom.parent
-        parent = self.frozen_map(parent_id)
-        assert parent is not None
-        own = {c for (c,) in self.db.execute("SELECT chunk FROM extents WHERE layer = ?", (bottom.id,))}
-        limit = (vol.size + self.chunk_mask) >> self.chunk_shift
-        todo = [(c, p) for c, p in parent.items() if p > 0 and c < limit and c not in own]
-        self.reserve(len(todo))
-        sh = self.chunk_shift
-        rows = []
-        new_phys = []
-        try:
-            for c, p in todo:
-                q = self.alloc(bottom.id)
-                new_phys.append(q)
-                _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
-                rows.append((bottom.id, c, q))
-            os.fdatasync(self.data_fd)
-            with Tx(self.db) as db:
-                db.executemany("INSERT INTO extents (layer, chunk, phys) VALUES (?, ?, ?)", rows)
-                db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (bottom.id,))
-                db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
-        except BaseException:
-            # nothing committed names them, but they hold copies of the origin's data
-            for q in new_phys:
-                self.owner[q] = 0
-            self._unwiped.extend(new_phys)
-            self._wipe_unwiped()
-            raise
-        bottom.parent = None
-        vol.origin = None
-        self._invalidate(bottom.id)
-        self._collect(parent_id)
-        return len(rows) * self.chunk_size
+        job = FlattenJob(self, vol, bottom)
+        self.busy[vol.id] = job
+        return job
+
+    def _check_idle(self, vols: Iterable[Volume], doing: str) -> None:
+        """Busy if an operation that runs in slices (a flatten) is at work on one of vols."""
+        for vol in vols:
+            if vol.id in self.busy:
+                raise Busy(f"cannot {doing}: volume {self.name}/{vol.name} is being flattened; "
+                           "try again when that is done")
+
+    def _tree(self, vol: Volume) -> list[Volume]:
+        """vol and every clone of its snapshots, recursively (what a recursive removal takes)."""
+        out = [vol]
+        for snap in self.snapshots_of(vol):
+            for c in self.clones_of(snap):
+                out += self._tree(c)
+        return out
 
     # ------------------------------------------------------------------ layer GC
 
@@ -1226,6 +1249,7 @@ class Pool:
     def trash_volume(self, name: str, keep: float) -> dict[str, Any]:
         """Move a volume (and its snapshots) out of sight for keep seconds; restorable."""
         vol = self.volume(name)
+        self._check_idle([vol], f"move {self.name}/{name} to the trash")
         clones = [c for s in self.snapshots_of(vol) for c in self.clones_of(s)]
         if clones:
             raise DependencyError(
@@ -1294,6 +1318,116 @@ class _FlushJob:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     ended: bool = False
+
+
+class FlattenJob:
+    """One flatten, in slices of FLATTEN_SLICE bytes. Each slice allocates its chunks and
+    yields a callable that copies their data (pure I/O on the data file: a worker thread
+    may run it); when the generator resumes, on the pool's thread, it maps the copies
+    into the bottom layer: the block map at once (a guest write then lands in the copy),
+    the rows at the next flush. A chunk the guest wrote or zeroed meanwhile keeps the
+    guest's version and the copy is freed. Whatever point it stops at, every mapped copy
+    holds what it replaced: the volume reads the same, the rows are ordinary ones."""
+
+    def __init__(self, pool: Pool, vol: Volume, bottom: Layer) -> None:
+        self.pool = pool
+        self.vol = vol
+        self.bottom = bottom
+        self.parent_id = bottom.parent
+        self.copied = 0
+        self.error: BaseException | None = None
+        self.idle = threading.Event()  # no copy in flight (Pool.close waits for it)
+        self.idle.set()
+        self.stopped = False
+        # allocated for the slice being copied, not mapped yet: freed if the job stops there
+        self.in_flight: list[tuple[int, int, int]] = []
+
+    def _bottom_map(self) -> BlockMap:
+        pool, vol = self.pool, self.vol
+        if vol.layer == self.bottom.id:
+            return pool.volume_map(vol)
+        m = pool.frozen_map(self.bottom.id)
+        assert m is not None
+        return m
+
+    def slices(self) -> Iterator[Callable[[], None]]:
+        pool, vol = self.pool, self.vol
+        if self.parent_id is None:
+            return
+        parent = pool.frozen_map(self.parent_id)
+        assert parent is not None
+        limit = (vol.size + pool.chunk_mask) >> pool.chunk_shift
+        m = self._bottom_map()
+        todo = [(c, p) for c, p in parent.items() if p > 0 and c < limit and m.get(c) == p]
+        pool.reserve(len(todo))
+        step = max(1, FLATTEN_SLICE >> pool.chunk_shift)
+        sh, cs, fd = pool.chunk_shift, pool.chunk_size, pool.data_fd
+        for i in range(0, len(todo), step):
+            if pool.closed or self.stopped:
+                raise Busy(f"flatten of {pool.name}/{vol.name} stopped: the pool was closed")
+            m = self._bottom_map()
+            batch = [(c, p) for c, p in todo[i : i + step] if m.get(c) == p]
+            if not batch:
+                continue
+            pool.reserve(len(batch))
+            copies = [(c, p, pool.alloc(self.bottom.id)) for c, p in batch]
+
+            def copy(copies: list[tuple[int, int, int]] = copies) -> None:
+                try:
+                    for _, p, q in copies:
+                        _copy(fd, p << sh, q << sh, cs)
+                except BaseException as e:  # noqa: BLE001 - raised on the pool's thread
+                    self.error = e
+                finally:
+                    self.idle.set()
+
+            self.idle.clear()
+            self.in_flight = copies
+            yield copy
+            self.idle.wait()  # the driver ran it (inline, or in a thread it awaited)
+            if pool.closed:
+                raise Busy(f"flatten of {pool.name}/{vol.name} stopped: the pool was closed")
+            if self.error is not None:
+                raise self.error
+            self.in_flight = []
+            m = self._bottom_map()
+            pool.data_dirty = True
+            stale = []
+            for c, p, q in copies:
+                if m.get(c) != p:  # the guest wrote or zeroed it meanwhile: its version wins
+                    stale.append(q)
+                    continue
+                if vol.layer == self.bottom.id:
+                    m.set(c, q)
+                pool.set_row(self.bottom.id, c, q)
+                self.copied += cs
+            if stale:
+                pool.release(stale)
+
+    def finish(self) -> int:
+        """Once the rows are durable (a flush): detach the bottom layer from its origin."""
+        pool, vol, bottom = self.pool, self.vol, self.bottom
+        if self.parent_id is None:
+            if vol.origin is not None:
+                vol.origin = None
+                pool.db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
+            return 0
+        with Tx(pool.db) as db:
+            db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (bottom.id,))
+            db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
+        bottom.parent = None
+        vol.origin = None
+        pool._invalidate(bottom.id)
+        pool._collect(self.parent_id)
+        return self.copied
+
+    def release(self) -> None:
+        self.idle.wait()
+        if self.in_flight and not self.pool.closed:  # copies of the origin's data: wiped
+            self.pool.release(q for _, _, q in self.in_flight)
+        self.in_flight = []
+        if self.pool.busy.get(self.vol.id) is self:
+            del self.pool.busy[self.vol.id]
 
 
 def _commit_rows(db: sqlite3.Connection, rows: dict[tuple[int, int], int | None]) -> None:
