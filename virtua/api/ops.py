@@ -219,7 +219,10 @@ def pool_info(st: Storage, name: str) -> dict[str, Any]:
 
 @op("pool.check")
 def pool_check(st: Storage, name: str, repair: bool = False) -> dict[str, Any]:
-    return st.pool(name).check(repair=repair)
+    pool = st.pool(name)
+    if _serving():  # the scan in a thread, a repair on the loop
+        return pool.check_async(repair=repair)  # type: ignore[return-value]
+    return pool.check(repair=repair)
 
 
 @op("pool.rm")

@@ -1007,103 +1007,79 @@ class Pool:
         self.flush()
         if repair and self._unwiped:
             self._wipe_unwiped()
-        problems: list[str] = []
-        db = self.db
-        layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
-        for lid, parent in db.execute("SELECT id, parent FROM layers"):
-            if parent is not None and parent not in layer_ids:
-                problems.append(f"layer {lid}: parent {parent} is missing")
-        refs: dict[int, int] = {}
-        for lid in layer_ids:
-            refs[lid] = 0
-        for (lid,) in db.execute("SELECT layer FROM volumes"):
-            refs[lid] = refs.get(lid, 0) + 1
-        for (lid,) in db.execute("SELECT layer FROM snapshots"):
-            refs[lid] = refs.get(lid, 0) + 1
-        for (parent,) in db.execute("SELECT parent FROM layers WHERE parent IS NOT NULL"):
-            refs[parent] = refs.get(parent, 0) + 1
-        for lid, n in refs.items():
-            if lid not in layer_ids:
-                problems.append(f"layer {lid} is referenced but missing")
-            elif n == 0:
-                problems.append(f"layer {lid} is leaked: no volume, snapshot or child uses it")
-        for (lid,) in db.execute("SELECT DISTINCT layer FROM extents"):
-            if lid not in layer_ids:
-                problems.append(f"extents of missing layer {lid} are leaked")
-        for phys, n in db.execute(
-            "SELECT phys, COUNT(*) FROM extents WHERE phys > 0 GROUP BY phys HAVING COUNT(*) > 1"
-        ):
-            problems.append(f"chunk {phys} is owned {n} times")
-        rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
-        for phys, lid in rows:
-            if phys > self.capacity_chunks:
-                problems.append(f"chunk {phys} lies beyond the capacity")
-            if phys >= len(self.owner) or self.owner[phys] != lid:
-                problems.append(f"chunk {phys}: owner in memory disagrees with the metadata")
-        in_memory = sum(1 for p in range(1, self.hwm) if self.owner[p] != 0)
-        if in_memory != len(rows):
-            problems.append(
-                f"{in_memory} chunks owned in memory but {len(rows)} in the metadata (leak)"
-            )
-        if self.used != len(rows) + len(self._unwiped):
-            problems.append(
-                f"usage counter {self.used} != {len(rows)} allocated + "
-                f"{len(self._unwiped)} waiting to be wiped"
-            )
-        space = self._account_file(repair)
-        problems += space.pop("problems")
-        for vid, vname, lid in db.execute("SELECT id, name, layer FROM volumes"):
-            if lid in layer_ids and db.execute(
-                "SELECT volume FROM layers WHERE id = ?", (lid,)
-            ).fetchone()[0] != vid:
-                problems.append(f"volume {vname}: top layer {lid} belongs to another volume")
-        return {
-            "pool": self.name,
-            "ok": not problems,
-            "problems": problems,
-            "layers": len(layer_ids),
-            "chunks_allocated": len(rows),
-            "volumes": len(self.volumes),
-            "snapshots": len(self.snapshots),
-            **space,
-        }
+        view = self._check_view(self.db)
+        return self._check_settle(_check_scan(view), view, repair)
 
-    def _account_file(self, repair: bool) -> dict[str, Any]:
-        """Classify every data extent of the data file (SEEK_DATA/SEEK_HOLE) by the chunk
-        it lies in: owned (referenced), free below the high-water mark (unreferenced: a
-        wipe was lost), freed but not yet wiped (stale), past the high-water mark (leaked:
-        writes no commit names). Byte counts are of allocated file space."""
+    async def check_async(self, repair: bool = False) -> dict[str, Any]:
+        """check() beside a server's clients: the metadata queries and the scan of the data
+        file in a worker thread, on a read transaction of its own connection begun together
+        with a copy of the in-memory state; what it finds is looked at again on the loop
+        (the guests went on writing), where a repair wipes it."""
+        loop = asyncio.get_running_loop()
+        while True:  # no commit in flight: the read transaction sees what memory has, less _pending
+            await self.flush_async()
+            if self._job is None:
+                break
+        if repair and self._unwiped:
+            self._wipe_unwiped()
+        reader = connect(self.path / "meta.db")
+        try:
+            reader.execute("BEGIN")
+            view = self._check_view(reader)
+            found = await loop.run_in_executor(None, _check_scan, view)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                reader.execute("ROLLBACK")
+            reader.close()
+        if self.closed:
+            raise Busy(f"pool {self.name} was closed during its check")
+        return self._check_settle(found, view, repair)
+
+    def _check_view(self, db: sqlite3.Connection) -> _CheckView:
+        """What check compares the metadata and the data file with; on the pool's thread."""
+        db.execute("SELECT 1 FROM settings LIMIT 1").fetchall()  # the read snapshot starts here
+        job = self._job
+        pending = dict(job.rows) if job is not None else {}
+        pending.update(self._pending)
+        return _CheckView(
+            db=db, fd=self.data_fd, name=self.name, chunk_shift=self.chunk_shift,
+            capacity_chunks=self.capacity_chunks, owner=array("i", self.owner), hwm=self.hwm,
+            used=self.used, unwiped=set(self._unwiped), pending=pending,
+            pending_free=len(self._pending_free) + (len(job.freed) if job is not None else 0),
+        )
+
+    def _check_settle(self, found: dict[str, Any], view: _CheckView, repair: bool) -> dict[str, Any]:
+        """On the pool's thread: the file's suspect chunks against the state now (a chunk
+        written, freed or wiped since the view is no problem), then the repair."""
         sh = self.chunk_shift
-        owner = self.owner
+        job = self._job
+        in_transit = set(self._pending_free) | (set(job.freed) if job is not None else set())
         unwiped = set(self._unwiped)
-        referenced = 0
         bad: dict[str, dict[int, int]] = {"leaked": {}, "unreferenced": {}, "stale": {}}
-        for start, end in _data_extents(self.data_fd):
-            c = start >> sh
-            while (c << sh) < end:
-                n = min(end, (c + 1) << sh) - max(start, c << sh)
-                if c >= self.hwm:
-                    kind = "leaked"
-                elif owner[c] != 0:
-                    referenced += n
-                    c += 1
+        referenced = found["referenced_bytes"]
+        for kind, chunks in found["bad"].items():
+            for c, n in chunks.items():
+                if c < self.hwm and self.owner[c] != 0:
+                    referenced += n  # allocated since the view
                     continue
-                else:
-                    kind = "stale" if c in unwiped else "unreferenced"
-                bad[kind][c] = bad[kind].get(c, 0) + n
-                c += 1
+                if c in in_transit:
+                    continue
+                if not _has_data(self.data_fd, c << sh, 1 << sh):
+                    continue  # wiped since the view
+                now = "leaked" if c >= self.hwm else "stale" if c in unwiped else "unreferenced"
+                bad[now][c] = n if now == kind else _data_bytes(self.data_fd, c << sh, 1 << sh)
         why = {
             "leaked": "past the high-water mark (written, never committed)",
             "unreferenced": "in free chunks (their wipe was lost)",
             "stale": "in freed chunks still waiting to be wiped",
         }
-        problems: list[str] = []
+        problems: list[str] = list(found["problems"])
         repaired: list[str] = []
-        out: dict[str, Any] = {"file_bytes": os.fstat(self.data_fd).st_blocks * 512,
-                               "referenced_bytes": referenced}
+        space: dict[str, Any] = {"file_bytes": os.fstat(self.data_fd).st_blocks * 512,
+                                 "referenced_bytes": referenced}
         repaired_bytes = 0
         for kind, chunks in bad.items():
-            out[f"{kind}_bytes"] = total = sum(chunks.values())
+            space[f"{kind}_bytes"] = total = sum(chunks.values())
             if not chunks:
                 continue
             what = f"{total} bytes in {len(chunks)} chunk(s) {why[kind]}"
@@ -1114,10 +1090,18 @@ class Pool:
                 repaired.append(f"wiped {done} bytes in {len(chunks) - len(failed)} chunk(s) {why[kind]}")
             if failed:
                 problems.append(what if not done else f"{total - done} bytes of {what} (wipe failed)")
-        out["repaired_bytes"] = repaired_bytes
-        out["repaired"] = repaired
-        out["problems"] = problems
-        return out
+        space["repaired_bytes"] = repaired_bytes
+        space["repaired"] = repaired
+        return {
+            "pool": self.name,
+            "ok": not problems,
+            "problems": problems,
+            "layers": found["layers"],
+            "chunks_allocated": found["chunks_allocated"],
+            "volumes": len(self.volumes),
+            "snapshots": len(self.snapshots),
+            **space,
+        }
 
     # ------------------------------------------------------------------ everyday verbs
     # (rename, copy, protect, du, diff, trash). Per-object flags live in `settings` rows
@@ -1428,6 +1412,135 @@ class FlattenJob:
         self.in_flight = []
         if self.pool.busy.get(self.vol.id) is self:
             del self.pool.busy[self.vol.id]
+
+
+@dataclass
+class _CheckView:
+    """The pool as check saw it at one moment: a read transaction (db) and the in-memory
+    state that goes with it (the rows not committed yet in `pending`)."""
+
+    db: sqlite3.Connection
+    fd: int
+    name: str
+    chunk_shift: int
+    capacity_chunks: int
+    owner: array[int]
+    hwm: int
+    used: int
+    unwiped: set[int]
+    pending: dict[tuple[int, int], int | None]
+    pending_free: int
+
+
+def _check_scan(view: _CheckView) -> dict[str, Any]:
+    """The metadata's consistency and the data file's extents against `view`: touches only
+    view.db and reads of view.fd, so it may run in a worker thread."""
+    problems: list[str] = []
+    db = view.db
+    layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
+    for lid, parent in db.execute("SELECT id, parent FROM layers"):
+        if parent is not None and parent not in layer_ids:
+            problems.append(f"layer {lid}: parent {parent} is missing")
+    refs: dict[int, int] = {}
+    for lid in layer_ids:
+        refs[lid] = 0
+    for (lid,) in db.execute("SELECT layer FROM volumes"):
+        refs[lid] = refs.get(lid, 0) + 1
+    for (lid,) in db.execute("SELECT layer FROM snapshots"):
+        refs[lid] = refs.get(lid, 0) + 1
+    for (parent,) in db.execute("SELECT parent FROM layers WHERE parent IS NOT NULL"):
+        refs[parent] = refs.get(parent, 0) + 1
+    for lid, n in refs.items():
+        if lid not in layer_ids:
+            problems.append(f"layer {lid} is referenced but missing")
+        elif n == 0:
+            problems.append(f"layer {lid} is leaked: no volume, snapshot or child uses it")
+    for (lid,) in db.execute("SELECT DISTINCT layer FROM extents"):
+        if lid not in layer_ids:
+            problems.append(f"extents of missing layer {lid} are leaked")
+    if not view.pending:
+        for phys, n in db.execute(
+            "SELECT phys, COUNT(*) FROM extents WHERE phys > 0 GROUP BY phys HAVING COUNT(*) > 1"
+        ):
+            problems.append(f"chunk {phys} is owned {n} times")
+        rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
+    else:  # the committed rows, then what is still to commit over them
+        mapping = {(lid, c): p for lid, c, p in db.execute("SELECT layer, chunk, phys FROM extents")}
+        for key, p in view.pending.items():
+            if p is None:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = p
+        counts: dict[int, int] = {}
+        for p in mapping.values():
+            if p > 0:
+                counts[p] = counts.get(p, 0) + 1
+        problems += [f"chunk {p} is owned {n} times" for p, n in sorted(counts.items()) if n > 1]
+        rows = [(p, lid) for (lid, _), p in mapping.items() if p > 0]
+    owner = view.owner
+    for phys, lid in rows:
+        if phys > view.capacity_chunks:
+            problems.append(f"chunk {phys} lies beyond the capacity")
+        if phys >= len(owner) or owner[phys] != lid:
+            problems.append(f"chunk {phys}: owner in memory disagrees with the metadata")
+    in_memory = sum(1 for p in range(1, view.hwm) if owner[p] != 0)
+    if in_memory != len(rows):
+        problems.append(f"{in_memory} chunks owned in memory but {len(rows)} in the metadata (leak)")
+    if view.used != len(rows) + len(view.unwiped) + view.pending_free:
+        problems.append(
+            f"usage counter {view.used} != {len(rows)} allocated + "
+            f"{len(view.unwiped)} waiting to be wiped"
+            + (f" + {view.pending_free} freed since the last commit" if view.pending_free else "")
+        )
+    for vid, vname, lid in db.execute("SELECT id, name, layer FROM volumes"):
+        if lid in layer_ids and db.execute(
+            "SELECT volume FROM layers WHERE id = ?", (lid,)
+        ).fetchone()[0] != vid:
+            problems.append(f"volume {vname}: top layer {lid} belongs to another volume")
+    # every data extent of the data file (SEEK_DATA/SEEK_HOLE) by the chunk it lies in:
+    # owned (referenced), free below the high-water mark (unreferenced: a wipe was lost),
+    # freed but not yet wiped (stale), past the high-water mark (leaked: writes no commit
+    # names). Byte counts are of allocated file space.
+    sh = view.chunk_shift
+    referenced = 0
+    bad: dict[str, dict[int, int]] = {"leaked": {}, "unreferenced": {}, "stale": {}}
+    for start, end in _data_extents(view.fd):
+        c = start >> sh
+        while (c << sh) < end:
+            n = min(end, (c + 1) << sh) - max(start, c << sh)
+            if c >= view.hwm:
+                kind = "leaked"
+            elif owner[c] != 0:
+                referenced += n
+                c += 1
+                continue
+            else:
+                kind = "stale" if c in view.unwiped else "unreferenced"
+            bad[kind][c] = bad[kind].get(c, 0) + n
+            c += 1
+    return {"problems": problems, "layers": len(layer_ids), "chunks_allocated": len(rows),
+            "referenced_bytes": referenced, "bad": bad}
+
+
+def _data_bytes(fd: int, pos: int, length: int) -> int:
+    """Allocated bytes of fd in [pos, pos+length)."""
+    total = 0
+    end = pos + length
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        total += stop - start
+        pos = stop
+    return total
+
+
+def _has_data(fd: int, pos: int, length: int) -> bool:
+    return _data_bytes(fd, pos, length) > 0
 
 
 def _commit_rows(db: sqlite3.Connection, rows: dict[tuple[int, int], int | None]) -> None:
