@@ -486,6 +486,21 @@ def snapshot_rm(st: Storage, ref: str, recursive: bool = False, force: bool = Fa
     _refuse_if_open(st, exports, f"remove {ref}", force)
     if pool.is_protected(snap):
         raise DependencyError(f"snapshot {ref} is protected; `virtua snapshot unprotect {ref}` first")
+    clones = pool.clones_of(snap) if recursive else []
+    if len(clones) > 1 and _serving():  # one clone at a time, the guests' requests in between
+
+        async def go() -> dict[str, Any]:
+            pool.check_idle([t for c in clones for t in pool.tree(c)], f"remove {ref}")
+            removed: list[str] = []
+            for c in clones:
+                if not c.deleted:
+                    removed += pool.delete_volume(c.name, recursive=True)
+                await asyncio.sleep(0)
+            # and the snapshot, with any clone made meanwhile
+            removed += pool.delete_snapshot(pool.volumes[snap.volume].name, snap.name, recursive=True)
+            return {"removed": removed}
+
+        return go()  # type: ignore[return-value]
     return {"removed": pool.delete_snapshot(r.volume, r.snapshot, recursive)}
 
 

@@ -56,6 +56,8 @@ WRITEBACK_AFTER = (int(os.environ.get("VIRTUA_WRITEBACK_MIB", "8")) << 20) or (1
 _DELETE = None  # pending-row marker: remove the row
 # A flatten copies this much between two looks at the loop (FlattenJob.slices).
 FLATTEN_SLICE = 4 << 20
+# Beside a loop, wipe at least this many freed chunks in a thread (_wipe_unwiped).
+WIPE_IN_THREAD = 256
 
 
 @dataclass
@@ -134,6 +136,7 @@ class Pool:
         # flush_async: the commit in flight, the flush waiting for the next one, a second
         # connection the worker thread commits on (never both at once: _wait_flush_job)
         self._job: _FlushJob | None = None
+        self._wipe_job: _WipeJob | None = None  # freed chunks being wiped in a thread
         self._next_flush: asyncio.Future[None] | None = None
         self._commit_db: MetaDB | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -245,6 +248,7 @@ class Pool:
         for job in list(self.busy.values()):  # a flatten's copy in a thread: let it end
             job.stopped = True
             job.idle.wait()
+        self._wait_wipe_job()
         self.flush()
         self.closed = True
         self.db.close()
@@ -268,6 +272,10 @@ class Pool:
 
     def reserve(self, n: int) -> None:
         """Raise NoSpace unless n chunks can be allocated now."""
+        if self._wipe_job is not None and (
+            n > self.capacity_chunks - self.used or not self.space.data_room(n << self.chunk_shift)
+        ):
+            self._wait_wipe_job()  # the chunks (and file space) a removal gives back
         if n > self.capacity_chunks - self.used:
             if self._pending_free and n <= self.capacity_chunks - self.used + len(self._pending_free):
                 self.flush()  # freed chunks become reusable once their commit is durable
@@ -315,14 +323,66 @@ class Pool:
         return failed
 
     def _wipe_unwiped(self) -> None:
-        """Wipe chunks waiting for it; the wiped ones join the free list."""
+        """Wipe chunks waiting for it; the wiped ones join the free list. Many of them
+        beside a server's loop: in a worker thread (a hole punched in a gigabyte takes
+        a third of a second), one such job at a time; they are reused once it is done."""
         todo, self._unwiped = self._unwiped, []
-        failed = self._wipe(todo)
-        self._unwiped = failed
+        if len(todo) >= WIPE_IN_THREAD and self._wipe_job is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._start_wipe_job(loop, todo)
+                return
+        self._wiped(todo, self._wipe(todo))
+
+    def _wiped(self, todo: list[int], failed: list[int]) -> None:
+        self._unwiped.extend(failed)
         bad = set(failed)
         clean = [p for p in todo if p not in bad] if bad else todo
         self.free.extend(sorted(clean, reverse=True))
         self.used -= len(clean)
+
+    def _start_wipe_job(self, loop: asyncio.AbstractEventLoop, todo: list[int]) -> None:
+        job = _WipeJob(todo)
+        self._wipe_job = job
+
+        async def drive() -> None:
+            await loop.run_in_executor(None, self._run_wipe_job, job)
+            self._end_wipe_job(job)
+
+        task = loop.create_task(drive())
+        self._flush_tasks.add(task)
+        task.add_done_callback(self._flush_tasks.discard)
+
+    def _run_wipe_job(self, job: _WipeJob) -> None:
+        """In a worker thread: punches holes in chunks nobody owns, nothing else."""
+        try:
+            job.failed = self._wipe(job.chunks)
+        except BaseException:  # noqa: BLE001 - they wait for the next recycle
+            job.failed = list(job.chunks)
+        finally:
+            job.done.set()
+
+    def _end_wipe_job(self, job: _WipeJob) -> None:
+        """On the pool's thread, once: the wiped chunks join the free list."""
+        if job.ended:
+            return
+        job.ended = True
+        if self._wipe_job is job:
+            self._wipe_job = None
+        self._wiped(job.chunks, job.failed)
+
+    def _wait_wipe_job(self) -> None:
+        job = self._wipe_job
+        if job is not None:
+            job.done.wait()
+            self._end_wipe_job(job)
+
+    @property
+    def _wiping(self) -> list[int]:
+        return self._wipe_job.chunks if self._wipe_job is not None else []
 
     def set_row(self, layer: int, chunk: int, phys: int | None) -> None:
         """Record a mapping change to commit at the next flush (None deletes the row)."""
@@ -360,6 +420,8 @@ class Pool:
 
     def flush(self) -> None:
         """Data first, then the metadata that points at it, then recycle freed chunks."""
+        if not (self.data_dirty or self._pending or self._pending_free or self._job):
+            return  # nothing written since the last flush (a removal of 200 clones flushes 200 times)
         self._wait_flush_job()
         self.data_dirty = False
         try:
@@ -602,7 +664,7 @@ class Pool:
 
     def resize_volume(self, name: str, size: int, force: bool = False) -> Volume:
         vol = self.volume(name)
-        self._check_idle([vol], f"resize {self.name}/{name}")
+        self.check_idle([vol], f"resize {self.name}/{name}")
         self._check_size(size)
         if size < vol.size:
             if not force:
@@ -624,7 +686,7 @@ class Pool:
     def delete_volume(self, name: str, recursive: bool = False) -> list[str]:
         """Delete a volume; with recursive, its snapshots and their clones too."""
         vol = self.volume(name)
-        self._check_idle(self._tree(vol) if recursive else [vol], f"remove {self.name}/{name}")
+        self.check_idle(self.tree(vol) if recursive else [vol], f"remove {self.name}/{name}")
         snaps = self.snapshots_of(vol)
         if snaps and not recursive:
             deps = [f"{self.name}/{name}@{s.name}" for s in snaps]
@@ -659,7 +721,7 @@ class Pool:
 
     def create_snapshot(self, volume: str, name: str) -> Snapshot:
         vol = self.volume(volume)
-        self._check_idle([vol], f"snapshot {self.name}/{volume}")
+        self.check_idle([vol], f"snapshot {self.name}/{volume}")
         check_name(name, "snapshot name")
         if any(s.volume == vol.id and s.name == name for s in self.snapshots.values()):
             raise AlreadyExists(f"snapshot {self.name}/{volume}@{name} already exists")
@@ -690,7 +752,7 @@ class Pool:
     def delete_snapshot(self, volume: str, name: str, recursive: bool = False) -> list[str]:
         snap = self.snapshot(volume, name)
         clones = self.clones_of(snap)
-        self._check_idle([self.volumes[snap.volume], *(t for c in clones if recursive for t in self._tree(c))],
+        self.check_idle([self.volumes[snap.volume], *(t for c in clones if recursive for t in self.tree(c))],
                          f"remove {self.snapshot_ref(snap)}")
         if clones and not recursive:
             raise DependencyError(
@@ -805,7 +867,7 @@ class Pool:
 
     def _repoint(self, vol: Volume, snap: Snapshot, size: int, origin: int | None) -> Volume:
         """Replace vol's top layer by an empty one over snap's layer."""
-        self._check_idle([vol], f"change {self.name}/{vol.name}'s origin")
+        self.check_idle([vol], f"change {self.name}/{vol.name}'s origin")
         self.flush()
         old_top = vol.layer
         with Tx(self.db) as db:
@@ -858,7 +920,7 @@ class Pool:
         """Start flattening volume: it is busy (no other admin operation may change its
         layers) until the job's release()."""
         vol = self.volume(volume)
-        self._check_idle([vol], f"flatten {self.name}/{volume}")
+        self.check_idle([vol], f"flatten {self.name}/{volume}")
         bottom = self.layers[vol.layer]
         while bottom.parent is not None and self.layers[bottom.parent].volume == vol.id:
             bottom = self.layers[bottom.parent]
@@ -866,19 +928,19 @@ class Pool:
         self.busy[vol.id] = job
         return job
 
-    def _check_idle(self, vols: Iterable[Volume], doing: str) -> None:
+    def check_idle(self, vols: Iterable[Volume], doing: str) -> None:
         """Busy if an operation that runs in slices (a flatten) is at work on one of vols."""
         for vol in vols:
             if vol.id in self.busy:
                 raise Busy(f"cannot {doing}: volume {self.name}/{vol.name} is being flattened; "
                            "try again when that is done")
 
-    def _tree(self, vol: Volume) -> list[Volume]:
+    def tree(self, vol: Volume) -> list[Volume]:
         """vol and every clone of its snapshots, recursively (what a recursive removal takes)."""
         out = [vol]
         for snap in self.snapshots_of(vol):
             for c in self.clones_of(snap):
-                out += self._tree(c)
+                out += self.tree(c)
         return out
 
     # ------------------------------------------------------------------ layer GC
@@ -1004,9 +1066,11 @@ class Pool:
         """Verify reference counts and ownership against the metadata, and every allocated
         byte of the data file against the chunks the metadata names; report problems.
         With repair, wipe the data of chunks nobody owns (reported as repaired)."""
+        self._wait_wipe_job()
         self.flush()
         if repair and self._unwiped:
             self._wipe_unwiped()
+            self._wait_wipe_job()
         view = self._check_view(self.db)
         return self._check_settle(_check_scan(view), view, repair)
 
@@ -1044,7 +1108,7 @@ class Pool:
         return _CheckView(
             db=db, fd=self.data_fd, name=self.name, chunk_shift=self.chunk_shift,
             capacity_chunks=self.capacity_chunks, owner=array("i", self.owner), hwm=self.hwm,
-            used=self.used, unwiped=set(self._unwiped), pending=pending,
+            used=self.used, unwiped={*self._unwiped, *self._wiping}, pending=pending,
             pending_free=len(self._pending_free) + (len(job.freed) if job is not None else 0),
         )
 
@@ -1053,7 +1117,7 @@ class Pool:
         written, freed or wiped since the view is no problem), then the repair."""
         sh = self.chunk_shift
         job = self._job
-        in_transit = set(self._pending_free) | (set(job.freed) if job is not None else set())
+        in_transit = {*self._pending_free, *self._wiping, *(job.freed if job is not None else ())}
         unwiped = set(self._unwiped)
         bad: dict[str, dict[int, int]] = {"leaked": {}, "unreferenced": {}, "stale": {}}
         referenced = found["referenced_bytes"]
@@ -1151,6 +1215,7 @@ class Pool:
         try:
             for c, p in todo:
                 q = self.alloc(vol.layer)
+                self.data_dirty = True
                 _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
                 self.set_row(vol.layer, c, q)
             vol.map = None
@@ -1233,7 +1298,7 @@ class Pool:
     def trash_volume(self, name: str, keep: float) -> dict[str, Any]:
         """Move a volume (and its snapshots) out of sight for keep seconds; restorable."""
         vol = self.volume(name)
-        self._check_idle([vol], f"move {self.name}/{name} to the trash")
+        self.check_idle([vol], f"move {self.name}/{name} to the trash")
         clones = [c for s in self.snapshots_of(vol) for c in self.clones_of(s)]
         if clones:
             raise DependencyError(
@@ -1412,6 +1477,14 @@ class FlattenJob:
         self.in_flight = []
         if self.pool.busy.get(self.vol.id) is self:
             del self.pool.busy[self.vol.id]
+
+
+@dataclass
+class _WipeJob:
+    chunks: list[int]
+    failed: list[int] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False
 
 
 @dataclass
