@@ -148,6 +148,7 @@ class Pool:
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
         self.closed = False
+        self._closing = False  # close(): no more work handed to threads
         # volume id -> the flatten at work on it (FlattenJob): its layers stay put meanwhile
         self.busy: dict[int, FlattenJob] = {}
         self._load()
@@ -245,6 +246,7 @@ class Pool:
     def close(self) -> None:
         if self.closed:
             return
+        self._closing = True
         for job in list(self.busy.values()):  # a flatten's copy in a thread: let it end
             job.stopped = True
             job.idle.wait()
@@ -327,7 +329,7 @@ class Pool:
         beside a server's loop: in a worker thread (a hole punched in a gigabyte takes
         a third of a second), one such job at a time; they are reused once it is done."""
         todo, self._unwiped = self._unwiped, []
-        if len(todo) >= WIPE_IN_THREAD and self._wipe_job is None:
+        if len(todo) >= WIPE_IN_THREAD and self._wipe_job is None and not self._closing:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -909,7 +911,13 @@ class Pool:
         job = self.flatten_job(volume)
         try:
             for copy in job.slices():
-                await loop.run_in_executor(None, copy)
+                try:
+                    work = loop.run_in_executor(None, copy)
+                except BaseException:
+                    job.idle.set()  # never ran
+                    raise
+                # shielded: a cancelled request still lets the copy end (release waits for it)
+                await asyncio.shield(work)
             if job.copied:
                 await self.flush_async()
             return job.finish()
@@ -1080,13 +1088,15 @@ class Pool:
         with a copy of the in-memory state; what it finds is looked at again on the loop
         (the guests went on writing), where a repair wipes it."""
         loop = asyncio.get_running_loop()
-        while True:  # no commit in flight: the read transaction sees what memory has, less _pending
+        for _ in range(10):  # no commit in flight: the read transaction sees what memory has, less _pending
             await self.flush_async()
             if self._job is None:
                 break
+        self._wait_flush_job()  # writers that never pause: wait here for the last one
         if repair and self._unwiped:
             self._wipe_unwiped()
-        reader = connect(self.path / "meta.db")
+        reader = sqlite3.connect(f"file:{self.path / 'meta.db'}?mode=ro", uri=True,
+                                 isolation_level=None, check_same_thread=False)
         try:
             reader.execute("BEGIN")
             view = self._check_view(reader)
