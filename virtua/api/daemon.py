@@ -2,7 +2,8 @@
 answers admin operations on a unix socket ($VIRTUA_HOME/virtua.sock).
 
 Everything runs on one event loop thread: the storage engine is single-threaded by
-design, so NBD requests and admin operations never race on a block map.
+design, so NBD requests and admin operations never race on a block map. Only I/O with no
+metadata in it runs in worker threads (flush jobs, a flatten's copies, a check's scan).
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
 
     @api.post("/v1/ops/{name}")
     async def run_op(name: str, request: Request) -> Any:
-        # async on purpose: runs on the loop thread, never beside an NBD request
+        # async on purpose: runs on the loop thread, never beside an NBD request; a long one
+        # (flatten, pool check, template build, recursive snapshot rm) returns an awaitable
+        # that gives the loop back between its steps, its I/O in threads (docs/storage.md)
         try:
             args = await web.json_object(request, name)
             result = ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request))
