@@ -53,6 +53,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--data", default="1G")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--dir", default="/var/tmp/virtua-isolation-bench")
+    ap.add_argument("--only", action="append", choices=["import", "clone", "flatten", "check", "cli"],
+                    help="run only this operation (repeatable; default: all)")
+    ap.add_argument("--rounds", type=int, default=1, help="idle/busy pairs per operation")
     args = ap.parse_args(argv)
     from virtua.units import format_size, parse_size
 
@@ -105,12 +108,18 @@ def main(argv: list[str]) -> int:
         def check_once() -> None:
             v("pool", "check", "p")
 
+        def cli_once() -> None:  # the floor: a CLI process that asks for almost nothing
+            v("pool", "info", "p")
+
         ops = {f"import {format_size(data)}": import_once, "clone --count 200": clones_once,
-               f"flatten a {format_size(data)} clone": flatten_once, "pool check": check_once}
+               f"flatten a {format_size(data)} clone": flatten_once, "pool check": check_once,
+               "cli pool info (the CLI alone)": cli_once}
+        if args.only:
+            ops = {k: f for k, f in ops.items() if k.split()[0] in args.only}
         print(f"fio randread 4k QD8 on p/guest, {args.seconds:g} s per run; idle run before each operation")
         print("| operation | idle IOPS | IOPS during | ratio | idle p99.9 us | p99.9 during us | ratio | max during us | ops done |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for name, once in ops.items():
+        for name, once in [(k, f) for k, f in ops.items() for _ in range(args.rounds)]:
             idle = fio(uri, args.seconds)
             stop = threading.Event()
             done = {"n": 0}

@@ -128,3 +128,41 @@ def test_cli_check_and_repair_through_virtua_serve(tmp_path: Path) -> None:
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.communicate(timeout=30)
+
+
+def test_check_in_serve_scans_in_a_thread_beside_writes(tmp_path: Path) -> None:
+    """check_async: the scan runs in a thread while the volumes go on being written,
+    grown, trimmed and removed; none of that is reported as a problem, and a real leak
+    still is."""
+    import asyncio
+
+    pool, dev = written_pool(tmp_path / "p")
+    other = VolumeDevice(pool, pool.create_volume("o", 64 * CHUNK))
+
+    async def main() -> list[dict]:
+        reports = []
+        for round_ in range(6):
+            task = asyncio.create_task(pool.check_async())
+            i = 0
+            while not task.done():
+                other.write((i % 64) * CHUNK, bytes([round_ + 1]) * CHUNK)  # new chunks, CoW
+                if i % 3 == 0:
+                    other.discard(((i + 7) % 64) * CHUNK, CHUNK)  # freed, not committed yet
+                i += 1
+                await asyncio.sleep(0)
+            reports.append(await task)
+        return reports
+
+    for report in asyncio.run(main()):
+        assert report["ok"], report["problems"]
+    os.pwrite(pool.data_fd, b"L" * CHUNK, (pool.hwm + 2) * CHUNK)
+
+    async def leak() -> dict:
+        return await pool.check_async()
+
+    report = asyncio.run(leak())
+    assert not report["ok"] and report["leaked_bytes"] == CHUNK
+    report = asyncio.run(pool.check_async(repair=True))
+    assert report["repaired_bytes"] == CHUNK
+    assert asyncio.run(leak())["ok"]
+    pool.close()

@@ -2,7 +2,8 @@
 answers admin operations on a unix socket ($VIRTUA_HOME/virtua.sock).
 
 Everything runs on one event loop thread: the storage engine is single-threaded by
-design, so NBD requests and admin operations never race on a block map.
+design, so NBD requests and admin operations never race on a block map. Only I/O with no
+metadata in it runs in worker threads (flush jobs, a flatten's copies, a check's scan).
 """
 
 from __future__ import annotations

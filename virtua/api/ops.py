@@ -14,6 +14,7 @@ MANAGER_METHODS is checked against the method's own signature.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -79,7 +80,8 @@ def argument_model(name: str, manager_type: type | None = None) -> type[BaseMode
 def run(
     storage: Storage, name: str, args: dict[str, Any], manager: Any = None, *, caller_is_admin: bool = False
 ) -> Any:
-    """Run an operation; a cluster operation may return an awaitable (the daemon awaits it).
+    """Run an operation; a cluster operation, or a long one in serve (flatten), may return an
+    awaitable (the daemon awaits it).
     ``caller_is_admin`` comes from the transport (see virtua.api.daemon.caller_is_admin),
     never from the request's arguments."""
     if "caller_is_admin" in args:
@@ -139,6 +141,16 @@ def _refuse_if_open(st: Storage, exports: list[str], doing: str, force: bool) ->
         who = "; ".join(h.describe() for h in held[:3])
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         raise Busy(f"refusing to {doing}: in use by {who}{more}; close it or use --force")
+
+
+def _serving() -> bool:
+    """Whether this runs on `virtua serve`'s event loop (then a long operation returns an
+    awaitable that yields to the NBD clients between its slices; the daemon awaits it)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _volume_exports(pool: Any, volume: str, snapshots: bool = False) -> list[str]:
@@ -210,7 +222,10 @@ def pool_info(st: Storage, name: str) -> dict[str, Any]:
 
 @op("pool.check")
 def pool_check(st: Storage, name: str, repair: bool = False) -> dict[str, Any]:
-    return st.pool(name).check(repair=repair)
+    pool = st.pool(name)
+    if _serving():  # the scan in a thread, a repair on the loop
+        return pool.check_async(repair=repair)  # type: ignore[return-value]
+    return pool.check(repair=repair)
 
 
 @op("pool.rm")
@@ -419,10 +434,19 @@ def volume_flatten(st: Storage, ref: str, force: bool = False) -> dict[str, Any]
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     _refuse_if_open(st, _volume_exports(pool, r.volume), f"flatten {ref}", force)
-    copied = pool.flatten(r.volume)
-    info = pool.volume_info(r.volume)
-    info["copied"] = copied
-    return info
+
+    def done(copied: int) -> dict[str, Any]:
+        info: dict[str, Any] = pool.volume_info(r.volume)
+        info["copied"] = copied
+        return info
+
+    if _serving():  # in slices, the copies in a thread: the guests' disks keep their loop
+
+        async def go() -> dict[str, Any]:
+            return done(await pool.flatten_async(r.volume))
+
+        return go()  # type: ignore[return-value]
+    return done(pool.flatten(r.volume))
 
 
 @op("clone")
@@ -482,6 +506,21 @@ def snapshot_rm(st: Storage, ref: str, recursive: bool = False, force: bool = Fa
     _refuse_if_open(st, exports, f"remove {ref}", force)
     if pool.is_protected(snap):
         raise DependencyError(f"snapshot {ref} is protected; `virtua snapshot unprotect {ref}` first")
+    clones = pool.clones_of(snap) if recursive else []
+    if len(clones) > 1 and _serving():  # one clone at a time, the guests' requests in between
+
+        async def go() -> dict[str, Any]:
+            pool.check_idle([t for c in clones for t in pool.tree(c)], f"remove {ref}")
+            removed: list[str] = []
+            for c in clones:
+                if not c.deleted:
+                    removed += pool.delete_volume(c.name, recursive=True)
+                await asyncio.sleep(0)
+            # and the snapshot, with any clone made meanwhile
+            removed += pool.delete_snapshot(pool.volumes[snap.volume].name, snap.name, recursive=True)
+            return {"removed": removed}
+
+        return go()  # type: ignore[return-value]
     return {"removed": pool.delete_snapshot(r.volume, r.snapshot, recursive)}
 
 

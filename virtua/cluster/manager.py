@@ -79,6 +79,7 @@ class Manager:
     ) -> None:
         self.home = home
         self.storage = storage
+        self._artifacts_lock: asyncio.Lock | None = None  # template build: one cache build at a time
         self.store = store
         self.advertise = advertise
         self.nbd_port = nbd_port
@@ -558,7 +559,20 @@ class Manager:
         if self.store.get(f"/templates/{name}") is not None:
             raise AlreadyExists(f"template {name} already exists")
         rootfs_size = parse_size(size) if size else 64 << 20
-        art = ensure_artifacts(self.home / "cache" / "guest", rootfs_size=rootfs_size)
+        cache = self.home / "cache" / "guest"
+        if _serving():  # the build's subprocesses in a thread, the import in steps
+
+            async def go() -> dict[str, Any]:
+                if self._artifacts_lock is None:
+                    self._artifacts_lock = asyncio.Lock()
+                async with self._artifacts_lock:  # one build of the cache at a time
+                    art = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: ensure_artifacts(cache, rootfs_size=rootfs_size))
+                return await self._template_from_async(
+                    name, pool, str(art.rootfs), art.kernel, art.initrd, kernel_cmdline("/dev/vda"))
+
+            return go()  # type: ignore[return-value]
+        art = ensure_artifacts(cache, rootfs_size=rootfs_size)
         return self._template_from(name, pool, str(art.rootfs), art.kernel, art.initrd, kernel_cmdline("/dev/vda"))
 
     def import_path(self, path: str, what: str, caller_is_admin: bool) -> Path:
@@ -619,6 +633,35 @@ class Manager:
             except BaseException:
                 p.delete_volume(vol, recursive=True)
                 raise
+        return self._template_record(name, pname, vol, kernel, initrd, cmdline)
+
+    async def _template_from_async(
+        self, name: str, pool: str | None, image: str, kernel: Path, initrd: Path | None, cmdline: str
+    ) -> dict[str, Any]:
+        """_template_from beside the guests: the import a block at a time, the flush's
+        fdatasync and commit in the flush job."""
+        from virtua.storage import imageio
+
+        pname = self._default_pool(pool)
+        p = self.storage.pool(pname)
+        vol = f"{TEMPLATE_VOLUME_PREFIX}{name}"
+        with imageio.raw_source(image) as raw:
+            size = Path(raw).stat().st_size
+            p.create_volume(vol, (size + 511) // 512 * 512)
+            try:
+                dev = self.storage.open_device(f"{pname}/{vol}")
+                for _ in imageio.import_steps(raw, dev):
+                    await asyncio.sleep(0)
+                await dev.flush_async()
+                p.create_snapshot(vol, "base")
+            except BaseException:
+                p.delete_volume(vol, recursive=True)
+                raise
+        return self._template_record(name, pname, vol, kernel, initrd, cmdline)
+
+    def _template_record(
+        self, name: str, pname: str, vol: str, kernel: Path, initrd: Path | None, cmdline: str
+    ) -> dict[str, Any]:
         files = self._template_files(name, kernel, initrd)
         rec = TemplateRecord(
             name=name, volume=f"{pname}/{vol}", snapshot=f"{pname}/{vol}@base",
@@ -1423,3 +1466,12 @@ def _undo_vc_record(ctx: Context, name: str) -> None:
         raise NeedsManager()
     if ctx.manager.store.get(f"/vcs/{name}") is not None:
         ctx.manager._forget_vc(name)
+
+
+def _serving() -> bool:
+    """Whether this runs on serve's event loop (a long operation then returns an awaitable)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -98,6 +98,16 @@ def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
 def import_into(raw_path: str, dev: BlockDevice, progress: Progress | None = None) -> int:
     """Copy a raw file into dev; returns the bytes actually written (zeros are skipped)."""
     written = 0
+    for done in import_steps(raw_path, dev, progress):
+        written = done
+    dev.flush()
+    return written
+
+
+def import_steps(raw_path: str, dev: BlockDevice, progress: Progress | None = None) -> Iterator[int]:
+    """import_into without the flush, a COPY_BLOCK at a time: yields the bytes written so
+    far after each (where `virtua serve` lets its other clients in)."""
+    written = 0
     chunk = max(dev.block_size, 1)
     step = max(COPY_BLOCK - COPY_BLOCK % chunk, chunk)
     with open(raw_path, "rb") as f:
@@ -121,8 +131,7 @@ def import_into(raw_path: str, dev: BlockDevice, progress: Progress | None = Non
                 pos += n
                 if progress:
                     progress(pos)
-    dev.flush()
-    return written
+                yield written
 
 
 def export_from(dev: BlockDevice, dest: str, fmt: str = "raw", progress: Progress | None = None) -> None:

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,10 @@ AUTO_COMMIT_ROWS = 65536
 # VIRTUA_WRITEBACK_MIB overrides it (0: never; benchmarks compare the two in one run).
 WRITEBACK_AFTER = (int(os.environ.get("VIRTUA_WRITEBACK_MIB", "8")) << 20) or (1 << 62)
 _DELETE = None  # pending-row marker: remove the row
+# A flatten copies this much between two looks at the loop (FlattenJob.slices).
+FLATTEN_SLICE = 4 << 20
+# Beside a loop, wipe at least this many freed chunks in a thread (_wipe_unwiped).
+WIPE_IN_THREAD = 256
 
 
 @dataclass
@@ -132,6 +136,7 @@ class Pool:
         # flush_async: the commit in flight, the flush waiting for the next one, a second
         # connection the worker thread commits on (never both at once: _wait_flush_job)
         self._job: _FlushJob | None = None
+        self._wipe_job: _WipeJob | None = None  # freed chunks being wiped in a thread
         self._next_flush: asyncio.Future[None] | None = None
         self._commit_db: MetaDB | None = None
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -143,6 +148,9 @@ class Pool:
         self.data_map = FileMap(self.data_fd)
         self.zeros = bytes(self.chunk_size)
         self.closed = False
+        self._closing = False  # close(): no more work handed to threads
+        # volume id -> the flatten at work on it (FlattenJob): its layers stay put meanwhile
+        self.busy: dict[int, FlattenJob] = {}
         self._load()
 
     # ------------------------------------------------------------------ creation / open
@@ -238,6 +246,11 @@ class Pool:
     def close(self) -> None:
         if self.closed:
             return
+        self._closing = True
+        for job in list(self.busy.values()):  # a flatten's copy in a thread: let it end
+            job.stopped = True
+            job.idle.wait()
+        self._wait_wipe_job()
         self.flush()
         self.closed = True
         self.db.close()
@@ -261,6 +274,10 @@ class Pool:
 
     def reserve(self, n: int) -> None:
         """Raise NoSpace unless n chunks can be allocated now."""
+        if self._wipe_job is not None and (
+            n > self.capacity_chunks - self.used or not self.space.data_room(n << self.chunk_shift)
+        ):
+            self._wait_wipe_job()  # the chunks (and file space) a removal gives back
         if n > self.capacity_chunks - self.used:
             if self._pending_free and n <= self.capacity_chunks - self.used + len(self._pending_free):
                 self.flush()  # freed chunks become reusable once their commit is durable
@@ -308,14 +325,66 @@ class Pool:
         return failed
 
     def _wipe_unwiped(self) -> None:
-        """Wipe chunks waiting for it; the wiped ones join the free list."""
+        """Wipe chunks waiting for it; the wiped ones join the free list. Many of them
+        beside a server's loop: in a worker thread (a hole punched in a gigabyte takes
+        a third of a second), one such job at a time; they are reused once it is done."""
         todo, self._unwiped = self._unwiped, []
-        failed = self._wipe(todo)
-        self._unwiped = failed
+        if len(todo) >= WIPE_IN_THREAD and self._wipe_job is None and not self._closing:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._start_wipe_job(loop, todo)
+                return
+        self._wiped(todo, self._wipe(todo))
+
+    def _wiped(self, todo: list[int], failed: list[int]) -> None:
+        self._unwiped.extend(failed)
         bad = set(failed)
         clean = [p for p in todo if p not in bad] if bad else todo
         self.free.extend(sorted(clean, reverse=True))
         self.used -= len(clean)
+
+    def _start_wipe_job(self, loop: asyncio.AbstractEventLoop, todo: list[int]) -> None:
+        job = _WipeJob(todo)
+        self._wipe_job = job
+
+        async def drive() -> None:
+            await loop.run_in_executor(None, self._run_wipe_job, job)
+            self._end_wipe_job(job)
+
+        task = loop.create_task(drive())
+        self._flush_tasks.add(task)
+        task.add_done_callback(self._flush_tasks.discard)
+
+    def _run_wipe_job(self, job: _WipeJob) -> None:
+        """In a worker thread: punches holes in chunks nobody owns, nothing else."""
+        try:
+            job.failed = self._wipe(job.chunks)
+        except BaseException:  # noqa: BLE001 - they wait for the next recycle
+            job.failed = list(job.chunks)
+        finally:
+            job.done.set()
+
+    def _end_wipe_job(self, job: _WipeJob) -> None:
+        """On the pool's thread, once: the wiped chunks join the free list."""
+        if job.ended:
+            return
+        job.ended = True
+        if self._wipe_job is job:
+            self._wipe_job = None
+        self._wiped(job.chunks, job.failed)
+
+    def _wait_wipe_job(self) -> None:
+        job = self._wipe_job
+        if job is not None:
+            job.done.wait()
+            self._end_wipe_job(job)
+
+    @property
+    def _wiping(self) -> list[int]:
+        return self._wipe_job.chunks if self._wipe_job is not None else []
 
     def set_row(self, layer: int, chunk: int, phys: int | None) -> None:
         """Record a mapping change to commit at the next flush (None deletes the row)."""
@@ -353,6 +422,8 @@ class Pool:
 
     def flush(self) -> None:
         """Data first, then the metadata that points at it, then recycle freed chunks."""
+        if not (self.data_dirty or self._pending or self._pending_free or self._job):
+            return  # nothing written since the last flush (a removal of 200 clones flushes 200 times)
         self._wait_flush_job()
         self.data_dirty = False
         try:
@@ -595,6 +666,7 @@ class Pool:
 
     def resize_volume(self, name: str, size: int, force: bool = False) -> Volume:
         vol = self.volume(name)
+        self.check_idle([vol], f"resize {self.name}/{name}")
         self._check_size(size)
         if size < vol.size:
             if not force:
@@ -616,6 +688,7 @@ class Pool:
     def delete_volume(self, name: str, recursive: bool = False) -> list[str]:
         """Delete a volume; with recursive, its snapshots and their clones too."""
         vol = self.volume(name)
+        self.check_idle(self.tree(vol) if recursive else [vol], f"remove {self.name}/{name}")
         snaps = self.snapshots_of(vol)
         if snaps and not recursive:
             deps = [f"{self.name}/{name}@{s.name}" for s in snaps]
@@ -650,6 +723,7 @@ class Pool:
 
     def create_snapshot(self, volume: str, name: str) -> Snapshot:
         vol = self.volume(volume)
+        self.check_idle([vol], f"snapshot {self.name}/{volume}")
         check_name(name, "snapshot name")
         if any(s.volume == vol.id and s.name == name for s in self.snapshots.values()):
             raise AlreadyExists(f"snapshot {self.name}/{volume}@{name} already exists")
@@ -680,6 +754,8 @@ class Pool:
     def delete_snapshot(self, volume: str, name: str, recursive: bool = False) -> list[str]:
         snap = self.snapshot(volume, name)
         clones = self.clones_of(snap)
+        self.check_idle([self.volumes[snap.volume], *(t for c in clones if recursive for t in self.tree(c))],
+                         f"remove {self.snapshot_ref(snap)}")
         if clones and not recursive:
             raise DependencyError(
                 f"snapshot {self.snapshot_ref(snap)} has clone(s) "
@@ -800,6 +876,7 @@ class Pool:
 
     def _repoint(self, vol: Volume, snap: Snapshot, size: int, origin: int | None) -> Volume:
         """Replace vol's top layer by an empty one over snap's layer."""
+        self.check_idle([vol], f"change {self.name}/{vol.name}'s origin")
         self.flush()
         old_top = vol.layer
         with Tx(self.db) as db:
@@ -820,50 +897,66 @@ class Pool:
         return vol
 
     def flatten(self, volume: str) -> int:
-        """Copy what vol reads from its origin into its own bottom layer. Returns bytes copied."""
+        """Copy what vol reads from its origin into its own bottom layer. Returns bytes copied.
+
+        The copy is a FlattenJob's slices, back to back here; `virtua serve` runs the same
+        slices with flatten_async, its data copies in a thread between the guests' requests."""
+        job = self.flatten_job(volume)
+        try:
+            for copy in job.slices():
+                copy()
+            if job.copied:
+                self.flush()
+            return job.finish()
+        finally:
+            job.release()
+
+    async def flatten_async(self, volume: str) -> int:
+        """flatten() beside a server's clients: each slice's data copy in a worker thread,
+        the block map and its rows on the loop between them, durability by the flush job."""
+        loop = asyncio.get_running_loop()
+        job = self.flatten_job(volume)
+        try:
+            for copy in job.slices():
+                try:
+                    work = loop.run_in_executor(None, copy)
+                except BaseException:
+                    job.idle.set()  # never ran
+                    raise
+                # shielded: a cancelled request still lets the copy end (release waits for it)
+                await asyncio.shield(work)
+            if job.copied:
+                await self.flush_async()
+            return job.finish()
+        finally:
+            job.release()
+
+    def flatten_job(self, volume: str) -> FlattenJob:
+        """Start flattening volume: it is busy (no other admin operation may change its
+        layers) until the job's release()."""
         vol = self.volume(volume)
+        self.check_idle([vol], f"flatten {self.name}/{volume}")
         bottom = self.layers[vol.layer]
         while bottom.parent is not None and self.layers[bottom.parent].volume == vol.id:
             bottom = self.layers[bottom.parent]
-        if bottom.parent is None:
-            if vol.origin is not None:
-                vol.origin = None
-                self.db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
-            return 0
-        self.flush()
-        parent_id = bottom.parent
-        parent = self.frozen_map(parent_id)
-        assert parent is not None
-        own = {c for (c,) in self.db.execute("SELECT chunk FROM extents WHERE layer = ?", (bottom.id,))}
-        limit = (vol.size + self.chunk_mask) >> self.chunk_shift
-        todo = [(c, p) for c, p in parent.items() if p > 0 and c < limit and c not in own]
-        self.reserve(len(todo))
-        sh = self.chunk_shift
-        rows = []
-        new_phys = []
-        try:
-            for c, p in todo:
-                q = self.alloc(bottom.id)
-                new_phys.append(q)
-                _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
-                rows.append((bottom.id, c, q))
-            os.fdatasync(self.data_fd)
-            with Tx(self.db) as db:
-                db.executemany("INSERT INTO extents (layer, chunk, phys) VALUES (?, ?, ?)", rows)
-                db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (bottom.id,))
-                db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
-        except BaseException:
-            # nothing committed names them, but they hold copies of the origin's data
-            for q in new_phys:
-                self.owner[q] = 0
-            self._unwiped.extend(new_phys)
-            self._wipe_unwiped()
-            raise
-        bottom.parent = None
-        vol.origin = None
-        self._invalidate(bottom.id)
-        self._collect(parent_id)
-        return len(rows) * self.chunk_size
+        job = FlattenJob(self, vol, bottom)
+        self.busy[vol.id] = job
+        return job
+
+    def check_idle(self, vols: Iterable[Volume], doing: str) -> None:
+        """Busy if an operation that runs in slices (a flatten) is at work on one of vols."""
+        for vol in vols:
+            if vol.id in self.busy:
+                raise Busy(f"cannot {doing}: volume {self.name}/{vol.name} is being flattened; "
+                           "try again when that is done")
+
+    def tree(self, vol: Volume) -> list[Volume]:
+        """vol and every clone of its snapshots, recursively (what a recursive removal takes)."""
+        out = [vol]
+        for snap in self.snapshots_of(vol):
+            for c in self.clones_of(snap):
+                out += self.tree(c)
+        return out
 
     # ------------------------------------------------------------------ layer GC
 
@@ -988,106 +1081,86 @@ class Pool:
         """Verify reference counts and ownership against the metadata, and every allocated
         byte of the data file against the chunks the metadata names; report problems.
         With repair, wipe the data of chunks nobody owns (reported as repaired)."""
+        self._wait_wipe_job()
         self.flush()
         if repair and self._unwiped:
             self._wipe_unwiped()
-        problems: list[str] = []
-        db = self.db
-        layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
-        for lid, parent in db.execute("SELECT id, parent FROM layers"):
-            if parent is not None and parent not in layer_ids:
-                problems.append(f"layer {lid}: parent {parent} is missing")
-        refs: dict[int, int] = {}
-        for lid in layer_ids:
-            refs[lid] = 0
-        for (lid,) in db.execute("SELECT layer FROM volumes"):
-            refs[lid] = refs.get(lid, 0) + 1
-        for (lid,) in db.execute("SELECT layer FROM snapshots"):
-            refs[lid] = refs.get(lid, 0) + 1
-        for (parent,) in db.execute("SELECT parent FROM layers WHERE parent IS NOT NULL"):
-            refs[parent] = refs.get(parent, 0) + 1
-        for lid, n in refs.items():
-            if lid not in layer_ids:
-                problems.append(f"layer {lid} is referenced but missing")
-            elif n == 0:
-                problems.append(f"layer {lid} is leaked: no volume, snapshot or child uses it")
-        for (lid,) in db.execute("SELECT DISTINCT layer FROM extents"):
-            if lid not in layer_ids:
-                problems.append(f"extents of missing layer {lid} are leaked")
-        for phys, n in db.execute(
-            "SELECT phys, COUNT(*) FROM extents WHERE phys > 0 GROUP BY phys HAVING COUNT(*) > 1"
-        ):
-            problems.append(f"chunk {phys} is owned {n} times")
-        rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
-        for phys, lid in rows:
-            if phys > self.capacity_chunks:
-                problems.append(f"chunk {phys} lies beyond the capacity")
-            if phys >= len(self.owner) or self.owner[phys] != lid:
-                problems.append(f"chunk {phys}: owner in memory disagrees with the metadata")
-        in_memory = sum(1 for p in range(1, self.hwm) if self.owner[p] != 0)
-        if in_memory != len(rows):
-            problems.append(
-                f"{in_memory} chunks owned in memory but {len(rows)} in the metadata (leak)"
-            )
-        if self.used != len(rows) + len(self._unwiped):
-            problems.append(
-                f"usage counter {self.used} != {len(rows)} allocated + "
-                f"{len(self._unwiped)} waiting to be wiped"
-            )
-        space = self._account_file(repair)
-        problems += space.pop("problems")
-        for vid, vname, lid in db.execute("SELECT id, name, layer FROM volumes"):
-            if lid in layer_ids and db.execute(
-                "SELECT volume FROM layers WHERE id = ?", (lid,)
-            ).fetchone()[0] != vid:
-                problems.append(f"volume {vname}: top layer {lid} belongs to another volume")
-        return {
-            "pool": self.name,
-            "ok": not problems,
-            "problems": problems,
-            "layers": len(layer_ids),
-            "chunks_allocated": len(rows),
-            "volumes": len(self.volumes),
-            "snapshots": len(self.snapshots),
-            **space,
-        }
+            self._wait_wipe_job()
+        view = self._check_view(self.db)
+        return self._check_settle(_check_scan(view), view, repair)
 
-    def _account_file(self, repair: bool) -> dict[str, Any]:
-        """Classify every data extent of the data file (SEEK_DATA/SEEK_HOLE) by the chunk
-        it lies in: owned (referenced), free below the high-water mark (unreferenced: a
-        wipe was lost), freed but not yet wiped (stale), past the high-water mark (leaked:
-        writes no commit names). Byte counts are of allocated file space."""
+    async def check_async(self, repair: bool = False) -> dict[str, Any]:
+        """check() beside a server's clients: the metadata queries and the scan of the data
+        file in a worker thread, on a read transaction of its own connection begun together
+        with a copy of the in-memory state; what it finds is looked at again on the loop
+        (the guests went on writing), where a repair wipes it."""
+        loop = asyncio.get_running_loop()
+        for _ in range(10):  # no commit in flight: the read transaction sees what memory has, less _pending
+            await self.flush_async()
+            if self._job is None:
+                break
+        self._wait_flush_job()  # writers that never pause: wait here for the last one
+        if repair and self._unwiped:
+            self._wipe_unwiped()
+        reader = sqlite3.connect(f"file:{self.path / 'meta.db'}?mode=ro", uri=True,
+                                 isolation_level=None, check_same_thread=False)
+        try:
+            reader.execute("BEGIN")
+            view = self._check_view(reader)
+            found = await loop.run_in_executor(None, _check_scan, view)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                reader.execute("ROLLBACK")
+            reader.close()
+        if self.closed:
+            raise Busy(f"pool {self.name} was closed during its check")
+        return self._check_settle(found, view, repair)
+
+    def _check_view(self, db: sqlite3.Connection) -> _CheckView:
+        """What check compares the metadata and the data file with; on the pool's thread."""
+        db.execute("SELECT 1 FROM settings LIMIT 1").fetchall()  # the read snapshot starts here
+        job = self._job
+        pending = dict(job.rows) if job is not None else {}
+        pending.update(self._pending)
+        return _CheckView(
+            db=db, fd=self.data_fd, name=self.name, chunk_shift=self.chunk_shift,
+            capacity_chunks=self.capacity_chunks, owner=array("i", self.owner), hwm=self.hwm,
+            used=self.used, unwiped={*self._unwiped, *self._wiping}, pending=pending,
+            pending_free=len(self._pending_free) + (len(job.freed) if job is not None else 0),
+        )
+
+    def _check_settle(self, found: dict[str, Any], view: _CheckView, repair: bool) -> dict[str, Any]:
+        """On the pool's thread: the file's suspect chunks against the state now (a chunk
+        written, freed or wiped since the view is no problem), then the repair."""
         sh = self.chunk_shift
-        owner = self.owner
+        job = self._job
+        in_transit = {*self._pending_free, *self._wiping, *(job.freed if job is not None else ())}
         unwiped = set(self._unwiped)
-        referenced = 0
         bad: dict[str, dict[int, int]] = {"leaked": {}, "unreferenced": {}, "stale": {}}
-        for start, end in _data_extents(self.data_fd):
-            c = start >> sh
-            while (c << sh) < end:
-                n = min(end, (c + 1) << sh) - max(start, c << sh)
-                if c >= self.hwm:
-                    kind = "leaked"
-                elif owner[c] != 0:
-                    referenced += n
-                    c += 1
+        referenced = found["referenced_bytes"]
+        for kind, chunks in found["bad"].items():
+            for c, n in chunks.items():
+                if c < self.hwm and self.owner[c] != 0:
+                    referenced += n  # allocated since the view
                     continue
-                else:
-                    kind = "stale" if c in unwiped else "unreferenced"
-                bad[kind][c] = bad[kind].get(c, 0) + n
-                c += 1
+                if c in in_transit:
+                    continue
+                if not _has_data(self.data_fd, c << sh, 1 << sh):
+                    continue  # wiped since the view
+                now = "leaked" if c >= self.hwm else "stale" if c in unwiped else "unreferenced"
+                bad[now][c] = n if now == kind else _data_bytes(self.data_fd, c << sh, 1 << sh)
         why = {
             "leaked": "past the high-water mark (written, never committed)",
             "unreferenced": "in free chunks (their wipe was lost)",
             "stale": "in freed chunks still waiting to be wiped",
         }
-        problems: list[str] = []
+        problems: list[str] = list(found["problems"])
         repaired: list[str] = []
-        out: dict[str, Any] = {"file_bytes": os.fstat(self.data_fd).st_blocks * 512,
-                               "referenced_bytes": referenced}
+        space: dict[str, Any] = {"file_bytes": os.fstat(self.data_fd).st_blocks * 512,
+                                 "referenced_bytes": referenced}
         repaired_bytes = 0
         for kind, chunks in bad.items():
-            out[f"{kind}_bytes"] = total = sum(chunks.values())
+            space[f"{kind}_bytes"] = total = sum(chunks.values())
             if not chunks:
                 continue
             what = f"{total} bytes in {len(chunks)} chunk(s) {why[kind]}"
@@ -1098,10 +1171,18 @@ class Pool:
                 repaired.append(f"wiped {done} bytes in {len(chunks) - len(failed)} chunk(s) {why[kind]}")
             if failed:
                 problems.append(what if not done else f"{total - done} bytes of {what} (wipe failed)")
-        out["repaired_bytes"] = repaired_bytes
-        out["repaired"] = repaired
-        out["problems"] = problems
-        return out
+        space["repaired_bytes"] = repaired_bytes
+        space["repaired"] = repaired
+        return {
+            "pool": self.name,
+            "ok": not problems,
+            "problems": problems,
+            "layers": found["layers"],
+            "chunks_allocated": found["chunks_allocated"],
+            "volumes": len(self.volumes),
+            "snapshots": len(self.snapshots),
+            **space,
+        }
 
     # ------------------------------------------------------------------ everyday verbs
     # (rename, copy, protect, du, diff, trash). Per-object flags live in `settings` rows
@@ -1151,6 +1232,7 @@ class Pool:
         try:
             for c, p in todo:
                 q = self.alloc(vol.layer)
+                self.data_dirty = True
                 _copy(self.data_fd, p << sh, q << sh, self.chunk_size)
                 self.set_row(vol.layer, c, q)
             vol.map = None
@@ -1233,6 +1315,7 @@ class Pool:
     def trash_volume(self, name: str, keep: float) -> dict[str, Any]:
         """Move a volume (and its snapshots) out of sight for keep seconds; restorable."""
         vol = self.volume(name)
+        self.check_idle([vol], f"move {self.name}/{name} to the trash")
         clones = [c for s in self.snapshots_of(vol) for c in self.clones_of(s)]
         if clones:
             raise DependencyError(
@@ -1301,6 +1384,253 @@ class _FlushJob:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     ended: bool = False
+
+
+class FlattenJob:
+    """One flatten, in slices of FLATTEN_SLICE bytes. Each slice allocates its chunks and
+    yields a callable that copies their data (pure I/O on the data file: a worker thread
+    may run it); when the generator resumes, on the pool's thread, it maps the copies
+    into the bottom layer: the block map at once (a guest write then lands in the copy),
+    the rows at the next flush. A chunk the guest wrote or zeroed meanwhile keeps the
+    guest's version and the copy is freed. Whatever point it stops at, every mapped copy
+    holds what it replaced: the volume reads the same, the rows are ordinary ones."""
+
+    def __init__(self, pool: Pool, vol: Volume, bottom: Layer) -> None:
+        self.pool = pool
+        self.vol = vol
+        self.bottom = bottom
+        self.parent_id = bottom.parent
+        self.copied = 0
+        self.error: BaseException | None = None
+        self.idle = threading.Event()  # no copy in flight (Pool.close waits for it)
+        self.idle.set()
+        self.stopped = False
+        # allocated for the slice being copied, not mapped yet: freed if the job stops there
+        self.in_flight: list[tuple[int, int, int]] = []
+
+    def _bottom_map(self) -> BlockMap:
+        pool, vol = self.pool, self.vol
+        if vol.layer == self.bottom.id:
+            return pool.volume_map(vol)
+        m = pool.frozen_map(self.bottom.id)
+        assert m is not None
+        return m
+
+    def slices(self) -> Iterator[Callable[[], None]]:
+        pool, vol = self.pool, self.vol
+        if self.parent_id is None:
+            return
+        parent = pool.frozen_map(self.parent_id)
+        assert parent is not None
+        limit = (vol.size + pool.chunk_mask) >> pool.chunk_shift
+        m = self._bottom_map()
+        todo = [(c, p) for c, p in parent.items() if p > 0 and c < limit and m.get(c) == p]
+        pool.reserve(len(todo))
+        step = max(1, FLATTEN_SLICE >> pool.chunk_shift)
+        sh, cs, fd = pool.chunk_shift, pool.chunk_size, pool.data_fd
+        for i in range(0, len(todo), step):
+            if pool.closed or self.stopped:
+                raise Busy(f"flatten of {pool.name}/{vol.name} stopped: the pool was closed")
+            m = self._bottom_map()
+            batch = [(c, p) for c, p in todo[i : i + step] if m.get(c) == p]
+            if not batch:
+                continue
+            pool.reserve(len(batch))
+            copies = [(c, p, pool.alloc(self.bottom.id)) for c, p in batch]
+
+            def copy(copies: list[tuple[int, int, int]] = copies) -> None:
+                try:
+                    for _, p, q in copies:
+                        _copy(fd, p << sh, q << sh, cs)
+                except BaseException as e:  # noqa: BLE001 - raised on the pool's thread
+                    self.error = e
+                finally:
+                    self.idle.set()
+
+            self.idle.clear()
+            self.in_flight = copies
+            yield copy
+            self.idle.wait()  # the driver ran it (inline, or in a thread it awaited)
+            if pool.closed:
+                raise Busy(f"flatten of {pool.name}/{vol.name} stopped: the pool was closed")
+            if self.error is not None:
+                raise self.error
+            self.in_flight = []
+            m = self._bottom_map()
+            pool.data_dirty = True
+            stale = []
+            for c, p, q in copies:
+                if m.get(c) != p:  # the guest wrote or zeroed it meanwhile: its version wins
+                    stale.append(q)
+                    continue
+                if vol.layer == self.bottom.id:
+                    m.set(c, q)
+                pool.set_row(self.bottom.id, c, q)
+                self.copied += cs
+            if stale:
+                pool.release(stale)
+
+    def finish(self) -> int:
+        """Once the rows are durable (a flush): detach the bottom layer from its origin."""
+        pool, vol, bottom = self.pool, self.vol, self.bottom
+        if self.parent_id is None:
+            if vol.origin is not None:
+                vol.origin = None
+                pool.db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
+            return 0
+        with Tx(pool.db) as db:
+            db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (bottom.id,))
+            db.execute("UPDATE volumes SET origin = NULL WHERE id = ?", (vol.id,))
+        bottom.parent = None
+        vol.origin = None
+        pool._invalidate(bottom.id)
+        pool._collect(self.parent_id)
+        return self.copied
+
+    def release(self) -> None:
+        self.idle.wait()
+        if self.in_flight and not self.pool.closed:  # copies of the origin's data: wiped
+            self.pool.release(q for _, _, q in self.in_flight)
+        self.in_flight = []
+        if self.pool.busy.get(self.vol.id) is self:
+            del self.pool.busy[self.vol.id]
+
+
+@dataclass
+class _WipeJob:
+    chunks: list[int]
+    failed: list[int] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False
+
+
+@dataclass
+class _CheckView:
+    """The pool as check saw it at one moment: a read transaction (db) and the in-memory
+    state that goes with it (the rows not committed yet in `pending`)."""
+
+    db: sqlite3.Connection
+    fd: int
+    name: str
+    chunk_shift: int
+    capacity_chunks: int
+    owner: array[int]
+    hwm: int
+    used: int
+    unwiped: set[int]
+    pending: dict[tuple[int, int], int | None]
+    pending_free: int
+
+
+def _check_scan(view: _CheckView) -> dict[str, Any]:
+    """The metadata's consistency and the data file's extents against `view`: touches only
+    view.db and reads of view.fd, so it may run in a worker thread."""
+    problems: list[str] = []
+    db = view.db
+    layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
+    for lid, parent in db.execute("SELECT id, parent FROM layers"):
+        if parent is not None and parent not in layer_ids:
+            problems.append(f"layer {lid}: parent {parent} is missing")
+    refs: dict[int, int] = {}
+    for lid in layer_ids:
+        refs[lid] = 0
+    for (lid,) in db.execute("SELECT layer FROM volumes"):
+        refs[lid] = refs.get(lid, 0) + 1
+    for (lid,) in db.execute("SELECT layer FROM snapshots"):
+        refs[lid] = refs.get(lid, 0) + 1
+    for (parent,) in db.execute("SELECT parent FROM layers WHERE parent IS NOT NULL"):
+        refs[parent] = refs.get(parent, 0) + 1
+    for lid, n in refs.items():
+        if lid not in layer_ids:
+            problems.append(f"layer {lid} is referenced but missing")
+        elif n == 0:
+            problems.append(f"layer {lid} is leaked: no volume, snapshot or child uses it")
+    for (lid,) in db.execute("SELECT DISTINCT layer FROM extents"):
+        if lid not in layer_ids:
+            problems.append(f"extents of missing layer {lid} are leaked")
+    if not view.pending:
+        for phys, n in db.execute(
+            "SELECT phys, COUNT(*) FROM extents WHERE phys > 0 GROUP BY phys HAVING COUNT(*) > 1"
+        ):
+            problems.append(f"chunk {phys} is owned {n} times")
+        rows = db.execute("SELECT phys, layer FROM extents WHERE phys > 0").fetchall()
+    else:  # the committed rows, then what is still to commit over them
+        mapping = {(lid, c): p for lid, c, p in db.execute("SELECT layer, chunk, phys FROM extents")}
+        for key, p in view.pending.items():
+            if p is None:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = p
+        counts: dict[int, int] = {}
+        for p in mapping.values():
+            if p > 0:
+                counts[p] = counts.get(p, 0) + 1
+        problems += [f"chunk {p} is owned {n} times" for p, n in sorted(counts.items()) if n > 1]
+        rows = [(p, lid) for (lid, _), p in mapping.items() if p > 0]
+    owner = view.owner
+    for phys, lid in rows:
+        if phys > view.capacity_chunks:
+            problems.append(f"chunk {phys} lies beyond the capacity")
+        if phys >= len(owner) or owner[phys] != lid:
+            problems.append(f"chunk {phys}: owner in memory disagrees with the metadata")
+    in_memory = sum(1 for p in range(1, view.hwm) if owner[p] != 0)
+    if in_memory != len(rows):
+        problems.append(f"{in_memory} chunks owned in memory but {len(rows)} in the metadata (leak)")
+    if view.used != len(rows) + len(view.unwiped) + view.pending_free:
+        problems.append(
+            f"usage counter {view.used} != {len(rows)} allocated + "
+            f"{len(view.unwiped)} waiting to be wiped"
+            + (f" + {view.pending_free} freed since the last commit" if view.pending_free else "")
+        )
+    for vid, vname, lid in db.execute("SELECT id, name, layer FROM volumes"):
+        if lid in layer_ids and db.execute(
+            "SELECT volume FROM layers WHERE id = ?", (lid,)
+        ).fetchone()[0] != vid:
+            problems.append(f"volume {vname}: top layer {lid} belongs to another volume")
+    # every data extent of the data file (SEEK_DATA/SEEK_HOLE) by the chunk it lies in:
+    # owned (referenced), free below the high-water mark (unreferenced: a wipe was lost),
+    # freed but not yet wiped (stale), past the high-water mark (leaked: writes no commit
+    # names). Byte counts are of allocated file space.
+    sh = view.chunk_shift
+    referenced = 0
+    bad: dict[str, dict[int, int]] = {"leaked": {}, "unreferenced": {}, "stale": {}}
+    for start, end in _data_extents(view.fd):
+        c = start >> sh
+        while (c << sh) < end:
+            n = min(end, (c + 1) << sh) - max(start, c << sh)
+            if c >= view.hwm:
+                kind = "leaked"
+            elif owner[c] != 0:
+                referenced += n
+                c += 1
+                continue
+            else:
+                kind = "stale" if c in view.unwiped else "unreferenced"
+            bad[kind][c] = bad[kind].get(c, 0) + n
+            c += 1
+    return {"problems": problems, "layers": len(layer_ids), "chunks_allocated": len(rows),
+            "referenced_bytes": referenced, "bad": bad}
+
+
+def _data_bytes(fd: int, pos: int, length: int) -> int:
+    """Allocated bytes of fd in [pos, pos+length)."""
+    total = 0
+    end = pos + length
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        total += stop - start
+        pos = stop
+    return total
+
+
+def _has_data(fd: int, pos: int, length: int) -> bool:
+    return _data_bytes(fd, pos, length) > 0
 
 
 def _commit_rows(db: sqlite3.Connection, rows: dict[tuple[int, int], int | None]) -> None:
