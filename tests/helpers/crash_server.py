@@ -55,11 +55,13 @@ async def _serve(home: Path) -> None:
 
     sock_path = home / "ops.sock"
     sock_path.unlink(missing_ok=True)
-    await asyncio.start_unix_server(control, str(sock_path))
+    # keep the server referenced: a collected asyncio Server closes its listening socket
+    control_server = await asyncio.start_unix_server(control, str(sock_path))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print(f"CRASH_READY port={nbd.port}", flush=True)
     await stop.wait()
+    control_server.close()
     await nbd.close()
     storage.close()
 
