@@ -118,7 +118,8 @@ class CrashServer:
     def _drop_ops(self) -> None:
         if self._ops is not None:
             with contextlib.suppress(OSError):  # a half-sent request to a killed server
-                self._ops_file.close()
+                if self._ops_file is not None:  # None: the connect itself failed
+                    self._ops_file.close()
             self._ops.close()
             self._ops = self._ops_file = None
 
