@@ -6,6 +6,17 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time, in clock ticks since boot (/proc/PID/stat field 22): with
+    the pid, it names one process; a reused pid has another. None if it does not run."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def stop_process_group(pid: int, what: str, log: logging.Logger, timeout: float = 5.0) -> bool:

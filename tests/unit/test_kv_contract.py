@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from tests.cli_support import free_port
+from tests.helpers.etcd import solo_etcd
 from virtua.cluster.etcd_server import Member, start_member, wait_healthy
 from virtua.cluster.kv import (
     KV,
@@ -40,16 +39,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @pytest.fixture(scope="module")
 def etcd_url() -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(prefix="vt-etcd-"))
-    me = Member("solo", "127.0.0.1", free_port(), free_port())
-    proc = start_member(me, [me], d, token=uuid.uuid4().hex)
-    try:
-        wait_healthy(me.client_url)
-        yield me.client_url
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
+    with solo_etcd() as url:
+        yield url
 
 
 @pytest_asyncio.fixture(params=["sqlite", "etcd"], loop_scope="session")

@@ -8,16 +8,15 @@ import asyncio
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from tests.cli_support import free_port
+from tests.helpers.etcd import etcd_cluster
 from virtua.cluster.election import Election
-from virtua.cluster.etcd_server import Member, start_member, wait_healthy
+from virtua.cluster.etcd_server import Member
 from virtua.cluster.kv import KV, Put
 from virtua.cluster.kv_etcd import EtcdKV
 from virtua.cluster.kv_sqlite import SQLiteKV
@@ -31,26 +30,8 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session"
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[list[Member], list[int]]]:
     """Three real etcd members on 127.0.0.21-23; yields them and their pids."""
-    members = [Member(f"m{i}", f"127.0.0.{20 + i}", free_port(f"127.0.0.{20 + i}"),
-                      free_port(f"127.0.0.{20 + i}")) for i in (1, 2, 3)]
-    token = uuid.uuid4().hex
-    procs = [start_member(m, members, tmp_path / m.name, token) for m in members]
-    try:
-        for m in members:
-            wait_healthy(m.client_url)
-        yield members, [p.pid for p in procs]
-    finally:
-        for p in procs:
-            with_suppress_kill(p.pid, signal.SIGCONT)
-            with_suppress_kill(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def with_suppress_kill(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
+    with etcd_cluster(tmp_path, [f"127.0.0.{20 + i}" for i in (1, 2, 3)]) as c:
+        yield c
 
 
 @pytest_asyncio.fixture(params=["sqlite", "etcd"], loop_scope="session")

@@ -10,9 +10,7 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -25,7 +23,8 @@ import pytest
 
 import virtua.cluster.store_etcd as store_etcd
 from tests.cli_support import free_port
-from virtua.cluster.etcd_server import Member, start_member, wait_healthy
+from tests.helpers.etcd import etcd_cluster, solo_etcd
+from virtua.cluster.etcd_server import Member
 from virtua.cluster.store import SQLiteStore, StateStore, prefix_upper_bound
 from virtua.cluster.store_etcd import EtcdStateStore, prefix_end
 from virtua.errors import InvalidArgument, NoSpace, StoreConflict, Unavailable
@@ -37,16 +36,8 @@ Opener = Callable[[], StateStore]
 
 @pytest.fixture(scope="module")
 def etcd_url() -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(prefix="vt-etcd-"))
-    me = Member("solo", "127.0.0.1", free_port(), free_port())
-    proc = start_member(me, [me], d, token=uuid.uuid4().hex)
-    try:
-        wait_healthy(me.client_url)
-        yield me.client_url
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
+    with solo_etcd() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -349,20 +340,8 @@ def test_prefix_bounds() -> None:
 
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[tuple[list[Member], list[int]]]:
-    members = [Member(f"m{i}", "127.0.0.1", free_port(), free_port()) for i in (1, 2, 3)]
-    token = uuid.uuid4().hex
-    procs = [start_member(m, members, tmp_path / m.name, token) for m in members]
-    try:
-        for m in members:
-            wait_healthy(m.client_url)
-        yield members, [p.pid for p in procs]
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+    with etcd_cluster(tmp_path, ["127.0.0.1"] * 3) as c:
+        yield c
 
 
 def test_etcd_without_quorum_is_unavailable_within_bounds(

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from virtua.procs import start_ticks
+
 log = logging.getLogger("virtua.fence")
 
 LEASE_TTL = 10.0  # seconds a host's lease lasts after its last answered heartbeat
@@ -52,16 +54,8 @@ def _read(home: Path) -> dict[str, Any]:
         return {}
 
 
-def _start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        return int(stat[stat.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _alive(pid: Any, ticks: Any) -> bool:
-    return isinstance(pid, int) and pid > 0 and _start_ticks(pid) == ticks
+    return isinstance(pid, int) and pid > 0 and start_ticks(pid) == ticks
 
 
 class Fence:
@@ -87,7 +81,7 @@ class Fence:
 
     def _save(self) -> None:
         me = os.getpid()
-        _write(self.home, {"deadline": self.deadline, "agent": me, "agent_ticks": _start_ticks(me)})
+        _write(self.home, {"deadline": self.deadline, "agent": me, "agent_ticks": start_ticks(me)})
 
     def ensure_watchdog(self) -> None:
         """Start the watchdog unless the one of this home still runs."""
@@ -134,7 +128,7 @@ def watch(home: Path) -> int:
         return 0  # one watchdog per home
     me = os.getpid()
     tmp = home / "fence.pid.tmp"
-    tmp.write_text(f"{me} {_start_ticks(me)}")
+    tmp.write_text(f"{me} {start_ticks(me)}")
     os.replace(tmp, home / "fence.pid")
     fired_for: float | None = None
     while True:

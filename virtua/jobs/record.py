@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from virtua.errors import NotFound
+from virtua.procs import start_ticks
 
 JobState = Literal["running", "done", "failed", "cancelled", "undone"]
 StepState = Literal["pending", "running", "done", "undone", "undo-failed"]
@@ -52,15 +53,10 @@ class Owner(BaseModel):
     @classmethod
     def me(cls, pid: int | None = None) -> Owner:
         pid = pid or os.getpid()
-        return cls(pid=pid, started=_start_ticks(pid), boot=_boot_id())
+        return cls(pid=pid, started=start_ticks(pid) or 0, boot=_boot_id())
 
     def alive(self) -> bool:
-        if self.boot != _boot_id():
-            return False
-        try:
-            return _start_ticks(self.pid) == self.started
-        except (OSError, ValueError):
-            return False
+        return self.boot == _boot_id() and start_ticks(self.pid) == self.started
 
 
 class JobRecord(BaseModel):
@@ -98,12 +94,6 @@ def _record(row: tuple[str, int]) -> JobRecord:
     record = JobRecord.model_validate_json(row[0])
     record.cancel_requested = bool(row[1])
     return record
-
-
-def _start_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 _BOOT: str | None = None
