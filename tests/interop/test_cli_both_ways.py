@@ -64,7 +64,8 @@ TABLE: list[tuple[str, ...]] = [
     (ONCE, "volume", "rm", "p/b", "--recursive", "--now"),
     ("pool", "check", "p"),
 ]
-STAMP = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\"(created|since|deleted|expires)\": [0-9.e+]+")
+# seconds optional: the trash warning names its expiry to the minute, and the two runs can straddle one
+STAMP = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)?|\"(created|since|deleted|expires)\": [0-9.e+]+")
 
 
 JOB_ID = re.compile(rb"\d{8}-\d{6}-[0-9a-f]{6}")  # virtua.jobs.record.new_job_id
