@@ -10,6 +10,7 @@ from virtua.errors import InvalidArgument
 _SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 # ASCII digits only, matched in full: "12\n" or Arabic-Indic digits are not sizes
 _SIZE_RE = re.compile(r" *(\d+(?:\.\d+)?) *([KMGTPB]?)(?:I?B)? *", re.IGNORECASE | re.ASCII)
+SECTOR = 512  # volume sizes are whole sectors (what NBD clients and qemu-img expect)
 # The largest size an NBD export, a file offset (off_t) or qemu-img can hold.
 MAX_SIZE = (1 << 63) - 1
 

@@ -31,10 +31,11 @@ from virtua.cluster import netplan
 from virtua.edge import web
 from virtua.edge.limits import ConnectionLimits
 from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, VirtuaError
-from virtua.nbd.volumes import AdminExports, StorageExports, admin_nbd_socket
+from virtua.nbd.volumes import AdminExports, StorageExports
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
 from virtua.pki.identity import canonical_address, certificate_addresses
 from virtua.procs import stop_process_group
+from virtua.storage.home import admin_nbd_socket
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
 

@@ -18,14 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
 from virtua.cli.client import Client, LocalClient
 from virtua.errors import AlreadyExists, Cancelled, InvalidArgument, NoSpace, VirtuaError
 from virtua.storage import imageio
 from virtua.storage.names import parse_ref
-from virtua.storage.pool import SECTOR
-from virtua.units import format_size
+from virtua.units import SECTOR, format_size
 
 
 @contextlib.contextmanager
@@ -34,6 +31,8 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[float], None]]:
     if not sys.stderr.isatty():
         yield lambda percent: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
     with Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         transient=True,
@@ -46,7 +45,7 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[float], None]]:
 def nbd_socket(home: Path, client: Client) -> Iterator[str]:
     """A unix socket where every volume of the pools is an NBD export, without TLS."""
     if not isinstance(client, LocalClient):
-        from virtua.nbd.volumes import admin_nbd_socket
+        from virtua.storage.home import admin_nbd_socket
 
         yield str(admin_nbd_socket(home))
         return

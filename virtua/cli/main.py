@@ -12,7 +12,7 @@ import typer
 from virtua.cli import render
 from virtua.cli.client import Client, connect
 from virtua.errors import InvalidArgument, VirtuaError
-from virtua.storage.service import default_home
+from virtua.storage.home import default_home
 from virtua.units import parse_size
 
 app = typer.Typer(no_args_is_help=True, help="virtua: storage virtualization and virtual clusters")
@@ -404,22 +404,9 @@ JSON_HELP = "--json (anywhere on the line): print the result as JSON, sizes in b
 
 
 def _polish(cmd: Any, root: bool = False) -> Any:
-    """Every command documents --json (main() takes it off the line before parsing), and
-    flags show no `<bool>` type."""
-    from typer.core import TyperGroup, TyperOption
+    """Every command documents --json (main() takes it off the line before parsing)."""
+    from typer.core import TyperGroup
 
-    for param in cmd.params:
-        if isinstance(param, TyperOption) and param.is_flag:
-            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
-    help_option = cmd.get_help_option
-
-    def plain_help_option(ctx: Any, help_option: Any = help_option) -> Any:
-        opt = help_option(ctx)
-        if opt is not None:
-            opt.display_type_rich = lambda ctx: None
-        return opt
-
-    cmd.get_help_option = plain_help_option
     if cmd.name not in ("serve", "agent") and (root or not isinstance(cmd, TyperGroup)):
         cmd.epilog = JSON_HELP
     for sub in getattr(cmd, "commands", {}).values():

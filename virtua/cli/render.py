@@ -4,18 +4,45 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from virtua.units import format_size
 
-out = Console()
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    out: Console  # stdout and stderr as rich consoles, made on first use (module __getattr__)
+    err: Console
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("out", "err"):
+        return _console(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console(which: str) -> Console:
+    """A rich console, made and kept on first use: importing rich costs every command tens of
+    milliseconds, and a command whose output goes to a pipe or a file never needs it."""
+    console = globals().get(which)
+    if console is None:
+        from rich.console import Console
+
+        console = globals()[which] = Console(stderr=which == "err")
+    return console
+
+
+_RICH_ENV = ("FORCE_TERMINAL", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR")
+
+
+def _stdout_is_terminal() -> bool:
+    """What rich would say, without importing it for output to a pipe or a file."""
+    if "out" in globals() or sys.stdout.isatty() or any(os.environ.get(v) for v in _RICH_ENV):
+        return _console("out").is_terminal
+    return False
 
 SIZE_KEYS = {
     "size", "capacity", "used", "free", "provisioned", "allocated", "unique", "shared",
@@ -103,13 +130,17 @@ def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title
         return
     if isinstance(result, list):
         if not result:
-            out.print("(none)")
+            sys.stdout.write("(none)\n")
             return
         cols = list(columns or result[0].keys())
         rows = [[fmt(c, row.get(c)) for c in cols] for row in result]
-        if not out.is_terminal:
+        if not _stdout_is_terminal():
             sys.stdout.write(_plain_table(cols, rows) + "\n")
         else:
+            from rich.table import Table
+            from rich.text import Text
+
+            out = _console("out")
             keep = _fitting_columns(cols, rows, out.width)
             table = Table(title=title, show_edge=False, header_style="bold")
             for i in keep:
@@ -121,25 +152,34 @@ def emit(result: Any, as_json: bool, columns: Sequence[str] | None = None, title
             out.print(table)
             if len(keep) < len(cols):
                 dropped = ", ".join(cols[i] for i in range(len(cols)) if i not in keep)
-                err.print(f"({dropped} left out to fit {out.width} columns; --json has everything)",
-                          highlight=False)
+                _console("err").print(f"({dropped} left out to fit {out.width} columns; --json has everything)",
+                                      highlight=False)
         for row in result:
             if row.get("warning"):
-                err.print("[yellow]warning:[/]", Text(printable(str(row["warning"]))))
+                warn(str(row["warning"]))
         return
     if isinstance(result, dict):
         pairs = [(k.replace("_", " "), fmt(k, v)) for k, v in result.items() if k != "warning"]
-        if not out.is_terminal:
+        if not _stdout_is_terminal():
             w = max((len(k) for k, _ in pairs), default=0)
             sys.stdout.write("".join(f"{k.ljust(w)}  {v}\n" for k, v in pairs))
         else:
+            from rich.table import Table
+            from rich.text import Text
+
             table = Table(title=title, show_header=False, show_edge=False, box=None)
             table.add_column(style="bold", no_wrap=True)
             table.add_column(overflow="fold")
             for k, v in pairs:
                 table.add_row(Text(k), Text(v))
-            out.print(table)
+            _console("out").print(table)
         if result.get("warning"):
-            err.print("[yellow]warning:[/]", Text(printable(str(result["warning"]))))
+            warn(str(result["warning"]))
         return
-    out.print(result)
+    _console("out").print(result)
+
+
+def warn(message: str) -> None:
+    from rich.text import Text
+
+    _console("err").print("[yellow]warning:[/]", Text(printable(message)))

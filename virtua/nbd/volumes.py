@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from pathlib import Path
 
 from virtua.storage.device import BlockDevice
 from virtua.storage.service import Storage
-
-
-def admin_nbd_socket(home: Path) -> Path:
-    """The administrator's NBD socket (the CLI's import/export): in a 0700 directory."""
-    return home / "private" / "nbd.sock"
 
 
 class AdminExports:

@@ -41,10 +41,10 @@ from virtua.storage.fallocate import punch_hole, start_writeback
 from virtua.storage.meta import SCHEMA_VERSION, MetaDB, Tx, connect
 from virtua.storage.names import check_name
 from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
+from virtua.units import SECTOR
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_OVERCOMMIT = 20.0
-SECTOR = 512
 # Commit metadata by itself once this many chunk mappings are pending, so memory stays
 # bounded for a writer that never flushes.
 AUTO_COMMIT_ROWS = 65536

@@ -7,7 +7,6 @@ pool, and CLI commands then reach them through its API.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from virtua.errors import AlreadyExists, InvalidArgument, NotFound, ReadOnly
 from virtua.jobs.record import JobStore
 from virtua.storage.device import BlockDevice
 from virtua.storage.holders import Holders
+from virtua.storage.home import default_home
 from virtua.storage.meta import Tx
 from virtua.storage.names import check_name, parse_ref
 from virtua.storage.pool import DEFAULT_CHUNK_SIZE, DEFAULT_OVERCOMMIT, Pool
@@ -40,13 +40,6 @@ class ReadOnlyVolumeDevice(VolumeDevice):
 
     def discard(self, offset: int, length: int) -> None:
         raise ReadOnly(f"{self.vol.name} is a template: read-only over NBD")
-
-
-def default_home() -> Path:
-    env = os.environ.get("VIRTUA_HOME")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "virtua"
 
 
 class Storage:
