@@ -182,7 +182,7 @@ def test_the_documented_results_are_what_the_operations_return(tmp_path: Path) -
         check(SnapshotInfo, ops.run(st, "snapshot.protect", {"ref": "p/v@s"}))
         check(VolumeInfo, ops.run(st, "volume.copy", {"source": "p/v@s", "new": "w"}))
         ops.run(st, "clone", {"source": "p/v@s", "new": "p/c"})
-        check(VolumeInfo, ops.run(st, "volume.flatten", {"ref": "p/c"}))
+        check(routes.FlattenDone, ops.run(st, "volume.flatten", {"ref": "p/c"}))
         for name, args in [("pool.info", {"name": "p"}), ("pool.list", {}), ("volume.info", {"ref": "p/v"}),
                            ("volume.list", {}), ("snapshot.list", {"ref": "p/v"}),
                            ("volume.resize", {"ref": "p/v", "size": "2M"}),

@@ -430,23 +430,67 @@ def volume_rebase(st: Storage, ref: str, target: str, force: bool = False) -> di
 
 
 @op("volume.flatten")
-def volume_flatten(st: Storage, ref: str, force: bool = False) -> dict[str, Any]:
+def volume_flatten(st: Storage, ref: str, force: bool = False, wait: bool = True) -> dict[str, Any]:
+    """A job of one step, its progress in bytes of the origin's data. Nothing to undo: at
+    whatever point it stops (cancel, crash) the volume reads the same, partly detached.
+    In serve, wait=False returns the job at once (`virtua job show`) and runs it there."""
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     _refuse_if_open(st, _volume_exports(pool, r.volume), f"flatten {ref}", force)
+    pool.check_idle([pool.volume(r.volume)], f"flatten {ref}")
+    serving = _serving()
+    copied = [0]
+    plan = Plan(f"flatten {ref}")
 
-    def done(copied: int) -> dict[str, Any]:
+    def flatten() -> Any:
+        def progress(done: int, total: int) -> None:
+            job.progress(done, total)
+
+        if not serving:
+            copied[0] = pool.flatten(r.volume, progress)
+            return None
+
+        async def go() -> None:  # in slices, the copies in a thread: the guests' disks keep their loop
+            copied[0] = await pool.flatten_async(r.volume, progress)
+
+        return go()
+
+    plan.add(f"copy what {ref} reads from its origin into it", flatten)
+    job = runner.start(st.jobs, "volume.flatten", {"ref": str(r)}, plan, unit="bytes")
+
+    def done() -> dict[str, Any]:
         info: dict[str, Any] = pool.volume_info(r.volume)
-        info["copied"] = copied
-        return info
+        info["copied"] = copied[0]
+        info["job"] = job.id
+        return job.finish(info)  # type: ignore[no-any-return]
 
-    if _serving():  # in slices, the copies in a thread: the guests' disks keep their loop
+    if not serving:
+        plan.run_sync(job)
+        return done()
 
-        async def go() -> dict[str, Any]:
-            return done(await pool.flatten_async(r.volume))
+    async def run() -> dict[str, Any]:
+        await plan.run(job)
+        return done()
 
-        return go()  # type: ignore[return-value]
-    return done(pool.flatten(r.volume))
+    if wait:
+        return run()  # type: ignore[return-value]
+    _in_background(run())
+    return {"job": job.id, "name": str(r), "state": "running"}
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()  # jobs that run on after their request (wait=False)
+
+
+def _in_background(work: Any) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_ended)
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: its error is in its job record
 
 
 @op("clone")

@@ -114,6 +114,19 @@ class VolumeInfo(BaseModel):
     copied: int | None = None  # volume.copy, volume.flatten: bytes copied
 
 
+class FlattenDone(VolumeInfo):
+    job: str  # the recorded job (`virtua job show`)
+
+
+class JobStarted(BaseModel):
+    """A long operation asked not to wait: its job runs on in the daemon."""
+
+    model_config = ConfigDict(extra="forbid")
+    job: str
+    name: str
+    state: str
+
+
 class SnapshotInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str  # POOL/VOLUME@SNAPSHOT
@@ -124,11 +137,12 @@ class SnapshotInfo(BaseModel):
 
 
 _VOLUME_RESULTS = ("volume.create", "volume.info", "volume.resize", "volume.reset", "volume.rename",
-                   "volume.copy", "volume.flatten", "volume.rebase", "snapshot.rollback", "trash.restore")
+                   "volume.copy", "volume.rebase", "snapshot.rollback", "trash.restore")
 # operations whose result has a stable shape; the others are documented as an object or an array
 RESULTS: dict[str, Any] = {
     "pool.create": PoolInfo, "pool.info": PoolInfo, "pool.list": list[PoolInfo],
     **dict.fromkeys(_VOLUME_RESULTS, VolumeInfo), "volume.list": list[VolumeInfo],
+    "volume.flatten": FlattenDone | JobStarted,
     "snapshot.create": SnapshotInfo, "snapshot.rename": SnapshotInfo, "snapshot.protect": SnapshotInfo,
     "snapshot.list": list[SnapshotInfo],
 }

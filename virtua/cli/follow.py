@@ -13,31 +13,37 @@ from virtua.errors import from_dict
 POLL = 0.25
 
 
-def follow(client: Client, job_id: str, label: str) -> dict[str, Any]:
-    """Wait for the job to end; return its record, or raise its error."""
+def follow(client: Client, job_id: str, label: str, name_job: bool = True) -> dict[str, Any]:
+    """Wait for the job to end; return its record, or raise its error (its message after
+    "job ID: " with name_job, else as the operation run in this process would say it). The
+    bar counts the job's bytes when it reports them (flatten), else its steps."""
     bar = None
     task = None
     try:
         if sys.stderr.isatty():
             from rich.progress import (
                 BarColumn,
-                MofNCompleteColumn,
                 Progress,
+                TaskProgressColumn,
                 TextColumn,
                 TimeElapsedColumn,
             )
 
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                            TextColumn("{task.fields[step]}"), TimeElapsedColumn(), transient=True)
             bar.start()
         while True:
             job: dict[str, Any] = client.call("job.show", id=job_id)
             if bar is not None:
-                steps = job["steps"]
-                done = sum(1 for s in steps if s["state"] == "done")
+                progress = job.get("progress") or {}
+                if progress.get("unit") == "bytes" and progress.get("total"):
+                    done, total = progress["done"], progress["total"]
+                else:
+                    steps = job["steps"]
+                    done, total = sum(1 for s in steps if s["state"] == "done"), len(steps)
                 if task is None:
-                    task = bar.add_task(label, total=len(steps), step="")
-                bar.update(task, completed=done, step=job.get("step") or "")
+                    task = bar.add_task(label, total=total, step="")
+                bar.update(task, completed=done, total=total, step=job.get("step") or "")
             if job["state"] != "running":
                 break
             time.sleep(POLL)
@@ -46,5 +52,5 @@ def follow(client: Client, job_id: str, label: str) -> dict[str, Any]:
             bar.stop()
     if job["state"] != "done":
         raise from_dict({"error": job.get("error_kind") or "VirtuaError",
-                         "message": f"job {job_id}: {job.get('error') or job['state']}"})
+                         "message": (f"job {job_id}: " if name_job else "") + (job.get("error") or job["state"])})
     return job

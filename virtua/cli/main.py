@@ -240,9 +240,26 @@ def volume_rebase(ref: str, target: str, force: bool = typer.Option(False, "--fo
 
 
 @volume_app.command("flatten")
-def volume_flatten(ref: str, force: bool = typer.Option(False, "--force", help=IN_USE)) -> None:
-    """Copy what a clone shares with its origin, making it independent."""
-    call("volume.flatten", ref=ref, force=force)
+def volume_flatten(
+    ref: str, force: bool = typer.Option(False, "--force", help=IN_USE),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job to its end (else print its ID; "
+                                                             "with `virtua serve` running)"),
+) -> None:
+    """Copy what a clone shares with its origin, making it independent. A job (`virtua job
+    list`): cancelled or interrupted, the clone reads the same, partly detached."""
+    from virtua.cli.client import RemoteClient
+
+    client = State.client()
+    if not isinstance(client, RemoteClient):  # in this process: it runs to its end
+        call("volume.flatten", ref=ref, force=force)
+        return
+    began = client.call("volume.flatten", ref=ref, force=force, wait=False)
+    if not wait:
+        render.emit(began, State.json)
+        return
+    from virtua.cli.follow import follow
+
+    render.emit(follow(client, began["job"], f"flatten {ref}", name_job=False)["result"], State.json)
 
 
 CONNECTION_COLUMNS = ["export", "client", "tls_identity", "since", "bytes_read", "bytes_written"]

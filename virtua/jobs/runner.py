@@ -31,6 +31,7 @@ class Job:
         self.record = record
         self.cancel_requested = False
         self._progress_written = 0.0
+        self._step = 0
 
     @property
     def id(self) -> str:
@@ -40,6 +41,7 @@ class Job:
 
     def begin_step(self, i: int) -> None:
         self.check_cancel()
+        self._step = i
         self.record.steps[i].state = "running"
         self.store.put(self.record)  # on disk before the step touches anything
         _failpoint(f"{self.record.op}:{i}:begin")
@@ -87,6 +89,8 @@ class Job:
     # -- progress and cancel -----------------------------------------------------------
 
     def progress(self, done: int, total: int | None = None, unit: str | None = None) -> None:
+        if done:
+            _failpoint(f"{self.record.op}:{self._step}:progress")  # in the middle of the step's work
         self.check_cancel()
         p = self.record.progress
         p.done = done
@@ -149,8 +153,9 @@ def cancel(store: JobStore, job_id: str) -> JobRecord:
 
 
 def _failpoint(where: str) -> None:
-    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end kills this process there (SIGKILL,
-    no clean-up), so recovery is tested against a real kill at every step boundary."""
+    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end|progress kills this process there
+    (SIGKILL, no clean-up): at a step boundary, or at the step's first progress report
+    after some of its work is done, so recovery is tested against real kills."""
     if os.environ.get("VIRTUA_JOB_CRASH") == where:
         os.kill(os.getpid(), signal.SIGKILL)
 

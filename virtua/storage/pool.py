@@ -44,6 +44,7 @@ from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
 from virtua.units import SECTOR
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
+Progress = Callable[[int, int], None]  # (done, total): bytes of a long operation
 DEFAULT_OVERCOMMIT = 20.0
 # Commit metadata by itself once this many chunk mappings are pending, so memory stays
 # bounded for a writer that never flushes.
@@ -896,14 +897,22 @@ class Pool:
         self._collect(old_top)
         return vol
 
-    def flatten(self, volume: str) -> int:
+    def flatten(self, volume: str, progress: Progress | None = None) -> int:
         """Copy what vol reads from its origin into its own bottom layer. Returns bytes copied.
 
         The copy is a FlattenJob's slices, back to back here; `virtua serve` runs the same
-        slices with flatten_async, its data copies in a thread between the guests' requests."""
+        slices with flatten_async, its data copies in a thread between the guests' requests.
+        progress(done, total) in bytes of the origin's data is called before each slice; an
+        exception from it stops the flatten there (the volume reads the same either way)."""
         job = self.flatten_job(volume)
         try:
             for copy in job.slices():
+                if progress is not None:
+                    try:
+                        progress(job.done, job.total)
+                    except BaseException:
+                        job.idle.set()  # its copy never runs
+                        raise
                 copy()
             if job.copied:
                 self.flush()
@@ -911,13 +920,19 @@ class Pool:
         finally:
             job.release()
 
-    async def flatten_async(self, volume: str) -> int:
+    async def flatten_async(self, volume: str, progress: Progress | None = None) -> int:
         """flatten() beside a server's clients: each slice's data copy in a worker thread,
         the block map and its rows on the loop between them, durability by the flush job."""
         loop = asyncio.get_running_loop()
         job = self.flatten_job(volume)
         try:
             for copy in job.slices():
+                if progress is not None:
+                    try:
+                        progress(job.done, job.total)
+                    except BaseException:
+                        job.idle.set()  # its copy never runs
+                        raise
                 try:
                     work = loop.run_in_executor(None, copy)
                 except BaseException:
@@ -1401,6 +1416,8 @@ class FlattenJob:
         self.bottom = bottom
         self.parent_id = bottom.parent
         self.copied = 0
+        self.total = 0  # bytes of the origin's data to look at (known once slices() starts)
+        self.done = 0  # of them, looked at
         self.error: BaseException | None = None
         self.idle = threading.Event()  # no copy in flight (Pool.close waits for it)
         self.idle.set()
@@ -1428,9 +1445,11 @@ class FlattenJob:
         pool.reserve(len(todo))
         step = max(1, FLATTEN_SLICE >> pool.chunk_shift)
         sh, cs, fd = pool.chunk_shift, pool.chunk_size, pool.data_fd
+        self.total = len(todo) * cs
         for i in range(0, len(todo), step):
             if pool.closed or self.stopped:
                 raise Busy(f"flatten of {pool.name}/{vol.name} stopped: the pool was closed")
+            self.done = i * cs
             m = self._bottom_map()
             batch = [(c, p) for c, p in todo[i : i + step] if m.get(c) == p]
             if not batch:
