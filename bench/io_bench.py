@@ -9,7 +9,8 @@ times, end to end (the CLI's start-up included), interleaved:
   it to the copy tool on a private in-process NBD socket) and through `virtua serve`;
 * the baselines: `qemu-img convert` qcow2 -> raw file and raw file -> qcow2 of the same
   image on the same filesystem, and nbdcopy between the raw file and serve's NBD export
-  directly (with the same flags the CLI gives it: --destination-is-zero --flush on import).
+  directly (with the same flags the CLI gives it: --destination-is-zero --flush on import;
+  --flush on export, as durable as the CLI's fsync of the file it writes).
 
 Rows are medians over the rounds; ratio = virtua / baseline (lower is better).
 """
@@ -95,7 +96,9 @@ def main(argv: list[str]) -> int:
             subprocess.run([*VIRTUA, "volume", "create", "p/v", "--size", str(raw.stat().st_size)], env=env,
                            check=True, stdout=subprocess.DEVNULL)
             run("import raw: nbdcopy", ["nbdcopy", "--destination-is-zero", "--flush", str(raw), uri], env)
-            run("export raw: nbdcopy", ["nbdcopy", uri, str(out)], env, after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
+            # --flush: as durable as the CLI's export, which fsyncs the file before renaming it into place
+            run("export raw: nbdcopy", ["nbdcopy", "--flush", uri, str(out)], env,
+                after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
             run("import qcow2: qemu-img", ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(out)], env)
             run("export qcow2: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), f"{out}.qcow2"], env)
             # the same tool straight to and from serve's NBD socket: the CLI's own cost is the

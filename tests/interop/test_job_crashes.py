@@ -6,8 +6,10 @@ cancelled import stops and removes its volume."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -189,3 +191,34 @@ def test_dry_run_prints_the_plan_and_changes_nothing(v: V) -> None:
     assert out["plan"] == ["snapshot p/base@clone-d", "create 3 clone(s) of p/base@clone-d"]
     assert volumes(v) == {"p/base"} and jobs(v) == []
     v.fails(4, "clone", "p/base", "p/base", "--dry-run", match="already exists")
+
+
+@pytest.mark.parametrize("where", ["template.build:1:end", "template.build:2:end"])
+def test_a_template_build_killed_after_its_import_or_its_record_is_undone(v: V, where: str) -> None:
+    """serve is SIGKILLed once the template's volume is imported (and snapshotted), or once
+    its record is written too: the next serve removes both, and the build then works."""
+    serve = Serve(v.home, env={"VIRTUA_JOB_CRASH": where})
+    r = v.run("template", "build", "t", ok=False)
+    assert r.returncode != 0, "the daemon died under the command"
+    assert serve.proc.wait(timeout=60) == -signal.SIGKILL
+    step = int(where.split(":")[1])
+    db = sqlite3.connect(f"file:{v.home / 'jobs.db'}?mode=ro", uri=True)  # not the CLI: it would recover
+    try:
+        (row,) = db.execute("SELECT record FROM jobs WHERE state = 'running'").fetchall()
+    finally:
+        db.close()
+    left = json.loads(row[0])
+    assert [s["state"] for s in left["steps"]] == ["done"] * step + ["running"] + ["pending"] * (2 - step), left
+    serve = Serve(v.home)
+    try:
+        assert "p/template-t" not in volumes(v)
+        assert v.json("template", "list") == []
+        assert not (v.home / "templates" / "t").exists(), "its boot files went with the record"
+        job = next(j for j in jobs(v) if j["op"] == "template.build")
+        assert job["state"] == "undone" and "interrupted" in job["error"], job
+        assert_clean(v)
+        out = v.json("template", "build", "t")  # control: the same build now works
+        assert out["snapshot"] == "p/template-t@base"
+        assert next(j for j in jobs(v) if j["op"] == "template.build" and j["state"] == "done")
+    finally:
+        serve.stop()

@@ -94,9 +94,20 @@ def host_undrain(name: str) -> None:
 def template_build(
     name: str, pool: str | None = typer.Option(None, "--pool"),
     size: str | None = typer.Option(None, "--size", help="root filesystem size (default 64M)"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job to its end (else print its ID)"),
 ) -> None:
-    """Build a bootable Linux template from Debian packages (cloud kernel + busybox ext4 root)."""
-    call("template.build", name=name, pool=pool, size=size)
+    """Build a bootable Linux template from Debian packages (cloud kernel + busybox ext4 root).
+    A recorded job (`virtua job list`): a failure or a crash in the middle undoes it."""
+    client = State.client()
+    began = client.call("template.build", **{k: v for k, v in dict(name=name, pool=pool, size=size).items()
+                                             if v is not None}, wait=False)
+    if not wait:
+        render.emit(began, State.json)
+        return
+    from virtua.cli.follow import follow
+
+    follow(client, began["job"], f"template build {name}", name_job=False)
+    call("template.info", name=name)
 
 
 @template_app.command("import")

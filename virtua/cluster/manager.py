@@ -551,29 +551,81 @@ class Manager:
             out["initrd_digest"] = _digest(d / "initrd.img")
         return out
 
-    def template_build(self, name: str, pool: str | None = None, size: str | None = None) -> dict[str, Any]:
-        """A small bootable Linux from Debian packages: cloud kernel, busybox root on ext4."""
-        from virtua.vmm.image import ensure_artifacts, kernel_cmdline
+    def template_build(
+        self, name: str, pool: str | None = None, size: str | None = None, wait: bool = True,
+    ) -> dict[str, Any]:
+        """A small bootable Linux from Debian packages: cloud kernel, busybox root on ext4.
+        A recorded job of three steps (the cached guest files; the root disk's import into
+        a template volume; the record): a failure or a crash removes the half-made volume
+        and record. In serve, wait=False returns {"job": ID} and the build runs on."""
+        from virtua.vmm.image import GuestArtifacts, ensure_artifacts, kernel_cmdline
 
         check_name(name, "template name")
         if self.store.get(f"/templates/{name}") is not None:
             raise AlreadyExists(f"template {name} already exists")
         rootfs_size = parse_size(size) if size else 64 << 20
         cache = self.home / "cache" / "guest"
-        if _serving():  # the build's subprocesses in a thread, the import in steps
+        pname = self._default_pool(pool)
+        p = self.storage.pool(pname)
+        vol = f"{TEMPLATE_VOLUME_PREFIX}{name}"  # exported read-only (Storage.open_export)
+        ref = f"{pname}/{vol}"
+        if vol in p.volumes_by_name:
+            raise AlreadyExists(f"volume {ref} already exists (a template's volume): remove it first")
+        serving = _serving()
+        art: list[GuestArtifacts] = []
+        info: dict[str, Any] = {}
 
-            async def go() -> dict[str, Any]:
+        def artifacts() -> Any:
+            if not serving:
+                art.append(ensure_artifacts(cache, rootfs_size=rootfs_size))
+                return None
+
+            async def go() -> None:  # the build's subprocesses in a thread
                 if self._artifacts_lock is None:
                     self._artifacts_lock = asyncio.Lock()
                 async with self._artifacts_lock:  # one build of the cache at a time
-                    art = await asyncio.get_running_loop().run_in_executor(
-                        None, lambda: ensure_artifacts(cache, rootfs_size=rootfs_size))
-                return await self._template_from_async(
-                    name, pool, str(art.rootfs), art.kernel, art.initrd, kernel_cmdline("/dev/vda"))
+                    art.append(await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: ensure_artifacts(cache, rootfs_size=rootfs_size)))
 
-            return go()  # type: ignore[return-value]
-        art = ensure_artifacts(cache, rootfs_size=rootfs_size)
-        return self._template_from(name, pool, str(art.rootfs), art.kernel, art.initrd, kernel_cmdline("/dev/vda"))
+            return go()
+
+        def import_root() -> Any:
+            a = art[0]
+            if serving:
+                return self._template_volume_async(p, vol, str(a.rootfs))
+            return self._template_volume(p, vol, str(a.rootfs))
+
+        def record() -> None:
+            a = art[0]
+            info.update(self._template_record(name, pname, vol, a.kernel, a.initrd, kernel_cmdline("/dev/vda")))
+
+        plan = Plan(f"template build {name}")
+        plan.add("build the guest's kernel, initrd and root file system (cached)", artifacts)
+        plan.add(f"import the root file system into {ref}", import_root,
+                 lambda: self._rm_volumes(p, [ref]), Undo(kind="volumes.rm", args={"refs": [ref]}))
+        plan.add(f"record template {name}", record,
+                 lambda: self._forget_template(name), Undo(kind="template.forget", args={"name": name}))
+        job = runner.start(self.storage.jobs, "template.build", {"name": name, "pool": pname, "size": rootfs_size},
+                           plan, total=len(plan.steps))
+        if not serving:
+            plan.run_sync(job)
+            return job.finish(info)  # type: ignore[no-any-return]
+
+        async def run() -> dict[str, Any]:
+            await plan.run(job)
+            return job.finish(info)  # type: ignore[no-any-return]
+
+        if wait:
+            return run()  # type: ignore[return-value]
+        task = asyncio.get_running_loop().create_task(run())
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded in the job
+        return {"job": job.id, "name": name}
+
+    def _forget_template(self, name: str) -> None:
+        self.store.delete(f"/templates/{name}")
+        shutil.rmtree(self.templates_dir / name, ignore_errors=True)
 
     def import_path(self, path: str, what: str, caller_is_admin: bool) -> Path:
         """The host file a request names, if it may name it: only an administrator, and only
@@ -619,37 +671,36 @@ class Manager:
     def _template_from(
         self, name: str, pool: str | None, image: str, kernel: Path, initrd: Path | None, cmdline: str
     ) -> dict[str, Any]:
-        from virtua.storage import imageio
 
         pname = self._default_pool(pool)
-        p = self.storage.pool(pname)
         vol = f"{TEMPLATE_VOLUME_PREFIX}{name}"  # exported read-only (Storage.open_export)
+        self._template_volume(self.storage.pool(pname), vol, image)
+        return self._template_record(name, pname, vol, kernel, initrd, cmdline)
+
+    def _template_volume(self, p: Any, vol: str, image: str) -> None:
+        """A template's volume from an image, with its snapshot `base` (or no volume at all)."""
+        from virtua.storage import imageio
+
         with imageio.raw_source(image) as raw:
             size = Path(raw).stat().st_size
             p.create_volume(vol, (size + 511) // 512 * 512)
             try:
-                imageio.import_into(raw, self.storage.open_device(f"{pname}/{vol}"))
+                imageio.import_into(raw, self.storage.open_device(f"{p.name}/{vol}"))
                 p.create_snapshot(vol, "base")
             except BaseException:
                 p.delete_volume(vol, recursive=True)
                 raise
-        return self._template_record(name, pname, vol, kernel, initrd, cmdline)
 
-    async def _template_from_async(
-        self, name: str, pool: str | None, image: str, kernel: Path, initrd: Path | None, cmdline: str
-    ) -> dict[str, Any]:
-        """_template_from beside the guests: the import a block at a time, the flush's
+    async def _template_volume_async(self, p: Any, vol: str, image: str) -> None:
+        """_template_volume beside the guests: the import a block at a time, the flush's
         fdatasync and commit in the flush job."""
         from virtua.storage import imageio
 
-        pname = self._default_pool(pool)
-        p = self.storage.pool(pname)
-        vol = f"{TEMPLATE_VOLUME_PREFIX}{name}"
         with imageio.raw_source(image) as raw:
             size = Path(raw).stat().st_size
             p.create_volume(vol, (size + 511) // 512 * 512)
             try:
-                dev = self.storage.open_device(f"{pname}/{vol}")
+                dev = self.storage.open_device(f"{p.name}/{vol}")
                 for _ in imageio.import_steps(raw, dev):
                     await asyncio.sleep(0)
                 await dev.flush_async()
@@ -657,7 +708,6 @@ class Manager:
             except BaseException:
                 p.delete_volume(vol, recursive=True)
                 raise
-        return self._template_record(name, pname, vol, kernel, initrd, cmdline)
 
     def _template_record(
         self, name: str, pname: str, vol: str, kernel: Path, initrd: Path | None, cmdline: str
@@ -688,8 +738,7 @@ class Manager:
             raise DependencyError(f"template {name} is used by VC(s) {', '.join(users)}; destroy them first")
         r = parse_ref(t.volume)
         removed = self.storage.pool(r.pool).delete_volume(r.volume, recursive=True)
-        self.store.delete(f"/templates/{name}")
-        shutil.rmtree(self.templates_dir / name, ignore_errors=True)
+        self._forget_template(name)
         return {"removed": [name, *removed]}
 
     def template_file(self, name: str, which: str) -> Path:
@@ -1456,6 +1505,14 @@ def _digest(path: Path) -> str:
 
 
 __all__ = ["Manager", "Busy"]
+
+
+@undo_kind("template.forget")
+def _undo_template_record(ctx: Context, name: str) -> None:
+    """A template whose build was interrupted after its record was written."""
+    if ctx.manager is None:
+        raise NeedsManager()
+    ctx.manager._forget_template(name)
 
 
 @undo_kind("vc.forget")
