@@ -402,7 +402,15 @@ def test_bad_input(cluster: NetCluster) -> None:
     ] == []
     c.json("vc", "create", "dup", "--template", "tiny", "--nodes", "1", "--memory", "128M")
     fails(4, "vc", "create", "dup", "--template", "tiny", "--nodes", "1", match="already exists")
-    c.json("vc", "start", "dup")
+    fails(3, "vc", "start", "nope", match="does not exist")  # refused before a job is recorded
+    began = c.json("vc", "start", "dup", "--no-wait")  # a job: progress in nodes up
+    deadline = time.monotonic() + 120
+    while (job := c.json("job", "show", began["job"]))["state"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "done" and job["op"] == "vc.start", job
+    assert job["progress"] == {"done": 1, "total": 1, "unit": "VMs"}, job["progress"]
+    assert [n["state"] for n in c.json("vc", "info", "dup")["nodes"]] == ["running"]
     fails(5, "vc", "destroy", "dup", match="running.*--force")
     c.json("vc", "destroy", "dup", "--force")
     assert c.json("vc", "list") == []

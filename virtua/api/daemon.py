@@ -71,6 +71,7 @@ class ServeConfig:
     # cluster state (hosts, templates, VCs, VMs) in etcd at these URLs instead of manager.db
     etcd: str | None = None
     etcd_prefix: str = "/virtua/"
+    etcd_tls: Path | None = None  # https:// etcd: the client credentials (default pki/etcd/manager)
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -492,6 +493,17 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def _etcd_credentials(cfg: ServeConfig) -> Any:
+    """The etcd client credentials for https:// endpoints (None for http://)."""
+    from virtua.cluster.etcd_pki import client_credentials
+    from virtua.pki.credentials import Credentials
+
+    assert cfg.etcd is not None
+    if not cfg.etcd.lstrip().startswith("https://"):
+        return None
+    return Credentials(cfg.etcd_tls) if cfg.etcd_tls else client_credentials(cfg.home)
+
+
 async def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
@@ -502,7 +514,9 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.pki.ca import ClusterCA
 
     # first: an etcd that does not answer stops serve before anything starts (Unavailable)
-    store: StateStore | None = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix) if cfg.etcd else None
+    store: StateStore | None = None
+    if cfg.etcd:
+        store = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix, tls=_etcd_credentials(cfg))
     _check_free(cfg.listen)
     _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)

@@ -212,13 +212,29 @@ def vc_call(op: str, **args: object) -> None:
         render.emit(result, False)
 
 
-for _op in ("start", "suspend", "resume", "reset", "info"):
+@vc_app.command("start")
+def vc_start(
+    name: str,
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job to its end (else print its ID)"),
+) -> None:
+    """Boot every node (waits until each is up). A recorded job (`virtua job list`)."""
+    client = State.client()
+    began = client.call("vc.start", name=name, wait=False)
+    if not wait:
+        render.emit(began, State.json)
+        return
+    from virtua.cli.follow import follow
+
+    follow(client, began["job"], f"vc start {name}", name_job=False)
+    vc_call("vc.info", name=name)
+
+
+for _op in ("suspend", "resume", "reset", "info"):
     def _make(op: str) -> None:
         def cmd(name: str) -> None:
             vc_call(f"vc.{op}", name=name)
 
         cmd.__doc__ = {
-            "start": "Boot every node (waits until each is up).",
             "suspend": "Save every node's memory state and stop it; resume continues where it stopped.",
             "resume": "Resume a suspended VC (on the hosts its mapping names now).",
             "reset": "Every node disk back to the template snapshot (VC must be stopped).",
@@ -309,21 +325,31 @@ def lab_up(
     hosts: int = typer.Option(3, "--hosts"), prefix: str = typer.Option("10.213.0", "--prefix", help="first three octets of the hosts' /24"),
     cores: int = typer.Option(2, "--cores", help="cores each host offers"), memory: str = typer.Option("2G", "--memory"),
     tag: str = typer.Option("vlab", "--tag", help="names the lab's namespaces (TAG-hN) and bridge (TAGbr); at most 8 characters"),
+    etcd: bool = typer.Option(False, "--etcd", help="also an etcd cluster, one member per host (TLS with virtua's etcd CA): "
+                                                     "the cluster state of `virtua serve --etcd ...`"),
 ) -> None:
     """Create N namespaced hosts on a bridge and start an agent in each (manager at PREFIX.1:8780)."""
+    from virtua.cluster import lab_etcd
     from virtua.net.lab import Lab
 
     lab = Lab(tag=tag, prefix=prefix, hosts=hosts)
     home = State.home / "lab"
     Lab.stop_agents(home)
+    lab_etcd.stop(home)
     if (home / "lab.json").exists():  # the lab this home had before, whatever its tag or size
         Lab.load(home).destroy()
     lab.create()
+    members = lab_etcd.start(lab, home, State.home) if etcd else []
     tokens = lab_join_tokens(lab, home)
     pids = lab.start_agents(home, f"https://{lab.gateway}:8780", cores, memory, tokens)
-    render.emit({"bridge": f"{lab.bridge} {lab.gateway}/24", "hosts": [f"{h} {lab.address(h)} (pid {p})" for h, p in pids.items()],
-                 "serve": f"virtua serve --no-agent --listen {lab.gateway}:10809 --api-listen {lab.gateway}:8780 --host-network {lab.network}"},
-                State.json)
+    serve = f"virtua serve --no-agent --listen {lab.gateway}:10809 --api-listen {lab.gateway}:8780 --host-network {lab.network}"
+    out: dict[str, object] = {"bridge": f"{lab.bridge} {lab.gateway}/24",
+                              "hosts": [f"{h} {lab.address(h)} (pid {p})" for h, p in pids.items()]}
+    if members:
+        out["etcd"] = [f"{m.name} {m.client_url}" for m in members]
+        serve += f" --etcd {lab_etcd.urls(members)}"
+    out["serve"] = serve
+    render.emit(out, State.json)
 
 
 def lab_join_tokens(lab: Lab, home: Path) -> dict[str, Path]:
@@ -347,10 +373,12 @@ def lab_join_tokens(lab: Lab, home: Path) -> dict[str, Path]:
 @lab_app.command("down")
 def lab_down() -> None:
     """Stop the lab's agents and VMs and remove its namespaces and bridge."""
+    from virtua.cluster import lab_etcd
     from virtua.net.lab import Lab
 
     home = State.home / "lab"
     lab = Lab.load(home)
     Lab.stop_agents(home)
+    lab_etcd.stop(home)
     lab.destroy()
     render.emit({"removed": [lab.bridge, *(lab.ns(h) for h in lab.names())]}, State.json)

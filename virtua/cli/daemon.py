@@ -45,6 +45,9 @@ def serve_cmd(
     etcd: str | None = typer.Option(
         None, "--etcd", help="keep the cluster state (hosts, templates, VCs, VMs) in etcd at URL[,URL...] instead of manager.db"),
     etcd_prefix: str = typer.Option("/virtua/", "--etcd-prefix", help="the etcd key prefix of this cluster's state"),
+    etcd_tls: Path | None = typer.Option(
+        None, "--etcd-tls", help="for https:// etcd: the client credentials of virtua's etcd CA (default "
+                                 "$VIRTUA_HOME/pki/etcd/manager, made by `virtua lab up --etcd`)"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -94,6 +97,7 @@ def serve_cmd(
         ca_key=ca_key,
         etcd=etcd or None,
         etcd_prefix=etcd_prefix,
+        etcd_tls=etcd_tls,
     )
     if cfg.etcd:  # a bad URL is a one-line error before anything starts
         from virtua.cluster.store_etcd import parse_urls

@@ -16,7 +16,7 @@ POLL = 0.25
 def follow(client: Client, job_id: str, label: str, name_job: bool = True) -> dict[str, Any]:
     """Wait for the job to end; return its record, or raise its error (its message after
     "job ID: " with name_job, else as the operation run in this process would say it). The
-    bar counts the job's bytes when it reports them (flatten), else its steps."""
+    bar counts what the job reports (bytes of a flatten, nodes of a vc start), else its steps."""
     bar = None
     task = None
     try:
@@ -36,7 +36,7 @@ def follow(client: Client, job_id: str, label: str, name_job: bool = True) -> di
             job: dict[str, Any] = client.call("job.show", id=job_id)
             if bar is not None:
                 progress = job.get("progress") or {}
-                if progress.get("unit") == "bytes" and progress.get("total"):
+                if progress.get("unit") != "steps" and progress.get("total"):  # bytes, VMs
                     done, total = progress["done"], progress["total"]
                 else:
                     steps = job["steps"]

@@ -2,12 +2,16 @@
 
 virtua never reimplements consensus: it starts etcd and talks to it. This module only
 builds the command line of a member of a static cluster and waits until it answers.
+With TLS (`MemberTLS`, certificates of virtua's etcd CA: virtua.cluster.etcd_pki) every
+client and every peer must present a certificate of that CA: nobody else reaches the
+cluster state, not even a host of the cluster.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -23,14 +27,32 @@ class Member:
     address: str  # the member's IP address
     client_port: int = 2379
     peer_port: int = 2380
+    scheme: str = "http"  # https: the members run with MemberTLS
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.address}:{self.client_port}"
+        return f"{self.scheme}://{self.address}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.address}:{self.peer_port}"
+        return f"{self.scheme}://{self.address}:{self.peer_port}"
+
+
+@dataclass(frozen=True)
+class MemberTLS:
+    """A member's certificate and key, and the CA its clients and peers must be signed by."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def flags(self) -> list[str]:
+        return [
+            "--cert-file", str(self.cert), "--key-file", str(self.key),
+            "--client-cert-auth", "--trusted-ca-file", str(self.ca),
+            "--peer-cert-file", str(self.cert), "--peer-key-file", str(self.key),
+            "--peer-client-cert-auth", "--peer-trusted-ca-file", str(self.ca),
+        ]
 
 
 def etcd_binary() -> str:
@@ -40,13 +62,15 @@ def etcd_binary() -> str:
     return path
 
 
-def member_command(me: Member, cluster: list[Member], data_dir: Path, token: str) -> list[str]:
+def member_command(
+    me: Member, cluster: list[Member], data_dir: Path, token: str, tls: MemberTLS | None = None,
+) -> list[str]:
     initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster)
     return [
         etcd_binary(),
         "--name", me.name,
         "--data-dir", str(data_dir),
-        "--listen-client-urls", f"{me.client_url},http://127.0.0.1:{me.client_port}"
+        "--listen-client-urls", f"{me.client_url},{me.scheme}://127.0.0.1:{me.client_port}"
         if me.address != "127.0.0.1" else me.client_url,
         "--advertise-client-urls", me.client_url,
         "--listen-peer-urls", me.peer_url,
@@ -59,21 +83,24 @@ def member_command(me: Member, cluster: list[Member], data_dir: Path, token: str
         "--election-timeout", "1000",
         "--logger", "zap",
         "--log-level", "warn",
+        *(tls.flags() if tls else []),
     ]
 
 
 def start_member(
-    me: Member, cluster: list[Member], data_dir: Path, token: str, netns: str | None = None
+    me: Member, cluster: list[Member], data_dir: Path, token: str, netns: str | None = None,
+    tls: MemberTLS | None = None,
 ) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = member_command(me, cluster, data_dir / "data", token)
+    cmd = member_command(me, cluster, data_dir / "data", token, tls)
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     log = open(data_dir / "etcd.log", "ab")
     return subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait_healthy(url: str, timeout: float = 20.0, netns: str | None = None) -> None:
+def wait_healthy(url: str, timeout: float = 20.0, netns: str | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
     """Until /health says true (a quorum exists and this member serves)."""
     deadline = time.monotonic() + timeout
     last = ""
@@ -87,7 +114,7 @@ def wait_healthy(url: str, timeout: float = 20.0, netns: str | None = None) -> N
                 )
                 body = r.stdout
             else:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{url}/health", timeout=2, context=context) as resp:
                     body = resp.read().decode()
             if '"health":"true"' in body.replace(" ", ""):
                 return

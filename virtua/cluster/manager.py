@@ -932,7 +932,9 @@ class Manager:
         finally:
             lock.release()
         try:
-            info = await self.vc_start(name) if start else self.vc_info(name)
+            if start:
+                await self._start_vc(name)
+            info = self.vc_info(name)
         except BaseException as e:  # created, but did not start: the job says so, the VC stays
             job.failed_after(e)
             raise
@@ -1057,19 +1059,54 @@ class Manager:
         vm.state, vm.accel = _started(r, vm, None)
         self._put_vm(vm)
 
-    async def vc_start(self, name: str) -> dict[str, Any]:
+    async def vc_start(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """A recorded job of one step, its progress the nodes up; wait=False returns
+        {"job": ID} once it is recorded (the CLI follows it), else the VC's info. Nothing to
+        undo: a node that did not start is recorded failed, the VC degraded."""
+        self._check_startable(name)  # before a job: what would refuse it at once
+        plan = Plan(f"vc start {name}")
+        plan.add(f"start the nodes of {name}", lambda: self._start_vc(name, job))
+        job = runner.start(self.storage.jobs, "vc.start", {"name": name}, plan, unit="VMs")
+
+        async def run() -> dict[str, Any]:
+            await plan.run(job)
+            info = self.vc_info(name)
+            job.finish({"name": name, "state": info.get("state")})
+            return info
+
+        if wait:
+            return await run()
+        task = asyncio.create_task(run())
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded in the job
+        return {"job": job.id, "name": name}
+
+    def _check_startable(self, name: str) -> None:
+        self.vc(name)
+        if any(v.state == "suspended" for v in self.vc_vms(name)):
+            raise InvalidArgument(f"VC {name} is suspended: use `virtua vc resume {name}`")
+
+    async def _start_vc(self, name: str, job: runner.Job | None = None) -> None:
         async with self.lock(f"vc/{name}"):
+            self._check_startable(name)
             vc = self.vc(name)
             vms = [v for v in self.vc_vms(name) if v.state in ("stopped", "defined", "failed")]
-            suspended = [v for v in self.vc_vms(name) if v.state == "suspended"]
-            if suspended:
-                raise InvalidArgument(f"VC {name} is suspended: use `virtua vc resume {name}`")
-            errors = await self._each(vms, lambda v: self._start_vm(vc, v))
+            up = [0]
+
+            async def start(v: VMRecord) -> None:
+                await self._start_vm(vc, v)
+                up[0] += 1
+                if job is not None:
+                    job.progress(up[0], len(vms), cancellable=False)  # a started node stays started
+
+            if job is not None:
+                job.progress(0, len(vms), cancellable=False)
+            errors = await self._each(vms, start)
             vc.state = "running" if not errors else "degraded"
             self._put_vc(vc)
             if errors:
                 raise Unavailable(f"VC {name}: {len(errors)} node(s) failed to start: " + "; ".join(errors))
-        return self.vc_info(name)
 
     async def _stop_vm(self, vm: VMRecord, force: bool = False) -> None:
         if vm.state in ("running", "starting", "failed"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import httpx
 
 from virtua.cluster.store import StoreConflict
 from virtua.errors import InvalidArgument, NoSpace, Unavailable, VirtuaError
+from virtua.pki.credentials import Credentials
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
 READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
@@ -42,6 +44,24 @@ HOLD_DOWN = 2.0
 PAGE = 500  # keys per range request (a prefix range pages on)
 # etcd's answer when it cannot agree (no leader, lost quorum, a proposal that timed out)
 _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "not capable", "too many requests")
+
+
+# answers that say an election is under way (the leader went): worth a short wait
+_ELECTING = ("no leader", "leader changed")
+ELECTION_WAIT = 2.5  # seconds: etcd elects a new leader within its election timeout (1 s in a lab)
+ELECTION_POLL = 0.1
+
+
+class _Electing(Unavailable):
+    def __init__(self, message: str, not_applied: bool) -> None:
+        super().__init__(message)
+        self.not_applied = not_applied  # "no leader": etcd refused it before proposing it
+
+
+def _no_quorum(failures: list[str], reachable: int, n: int, electing: bool, not_applied: bool) -> Unavailable:
+    message = (f"etcd has no quorum: {reachable} of {n} member(s) reachable, {n // 2 + 1} needed "
+               f"({'; '.join(failures)})")
+    return _Electing(message, not_applied) if electing else Unavailable(message)
 
 
 def _b64(s: str | bytes) -> str:
@@ -89,13 +109,29 @@ class _Txn:
 
 class EtcdStateStore:
     def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
-                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 tls: Credentials | None = None) -> None:
+        """tls: the client certificate of virtua's etcd CA (virtua.cluster.etcd_pki), for
+        https:// endpoints: members are verified against that CA, and it is presented."""
         self.urls = parse_urls(urls)
         if not prefix.startswith("/"):
             raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts with /")
+        https = [u for u in self.urls if u.startswith("https://")]
+        if https and len(https) != len(self.urls):
+            raise InvalidArgument("etcd endpoints are all https:// or all http://, not a mix")
+        if https and tls is None:
+            raise InvalidArgument("https:// etcd endpoints need the etcd client credentials (--etcd-tls DIR)")
         self.prefix = prefix.rstrip("/")
         self.read_timeout = read_timeout
-        self._http = httpx.Client(timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
+        verify: Any = True
+        if tls is not None:
+            from virtua.cluster.etcd_pki import client_context
+
+            try:
+                verify = client_context(tls)
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidArgument(f"cannot load the etcd client credentials in {tls.dir}: {e}") from e
+        self._http = httpx.Client(timeout=httpx.Timeout(read_timeout, connect=connect_timeout), verify=verify)
         self._current = 0  # the endpoint that answered last
         self._lock = threading.RLock()
         self._depth = 0
@@ -110,17 +146,27 @@ class EtcdStateStore:
     def _call(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
         if time.monotonic() < self._down_until:
             raise Unavailable(self._down_said)
-        try:
-            return self._request(path, body, idempotent=idempotent)
-        except Unavailable as e:
-            self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
-            raise
+        deadline = time.monotonic() + ELECTION_WAIT
+        while True:
+            try:
+                return self._request(path, body, idempotent=idempotent)
+            except _Electing as e:  # a member answered: a new leader is being elected
+                if (idempotent or e.not_applied) and time.monotonic() < deadline:
+                    time.sleep(ELECTION_POLL)
+                    continue
+                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                raise Unavailable(e.message) from None
+            except Unavailable as e:
+                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                raise
 
     def _request(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
         """One request; on a connection failure the next endpoint. A request that was sent
         but got no answer goes to the next endpoint only if repeating it is harmless."""
         failures: list[str] = []
         n = len(self.urls)
+        answered = 0  # members reached that cannot answer (no quorum behind them)
+        electing, not_applied = False, True
         for i in range(n):
             url = self.urls[(self._current + i) % n]
             try:
@@ -129,10 +175,11 @@ class EtcdStateStore:
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
             except httpx.TimeoutException:
-                msg = f"etcd has no quorum ({url} gave no answer within {self.read_timeout:g} s)"
+                msg = f"{url} gave no answer within {self.read_timeout:g} s"
                 if not idempotent:
-                    raise Unavailable(msg + "; the write may or may not have been applied") from None
+                    raise Unavailable(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
                 failures.append(msg)
+                answered += 1  # it is there, and cannot answer without a quorum
                 continue
             except httpx.HTTPError as e:
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
@@ -146,10 +193,13 @@ class EtcdStateStore:
                 return doc
             message = str(doc.get("error") or doc.get("message") or r.text[:200]) if isinstance(doc, dict) else r.text[:200]
             if any(s in message for s in _NO_QUORUM) or r.status_code == 503:
-                failures.append(f"etcd has no quorum ({url}: {message})")
+                failures.append(f"{url}: {message}")
+                answered += 1
+                electing = electing or any(s in message for s in _ELECTING)
+                not_applied = not_applied and "no leader" in message
                 if idempotent:
                     continue
-                raise Unavailable("; ".join(failures))
+                raise _no_quorum(failures, answered, n, electing, not_applied)
             if "too large" in message:
                 raise NoSpace(f"etcd refused the request as too large ({message}): documents are at most "
                               "etcd's --max-request-bytes (1.5 MiB by default)")
@@ -157,6 +207,8 @@ class EtcdStateStore:
                 raise InvalidArgument(f"etcd refused the transaction ({message}): etcd's --max-txn-ops "
                                       "(128 by default) bounds the keys one transaction reads and writes")
             raise VirtuaError(f"etcd at {url} refused /v3/{path}: {message}")
+        if answered:
+            raise _no_quorum(failures, answered, n, electing, not_applied and answered > 0)
         raise Unavailable("; ".join(failures))
 
     def check(self) -> None:

@@ -88,10 +88,13 @@ class Job:
 
     # -- progress and cancel -----------------------------------------------------------
 
-    def progress(self, done: int, total: int | None = None, unit: str | None = None) -> None:
+    def progress(self, done: int, total: int | None = None, unit: str | None = None, cancellable: bool = True) -> None:
+        """Record how far the running step is; a cancel takes effect here unless the step
+        cannot stop in the middle (then at the next step)."""
         if done:
             _failpoint(f"{self.record.op}:{self._step}:progress")  # in the middle of the step's work
-        self.check_cancel()
+        if cancellable:
+            self.check_cancel()
         p = self.record.progress
         p.done = done
         if total is not None:
