@@ -17,6 +17,7 @@ SUITES = {
     "crash": ("bench.crash_bench", "kill -9 the server at random points: bytes checked, violations"),
     "isolation": ("bench.isolation_bench", "fio on a guest's disk while admin operations run, against idle"),
     "ha": ("bench.ha_bench", "HA restart: kill, stop, partition of a host -> fenced, running elsewhere, instances"),
+    "store": ("bench.store_bench", "vc create/info/destroy with the cluster state in SQLite vs 3-member etcd; etcd failover"),
     "io": ("bench.io_bench", "volume import/export, raw and qcow2, offline and via serve, vs qemu-img and nbdcopy"),
 }
 

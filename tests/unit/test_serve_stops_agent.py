@@ -121,3 +121,19 @@ def test_a_stale_agent_pid_file_naming_another_process(serve: Serve, tmp_path: P
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_second_agent_on_the_same_home_is_refused(serve: Serve) -> None:
+    """Two agents on one host would both reattach, fence and start its VMs: the second
+    one started with the running agent's home exits at once (Busy, exit 8), naming it."""
+    serve.start()
+    pid = serve.wait_agent()
+    r = subprocess.run(
+        ["ip", "netns", "exec", serve.ns, sys.executable, "-m", "virtua.cli", "--home", str(serve.home / "agent"),
+         "agent", "--listen", "127.0.0.1:8791", "--manager", "https://127.0.0.1:8780"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert r.returncode == 8, r.stderr
+    assert f"another agent (pid {pid}) runs with home" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert alive(pid), "the running agent is untouched"
+    serve.terminate()

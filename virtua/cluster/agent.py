@@ -30,6 +30,7 @@ from virtua.cluster.fence import Fence
 from virtua.cluster.model import VMLaunch
 from virtua.edge import web
 from virtua.errors import (
+    Busy,
     Forbidden,
     InvalidArgument,
     NotFound,
@@ -558,6 +559,26 @@ def build_agent_api(agent: Agent) -> FastAPI:
     return api
 
 
+def hold_agent_home(home: Path) -> int:
+    """One agent per home (per host): an exclusive flock on HOME/agent.lock for the process's
+    life, else Busy naming the holder. Two agents on one host would both reattach, fence and
+    start its VMs. The descriptor is not inherited: a QEMU or the watchdog never holds it."""
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Busy(f"another agent (pid {holder or '?'}) runs with home {home}: one agent per host; "
+                   "stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 async def run_agent(cfg: AgentConfig) -> None:
     import signal
 
@@ -565,6 +586,7 @@ async def run_agent(cfg: AgentConfig) -> None:
 
     from virtua.pki.asgi import tls_gate
 
+    lock = hold_agent_home(cfg.home)  # noqa: F841 - held for the process's life
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")
