@@ -328,14 +328,33 @@ JOB_COLUMNS = ["id", "op", "state", "step", "title", "error"]
 
 @job_app.command("list")
 def job_list(all_: bool = typer.Option(False, "--all", help="also the ended ones (the latest 50)")) -> None:
-    """Running admin jobs (imports, clone batches, VC creation)."""
+    """Running admin jobs (imports, clone batches, flatten, template builds, VC create and start)."""
     call("job.list", JOB_COLUMNS, state="all" if all_ else None)
 
 
 @job_app.command("show")
 def job_show(job_id: str = typer.Argument(..., metavar="ID")) -> None:
     """A job's plan, current step, progress, and its result or error."""
-    call("job.show", id=job_id)
+    job = State.client().call("job.show", id=job_id)
+    render.emit(job if State.json else human_job(job), State.json)
+
+
+def human_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A job record as a person reads it: one line per step, progress with its unit."""
+    from virtua.units import format_size
+
+    out = dict(job)
+    out["steps"] = "; ".join(f"{s['state']}: {s['name']}" + (f" ({s['error']})" if s.get("error") else "")
+                             for s in job.get("steps") or []) or "-"
+    p = job.get("progress") or {}
+    done, total, unit = p.get("done", 0), p.get("total", 0), p.get("unit", "steps")
+    shown = (lambda n: format_size(n)) if unit == "bytes" else str
+    out["progress"] = f"{shown(done)} of {shown(total)}" + (f" {unit}" if unit != "bytes" else "") + (
+        f" ({100 * done // total}%)" if total else "")
+    out["args"] = ", ".join(f"{k}={v}" for k, v in (job.get("args") or {}).items()) or "-"
+    if isinstance(job.get("result"), dict):
+        out["result"] = ", ".join(f"{k}={render.fmt(k, v)}" for k, v in job["result"].items() if k != "job") or "-"
+    return out
 
 
 @job_app.command("cancel")
