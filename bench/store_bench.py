@@ -129,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             Lab(tag=run.tag, prefix=run.prefix, hosts=3).destroy()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.nodes}-node VC, {args.rounds} rounds, seconds (median; whole CLI command)")
-    print("| operation | SQLite | etcd (3 members, TLS) | etcd / SQLite |")
-    print("|---|---|---|---|")
+    print("| operation | SQLite | etcd (3 members, TLS) | etcd / SQLite | rounds SQLite | rounds etcd |")
+    print("|---|---|---|---|---|---|")
     for op in ("create", "info", "destroy"):
         s, e = med[f"{op} sqlite"], med[f"{op} etcd"]
-        print(f"| vc {op} | {s:.2f} | {e:.2f} | {e / s:.2f}x |")
+        rounds = [" ".join(f"{x:.2f}" for x in times[f"{op} {k}"]) for k in ("sqlite", "etcd")]
+        print(f"| vc {op} | {s:.2f} | {e:.2f} | {e / s:.2f}x | {rounds[0]} | {rounds[1]} |")
     print(f"\netcd leader ({host}) killed -> `host drain` done: {failover:.2f} s "
           f"(a command without a failover right after: {plain:.2f} s)")
     return 0
