@@ -1,18 +1,11 @@
-"""Every admin operation's HTTP route, as one table.
+"""The daemon's side of the route table (virtua.api.route_table: every operation's HTTP
+method, path and which arguments come from the path; the CLI's requests are built from it).
 
-ROUTES maps each operation (virtua.api.ops: `@op`, `@cluster_op`, MANAGER_METHODS) to an
-HTTP method and a path template, and says which of its arguments come from the path:
-``ref="{pool}/{volume}"`` makes the argument `ref` of the path parameters `pool` and
-`volume`. A template parameter that is not in the path is a string field of the request
-body (volume.create's `name` in ``POST /v1/pools/{pool}/volumes``). Every other argument
-is a body field (POST, DELETE: one JSON object, may be empty) or a query parameter (GET:
-only optional string arguments).
-
-The table itself is virtua.api.route_table (light: the CLI loads it). The same table
-builds the daemon's endpoints (`add_routes`, which hands the arguments to ops.run: the one
-place that validates and runs) and the CLI's requests (`request_for`), so the two cannot
-drift. It is checked when the daemon imports this module: one route per operation, none
-for an operation that does not exist, no two routes that can match the same request.
+Here the table becomes the daemon's endpoints (`add_routes`, which hands the arguments to
+ops.run: the one place that validates and runs) and their OpenAPI description, so the
+daemon and the CLI cannot drift. The table is checked when the daemon imports this
+module: one route per operation, none for an operation that does not exist, no two
+routes that can match the same request.
 """
 
 from __future__ import annotations

@@ -907,12 +907,7 @@ class Pool:
         job = self.flatten_job(volume)
         try:
             for copy in job.slices():
-                if progress is not None:
-                    try:
-                        progress(job.done, job.total)
-                    except BaseException:
-                        job.idle.set()  # its copy never runs
-                        raise
+                job.report(progress)
                 copy()
             if job.copied:
                 self.flush()
@@ -927,12 +922,7 @@ class Pool:
         job = self.flatten_job(volume)
         try:
             for copy in job.slices():
-                if progress is not None:
-                    try:
-                        progress(job.done, job.total)
-                    except BaseException:
-                        job.idle.set()  # its copy never runs
-                        raise
+                job.report(progress)
                 try:
                     work = loop.run_in_executor(None, copy)
                 except BaseException:
@@ -1488,6 +1478,16 @@ class FlattenJob:
                 self.copied += cs
             if stale:
                 pool.release(stale)
+
+    def report(self, progress: Progress | None) -> None:
+        """Before a slice's copy: progress(done, total); what it raises stops the job there."""
+        if progress is None:
+            return
+        try:
+            progress(self.done, self.total)
+        except BaseException:
+            self.idle.set()  # the slice's copy never runs (release() waits for idle)
+            raise
 
     def finish(self) -> int:
         """Once the rows are durable (a flush): detach the bottom layer from its origin."""
