@@ -22,7 +22,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
-    with running_cluster(tmp_path_factory.mktemp("vc")) as c:
+    """The cluster state in a 3-member etcd, one member per host namespace (the other e2e
+    modules run on the embedded SQLite store): every test here, HA and crashes included,
+    runs against the distributed store."""
+    with running_cluster(tmp_path_factory.mktemp("vc"), etcd=True) as c:
         yield c
 
 
@@ -334,6 +337,51 @@ def test_a_stopped_agent_fences_its_guests_and_they_run_once_elsewhere(cluster: 
     assert instances() == 1, "the agent came back: still one instance"
     assert c.exec(f"st/{name}", "hostname").strip() == name
     c.json("vc", "destroy", "st", "--force")
+
+
+def test_a_partitioned_host_fences_its_guest_and_it_runs_once_elsewhere(cluster: NetCluster) -> None:
+    """h3's link down for 30 s (its etcd member cut off with it; h1 and h2 keep a quorum):
+    h3 cannot renew its lease and kills its guest, the manager restarts the VM elsewhere
+    only after, and when the link is back h3 runs nothing twice and etcd has 3 members."""
+    c = cluster
+    info = c.json("vc", "create", "pt", "--template", "tiny", "--nodes", "3", "--strategy", "cyclic",
+                  "--mode", "lazy", "--memory", "128M", "--start")
+    (node,) = [n for n in info["nodes"] if n["host"] == "h3"]
+    name = node["name"]
+
+    def instances() -> int:
+        r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/pt~{name}/"], capture_output=True, text=True)
+        return len(r.stdout.split())
+
+    assert instances() == 1
+    subprocess.run(["ip", "-n", c.ns["h3"], "link", "set", "eth0", "down"], check=True)
+    cut = time.monotonic()
+    counts, moved_at = [], None
+    try:
+        while time.monotonic() - cut < 30:
+            counts.append(instances())
+            if moved_at is None:
+                moved = {n["name"]: n for n in c.json("vc", "info", "pt")["nodes"]}[name]
+                if moved["host"] != "h3" and moved["state"] == "running":
+                    moved_at = time.monotonic() - cut
+            time.sleep(0.3)
+    finally:
+        subprocess.run(["ip", "-n", c.ns["h3"], "link", "set", "eth0", "up"], check=True)
+    assert moved_at is not None and moved_at < 30, f"restarted elsewhere within 30 s: {counts}"
+    assert max(counts) == 1 and 0 in counts, f"fenced, then restarted; never two: {counts}"
+    assert "FENCED" in (c.tmp / "agent-h3" / "agent.out").read_text()
+    c.wait_hosts(3, timeout=90)
+    for _ in range(10):  # back on the network: still one instance
+        assert instances() == 1
+        time.sleep(0.3)
+    assert c.exec(f"pt/{name}", "hostname").strip() == name
+    from virtua.cluster.etcd_pki import client_context, client_credentials
+    from virtua.cluster.etcd_server import wait_healthy
+
+    ctx = client_context(client_credentials(c.home))
+    for url in c.etcd_urls.split(","):  # the cut-off member caught up with the others
+        wait_healthy(url, timeout=30, context=ctx)
+    c.json("vc", "destroy", "pt", "--force")
 
 
 def test_template_import(cluster: NetCluster, tmp_path: Path) -> None:

@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 class NetCluster:
     """A manager in the root namespace and N agents, each in its own namespace."""
 
-    def __init__(self, tmp: Path, hosts: int = 3, cores: int = 2, memory: str = "2G") -> None:
+    def __init__(self, tmp: Path, hosts: int = 3, cores: int = 2, memory: str = "2G", etcd: bool = False) -> None:
+        """etcd: the cluster state in a real etcd cluster, one member in each host's
+        namespace (virtua.cluster.lab_etcd, as `virtua lab up --etcd` makes it)."""
         self.tmp = tmp
+        self.etcd = etcd
+        self.etcd_urls = ""
         self.tag = f"{os.getpid() % 10000:04d}"
         self.octet = 100 + os.getpid() % 100
         self.net = f"10.213.{self.octet}"
@@ -58,6 +62,10 @@ class NetCluster:
 
     def start(self) -> None:
         self.setup_network()
+        if self.etcd:
+            from virtua.cluster import lab_etcd
+
+            self.etcd_urls = lab_etcd.urls(lab_etcd.start(self.lab, self.home / "lab", self.home))
         self.cli("pool", "create", "default", "--capacity", "8G")
         self.start_manager()
         for h in self.hosts:
@@ -68,7 +76,7 @@ class NetCluster:
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "virtua.cli", "serve", "--no-agent",
              "--listen", f"{self.manager_addr}:10809", "--api-listen", f"{self.manager_addr}:8780",
-             "--host-network", f"{self.net}.0/24", *(args or [])],
+             "--host-network", f"{self.net}.0/24", *(["--etcd", self.etcd_urls] if self.etcd else []), *(args or [])],
             env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=open(self.tmp / "serve.log", "a"),
             text=True, start_new_session=True,
         )
@@ -160,14 +168,18 @@ class NetCluster:
                 self.serve.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.serve.kill()
+        if self.etcd:
+            from virtua.cluster import lab_etcd
+
+            lab_etcd.stop(self.home / "lab")
         self.teardown_network()
 
 
 @contextlib.contextmanager
-def running_cluster(tmp: Path, template: str = "tiny") -> Iterator[NetCluster]:
+def running_cluster(tmp: Path, template: str = "tiny", etcd: bool = False) -> Iterator[NetCluster]:
     """Three namespaced hosts (2 cores, 2 GiB offered each) with the manager and agents
-    running and `template` built; torn down on exit."""
-    c = NetCluster(tmp, hosts=3, cores=2, memory="2G")
+    running and `template` built; torn down on exit. etcd: the state in a 3-member etcd."""
+    c = NetCluster(tmp, hosts=3, cores=2, memory="2G", etcd=etcd)
     try:
         c.start()
         c.cli("template", "build", template)
