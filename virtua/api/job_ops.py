@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from virtua.api.ops import op
-from virtua.errors import Cancelled, InvalidArgument
+from virtua.errors import Cancelled, DependencyError, InvalidArgument
 from virtua.jobs import runner
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, Undo
@@ -24,14 +24,26 @@ JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-z-]+$
 
 @undo_kind("volumes.rm")
 def _undo_volumes(ctx: Context, refs: list[str]) -> None:
-    """Remove the volumes that exist (with their snapshots and clones)."""
+    """Remove the volumes that exist and that the step made (with their snapshots and
+    clones): a volume of the same name made before the step or since is someone else's."""
+    kept: list[str] = []
     for ref in refs:
         r = parse_ref(ref, snapshot=False)
         if r.pool not in ctx.storage.pool_paths():
             continue
         pool = ctx.storage.pool(r.pool)
-        if r.volume in pool.volumes_by_name:
-            pool.delete_volume(r.volume, recursive=True)
+        vol = pool.volumes_by_name.get(r.volume)
+        if vol is None:
+            continue
+        if not ctx.made_by_step(vol.created):
+            continue  # not the job's: the name was taken again after the crash
+        since = [s for s in pool.snapshots_of(vol) if not ctx.made_by_step(s.created)]
+        if ctx.until is not None and since:
+            kept.append(f"{ref} (snapshot(s) {', '.join(s.name for s in since)} were made since)")
+            continue
+        pool.delete_volume(r.volume, recursive=True)
+    if kept:
+        raise DependencyError(f"kept {'; '.join(kept)}: remove it yourself if it is not needed")
 
 
 @undo_kind("snapshot.rm")
@@ -42,8 +54,13 @@ def _undo_snapshot(ctx: Context, ref: str) -> None:
         return
     pool = ctx.storage.pool(r.pool)
     vol = pool.volumes_by_name.get(r.volume)
-    if vol is not None and any(s.name == r.snapshot for s in pool.snapshots_of(vol)):
-        pool.delete_snapshot(r.volume, r.snapshot, recursive=True)
+    snap = None if vol is None else next((s for s in pool.snapshots_of(vol) if s.name == r.snapshot), None)
+    if snap is None or not ctx.made_by_step(snap.created):
+        return
+    clones = pool.clones_of(snap)  # the job's own are undone by its later steps, before this one
+    if ctx.since is not None and clones:
+        raise DependencyError(f"kept {ref}: clone(s) {', '.join(c.name for c in clones)} were made of it since")
+    pool.delete_snapshot(r.volume, r.snapshot, recursive=True)
 
 
 # ---------------------------------------------------------------------- jobs
@@ -122,7 +139,7 @@ def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=20
     if error is None and not job.cancel_requested:
         job.end_step(1)
         return job.finish(pool.volume_info(r.volume))
-    _undo_volumes(Context(st), [ref])
+    _undo_volumes(Context(st).for_step(job.record.steps[0]), [ref])
     job.undone_step(0)
     why: Exception = Cancelled(f"job {id} was cancelled; {ref} is removed") if error is None else InvalidArgument(error)
     job.fail(1, why)

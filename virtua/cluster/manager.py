@@ -1464,8 +1464,13 @@ def _undo_vc_record(ctx: Context, name: str) -> None:
     the steps before)."""
     if ctx.manager is None:
         raise NeedsManager()
-    if ctx.manager.store.get(f"/vcs/{name}") is not None:
-        ctx.manager._forget_vc(name)
+    doc = ctx.manager.store.get(f"/vcs/{name}")
+    if doc is None:
+        return
+    created = doc.get("created")  # set before the job began: only the end of the step bounds it
+    if ctx.until is not None and isinstance(created, int | float) and created > ctx.until:
+        return  # a VC of the same name made since the crash: not the job's
+    ctx.manager._forget_vc(name)
 
 
 def _serving() -> bool:

@@ -35,6 +35,10 @@ class StepRecord(BaseModel):
     state: StepState = "pending"
     undo: Undo | None = None
     error: str | None = None
+    # when the step began and ended (time.time()): what it made was made between them, so
+    # recovery takes back only that, never what has the same name but was made since
+    began: float | None = None
+    ended: float | None = None
 
 
 class Progress(BaseModel):

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from virtua.jobs import runner
-from virtua.jobs.record import JobRecord, JobStore
+from virtua.jobs.record import JobRecord, JobStore, StepRecord
 
 log = logging.getLogger("virtua.jobs")
 
@@ -26,6 +26,17 @@ log = logging.getLogger("virtua.jobs")
 class Context:
     storage: Any
     manager: Any = None
+    # the undone step's time window (StepRecord.began, .ended): an undo takes back only
+    # objects made inside it, never one of the same name made before or since
+    since: float | None = None
+    until: float | None = None
+
+    def made_by_step(self, created: float) -> bool:
+        """Whether an object made at `created` (time.time()) can be the step's work."""
+        return (self.since is None or created >= self.since) and (self.until is None or created <= self.until)
+
+    def for_step(self, step: StepRecord) -> Context:
+        return replace(self, since=step.began, until=step.ended)
 
 
 class NeedsManager(Exception):
@@ -77,7 +88,7 @@ def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobR
         try:
             if fn is None:
                 raise RuntimeError(f"no undo registered for {step.undo.kind!r}")
-            fn(ctx, **step.undo.args)
+            fn(ctx.for_step(step), **step.undo.args)
             step.state, step.error = "undone", None
         except NeedsManager:
             store.put(job)  # what was undone so far stays undone

@@ -41,12 +41,14 @@ class Job:
     def begin_step(self, i: int) -> None:
         self.check_cancel()
         self.record.steps[i].state = "running"
+        self.record.steps[i].began = time.time()
         self.store.put(self.record)  # on disk before the step touches anything
         _failpoint(f"{self.record.op}:{i}:begin")
 
     def end_step(self, i: int) -> None:
         _failpoint(f"{self.record.op}:{i}:end")  # its work is done, its journal says running
         self.record.steps[i].state = "done"
+        self.record.steps[i].ended = time.time()
         self.store.put(self.record)
 
     def undone_step(self, i: int, error: BaseException | None = None) -> None:
