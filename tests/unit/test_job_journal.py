@@ -146,3 +146,28 @@ def test_an_owner_from_an_earlier_boot_or_a_reused_pid_is_dead() -> None:
     assert me.alive()
     assert not me.model_copy(update={"boot": "another-boot"}).alive()
     assert not me.model_copy(update={"started": me.started + 1}).alive(), "same pid, another process"
+
+
+def test_two_recoverers_undo_a_dead_owners_job_once(store: JobStore, tmp_path: Path) -> None:
+    """serve and a CLI (or two CLIs) starting at once both find the same orphaned job;
+    each claims it before undoing, and only the first claim wins (found in adversarial
+    review: both undid it, the second from a stale record)."""
+    calls: list[str] = []
+    UNDO_KINDS["test.count"] = lambda ctx, **args: calls.append("undo")
+    plan = Plan("orphan")
+    plan.add("a", lambda: None, record=Undo(kind="test.count"))
+    job = runner.start(store, "test", {}, plan)
+    job.begin_step(0)
+    runner.LIVE.pop(job.id)
+    gone = dead_owner()
+    job.record.owner = gone
+    store.put(job.record)
+    other = JobStore(tmp_path / "jobs.db")  # the other process's connection
+    stale = other.running()  # it has read the job as orphaned ...
+    assert [j.id for j in stale] == [job.id]
+    assert [j.id for j in recover(store, Context(storage=None))] == [job.id]  # ... this one undoes it first
+    assert other.claim(job.id, gone) is None, "claimed (and ended) by the first recoverer"
+    assert recover(other, Context(storage=None)) == []
+    assert calls == ["undo"]
+    mine = runner.start(store, "test", {}, Plan("alive", []))
+    assert other.claim(mine.id, dead_owner()) is None, "a claim names the owner it takes over from"

@@ -143,6 +143,27 @@ class JobStore:
             raise NotFound(f"job {job_id} does not exist (`virtua job list --all` shows them)")
         return _record(row)
 
+    def claim(self, job_id: str, owner: Owner) -> JobRecord | None:
+        """Make this process the owner of a running job that `owner` ran (to recover it),
+        atomically: None if it has ended or another process has claimed it meanwhile."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.db.execute("SELECT record, cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                job = None if row is None else _record(row)
+                if job is None or job.state != "running" or job.owner != owner:
+                    self.db.execute("ROLLBACK")
+                    return None
+                job.owner = Owner.me()
+                job.updated = time.time()
+                self.db.execute("UPDATE jobs SET record = ? WHERE id = ?", (job.model_dump_json(), job_id))
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        return job
+
     def request_cancel(self, job_id: str) -> None:
         with self._lock:
             self.db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))

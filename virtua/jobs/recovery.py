@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from virtua.errors import Busy
 from virtua.jobs import runner
 from virtua.jobs.record import JobRecord, JobStore, StepRecord
 
@@ -70,10 +71,22 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
             if mine or job.owner.alive():
                 continue
             why = f"process {job.owner.pid} stopped during step {job.current!r}"
+        gone = job.owner
+        if not expired_only:  # one recoverer per job: another process may be at it right now
+            claimed = store.claim(job.id, gone)
+            if claimed is None:
+                continue
+            job = claimed
         try:
             out.append(undo_record(store, job, ctx, why))
-        except NeedsManager:
-            log.info("job %s (%s) waits for `virtua serve` to be undone", job.id, job.title)
+        except (NeedsManager, Busy) as e:
+            if not expired_only:  # the claim goes back: the next start of serve or the CLI finds it
+                job.owner = gone
+                store.put(job)
+            if isinstance(e, NeedsManager):
+                log.info("job %s (%s) waits for `virtua serve` to be undone", job.id, job.title)
+            else:  # e.g. its pool is held by a serve that is starting
+                log.warning("job %s (%s) is undone later: %s", job.id, job.title, e.message)
     return out
 
 
@@ -90,7 +103,7 @@ def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobR
                 raise RuntimeError(f"no undo registered for {step.undo.kind!r}")
             fn(ctx.for_step(step), **step.undo.args)
             step.state, step.error = "undone", None
-        except NeedsManager:
+        except (NeedsManager, Busy):  # not now; a later recovery does the rest
             store.put(job)  # what was undone so far stays undone
             raise
         except Exception as e:  # noqa: BLE001 - record it, undo the rest
