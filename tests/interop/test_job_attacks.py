@@ -5,6 +5,7 @@ not a database. Real `virtua serve`, real CLI subprocesses, real SIGKILLs."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -54,7 +55,7 @@ def test_the_reaper_keeps_a_volume_re_created_after_its_import_went_quiet(v: V) 
     """A client begins an import and goes quiet (killed); the operator removes the half
     volume and makes a new one of the same name before the job's lease runs out. The
     reaper then undoes the job: it must not remove the operator's volume."""
-    serve = Serve(v.home, env={"VIRTUA_JOB_LEASE": "6"})
+    serve = Serve(v.home, env={"VIRTUA_JOB_LEASE": "8"})
     try:
         with api(v) as http:
             r = http.post("/v1/pools/p/imports", json={"name": "again", "size": MIB})
@@ -103,3 +104,66 @@ def test_a_recovery_that_meets_a_held_pool_leaves_the_job_for_the_next_one(v: V)
     shown = job(v, job_id)
     assert shown["state"] == "undone", shown
     assert v.json("pool", "check", "p")["ok"]
+
+
+def test_a_damaged_journal_is_said_in_one_line_not_a_traceback(v: V) -> None:
+    """jobs.db overwritten (a bad disk, a careless copy): every command said a traceback.
+    Now: what is damaged and what to do, exit 1; a single damaged row is skipped."""
+    journal = v.home / "jobs.db"
+    for name in ("jobs.db-wal", "jobs.db-shm"):
+        (v.home / name).unlink(missing_ok=True)
+    journal.write_bytes(b"SQLite format 3\0" + b"\xff" * 4080)
+    line = v.fails(1, "volume", "list", match="the job journal")
+    assert str(journal) in line and "damaged" in line and "mv " in line
+    journal.unlink()
+    v.run("volume", "list")  # a new journal
+    with sqlite3.connect(journal) as db:
+        db.execute("INSERT INTO jobs VALUES ('20260101-000000-abcdef', 'running', 0, '{not json', 0)")
+    assert set(volumes(v)) == {"p/base"}, "a damaged row does not stop the command"
+    assert v.json("job", "list", "--all") == []
+    r = v.run("job", "show", "20260101-000000-abcdef", ok=False)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("virtua: error: job 20260101-000000-abcdef: its record in"), err
+
+
+@pytest.fixture
+def small_home(tmp_path: Path) -> Any:
+    """A $VIRTUA_HOME on its own 2 MiB tmpfs (the pool lives elsewhere), to fill."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_journal_is_no_space_not_an_internal_error(tmp_path: Path, small_home: Path) -> None:
+    """The disk of $VIRTUA_HOME fills while serve runs: a job cannot be journalled, so it
+    must not start, and the error keeps its category (NoSpace: exit 6, HTTP 507); it was
+    'internal error (OperationalError)', exit 1."""
+    v = V(small_home / "home")
+    v.run("pool", "create", "p", "--capacity", "1G", "--path", str(tmp_path / "pool"))
+    v.run("volume", "create", "p/base", "--size", "8M")
+    serve = Serve(v.home)
+    try:
+        fd = os.open(small_home / "fill", os.O_WRONLY | os.O_CREAT)  # every free block of the home's disk
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        v.fails(6, "clone", "p/base", "p/n", "--count", "3", match="job journal")
+        with api(v) as http:
+            r = http.post("/v1/pools/p/volumes/base/clone", json={"new": "p/m"})
+        assert r.status_code == 507 and r.json()["error"] == "NoSpace", r.text
+        assert set(volumes(v)) == {"p/base"}, "nothing ran without its journal"
+        (small_home / "fill").unlink()
+        assert len(v.json("clone", "p/base", "p/n", "--count", "3")["clones"]) == 3, "room again: it works"
+    finally:
+        serve.stop()
