@@ -171,3 +171,29 @@ def test_two_recoverers_undo_a_dead_owners_job_once(store: JobStore, tmp_path: P
     assert calls == ["undo"]
     mine = runner.start(store, "test", {}, Plan("alive", []))
     assert other.claim(mine.id, dead_owner()) is None, "a claim names the owner it takes over from"
+
+
+def test_renew_and_import_end_take_only_a_client_driven_import(tmp_path: Path) -> None:
+    """job.renew of a job that serve runs itself (a vc create waiting on its hosts) gave it
+    a lease, and the reaper then undid it under its running plan once the lease ran out;
+    volume.import.end of such a job was a KeyError (HTTP 500). Both are refused now."""
+    from virtua.api import ops
+    from virtua.errors import InvalidArgument
+    from virtua.storage.service import Storage
+
+    st = Storage(tmp_path / "home")
+    try:
+        plan = Plan("vc create web")
+        plan.add("clone", lambda: None)
+        job = runner.start(st.jobs, "vc.create", {"name": "web"}, plan)  # driven by this process
+        job.begin_step(0)
+        with pytest.raises(InvalidArgument, match="not driven by a client"):
+            ops.run(st, "job.renew", {"id": job.id, "done": 5})
+        with pytest.raises(InvalidArgument, match="not an import"):
+            ops.run(st, "volume.import.end", {"id": job.id})
+        rec = st.jobs.get(job.id)
+        assert rec.lease_until is None and rec.state == "running" and rec.progress.done == 0
+        assert recover(st.jobs, Context(st), expired_only=True) == []
+    finally:
+        runner.LIVE.clear()
+        st.close()

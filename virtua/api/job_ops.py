@@ -121,6 +121,8 @@ def import_begin(
 def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] = 0) -> dict[str, Any]:
     """A client-driven job's heartbeat and progress; says whether to stop."""
     job = runner.live(id)
+    if job.record.lease_until is None:  # a lease on it would let the reaper undo it under its runner
+        raise InvalidArgument(f"job {id} ({job.record.title}) is not driven by a client: nothing to renew")
     job.renew()
     try:
         job.progress(done)
@@ -133,6 +135,8 @@ def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] = 0) -> 
 def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=2000)] | None = None) -> dict[str, Any]:
     """The client's copy ended: keep the volume, or (error, or a cancel) remove it."""
     job = runner.live(id)
+    if job.record.op != "volume.import":
+        raise InvalidArgument(f"job {id} ({job.record.title}) is not an import")
     ref = str(job.record.args["ref"])
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
