@@ -11,10 +11,14 @@ from pathlib import Path
 
 def start_ticks(pid: int) -> int | None:
     """The process's start time, in clock ticks since boot (/proc/PID/stat field 22): with
-    the pid, it names one process; a reused pid has another. None if it does not run."""
+    the pid, it names one process; a reused pid has another. None if it does not run,
+    a zombie included (killed, not yet reaped by its parent: its entry keeps its start time)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
-        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 

@@ -127,6 +127,17 @@ class Agent:
         await self._reattach()
         self.fence.ensure_watchdog()  # before the first beat can arm it
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        self._tasks.append(asyncio.create_task(self._keep_watchdog()))
+
+    async def _keep_watchdog(self) -> None:
+        """A killed watchdog is started again whatever the heartbeats do: a manager that
+        does not answer (a partition, a stopped serve) is exactly when it must run."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await asyncio.to_thread(self.fence.ensure_watchdog)
+            except Exception as e:  # noqa: BLE001 - say it, try again
+                log.error("cannot start the fence watchdog: %s", e)
 
     async def close(self) -> None:
         for t in self._tasks:
