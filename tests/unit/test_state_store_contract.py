@@ -141,6 +141,29 @@ def test_a_txn_past_etcds_operation_limit_is_a_clear_error(store: StateStore, ki
     assert len(store.range("/ops/")) == (0 if kind == "etcd" else 200)  # all or nothing
 
 
+def test_a_vc_of_more_than_127_nodes_fits_the_etcd_virtua_starts(etcd_url: str) -> None:
+    """Recording a VC is one put per VM and one for the VC: past 127 nodes that was more
+    than etcd's default --max-txn-ops (128), so `vc create --nodes 200` on etcd failed at
+    its last step. The members virtua starts (virtua.cluster.etcd_server) allow 2048, and a
+    store told so commits such a transaction, and its forget (a range and 201 deletes)."""
+    from virtua.cluster.etcd_server import MAX_TXN_OPS
+
+    s = EtcdStateStore(etcd_url, prefix=f"/t{uuid.uuid4().hex[:8]}/", max_txn_ops=MAX_TXN_OPS)
+    try:
+        with s.txn():
+            s.put("/vcs/big", {"nodes": 200})
+            for i in range(1, 201):
+                s.put(f"/vms/big/big-{i}", {"i": i})
+        assert len(s.range("/vms/big/")) == 200
+        with s.txn():
+            for key, _ in s.range("/vms/big/"):
+                s.delete(key)
+            s.delete("/vcs/big")
+        assert s.range("/vms/big/") == [] and s.get("/vcs/big") is None
+    finally:
+        s.close()
+
+
 def test_an_exception_inside_a_txn_commits_nothing(opener: Opener) -> None:
     s = opener()
     s.put("/vcs/a", {"v": 1})

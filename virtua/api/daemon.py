@@ -70,6 +70,7 @@ class ServeConfig:
     # cluster state (hosts, templates, VCs, VMs) in etcd at these URLs instead of manager.db
     etcd: str | None = None
     etcd_prefix: str = "/virtua/"
+    etcd_max_txn_ops: int = 128  # what the etcd cluster's --max-txn-ops allows
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -501,7 +502,9 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.pki.ca import ClusterCA
 
     # first: an etcd that does not answer stops serve before anything starts (Unavailable)
-    store: StateStore | None = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix) if cfg.etcd else None
+    store: StateStore | None = (
+        EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix, max_txn_ops=cfg.etcd_max_txn_ops) if cfg.etcd else None
+    )
     _check_free(cfg.listen)
     _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)

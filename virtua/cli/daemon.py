@@ -45,6 +45,9 @@ def serve_cmd(
     etcd: str | None = typer.Option(
         None, "--etcd", help="keep the cluster state (hosts, templates, VCs, VMs) in etcd at URL[,URL...] instead of manager.db"),
     etcd_prefix: str = typer.Option("/virtua/", "--etcd-prefix", help="the etcd key prefix of this cluster's state"),
+    etcd_max_txn_ops: int = typer.Option(
+        128, "--etcd-max-txn-ops", help="the etcd cluster's --max-txn-ops (etcd's default 128; the members virtua "
+        "starts: 2048): a VC of N nodes needs N + 1, and is refused before anything is made if it does not fit"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -94,6 +97,7 @@ def serve_cmd(
         ca_key=ca_key,
         etcd=etcd or None,
         etcd_prefix=etcd_prefix,
+        etcd_max_txn_ops=etcd_max_txn_ops,
     )
     if cfg.etcd:  # a bad URL is a one-line error before anything starts
         from virtua.cluster.store_etcd import parse_urls

@@ -16,6 +16,12 @@ from pathlib import Path
 
 from virtua.errors import Unavailable
 
+# The operations one transaction may hold, for the members virtua starts: etcd's default of
+# 128 is less than the puts of recording a VC of 128 nodes (one per VM and the VC's own);
+# 2048 holds the largest VC (1000 nodes) with room. serve must be told the same number
+# (--etcd-max-txn-ops) so that it refuses a larger transaction before it starts.
+MAX_TXN_OPS = 2048
+
 
 @dataclass(frozen=True)
 class Member:
@@ -40,7 +46,9 @@ def etcd_binary() -> str:
     return path
 
 
-def member_command(me: Member, cluster: list[Member], data_dir: Path, token: str) -> list[str]:
+def member_command(
+    me: Member, cluster: list[Member], data_dir: Path, token: str, max_txn_ops: int = MAX_TXN_OPS,
+) -> list[str]:
     initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster)
     return [
         etcd_binary(),
@@ -57,16 +65,18 @@ def member_command(me: Member, cluster: list[Member], data_dir: Path, token: str
         # Short timeouts: the lab's members share one machine and a loopback-fast network.
         "--heartbeat-interval", "100",
         "--election-timeout", "1000",
+        "--max-txn-ops", str(max_txn_ops),
         "--logger", "zap",
         "--log-level", "warn",
     ]
 
 
 def start_member(
-    me: Member, cluster: list[Member], data_dir: Path, token: str, netns: str | None = None
+    me: Member, cluster: list[Member], data_dir: Path, token: str, netns: str | None = None,
+    max_txn_ops: int = MAX_TXN_OPS,
 ) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = member_command(me, cluster, data_dir / "data", token)
+    cmd = member_command(me, cluster, data_dir / "data", token, max_txn_ops)
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     log = open(data_dir / "etcd.log", "ab")

@@ -40,6 +40,7 @@ READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
 # loop must not wait a read timeout per call while etcd is away), then one probes again
 HOLD_DOWN = 2.0
 PAGE = 500  # keys per range request (a prefix range pages on)
+DEFAULT_MAX_TXN_OPS = 128  # etcd's own default --max-txn-ops
 # etcd's answer when it cannot agree (no leader, lost quorum, a proposal that timed out)
 _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "not capable", "too many requests")
 
@@ -89,8 +90,14 @@ class _Txn:
 
 class EtcdStateStore:
     def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
-                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 max_txn_ops: int = DEFAULT_MAX_TXN_OPS) -> None:
         self.urls = parse_urls(urls)
+        if max_txn_ops < 1:
+            raise InvalidArgument(f"bad etcd transaction limit {max_txn_ops}: at least 1")
+        # what the cluster's --max-txn-ops allows (etcd does not say): a longer transaction is
+        # refused here, and the manager refuses an operation that would need one up front
+        self.max_txn_ops = max_txn_ops
         if not prefix.startswith("/"):
             raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts with /")
         self.prefix = prefix.rstrip("/")
@@ -288,6 +295,12 @@ class EtcdStateStore:
             if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
             for k, v in t.writes.items()
         ]
+        longest = max(len(compare), len(success))
+        if longest > self.max_txn_ops:
+            raise InvalidArgument(
+                f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
+                "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
+                "with the same --etcd-max-txn-ops")
         doc = self._call("kv/txn", {"compare": compare, "success": success}, idempotent=False)
         if not doc.get("succeeded"):
             changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
