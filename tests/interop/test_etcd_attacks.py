@@ -40,3 +40,36 @@ def test_a_vc_past_etcds_transaction_limit_is_refused_before_anything_is_made(tm
         v.fails(3, "vc", "create", "big", "--template", "none", "--nodes", "200", match="template")
     finally:
         serve.stop()
+
+
+def test_a_second_serve_on_the_same_prefix_is_refused(tmp_path: Path, etcd: str) -> None:
+    """Two `serve --etcd` on one prefix were both managers of one cluster: both restart a
+    lost host's VMs (a VM twice), each with its own CA and job journal. The second is now
+    refused while the first runs, and so is a prefix inside or around a running one's; a
+    first serve killed leaves the prefix free once its claim's lease runs out."""
+    import time
+
+    a, b = V(tmp_path / "a"), V(tmp_path / "b")
+    first = Serve(a.home, "--etcd", etcd, "--etcd-prefix", "/twice/", "--lease-ttl", "4")
+    try:
+        for prefix in ("/twice/", "/twice/inner/", "/"):
+            r = b.run("serve", "--no-agent", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0",
+                      "--etcd", etcd, "--etcd-prefix", prefix, ok=False, timeout=60)
+            err = r.stderr.decode()
+            assert r.returncode == 8, (prefix, r.returncode, err)
+            assert "another virtua serve" in err and "/twice" in err and "Traceback" not in err, err
+        other = Serve(b.home, "--etcd", etcd, "--etcd-prefix", "/twice2/")  # control: a prefix of its own
+        other.stop()
+        first.proc.kill()  # no clean-up: its claim goes when its lease runs out
+        first.proc.wait()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                second = Serve(b.home, "--etcd", etcd, "--etcd-prefix", "/twice/")
+                break
+            except AssertionError as e:
+                assert "another virtua serve" in str(e) and time.monotonic() < deadline, e
+                time.sleep(0.5)
+        second.stop()
+    finally:
+        first.stop()

@@ -447,6 +447,25 @@ async def _reap_jobs(storage: Storage, ctx: Any) -> None:
             log.exception("job recovery failed")
 
 
+async def _keep_claim(store: Any, ttl: float, stop: asyncio.Event) -> None:
+    """Renew this serve's claim on its etcd prefix; if another serve has taken it (etcd was
+    away longer than the claim's lease), this one stops: never two managers of one cluster."""
+    from virtua.errors import Unavailable
+
+    while True:
+        await asyncio.sleep(max(0.5, ttl / 4))
+        try:
+            store.keep_claim()
+        except Unavailable:
+            pass  # etcd is away: said by the calls that need it; the claim is renewed when it is back
+        except Busy as e:
+            log.error("stopping: %s", e.message)
+            stop.set()
+            return
+        except Exception:  # noqa: BLE001 - keep renewing; say what broke
+            log.exception("renewing the etcd claim failed")
+
+
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
     """Start `virtua agent` for this machine unless one already runs (then None); serve
     stops the one it started when it stops, and the VMs (own sessions) keep running.
@@ -564,6 +583,19 @@ async def serve(cfg: ServeConfig) -> None:
         log.warning("%s is not used: the cluster state is in etcd (--etcd); nothing is copied from it",
                     cfg.home / "manager.db")
     store_said = (f"etcd at {cfg.etcd} under {cfg.etcd_prefix}" if cfg.etcd else str(cfg.home / "manager.db"))
+    if isinstance(store, EtcdStateStore):  # one manager per prefix: a second serve would restart VMs twice
+        import socket as _socket
+        import time as _time
+
+        try:
+            store.claim({"host": _socket.gethostname(), "pid": os.getpid(), "home": str(cfg.home),
+                         "started": _time.time()}, ttl=max(2, int(cfg.lease_ttl)))
+        except BaseException:
+            await nbd.close()
+            await admin_nbd.close()
+            store.close()
+            storage.close()
+            raise
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
         api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
@@ -576,6 +608,8 @@ async def serve(cfg: ServeConfig) -> None:
     exports.holder_label = manager.disk_user
     await manager.start()
     reaper = _recover_jobs(storage, manager)
+    stop = asyncio.Event()
+    claim_keeper = asyncio.create_task(_keep_claim(store, cfg.lease_ttl, stop)) if isinstance(store, EtcdStateStore) else None
     from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission
 
@@ -608,7 +642,6 @@ async def serve(cfg: ServeConfig) -> None:
         asyncio.create_task(uv_tcp.serve(sockets=[_bind_tcp(cfg.api_listen)])),
     ]
     # the handlers first: a SIGTERM from now on still goes through the clean-up below
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -638,7 +671,11 @@ async def serve(cfg: ServeConfig) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*api_tasks), 5)
         reaper.cancel()
+        if claim_keeper is not None:
+            claim_keeper.cancel()
         await manager.close()
+        if isinstance(store, EtcdStateStore):
+            store.release_claim()
         store.close()
         storage.close()
         with contextlib.suppress(FileNotFoundError):

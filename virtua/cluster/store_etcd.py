@@ -20,6 +20,7 @@ cannot be reached, or that does not answer in time or says it has no leader, is
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import threading
@@ -32,7 +33,7 @@ from typing import Any
 import httpx
 
 from virtua.cluster.store import StoreConflict
-from virtua.errors import InvalidArgument, NoSpace, Unavailable, VirtuaError
+from virtua.errors import Busy, InvalidArgument, NoSpace, Unavailable, VirtuaError
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
 READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
@@ -41,6 +42,7 @@ READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
 HOLD_DOWN = 2.0
 PAGE = 500  # keys per range request (a prefix range pages on)
 DEFAULT_MAX_TXN_OPS = 128  # etcd's own default --max-txn-ops
+CLAIM = "/.claim"  # the key of the serve that manages a prefix (no name starts with '.')
 # etcd's answer when it cannot agree (no leader, lost quorum, a proposal that timed out)
 _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "not capable", "too many requests")
 
@@ -109,6 +111,9 @@ class EtcdStateStore:
         self._txn: _Txn | None = None
         self._down_until = 0.0
         self._down_said = ""
+        self._claim_lease: str | None = None
+        self._claim_who: dict[str, Any] = {}
+        self._claim_ttl = 10
         if check:
             self.check()
 
@@ -307,6 +312,75 @@ class EtcdStateStore:
                 self._short(p.encode()) + "*" for p in t.ranges)
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+
+    # ------------------------------------------------------------------ one manager per prefix
+
+    def claim(self, who: dict[str, Any], ttl: int) -> None:
+        """Make this process the one manager of the prefix: the key PREFIX/.claim, created
+        only if absent, on an etcd lease of `ttl` seconds that `keep_claim` renews (a killed
+        serve's claim goes when its lease runs out). Busy if another serve holds it, or
+        holds a prefix inside this one or around it (its keys would be in this one's ranges)."""
+        with self._lock:
+            parts = [p for p in self.prefix.split("/") if p]
+            for i in range(len(parts)):  # around: /, /a for /a/b
+                around = "".join("/" + p for p in parts[:i])
+                rows = self._range_page((around + CLAIM).encode(), None, 0, None).get("kvs") or []
+                if rows:
+                    raise self._busy(around + "/", rows[0])
+            start = (self.prefix + "/").encode()
+            doc = self._call("kv/range", {"key": _b64(start), "range_end": _b64(prefix_end(start)), "keys_only": True},
+                             idempotent=True)
+            for kv in doc.get("kvs") or []:  # inside: /a/b/.claim for /a
+                key = _unb64(kv["key"]).decode(errors="replace")
+                if key.endswith(CLAIM) and key != self.prefix + CLAIM:
+                    inner = self._range_page(key, None, 0, None).get("kvs") or []
+                    if inner:
+                        raise self._busy(key[: -len(CLAIM)] + "/", inner[0])
+            self._claim_who, self._claim_ttl = who, ttl
+            self._take_claim()
+
+    def _take_claim(self) -> None:
+        lease = str(self._call("lease/grant", {"TTL": self._claim_ttl}, idempotent=False)["ID"])
+        key = _b64(self.prefix + CLAIM)
+        doc = self._call("kv/txn", {
+            "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(json.dumps(self._claim_who)), "lease": lease}}],
+            "failure": [{"request_range": {"key": key}}],
+        }, idempotent=False)
+        if not doc.get("succeeded"):
+            with contextlib.suppress(VirtuaError):
+                self._call("lease/revoke", {"ID": lease}, idempotent=True)
+            kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or [{}]
+            raise self._busy(self.prefix + "/", kvs[0])
+        self._claim_lease = lease
+
+    def keep_claim(self) -> None:
+        """Renew the claim; a claim whose lease ran out (etcd away longer than it) is taken
+        again, unless another serve has it by now (Busy: this one must stop managing)."""
+        with self._lock:
+            if self._claim_lease is None:
+                return
+            doc = self._call("lease/keepalive", {"ID": self._claim_lease}, idempotent=True)
+            if int((doc.get("result") or {}).get("TTL") or 0) <= 0:
+                self._claim_lease = None
+                self._take_claim()
+
+    def release_claim(self) -> None:
+        with self._lock:
+            lease, self._claim_lease = self._claim_lease, None
+            if lease is not None:
+                with contextlib.suppress(VirtuaError):
+                    self._call("lease/revoke", {"ID": lease}, idempotent=True)
+
+    def _busy(self, prefix: str, kv: dict[str, Any]) -> Busy:
+        try:
+            who = json.loads(_unb64(kv.get("value", ""))) if kv.get("value") else {}
+        except ValueError:
+            who = {}
+        said = ", ".join(f"{k} {who[k]}" for k in ("host", "pid", "home") if k in who) or "unknown"
+        return Busy(f"another virtua serve ({said}) manages the cluster state under etcd prefix {prefix or '/'}, "
+                    f"which {'is' if prefix.rstrip('/') == self.prefix else 'overlaps'} this one's "
+                    f"({self.prefix or ''}/): stop it first, or give this serve a prefix of its own (--etcd-prefix)")
 
     def close(self) -> None:
         self._http.close()
