@@ -3,6 +3,8 @@ and the undo kinds of storage steps (what recovery runs after a crash)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -15,6 +17,8 @@ from virtua.jobs.record import ENDED, Undo
 from virtua.jobs.recovery import Context, undo_kind
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
+
+log = logging.getLogger("virtua.jobs")
 
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-z-]+$")]
 
@@ -35,8 +39,10 @@ def _undo_volumes(ctx: Context, refs: list[str]) -> None:
         vol = pool.volumes_by_name.get(r.volume)
         if vol is None:
             continue
-        if not ctx.made_by_step(vol.created):
-            continue  # not the job's: the name was taken again after the crash
+        if not ctx.made_by_step(vol.created):  # not the job's: the name was taken again after the crash
+            log.warning("undo keeps %s: it was made at %s, not by the step being undone", ref,
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(vol.created)))
+            continue
         since = [s for s in pool.snapshots_of(vol) if not ctx.made_by_step(s.created)]
         if ctx.until is not None and since:
             kept.append(f"{ref} (snapshot(s) {', '.join(s.name for s in since)} were made since)")
