@@ -167,3 +167,23 @@ def test_a_full_journal_is_no_space_not_an_internal_error(tmp_path: Path, small_
         assert len(v.json("clone", "p/base", "p/n", "--count", "3")["clones"]) == 3, "room again: it works"
     finally:
         serve.stop()
+
+
+def test_serve_killed_after_an_imports_volume_is_made_undoes_it_at_its_next_start(v: V) -> None:
+    """SIGKILL at a point the crash tests did not cover: serve has made the import's volume
+    but not yet journalled the step done, nor answered. The CLI says serve went away (exit
+    10, one line); the next serve removes the volume, and the name is free again."""
+    serve = Serve(v.home, env={"VIRTUA_JOB_CRASH": "volume.import:0:end"})
+    r = v.run("volume", "import", "-", "p/cut", "--size", str(MIB), input=b"x" * MIB, ok=False)
+    err = r.stderr.decode()
+    assert r.returncode == 10 and "Traceback" not in err, (r.returncode, err)
+    assert serve.proc.wait(timeout=30) == -signal.SIGKILL
+    serve = Serve(v.home)
+    try:
+        assert set(volumes(v)) == {"p/base"}
+        job = next(j for j in v.json("job", "list", "--all") if j["op"] == "volume.import")
+        assert job["state"] == "undone" and [s["state"] for s in job["steps"]] == ["undone", "pending"], job
+        assert v.json("pool", "check", "p")["ok"]
+        v.run("volume", "import", "-", "p/cut", "--size", str(MIB), input=b"y" * MIB)
+    finally:
+        serve.stop()
