@@ -187,3 +187,20 @@ def test_serve_killed_after_an_imports_volume_is_made_undoes_it_at_its_next_star
         v.run("volume", "import", "-", "p/cut", "--size", str(MIB), input=b"y" * MIB)
     finally:
         serve.stop()
+
+
+def test_a_second_serve_on_one_home_is_refused(tmp_path: Path) -> None:
+    """Two `virtua serve` on one $VIRTUA_HOME (other ports, no pool yet to lock): the
+    second took over the admin socket (unlinked the first's), ran a second manager on the
+    same manager.db and a second reaper on the same journal. Now it is refused at once."""
+    v = V(tmp_path / "home")
+    first = Serve(v.home)
+    try:
+        r = v.run("serve", "--no-agent", "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", ok=False, timeout=60)
+        err = r.stderr.decode()
+        assert r.returncode == 8 and "another virtua serve" in err and str(first.proc.pid) in err, (r.returncode, err)
+        assert v.json("pool", "list") == [], "the first serve still answers on its socket"
+        with api(v) as http:
+            assert http.get("/v1/status").json()["pid"] == first.proc.pid
+    finally:
+        first.stop()
