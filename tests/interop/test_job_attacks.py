@@ -204,3 +204,23 @@ def test_a_second_serve_on_one_home_is_refused(tmp_path: Path) -> None:
             assert http.get("/v1/status").json()["pid"] == first.proc.pid
     finally:
         first.stop()
+
+
+def test_a_job_killed_after_its_last_step_keeps_what_it_made(v: V) -> None:
+    """serve SIGKILLed when every step of a clone batch is journalled done but the job is
+    not yet ended (VIRTUA_JOB_CRASH=clone:finish; for `vc create --start` that is while
+    its VMs start). Recovery undid everything it had made (for a VC: the disks under its
+    running guests); what is whole is kept now, and the job says it was interrupted."""
+    serve = Serve(v.home, env={"VIRTUA_JOB_CRASH": "clone:finish"})
+    r = v.run("clone", "p/base", "p/k", "--count", "3", ok=False)
+    assert r.returncode != 0
+    assert serve.proc.wait(timeout=30) == -signal.SIGKILL
+    serve = Serve(v.home)
+    try:
+        assert set(volumes(v)) == {"p/base", "p/k-1", "p/k-2", "p/k-3"}, "the finished batch is kept"
+        j = next(x for x in v.json("job", "list", "--all") if x["op"] == "clone")
+        assert j["state"] == "failed" and "what it made is kept" in j["error"], j
+        assert [s["state"] for s in j["steps"]] == ["done", "done"], j
+        assert v.json("pool", "check", "p")["ok"]
+    finally:
+        serve.stop()

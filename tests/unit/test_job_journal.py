@@ -128,9 +128,9 @@ def test_a_failing_undo_is_recorded_and_the_rest_still_runs(store: JobStore) -> 
     plan.add("a", lambda: None, record=Undo(kind="test.ok"))
     plan.add("b", lambda: None, record=Undo(kind="test.broken"))
     job = runner.start(store, "test", {}, plan)
-    for i in (0, 1):
-        job.begin_step(i)
-        job.end_step(i)
+    job.begin_step(0)
+    job.end_step(0)
+    job.begin_step(1)  # (a job past its last step is kept, not undone)
     runner.LIVE.pop(job.id)
     job.record.owner = dead_owner()
     store.put(job.record)

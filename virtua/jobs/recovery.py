@@ -91,6 +91,17 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
 
 
 def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobRecord:
+    if job.steps and all(s.state == "done" for s in job.steps):
+        # past its last step: what it made is whole (e.g. a VC made, its VMs starting: undoing
+        # it would remove the disks under running guests); it is kept, and the job says so
+        job.state = "failed"
+        job.error = f"interrupted after its last step ({why}): what it made is kept"
+        job.error_kind = "Unavailable"
+        job.ended = time.time()
+        store.put(job)
+        runner.LIVE.pop(job.id, None)
+        log.warning("job %s (%s) %s", job.id, job.title, job.error)
+        return job
     started = [s for s in job.steps if s.state in ("running", "done")]
     failed: list[str] = []
     for step in reversed(started):

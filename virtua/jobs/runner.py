@@ -69,6 +69,7 @@ class Job:
         self._end("failed", error=error)
 
     def finish(self, result: Any) -> Any:
+        _failpoint(f"{self.record.op}:finish")  # every step done (and what follows them), not yet ended
         self.record.result = result
         if self.record.progress.total:
             self.record.progress.done = self.record.progress.total
@@ -151,7 +152,7 @@ def cancel(store: JobStore, job_id: str) -> JobRecord:
 
 
 def _failpoint(where: str) -> None:
-    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end kills this process there (SIGKILL,
+    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end (or OP:finish) kills this process there (SIGKILL,
     no clean-up), so recovery is tested against a real kill at every step boundary."""
     if os.environ.get("VIRTUA_JOB_CRASH") == where:
         os.kill(os.getpid(), signal.SIGKILL)
