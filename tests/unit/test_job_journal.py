@@ -197,3 +197,34 @@ def test_renew_and_import_end_take_only_a_client_driven_import(tmp_path: Path) -
     finally:
         runner.LIVE.clear()
         st.close()
+
+
+def test_an_undo_that_cannot_reach_the_store_leaves_the_job_for_later(store: JobStore) -> None:
+    """vc.forget during recovery while etcd is away: it was recorded undo-failed and the
+    steps before it undone (the VC record left in etcd, its disks gone) and the job ended
+    for good. Now nothing is undone out of order: the job waits, whole, for a later start."""
+    from virtua.errors import Unavailable
+
+    calls: list[str] = []
+
+    def away(ctx: Context, **args: Any) -> None:
+        raise Unavailable("etcd at http://127.0.0.1:2379 unreachable")
+
+    UNDO_KINDS["test.away"] = away
+    UNDO_KINDS["test.disks"] = lambda ctx, **args: calls.append("disks")
+    plan = Plan("vc create web")
+    plan.add("disks", lambda: None, record=Undo(kind="test.disks"))
+    plan.add("record", lambda: None, record=Undo(kind="test.away"))
+    job = runner.start(store, "test", {}, plan)
+    job.begin_step(0)
+    job.end_step(0)
+    job.begin_step(1)
+    runner.LIVE.pop(job.id)
+    gone = dead_owner()
+    job.record.owner = gone
+    store.put(job.record)
+    assert recover(store, Context(storage=None)) == []
+    rec = store.get(job.id)
+    assert calls == [], "the disks stay while the record that names them does"
+    assert rec.state == "running" and [s.state for s in rec.steps] == ["done", "running"]
+    assert rec.owner == gone, "the next recovery finds it"

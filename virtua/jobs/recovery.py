@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from virtua.errors import Busy
+from virtua.errors import Busy, Unavailable
 from virtua.jobs import runner
 from virtua.jobs.record import JobRecord, JobStore, StepRecord
 
@@ -79,7 +79,7 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
             job = claimed
         try:
             out.append(undo_record(store, job, ctx, why))
-        except (NeedsManager, Busy) as e:
+        except (NeedsManager, Busy, Unavailable) as e:
             if not expired_only:  # the claim goes back: the next start of serve or the CLI finds it
                 job.owner = gone
                 store.put(job)
@@ -114,7 +114,7 @@ def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobR
                 raise RuntimeError(f"no undo registered for {step.undo.kind!r}")
             fn(ctx.for_step(step), **step.undo.args)
             step.state, step.error = "undone", None
-        except (NeedsManager, Busy):  # not now; a later recovery does the rest
+        except (NeedsManager, Busy, Unavailable):  # not now (etcd away too); a later recovery does the rest
             store.put(job)  # what was undone so far stays undone
             raise
         except Exception as e:  # noqa: BLE001 - record it, undo the rest
