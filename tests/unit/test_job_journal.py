@@ -228,3 +228,43 @@ def test_an_undo_that_cannot_reach_the_store_leaves_the_job_for_later(store: Job
     assert calls == [], "the disks stay while the record that names them does"
     assert rec.state == "running" and [s.state for s in rec.steps] == ["done", "running"]
     assert rec.owner == gone, "the next recovery finds it"
+
+
+def test_a_journal_that_fills_up_during_a_step_still_undoes_it(tmp_path: Path) -> None:
+    """The disk of the journal fills while a step runs (here the step itself fills it):
+    its work is done but `done` cannot be written. That error escaped the plan: nothing
+    was undone, and the job stayed live and running. Now the step and the ones before it
+    are undone, and the error is the disk's (NoSpace)."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        store = JobStore(mnt / "jobs.db")
+        undone: list[str] = []
+
+        def fill() -> None:
+            fd = os.open(mnt / "fill", os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+        plan = Plan("fills")
+        plan.add("a", lambda: None, lambda: undone.append("a"))
+        plan.add("b", fill, lambda: undone.append("b"))
+        plan.add("c", lambda: undone.append("c ran"))
+        job = runner.start(store, "test", {}, plan)
+        with pytest.raises(NoSpace):
+            plan.run_sync(job)
+        assert undone == ["b", "a"], "the filled step's work and the one before it are undone; c never ran"
+        assert job.id not in runner.LIVE
+        store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
