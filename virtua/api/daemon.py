@@ -34,7 +34,7 @@ from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, V
 from virtua.nbd.volumes import AdminExports, StorageExports, admin_nbd_socket
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
 from virtua.pki.identity import canonical_address, certificate_addresses
-from virtua.procs import stop_process_group
+from virtua.procs import lock_home, stop_process_group
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
 
@@ -447,26 +447,6 @@ async def _reap_jobs(storage: Storage, ctx: Any) -> None:
             log.exception("job recovery failed")
 
 
-def _lock_home(home: Path) -> int:
-    """An exclusive flock on HOME/serve.lock for this serve's life (Busy if another holds
-    it): a second serve on one home unlinked the first's admin socket and ran a second
-    manager on its manager.db and a second reaper on its job journal."""
-    import fcntl
-
-    fd = os.open(home / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise Busy(f"another virtua serve (pid {holder or '?'}) runs on {home}: stop it first, or give this one "
-                   "a home of its own (VIRTUA_HOME)") from None
-    os.ftruncate(fd, 0)
-    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 async def _keep_claim(store: Any, ttl: float, stop: asyncio.Event) -> None:
     """Renew this serve's claim on its etcd prefix; if another serve has taken it (etcd was
     away longer than the claim's lease), this one stops: never two managers of one cluster."""
@@ -547,7 +527,7 @@ async def serve(cfg: ServeConfig) -> None:
     _check_free(cfg.listen)
     _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)
-    home_lock = _lock_home(cfg.home)  # one serve per home: its socket, manager.db and journal are one's
+    home_lock = lock_home(cfg.home, "serve")  # one serve per home: its socket, manager.db and journal are one's
     _raise_open_files_limit()
     api_host, api_port = parse_listen(cfg.api_listen)
     advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")

@@ -575,7 +575,9 @@ async def run_agent(cfg: AgentConfig) -> None:
     import uvicorn
 
     from virtua.pki.asgi import tls_gate
+    from virtua.procs import lock_home
 
+    lock_home(cfg.home, "agent")  # one agent per home: two both heartbeat and both move the fence deadline
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")
