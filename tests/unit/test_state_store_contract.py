@@ -403,3 +403,39 @@ def test_etcd_without_quorum_is_unavailable_within_bounds(
         assert s.get("/q") == {"n": 4}
     finally:
         s.close()
+
+
+def test_a_serve_whose_claim_was_taken_writes_nothing(etcd_url: str) -> None:
+    """A serve stalled (SIGSTOP, a long GC pause, a frozen VM) past its claim's lease: a
+    second serve claims the prefix meanwhile. When the first resumes, its writes must not
+    land (two managers writing one cluster's state) until it has noticed and stopped; they
+    did, until its next renewal. Every write is now conditional on the claim it holds."""
+    from virtua.errors import Busy
+
+    prefix = f"/t{uuid.uuid4().hex[:8]}/"
+    first, second = EtcdStateStore(etcd_url, prefix=prefix), EtcdStateStore(etcd_url, prefix=prefix)
+    try:
+        first.claim({"pid": 1}, ttl=2)
+        first.put("/hosts/a", {"by": "first"})  # control: while it holds the claim
+        deadline = time.monotonic() + 15
+        while True:  # first does not renew: its lease runs out in etcd, and second takes over
+            try:
+                second.claim({"pid": 2}, ttl=30)
+                break
+            except Busy:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(Busy, match="another virtua serve"):
+            first.put("/hosts/a", {"by": "first, stale"})
+        with pytest.raises(Busy):
+            first.delete("/hosts/a")
+        with pytest.raises(Busy):
+            with first.txn():
+                first.put("/vcs/x", {"by": "first, stale"})
+        assert second.get("/hosts/a") == {"by": "first"} and second.get("/vcs/x") is None
+        second.put("/hosts/a", {"by": "second"})  # the holder writes
+        assert first.get("/hosts/a") == {"by": "second"}
+    finally:
+        second.release_claim()
+        first.close()
+        second.close()

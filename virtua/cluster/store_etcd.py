@@ -112,6 +112,8 @@ class EtcdStateStore:
         self._down_until = 0.0
         self._down_said = ""
         self._claim_lease: str | None = None
+        self._claim_rev = 0  # the create revision of the claim this serve holds (0: none)
+        self._claim_lost: str | None = None  # why this serve may not write any more
         self._claim_who: dict[str, Any] = {}
         self._claim_ttl = 10
         if check:
@@ -237,12 +239,22 @@ class EtcdStateStore:
             if self._txn is not None:
                 self._txn.writes[key] = json.loads(data)  # a copy: later changes to value are not written
                 return
+            if self._claim_lost is not None:
+                raise Busy(self._claim_lost)
+            if self._claim_rev:
+                self._fenced({"request_put": {"key": _b64(self._full(key)), "value": _b64(data)}})
+                return
             self._call("kv/put", {"key": _b64(self._full(key)), "value": _b64(data)}, idempotent=True)
 
     def delete(self, key: str) -> None:
         with self._lock:
             if self._txn is not None:
                 self._txn.writes[key] = None
+                return
+            if self._claim_lost is not None:
+                raise Busy(self._claim_lost)
+            if self._claim_rev:
+                self._fenced({"request_delete_range": {"key": _b64(self._full(key))}})
                 return
             self._call("kv/deleterange", {"key": _b64(self._full(key))}, idempotent=True)
 
@@ -288,6 +300,8 @@ class EtcdStateStore:
     def _commit(self, t: _Txn) -> None:
         if not t.writes:
             return  # reads only: nothing to agree on
+        if self._claim_lost is not None:
+            raise Busy(self._claim_lost)
         compare: list[dict[str, Any]] = [
             {"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": rev}
             for k, rev in sorted(t.read_revs.items())
@@ -306,8 +320,10 @@ class EtcdStateStore:
                 f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
                 "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
                 "with the same --etcd-max-txn-ops")
+        compare += self._claim_compare()
         doc = self._call("kv/txn", {"compare": compare, "success": success}, idempotent=False)
         if not doc.get("succeeded"):
+            self._check_claim()
             changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
                 self._short(p.encode()) + "*" for p in t.ranges)
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
@@ -339,6 +355,39 @@ class EtcdStateStore:
             self._claim_who, self._claim_ttl = who, ttl
             self._take_claim()
 
+    def _claim_compare(self) -> list[dict[str, Any]]:
+        """While this serve holds the claim, every write is on condition that it still does
+        (the claim key as it created it): a serve that stalled past its lease and was
+        replaced writes nothing, even before its next renewal tells it so."""
+        if not self._claim_rev:
+            return []
+        return [{"key": _b64(self.prefix + CLAIM), "target": "CREATE", "result": "EQUAL",
+                 "create_revision": self._claim_rev}]
+
+    def _fenced(self, op: dict[str, Any]) -> None:
+        doc = self._call("kv/txn", {"compare": self._claim_compare(), "success": [op]}, idempotent=True)
+        if not doc.get("succeeded"):
+            self._check_claim()
+            raise StoreConflict("etcd write not applied: its condition failed")
+
+    def _check_claim(self, *, absent_is_lost: bool = True) -> None:
+        """Busy if the claim this serve made is not the prefix's claim any more; from then
+        on every write is refused (this serve must stop managing)."""
+        if self._claim_lost is not None:
+            raise Busy(self._claim_lost)
+        if not self._claim_rev:
+            return
+        kvs = self._range_page(self.prefix + CLAIM, None, 0, None).get("kvs") or []
+        if kvs and int(kvs[0].get("create_revision", 0)) == self._claim_rev:
+            return
+        if not kvs and not absent_is_lost:
+            return
+        self._claim_lease = None
+        said = self._busy(self.prefix + "/", kvs[0]).message if kvs else (
+            f"its claim on etcd prefix {self.prefix}/ ran out")
+        self._claim_lost = "this serve no longer manages the cluster state: " + said
+        raise Busy(self._claim_lost)
+
     def _take_claim(self) -> None:
         lease = str(self._call("lease/grant", {"TTL": self._claim_ttl}, idempotent=False)["ID"])
         key = _b64(self.prefix + CLAIM)
@@ -353,21 +402,27 @@ class EtcdStateStore:
             kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or [{}]
             raise self._busy(self.prefix + "/", kvs[0])
         self._claim_lease = lease
+        self._claim_rev = int(doc["header"]["revision"])  # the claim key's create revision
 
     def keep_claim(self) -> None:
         """Renew the claim; a claim whose lease ran out (etcd away longer than it) is taken
         again, unless another serve has it by now (Busy: this one must stop managing)."""
         with self._lock:
+            if self._claim_lost is not None:  # a write found it taken: this serve stops
+                raise Busy(self._claim_lost)
             if self._claim_lease is None:
                 return
             doc = self._call("lease/keepalive", {"ID": self._claim_lease}, idempotent=True)
             if int((doc.get("result") or {}).get("TTL") or 0) <= 0:
                 self._claim_lease = None
+                self._check_claim(absent_is_lost=False)  # taken by another serve meanwhile: Busy
+                self._claim_rev = 0  # gone with its lease, nobody else's: take it again
                 self._take_claim()
 
     def release_claim(self) -> None:
         with self._lock:
             lease, self._claim_lease = self._claim_lease, None
+            self._claim_rev = 0
             if lease is not None:
                 with contextlib.suppress(VirtuaError):
                     self._call("lease/revoke", {"ID": lease}, idempotent=True)
