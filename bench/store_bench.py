@@ -51,7 +51,7 @@ class Run:
     def start_serve(self, etcd: bool) -> None:
         cmd = self.up["serve"].split()[1:]
         if not etcd:
-            cmd = cmd[: cmd.index("--etcd")]
+            cmd = cmd[: cmd.index("--etcd")]  # and its --etcd-max-txn-ops
         self.serve = subprocess.Popen([sys.executable, "-m", "virtua.cli", *cmd], env=self.env,
                                       stdout=subprocess.PIPE, stderr=open(self.home / "serve.log", "a"), text=True,
                                       start_new_session=True)

@@ -543,3 +543,30 @@ def test_manager_restart_keeps_vms_running(cluster: NetCluster) -> None:
     out = c.exec("keep/keep-1", "echo after > /root/after; sync; cat /root/after", timeout=60)
     assert "after" in out
     c.json("vc", "destroy", "keep", "--force")
+
+
+def test_a_manager_killed_while_a_created_vc_starts_keeps_it(cluster: NetCluster) -> None:
+    """serve is SIGKILLed after `vc create --start` has made every step and started the VMs,
+    before the job is ended (VIRTUA_JOB_CRASH=vc.create:finish). Its next start undid the
+    whole job: the VC forgotten and its disks removed under the running guests. Now the VC,
+    its disks and its guests are kept, and the job says it was interrupted."""
+    c = cluster
+    c.stop_manager()
+    c.start_manager(env={"VIRTUA_JOB_CRASH": "vc.create:finish"})
+    try:
+        r = c.cli("vc", "create", "late", "--template", "tiny", "--nodes", "2", "--memory", "128M", "--start",
+                  check=False)
+        assert r.returncode != 0
+        assert c.serve is not None and c.serve.wait(timeout=60) == -signal.SIGKILL
+        pids = c.qemu_pids()
+        assert len(pids) == 2, "control: both guests were started"
+    finally:
+        c.start_manager()
+    c.wait_hosts(3)
+    assert [vc["name"] for vc in c.json("vc", "list")] == ["late"]
+    disks = {v["name"] for v in c.json("volume", "list") if "vc-late" in v["name"]}
+    assert {"default/vc-late-1", "default/vc-late-2"} <= disks, disks
+    assert sorted(c.qemu_pids()) == sorted(pids), "the guests run on, on their disks"
+    job = next(j for j in c.json("job", "list", "--all") if j["op"] == "vc.create" and j["args"]["name"] == "late")
+    assert job["state"] == "failed" and "what it made is kept" in job["error"], job
+    c.json("vc", "destroy", "late", "--force")

@@ -76,7 +76,7 @@ class NetCluster:
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "virtua.cli", "serve", "--no-agent",
              "--listen", f"{self.manager_addr}:10809", "--api-listen", f"{self.manager_addr}:8780",
-             "--host-network", f"{self.net}.0/24", *(["--etcd", self.etcd_urls] if self.etcd else []), *(args or [])],
+             "--host-network", f"{self.net}.0/24", *(["--etcd", self.etcd_urls, "--etcd-max-txn-ops", "2048"] if self.etcd else []), *(args or [])],
             env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=open(self.tmp / "serve.log", "a"),
             text=True, start_new_session=True,
         )

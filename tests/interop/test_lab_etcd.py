@@ -83,7 +83,8 @@ def test_lab_up_etcd_serves_the_cluster_state_and_survives_one_member(lab: EtcdL
     urls = [e.split()[1] for e in up["etcd"]]
     assert urls == [f"https://{lab.prefix}.{11 + i}:2379" for i in range(3)], up
     serve_cmd = up["serve"].split()
-    assert serve_cmd[:2] == ["virtua", "serve"] and f"--etcd={','.join(urls)}" == "=".join(serve_cmd[-2:]), up
+    assert serve_cmd[:2] == ["virtua", "serve"] and serve_cmd[-4:] == ["--etcd", ",".join(urls),
+                                                                       "--etcd-max-txn-ops", "2048"], up
     lab.serve = subprocess.Popen(
         [sys.executable, "-m", "virtua.cli", *serve_cmd[1:]], env=lab.env, stdout=subprocess.PIPE,
         stderr=open(lab.serve_log, "w"), text=True, start_new_session=True,

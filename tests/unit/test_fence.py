@@ -101,3 +101,47 @@ def test_one_watchdog_per_home(home: Path) -> None:
     second = watchdog(home, home / "second.log")
     assert second.wait(timeout=10) == 0, "a second one for the same home leaves at once"
     os.kill(int(first.split()[0]), 9)
+
+
+def test_a_guest_started_after_the_fence_fired_is_killed_too(home: Path) -> None:
+    """An agent stopped (SIGSTOP, a wedged loop) in the middle of starting a VM goes on
+    once it is resumed, after its deadline: that QEMU appears after the watchdog fired,
+    while the manager may already run the VM elsewhere. It was left running (the watchdog
+    fired once per deadline); now every guest is killed for as long as the deadline is past."""
+    g1 = guest(home, "c~c-1")
+    fence = Fence(home)
+    fence.arm(time.monotonic() + 0.5)
+    log = home / "fence.log"
+    wd = watchdog(home, log)
+    late = None
+    try:
+        assert g1.wait(timeout=5) == -9
+        late = guest(home, "c~c-2")  # the resumed agent's QEMU, same (past) deadline
+        assert late.wait(timeout=5) == -9, "a guest that comes back after the fence is fenced too"
+        assert "c~c-2" in log.read_text()
+    finally:
+        if late is not None and late.poll() is None:
+            late.kill()
+        wd.kill()
+
+
+def test_a_killed_watchdog_is_started_again_though_it_is_a_zombie(home: Path) -> None:
+    """The watchdog is the agent's child: killed (SIGKILL, the OOM killer, a careless
+    pkill), it stays a zombie until reaped, and a zombie's /proc entry keeps its start
+    time, so the agent took it for alive and never started another: no fencing for the
+    rest of the agent's life (found by kill -9 of a serve's local agent's watchdog)."""
+    fence = Fence(home)
+    fence.ensure_watchdog()
+    pid = int((home / "fence.pid").read_text().split()[0])
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/stat").read_bytes().split(b")")[-1].split()[0] != b"Z":
+        assert time.monotonic() < deadline, "control: it is a zombie of this process"
+        time.sleep(0.02)
+    fence.ensure_watchdog()
+    new = int((home / "fence.pid").read_text().split()[0])
+    try:
+        assert new != pid, "a new watchdog runs"
+        assert Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")[2] == b"virtua.cluster.fence"
+    finally:
+        os.kill(new, 9)

@@ -134,6 +134,6 @@ def test_a_second_agent_on_the_same_home_is_refused(serve: Serve) -> None:
         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert r.returncode == 8, r.stderr
-    assert f"another agent (pid {pid}) runs with home" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert f"another virtua agent (pid {pid}) runs on" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert alive(pid), "the running agent is untouched"
     serve.terminate()

@@ -141,6 +141,29 @@ def test_a_txn_past_etcds_operation_limit_is_a_clear_error(store: StateStore, ki
     assert len(store.range("/ops/")) == (0 if kind == "etcd" else 200)  # all or nothing
 
 
+def test_a_vc_of_more_than_127_nodes_fits_the_etcd_virtua_starts(etcd_url: str) -> None:
+    """Recording a VC is one put per VM and one for the VC: past 127 nodes that was more
+    than etcd's default --max-txn-ops (128), so `vc create --nodes 200` on etcd failed at
+    its last step. The members virtua starts (virtua.cluster.etcd_server) allow 2048, and a
+    store told so commits such a transaction, and its forget (a range and 201 deletes)."""
+    from virtua.cluster.etcd_server import MAX_TXN_OPS
+
+    s = EtcdStateStore(etcd_url, prefix=f"/t{uuid.uuid4().hex[:8]}/", max_txn_ops=MAX_TXN_OPS)
+    try:
+        with s.txn():
+            s.put("/vcs/big", {"nodes": 200})
+            for i in range(1, 201):
+                s.put(f"/vms/big/big-{i}", {"i": i})
+        assert len(s.range("/vms/big/")) == 200
+        with s.txn():
+            for key, _ in s.range("/vms/big/"):
+                s.delete(key)
+            s.delete("/vcs/big")
+        assert s.range("/vms/big/") == [] and s.get("/vcs/big") is None
+    finally:
+        s.close()
+
+
 def test_an_exception_inside_a_txn_commits_nothing(opener: Opener) -> None:
     s = opener()
     s.put("/vcs/a", {"v": 1})
@@ -380,3 +403,39 @@ def test_etcd_without_quorum_is_unavailable_within_bounds(
         assert s.get("/q") == {"n": 4}
     finally:
         s.close()
+
+
+def test_a_serve_whose_claim_was_taken_writes_nothing(etcd_url: str) -> None:
+    """A serve stalled (SIGSTOP, a long GC pause, a frozen VM) past its claim's lease: a
+    second serve claims the prefix meanwhile. When the first resumes, its writes must not
+    land (two managers writing one cluster's state) until it has noticed and stopped; they
+    did, until its next renewal. Every write is now conditional on the claim it holds."""
+    from virtua.errors import Busy
+
+    prefix = f"/t{uuid.uuid4().hex[:8]}/"
+    first, second = EtcdStateStore(etcd_url, prefix=prefix), EtcdStateStore(etcd_url, prefix=prefix)
+    try:
+        first.claim({"pid": 1}, ttl=2)
+        first.put("/hosts/a", {"by": "first"})  # control: while it holds the claim
+        deadline = time.monotonic() + 15
+        while True:  # first does not renew: its lease runs out in etcd, and second takes over
+            try:
+                second.claim({"pid": 2}, ttl=30)
+                break
+            except Busy:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(Busy, match="another virtua serve"):
+            first.put("/hosts/a", {"by": "first, stale"})
+        with pytest.raises(Busy):
+            first.delete("/hosts/a")
+        with pytest.raises(Busy):
+            with first.txn():
+                first.put("/vcs/x", {"by": "first, stale"})
+        assert second.get("/hosts/a") == {"by": "first"} and second.get("/vcs/x") is None
+        second.put("/hosts/a", {"by": "second"})  # the holder writes
+        assert first.get("/hosts/a") == {"by": "second"}
+    finally:
+        second.release_claim()
+        first.close()
+        second.close()

@@ -34,7 +34,7 @@ from virtua.errors import Busy, Forbidden, InvalidArgument, NoSpace, NotFound, V
 from virtua.nbd.volumes import AdminExports, StorageExports
 from virtua.pki.asgi import PeerAwareH11, guarded, tls_gate
 from virtua.pki.identity import canonical_address, certificate_addresses
-from virtua.procs import stop_process_group
+from virtua.procs import lock_home, stop_process_group
 from virtua.storage.home import admin_nbd_socket
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
@@ -72,6 +72,7 @@ class ServeConfig:
     etcd: str | None = None
     etcd_prefix: str = "/virtua/"
     etcd_tls: Path | None = None  # https:// etcd: the client credentials (default pki/etcd/manager)
+    etcd_max_txn_ops: int = 128  # what the etcd cluster's --max-txn-ops allows
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -448,6 +449,25 @@ async def _reap_jobs(storage: Storage, ctx: Any) -> None:
             log.exception("job recovery failed")
 
 
+async def _keep_claim(store: Any, ttl: float, stop: asyncio.Event) -> None:
+    """Renew this serve's claim on its etcd prefix; if another serve has taken it (etcd was
+    away longer than the claim's lease), this one stops: never two managers of one cluster."""
+    from virtua.errors import Unavailable
+
+    while True:
+        await asyncio.sleep(max(0.5, ttl / 4))
+        try:
+            store.keep_claim()
+        except Unavailable:
+            pass  # etcd is away: said by the calls that need it; the claim is renewed when it is back
+        except Busy as e:
+            log.error("stopping: %s", e.message)
+            stop.set()
+            return
+        except Exception:  # noqa: BLE001 - keep renewing; say what broke
+            log.exception("renewing the etcd claim failed")
+
+
 def start_local_agent(cfg: ServeConfig, advertise: str, api_port: int, manager: Any) -> int | None:
     """Start `virtua agent` for this machine unless one already runs (then None); serve
     stops the one it started when it stops, and the VMs (own sessions) keep running.
@@ -516,10 +536,12 @@ async def serve(cfg: ServeConfig) -> None:
     # first: an etcd that does not answer stops serve before anything starts (Unavailable)
     store: StateStore | None = None
     if cfg.etcd:
-        store = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix, tls=_etcd_credentials(cfg))
+        store = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix, max_txn_ops=cfg.etcd_max_txn_ops,
+                               tls=_etcd_credentials(cfg))
     _check_free(cfg.listen)
     _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)
+    home_lock = lock_home(cfg.home, "serve")  # one serve per home: its socket, manager.db and journal are one's
     _raise_open_files_limit()
     api_host, api_port = parse_listen(cfg.api_listen)
     advertise = cfg.advertise or (api_host if api_host not in ("0.0.0.0", "") else "127.0.0.1")
@@ -576,6 +598,21 @@ async def serve(cfg: ServeConfig) -> None:
         log.warning("%s is not used: the cluster state is in etcd (--etcd); nothing is copied from it",
                     cfg.home / "manager.db")
     store_said = (f"etcd at {cfg.etcd} under {cfg.etcd_prefix}" if cfg.etcd else str(cfg.home / "manager.db"))
+    if isinstance(store, EtcdStateStore):  # one manager per prefix: a second serve would restart VMs twice
+        import socket as _socket
+        import time as _time
+
+        try:
+            me = {"host": _socket.gethostname(), "pid": os.getpid(), "home": str(cfg.home), "started": _time.time()}
+            # a claim of this home on this host is a killed predecessor's: this serve holds the home's lock
+            store.claim(me, ttl=max(2, int(cfg.lease_ttl)),
+                        stale=lambda who: who.get("host") == me["host"] and who.get("home") == me["home"])
+        except BaseException:
+            await nbd.close()
+            await admin_nbd.close()
+            store.close()
+            storage.close()
+            raise
     manager = Manager(
         cfg.home, storage, store, advertise=advertise, nbd_port=nbd.port or 10809,
         api_port=api_port, host_networks=cfg.host_networks, import_dir=cfg.import_dir,
@@ -588,6 +625,8 @@ async def serve(cfg: ServeConfig) -> None:
     exports.holder_label = manager.disk_user
     await manager.start()
     reaper = _recover_jobs(storage, manager)
+    stop = asyncio.Event()
+    claim_keeper = asyncio.create_task(_keep_claim(store, cfg.lease_ttl, stop)) if isinstance(store, EtcdStateStore) else None
     from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission
 
@@ -620,7 +659,6 @@ async def serve(cfg: ServeConfig) -> None:
         asyncio.create_task(uv_tcp.serve(sockets=[_bind_tcp(cfg.api_listen)])),
     ]
     # the handlers first: a SIGTERM from now on still goes through the clean-up below
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -650,9 +688,14 @@ async def serve(cfg: ServeConfig) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*api_tasks), 5)
         reaper.cancel()
+        if claim_keeper is not None:
+            claim_keeper.cancel()
         await manager.close()
+        if isinstance(store, EtcdStateStore):
+            store.release_claim()
         store.close()
         storage.close()
         with contextlib.suppress(FileNotFoundError):
             cfg.api_socket.unlink()
+        os.close(home_lock)
         log.info("virtua serve: stopped")

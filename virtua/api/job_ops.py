@@ -3,18 +3,22 @@ and the undo kinds of storage steps (what recovery runs after a crash)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Annotated, Any
 
 from pydantic import Field
 
 from virtua.api.ops import op
-from virtua.errors import Cancelled, InvalidArgument
+from virtua.errors import Cancelled, DependencyError, InvalidArgument
 from virtua.jobs import runner
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, Undo
 from virtua.jobs.recovery import Context, undo_kind
 from virtua.storage.names import parse_ref
 from virtua.storage.service import Storage
+
+log = logging.getLogger("virtua.jobs")
 
 JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-z-]+$")]
 
@@ -24,14 +28,28 @@ JobId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-z-]+$
 
 @undo_kind("volumes.rm")
 def _undo_volumes(ctx: Context, refs: list[str]) -> None:
-    """Remove the volumes that exist (with their snapshots and clones)."""
+    """Remove the volumes that exist and that the step made (with their snapshots and
+    clones): a volume of the same name made before the step or since is someone else's."""
+    kept: list[str] = []
     for ref in refs:
         r = parse_ref(ref, snapshot=False)
         if r.pool not in ctx.storage.pool_paths():
             continue
         pool = ctx.storage.pool(r.pool)
-        if r.volume in pool.volumes_by_name:
-            pool.delete_volume(r.volume, recursive=True)
+        vol = pool.volumes_by_name.get(r.volume)
+        if vol is None:
+            continue
+        if not ctx.made_by_step(vol.created):  # not the job's: the name was taken again after the crash
+            log.warning("undo keeps %s: it was made at %s, not by the step being undone", ref,
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(vol.created)))
+            continue
+        since = [s for s in pool.snapshots_of(vol) if not ctx.made_by_step(s.created)]
+        if ctx.until is not None and since:
+            kept.append(f"{ref} (snapshot(s) {', '.join(s.name for s in since)} were made since)")
+            continue
+        pool.delete_volume(r.volume, recursive=True)
+    if kept:
+        raise DependencyError(f"kept {'; '.join(kept)}: remove it yourself if it is not needed")
 
 
 @undo_kind("snapshot.rm")
@@ -42,8 +60,13 @@ def _undo_snapshot(ctx: Context, ref: str) -> None:
         return
     pool = ctx.storage.pool(r.pool)
     vol = pool.volumes_by_name.get(r.volume)
-    if vol is not None and any(s.name == r.snapshot for s in pool.snapshots_of(vol)):
-        pool.delete_snapshot(r.volume, r.snapshot, recursive=True)
+    snap = None if vol is None else next((s for s in pool.snapshots_of(vol) if s.name == r.snapshot), None)
+    if snap is None or not ctx.made_by_step(snap.created):
+        return
+    clones = pool.clones_of(snap)  # the job's own are undone by its later steps, before this one
+    if ctx.since is not None and clones:
+        raise DependencyError(f"kept {ref}: clone(s) {', '.join(c.name for c in clones)} were made of it since")
+    pool.delete_snapshot(r.volume, r.snapshot, recursive=True)
 
 
 # ---------------------------------------------------------------------- jobs
@@ -104,6 +127,8 @@ def import_begin(
 def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] = 0) -> dict[str, Any]:
     """A client-driven job's heartbeat and progress; says whether to stop."""
     job = runner.live(id)
+    if job.record.lease_until is None:  # a lease on it would let the reaper undo it under its runner
+        raise InvalidArgument(f"job {id} ({job.record.title}) is not driven by a client: nothing to renew")
     job.renew()
     try:
         job.progress(done)
@@ -116,13 +141,15 @@ def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] = 0) -> 
 def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=2000)] | None = None) -> dict[str, Any]:
     """The client's copy ended: keep the volume, or (error, or a cancel) remove it."""
     job = runner.live(id)
+    if job.record.op != "volume.import":
+        raise InvalidArgument(f"job {id} ({job.record.title}) is not an import")
     ref = str(job.record.args["ref"])
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     if error is None and not job.cancel_requested:
         job.end_step(1)
         return job.finish(pool.volume_info(r.volume))
-    _undo_volumes(Context(st), [ref])
+    _undo_volumes(Context(st).for_step(job.record.steps[0]), [ref])
     job.undone_step(0)
     why: Exception = Cancelled(f"job {id} was cancelled; {ref} is removed") if error is None else InvalidArgument(error)
     job.fail(1, why)

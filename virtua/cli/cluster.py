@@ -330,6 +330,7 @@ def lab_up(
 ) -> None:
     """Create N namespaced hosts on a bridge and start an agent in each (manager at PREFIX.1:8780)."""
     from virtua.cluster import lab_etcd
+    from virtua.cluster.etcd_server import MAX_TXN_OPS
     from virtua.net.lab import Lab
 
     lab = Lab(tag=tag, prefix=prefix, hosts=hosts)
@@ -347,7 +348,7 @@ def lab_up(
                               "hosts": [f"{h} {lab.address(h)} (pid {p})" for h, p in pids.items()]}
     if members:
         out["etcd"] = [f"{m.name} {m.client_url}" for m in members]
-        serve += f" --etcd {lab_etcd.urls(members)}"
+        serve += f" --etcd {lab_etcd.urls(members)} --etcd-max-txn-ops {MAX_TXN_OPS}"
     out["serve"] = serve
     render.emit(out, State.json)
 

@@ -48,6 +48,9 @@ def serve_cmd(
     etcd_tls: Path | None = typer.Option(
         None, "--etcd-tls", help="for https:// etcd: the client credentials of virtua's etcd CA (default "
                                  "$VIRTUA_HOME/pki/etcd/manager, made by `virtua lab up --etcd`)"),
+    etcd_max_txn_ops: int = typer.Option(
+        128, "--etcd-max-txn-ops", help="the etcd cluster's --max-txn-ops (etcd's default 128; the members virtua "
+        "starts: 2048): a VC of N nodes needs N + 1, and is refused before anything is made if it does not fit"),
 ) -> None:
     """Serve every volume as NBD export POOL/VOL (snapshots read-only as POOL/VOL@SNAP) and the admin API."""
     import asyncio
@@ -98,6 +101,7 @@ def serve_cmd(
         etcd=etcd or None,
         etcd_prefix=etcd_prefix,
         etcd_tls=etcd_tls,
+        etcd_max_txn_ops=etcd_max_txn_ops,
     )
     if cfg.etcd:  # a bad URL is a one-line error before anything starts
         from virtua.cluster.store_etcd import parse_urls

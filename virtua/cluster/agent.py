@@ -30,7 +30,6 @@ from virtua.cluster.fence import Fence
 from virtua.cluster.model import VMLaunch
 from virtua.edge import web
 from virtua.errors import (
-    Busy,
     Forbidden,
     InvalidArgument,
     NotFound,
@@ -128,6 +127,17 @@ class Agent:
         await self._reattach()
         self.fence.ensure_watchdog()  # before the first beat can arm it
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        self._tasks.append(asyncio.create_task(self._keep_watchdog()))
+
+    async def _keep_watchdog(self) -> None:
+        """A killed watchdog is started again whatever the heartbeats do: a manager that
+        does not answer (a partition, a stopped serve) is exactly when it must run."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await asyncio.to_thread(self.fence.ensure_watchdog)
+            except Exception as e:  # noqa: BLE001 - say it, try again
+                log.error("cannot start the fence watchdog: %s", e)
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -559,34 +569,15 @@ def build_agent_api(agent: Agent) -> FastAPI:
     return api
 
 
-def hold_agent_home(home: Path) -> int:
-    """One agent per home (per host): an exclusive flock on HOME/agent.lock for the process's
-    life, else Busy naming the holder. Two agents on one host would both reattach, fence and
-    start its VMs. The descriptor is not inherited: a QEMU or the watchdog never holds it."""
-    import fcntl
-
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise Busy(f"another agent (pid {holder or '?'}) runs with home {home}: one agent per host; "
-                   "stop it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 async def run_agent(cfg: AgentConfig) -> None:
     import signal
 
     import uvicorn
 
     from virtua.pki.asgi import tls_gate
+    from virtua.procs import lock_home
 
-    lock = hold_agent_home(cfg.home)  # noqa: F841 - held for the process's life
+    lock_home(cfg.home, "agent")  # one agent per home: two both heartbeat and both move the fence deadline
     agent = Agent(cfg)
     await agent.start()
     host, _, port = cfg.listen.rpartition(":")

@@ -20,6 +20,12 @@ from pathlib import Path
 
 from virtua.errors import Unavailable
 
+# The operations one transaction may hold, for the members virtua starts: etcd's default of
+# 128 is less than the puts of recording a VC of 128 nodes (one per VM and the VC's own);
+# 2048 holds the largest VC (1000 nodes) with room. serve must be told the same number
+# (--etcd-max-txn-ops) so that it refuses a larger transaction before it starts.
+MAX_TXN_OPS = 2048
+
 
 @dataclass(frozen=True)
 class Member:
@@ -64,6 +70,7 @@ def etcd_binary() -> str:
 
 def member_command(
     me: Member, cluster: list[Member], data_dir: Path, token: str, tls: MemberTLS | None = None,
+    max_txn_ops: int = MAX_TXN_OPS,
 ) -> list[str]:
     initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster)
     return [
@@ -81,6 +88,7 @@ def member_command(
         # Short timeouts: the lab's members share one machine and a loopback-fast network.
         "--heartbeat-interval", "100",
         "--election-timeout", "1000",
+        "--max-txn-ops", str(max_txn_ops),
         "--logger", "zap",
         "--log-level", "warn",
         *(tls.flags() if tls else []),
@@ -89,10 +97,10 @@ def member_command(
 
 def start_member(
     me: Member, cluster: list[Member], data_dir: Path, token: str, netns: str | None = None,
-    tls: MemberTLS | None = None,
+    tls: MemberTLS | None = None, max_txn_ops: int = MAX_TXN_OPS,
 ) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = member_command(me, cluster, data_dir / "data", token, tls)
+    cmd = member_command(me, cluster, data_dir / "data", token, tls, max_txn_ops)
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     log = open(data_dir / "etcd.log", "ab")

@@ -130,15 +130,16 @@ def watch(home: Path) -> int:
     tmp = home / "fence.pid.tmp"
     tmp.write_text(f"{me} {start_ticks(me)}")
     os.replace(tmp, home / "fence.pid")
-    fired_for: float | None = None
     while True:
         time.sleep(POLL)
         state = _read(home)
         deadline = state.get("deadline")
         agent_alive = _alive(state.get("agent"), state.get("agent_ticks"))
         running = guests(home)
-        if isinstance(deadline, int | float) and time.monotonic() > deadline and deadline != fired_for:
-            fired_for = deadline
+        # every guest while the deadline is past, not once per deadline: a QEMU that an agent
+        # resumed after a stop (SIGSTOP, a wedged loop) starts late must not run beside its
+        # restart elsewhere
+        if isinstance(deadline, int | float) and time.monotonic() > deadline:
             if running:
                 late = time.monotonic() - deadline
                 for _name, pid in running:

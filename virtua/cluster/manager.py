@@ -837,6 +837,7 @@ class Manager:
             raise InvalidArgument(f"bad VC name {name!r}: at most 40 characters")
         if not 1 <= nodes <= 1000:
             raise InvalidArgument(f"bad node count {nodes}: must be 1..1000")
+        self._check_txn_fits(nodes + 1, f"a VC of {nodes} nodes")
         if not 1 <= cpus <= 64:
             raise InvalidArgument(f"bad vCPU count {cpus}: must be 1..64")
         if strategy not in ("block", "cyclic"):
@@ -991,6 +992,16 @@ class Manager:
                 await self._agent(h, "POST", "/v1/prepare", json=self._artifacts(t))
             finally:
                 self._template_grants[host].discard(t.name)
+
+    def _check_txn_fits(self, ops: int, what: str) -> None:
+        """Refuse, before anything is made, an operation whose one store transaction would
+        be past the store's limit (etcd's --max-txn-ops; SQLite has none)."""
+        limit = getattr(self.store, "max_txn_ops", None)
+        if isinstance(limit, int) and ops > limit:
+            raise InvalidArgument(
+                f"{what} is recorded in one etcd transaction of {ops} operations, and this etcd allows {limit} "
+                f"(--max-txn-ops): start etcd with --max-txn-ops {ops} or more and serve with the same "
+                "--etcd-max-txn-ops, or make a smaller VC")
 
     def _record_vc(self, rec: VCRecord, vms: list[VMRecord]) -> None:
         with self.store.txn():
@@ -1212,6 +1223,7 @@ class Manager:
                 raise InvalidArgument(f"bad strategy {strategy!r}: use block or cyclic")
             if mode is not None and mode not in ("strict", "lazy"):
                 raise InvalidArgument(f"bad mode {mode!r}: use strict or lazy")
+            self._check_txn_fits(len(vms) + 1, f"remapping VC {name}")
             new_vc = vc.model_copy(update={"strategy": strategy or vc.strategy, "mode": mode or vc.mode})
             mapping = self._place(new_vc, vms)  # a fresh mapping with the new strategy
             with self.store.txn():
@@ -1558,8 +1570,13 @@ def _undo_vc_record(ctx: Context, name: str) -> None:
     the steps before)."""
     if ctx.manager is None:
         raise NeedsManager()
-    if ctx.manager.store.get(f"/vcs/{name}") is not None:
-        ctx.manager._forget_vc(name)
+    doc = ctx.manager.store.get(f"/vcs/{name}")
+    if doc is None:
+        return
+    created = doc.get("created")  # set before the job began: only the end of the step bounds it
+    if ctx.until is not None and isinstance(created, int | float) and created > ctx.until:
+        return  # a VC of the same name made since the crash: not the job's
+    ctx.manager._forget_vc(name)
 
 
 def _serving() -> bool:

@@ -20,12 +20,13 @@ cannot be reached, or that does not answer in time or says it has no leader, is
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import httpx
 
 from virtua.cluster.store import StoreConflict
-from virtua.errors import InvalidArgument, NoSpace, Unavailable, VirtuaError
+from virtua.errors import Busy, InvalidArgument, NoSpace, Unavailable, VirtuaError
 from virtua.pki.credentials import Credentials
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
@@ -42,6 +43,8 @@ READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
 # loop must not wait a read timeout per call while etcd is away), then one probes again
 HOLD_DOWN = 2.0
 PAGE = 500  # keys per range request (a prefix range pages on)
+DEFAULT_MAX_TXN_OPS = 128  # etcd's own default --max-txn-ops
+CLAIM = "/.claim"  # the key of the serve that manages a prefix (no name starts with '.')
 # etcd's answer when it cannot agree (no leader, lost quorum, a proposal that timed out)
 _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "not capable", "too many requests")
 
@@ -110,10 +113,15 @@ class _Txn:
 class EtcdStateStore:
     def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                 tls: Credentials | None = None) -> None:
+                 max_txn_ops: int = DEFAULT_MAX_TXN_OPS, tls: Credentials | None = None) -> None:
         """tls: the client certificate of virtua's etcd CA (virtua.cluster.etcd_pki), for
         https:// endpoints: members are verified against that CA, and it is presented."""
         self.urls = parse_urls(urls)
+        if max_txn_ops < 1:
+            raise InvalidArgument(f"bad etcd transaction limit {max_txn_ops}: at least 1")
+        # what the cluster's --max-txn-ops allows (etcd does not say): a longer transaction is
+        # refused here, and the manager refuses an operation that would need one up front
+        self.max_txn_ops = max_txn_ops
         if not prefix.startswith("/"):
             raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts with /")
         https = [u for u in self.urls if u.startswith("https://")]
@@ -138,6 +146,11 @@ class EtcdStateStore:
         self._txn: _Txn | None = None
         self._down_until = 0.0
         self._down_said = ""
+        self._claim_lease: str | None = None
+        self._claim_rev = 0  # the create revision of the claim this serve holds (0: none)
+        self._claim_lost: str | None = None  # why this serve may not write any more
+        self._claim_who: dict[str, Any] = {}
+        self._claim_ttl = 10
         if check:
             self.check()
 
@@ -277,12 +290,22 @@ class EtcdStateStore:
             if self._txn is not None:
                 self._txn.writes[key] = json.loads(data)  # a copy: later changes to value are not written
                 return
+            if self._claim_lost is not None:
+                raise Busy(self._claim_lost)
+            if self._claim_rev:
+                self._fenced({"request_put": {"key": _b64(self._full(key)), "value": _b64(data)}})
+                return
             self._call("kv/put", {"key": _b64(self._full(key)), "value": _b64(data)}, idempotent=True)
 
     def delete(self, key: str) -> None:
         with self._lock:
             if self._txn is not None:
                 self._txn.writes[key] = None
+                return
+            if self._claim_lost is not None:
+                raise Busy(self._claim_lost)
+            if self._claim_rev:
+                self._fenced({"request_delete_range": {"key": _b64(self._full(key))}})
                 return
             self._call("kv/deleterange", {"key": _b64(self._full(key))}, idempotent=True)
 
@@ -328,6 +351,8 @@ class EtcdStateStore:
     def _commit(self, t: _Txn) -> None:
         if not t.writes:
             return  # reads only: nothing to agree on
+        if self._claim_lost is not None:
+            raise Busy(self._claim_lost)
         compare: list[dict[str, Any]] = [
             {"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": rev}
             for k, rev in sorted(t.read_revs.items())
@@ -340,15 +365,157 @@ class EtcdStateStore:
             if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
             for k, v in t.writes.items()
         ]
+        longest = max(len(compare), len(success))
+        if longest > self.max_txn_ops:
+            raise InvalidArgument(
+                f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
+                "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
+                "with the same --etcd-max-txn-ops")
+        compare += self._claim_compare()
         doc = self._call("kv/txn", {"compare": compare, "success": success}, idempotent=False)
         if not doc.get("succeeded"):
+            self._check_claim()
             changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
                 self._short(p.encode()) + "*" for p in t.ranges)
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
 
+    # ------------------------------------------------------------------ one manager per prefix
+
+    def claim(self, who: dict[str, Any], ttl: int, *, stale: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Make this process the one manager of the prefix: the key PREFIX/.claim, created
+        only if absent, on an etcd lease of `ttl` seconds that `keep_claim` renews (a killed
+        serve's claim goes when its lease runs out). Busy if another serve holds it, or
+        holds a prefix inside this one or around it (its keys would be in this one's ranges).
+        stale(holder): whether the prefix's own claim is one this process may take over (a
+        killed serve of the same home on the same host, whose home lock this one now holds)."""
+        with self._lock:
+            parts = [p for p in self.prefix.split("/") if p]
+            for i in range(len(parts)):  # around: /, /a for /a/b
+                around = "".join("/" + p for p in parts[:i])
+                rows = self._range_page((around + CLAIM).encode(), None, 0, None).get("kvs") or []
+                if rows:
+                    raise self._busy(around + "/", rows[0])
+            start = (self.prefix + "/").encode()
+            doc = self._call("kv/range", {"key": _b64(start), "range_end": _b64(prefix_end(start)), "keys_only": True},
+                             idempotent=True)
+            for kv in doc.get("kvs") or []:  # inside: /a/b/.claim for /a
+                key = _unb64(kv["key"]).decode(errors="replace")
+                if key.endswith(CLAIM) and key != self.prefix + CLAIM:
+                    inner = self._range_page(key, None, 0, None).get("kvs") or []
+                    if inner:
+                        raise self._busy(key[: -len(CLAIM)] + "/", inner[0])
+            self._claim_who, self._claim_ttl = who, ttl
+            try:
+                self._take_claim()
+            except _Taken as e:
+                if stale is None or not stale(e.holder):
+                    raise
+                # its predecessor's claim, left by a kill: gone at once rather than when its lease runs out
+                self._call("kv/txn", {"compare": [{"key": _b64(self.prefix + CLAIM), "target": "CREATE",
+                                                   "result": "EQUAL", "create_revision": e.revision}],
+                                      "success": [{"request_delete_range": {"key": _b64(self.prefix + CLAIM)}}]},
+                           idempotent=True)
+                self._take_claim()
+
+    def _claim_compare(self) -> list[dict[str, Any]]:
+        """While this serve holds the claim, every write is on condition that it still does
+        (the claim key as it created it): a serve that stalled past its lease and was
+        replaced writes nothing, even before its next renewal tells it so."""
+        if not self._claim_rev:
+            return []
+        return [{"key": _b64(self.prefix + CLAIM), "target": "CREATE", "result": "EQUAL",
+                 "create_revision": self._claim_rev}]
+
+    def _fenced(self, op: dict[str, Any]) -> None:
+        doc = self._call("kv/txn", {"compare": self._claim_compare(), "success": [op]}, idempotent=True)
+        if not doc.get("succeeded"):
+            self._check_claim()
+            raise StoreConflict("etcd write not applied: its condition failed")
+
+    def _check_claim(self, *, absent_is_lost: bool = True) -> None:
+        """Busy if the claim this serve made is not the prefix's claim any more; from then
+        on every write is refused (this serve must stop managing)."""
+        if self._claim_lost is not None:
+            raise Busy(self._claim_lost)
+        if not self._claim_rev:
+            return
+        kvs = self._range_page(self.prefix + CLAIM, None, 0, None).get("kvs") or []
+        if kvs and int(kvs[0].get("create_revision", 0)) == self._claim_rev:
+            return
+        if not kvs and not absent_is_lost:
+            return
+        self._claim_lease = None
+        said = self._busy(self.prefix + "/", kvs[0]).message if kvs else (
+            f"its claim on etcd prefix {self.prefix}/ ran out")
+        self._claim_lost = "this serve no longer manages the cluster state: " + said
+        raise Busy(self._claim_lost)
+
+    def _take_claim(self) -> None:
+        lease = str(self._call("lease/grant", {"TTL": self._claim_ttl}, idempotent=False)["ID"])
+        key = _b64(self.prefix + CLAIM)
+        doc = self._call("kv/txn", {
+            "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(json.dumps(self._claim_who)), "lease": lease}}],
+            "failure": [{"request_range": {"key": key}}],
+        }, idempotent=False)
+        if not doc.get("succeeded"):
+            with contextlib.suppress(VirtuaError):
+                self._call("lease/revoke", {"ID": lease}, idempotent=True)
+            kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or [{}]
+            busy = self._busy(self.prefix + "/", kvs[0])
+            raise _Taken(busy.message, _holder(kvs[0]), int(kvs[0].get("create_revision", 0)))
+        self._claim_lease = lease
+        self._claim_rev = int(doc["header"]["revision"])  # the claim key's create revision
+
+    def keep_claim(self) -> None:
+        """Renew the claim; a claim whose lease ran out (etcd away longer than it) is taken
+        again, unless another serve has it by now (Busy: this one must stop managing)."""
+        with self._lock:
+            if self._claim_lost is not None:  # a write found it taken: this serve stops
+                raise Busy(self._claim_lost)
+            if self._claim_lease is None:
+                return
+            doc = self._call("lease/keepalive", {"ID": self._claim_lease}, idempotent=True)
+            if int((doc.get("result") or {}).get("TTL") or 0) <= 0:
+                self._claim_lease = None
+                self._check_claim(absent_is_lost=False)  # taken by another serve meanwhile: Busy
+                self._claim_rev = 0  # gone with its lease, nobody else's: take it again
+                self._take_claim()
+
+    def release_claim(self) -> None:
+        with self._lock:
+            lease, self._claim_lease = self._claim_lease, None
+            self._claim_rev = 0
+            if lease is not None:
+                with contextlib.suppress(VirtuaError):
+                    self._call("lease/revoke", {"ID": lease}, idempotent=True)
+
+    def _busy(self, prefix: str, kv: dict[str, Any]) -> Busy:
+        who = _holder(kv)
+        said = ", ".join(f"{k} {who[k]}" for k in ("host", "pid", "home") if k in who) or "unknown"
+        return Busy(f"another virtua serve ({said}) manages the cluster state under etcd prefix {prefix or '/'}, "
+                    f"which {'is' if prefix.rstrip('/') == self.prefix else 'overlaps'} this one's "
+                    f"({self.prefix or ''}/): stop it first, or give this serve a prefix of its own (--etcd-prefix)")
+
     def close(self) -> None:
         self._http.close()
+
+
+class _Taken(Busy):
+    """The prefix's claim is another's: who holds it, and its create revision."""
+
+    def __init__(self, message: str, holder: dict[str, Any], revision: int) -> None:
+        super().__init__(message)
+        self.holder, self.revision = holder, revision
+
+
+def _holder(kv: dict[str, Any]) -> dict[str, Any]:
+    try:
+        who = json.loads(_unb64(kv.get("value", ""))) if kv.get("value") else {}
+    except ValueError:
+        return {}
+    return who if isinstance(who, dict) else {}
 
 
 def _reason(e: Exception) -> str:

@@ -52,6 +52,9 @@ class Plan:
                 if job is not None:
                     job.begin_step(i)
                 await _call(step.do)
+                finished.append(step)  # its work is done: from here on, undone with the rest
+                if job is not None:
+                    job.end_step(i)  # may fail (a full disk): the step is undone all the same
             except BaseException as e:
                 log.warning("%s: step %r failed (%s); undoing %d step(s)", self.title, step.name, e, len(finished))
                 for prev in reversed(finished):
@@ -59,10 +62,7 @@ class Plan:
                 if job is not None:
                     job.fail(i, e)
                 raise
-            finished.append(step)
             self.done.append(step.name)
-            if job is not None:
-                job.end_step(i)
 
     def run_sync(self, job: Job | None = None) -> None:
         """The same, for steps that are all plain functions (the CLI without a daemon)."""
@@ -73,6 +73,9 @@ class Plan:
                     job.begin_step(i)
                 result = step.do()
                 assert not inspect.isawaitable(result), f"{step.name}: run_sync needs plain steps"
+                finished.append(step)
+                if job is not None:
+                    job.end_step(i)
             except BaseException as e:
                 log.warning("%s: step %r failed (%s); undoing %d step(s)", self.title, step.name, e, len(finished))
                 for prev in reversed(finished):
@@ -80,10 +83,7 @@ class Plan:
                 if job is not None:
                     job.fail(i, e)
                 raise
-            finished.append(step)
             self.done.append(step.name)
-            if job is not None:
-                job.end_step(i)
 
 
 async def _undo_one(plan: Plan, step: Step, job: Job | None) -> None:

@@ -3,22 +3,26 @@ a step is on disk before its work begins, so a crash can always be undone from h
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from virtua.errors import NotFound
+from virtua.errors import NoSpace, NotFound, VirtuaError
 from virtua.procs import start_ticks
 
 JobState = Literal["running", "done", "failed", "cancelled", "undone"]
 StepState = Literal["pending", "running", "done", "undone", "undo-failed"]
 ENDED: tuple[str, ...] = ("done", "failed", "cancelled", "undone")
+log = logging.getLogger("virtua.jobs")
 KEEP_ENDED = 500  # ended jobs kept for `job list`; older ones are dropped
 
 
@@ -35,6 +39,10 @@ class StepRecord(BaseModel):
     state: StepState = "pending"
     undo: Undo | None = None
     error: str | None = None
+    # when the step began and ended (time.time()): what it made was made between them, so
+    # recovery takes back only that, never what has the same name but was made since
+    began: float | None = None
+    ended: float | None = None
 
 
 class Progress(BaseModel):
@@ -96,6 +104,36 @@ def _record(row: tuple[str, int]) -> JobRecord:
     return record
 
 
+def _records(rows: list[tuple[str, str, int]]) -> list[JobRecord]:
+    """The rows' records; a row that does not parse (a damaged journal) is said and skipped,
+    so that one bad row does not stop every command."""
+    out = []
+    for job_id, record, cancel in rows:
+        try:
+            out.append(_record((record, cancel)))
+        except ValidationError as e:
+            log.error("job %s: its record in the journal is damaged, skipped (%s)", job_id,
+                      e.errors()[0].get("msg", e) if e.errors() else e)
+    return out
+
+
+@contextlib.contextmanager
+def _journal_errors(path: Path) -> Iterator[None]:
+    """SQLite's errors as the error tree's: a full disk is NoSpace, a damaged file says
+    which file and what to do (never a traceback)."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e):
+            raise NoSpace(f"the job journal {path} cannot be written: no space left ({e}); free space and retry") from e
+        raise VirtuaError(f"the job journal {path}: {e}") from e
+    except sqlite3.DatabaseError as e:  # not a database, malformed
+        raise VirtuaError(
+            f"the job journal {path} is damaged ({e}): move it aside (mv {path} {path}.damaged) and run "
+            "`virtua pool check` on each pool; the jobs it recorded are not undone"
+        ) from e
+
+
 _BOOT: str | None = None
 
 
@@ -114,18 +152,23 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, "
-            "record TEXT NOT NULL, cancel INTEGER NOT NULL DEFAULT 0)"  # cancel: set by anyone, never by put
-        )
+        with _journal_errors(path):
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, "
+                    "record TEXT NOT NULL, cancel INTEGER NOT NULL DEFAULT 0)"  # cancel: set by anyone, never by put
+                )
+            except BaseException:
+                self.db.close()
+                raise
         os.chmod(path, 0o600)
 
     def put(self, job: JobRecord) -> None:
         job.updated = time.time()
-        with self._lock:
+        with self._lock, _journal_errors(self.path):
             self.db.execute(
                 "INSERT INTO jobs (id, state, created, record) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET state = excluded.state, record = excluded.record",
@@ -133,37 +176,63 @@ class JobStore:
             )
 
     def get(self, job_id: str) -> JobRecord:
-        with self._lock:
+        with self._lock, _journal_errors(self.path):
             row = self.db.execute("SELECT record, cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id} does not exist (`virtua job list --all` shows them)")
-        return _record(row)
+        try:
+            return _record(row)
+        except ValidationError as e:
+            raise VirtuaError(f"job {job_id}: its record in {self.path} is damaged ({e.error_count()} error(s))") from e
+
+    def claim(self, job_id: str, owner: Owner) -> JobRecord | None:
+        """Make this process the owner of a running job that `owner` ran (to recover it),
+        atomically: None if it has ended or another process has claimed it meanwhile."""
+        with self._lock, _journal_errors(self.path):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.db.execute("SELECT record, cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                job = None if row is None else _record(row)
+                if job is None or job.state != "running" or job.owner != owner:
+                    self.db.execute("ROLLBACK")
+                    return None
+                job.owner = Owner.me()
+                job.updated = time.time()
+                self.db.execute("UPDATE jobs SET record = ? WHERE id = ?", (job.model_dump_json(), job_id))
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        return job
 
     def request_cancel(self, job_id: str) -> None:
-        with self._lock:
+        with self._lock, _journal_errors(self.path):
             self.db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
 
     def cancel_requested(self, job_id: str) -> bool:
-        with self._lock:
+        with self._lock, _journal_errors(self.path):
             row = self.db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
     def recent(self, *, running_only: bool = False, limit: int = 50) -> list[JobRecord]:
-        q = "SELECT record, cancel FROM jobs"
+        q = "SELECT id, record, cancel FROM jobs"
         if running_only:
             q += " WHERE state = 'running'"
         q += " ORDER BY created DESC LIMIT ?"
-        with self._lock:
+        with self._lock, _journal_errors(self.path):
             rows = self.db.execute(q, (limit,)).fetchall()
-        return [_record(r) for r in rows]
+        return _records(rows)
 
     def running(self) -> list[JobRecord]:
-        with self._lock:
-            rows = self.db.execute("SELECT record, cancel FROM jobs WHERE state = 'running' ORDER BY created").fetchall()
-        return [_record(r) for r in rows]
+        with self._lock, _journal_errors(self.path):
+            rows = self.db.execute(
+                "SELECT id, record, cancel FROM jobs WHERE state = 'running' ORDER BY created"
+            ).fetchall()
+        return _records(rows)
 
     def prune(self) -> None:
-        with self._lock:
+        with self._lock, _journal_errors(self.path):
             self.db.execute(
                 "DELETE FROM jobs WHERE state != 'running' AND id NOT IN "
                 "(SELECT id FROM jobs WHERE state != 'running' ORDER BY created DESC LIMIT ?)", (KEEP_ENDED,)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from virtua.errors import Busy, Unavailable
 from virtua.jobs import runner
-from virtua.jobs.record import JobRecord, JobStore
+from virtua.jobs.record import JobRecord, JobStore, StepRecord
 
 log = logging.getLogger("virtua.jobs")
 
@@ -26,6 +27,17 @@ log = logging.getLogger("virtua.jobs")
 class Context:
     storage: Any
     manager: Any = None
+    # the undone step's time window (StepRecord.began, .ended): an undo takes back only
+    # objects made inside it, never one of the same name made before or since
+    since: float | None = None
+    until: float | None = None
+
+    def made_by_step(self, created: float) -> bool:
+        """Whether an object made at `created` (time.time()) can be the step's work."""
+        return (self.since is None or created >= self.since) and (self.until is None or created <= self.until)
+
+    def for_step(self, step: StepRecord) -> Context:
+        return replace(self, since=step.began, until=step.ended)
 
 
 class NeedsManager(Exception):
@@ -59,14 +71,37 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
             if mine or job.owner.alive():
                 continue
             why = f"process {job.owner.pid} stopped during step {job.current!r}"
+        gone = job.owner
+        if not expired_only:  # one recoverer per job: another process may be at it right now
+            claimed = store.claim(job.id, gone)
+            if claimed is None:
+                continue
+            job = claimed
         try:
             out.append(undo_record(store, job, ctx, why))
-        except NeedsManager:
-            log.info("job %s (%s) waits for `virtua serve` to be undone", job.id, job.title)
+        except (NeedsManager, Busy, Unavailable) as e:
+            if not expired_only:  # the claim goes back: the next start of serve or the CLI finds it
+                job.owner = gone
+                store.put(job)
+            if isinstance(e, NeedsManager):
+                log.info("job %s (%s) waits for `virtua serve` to be undone", job.id, job.title)
+            else:  # e.g. its pool is held by a serve that is starting
+                log.warning("job %s (%s) is undone later: %s", job.id, job.title, e.message)
     return out
 
 
 def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobRecord:
+    if job.steps and all(s.state == "done" for s in job.steps):
+        # past its last step: what it made is whole (e.g. a VC made, its VMs starting: undoing
+        # it would remove the disks under running guests); it is kept, and the job says so
+        job.state = "failed"
+        job.error = f"interrupted after its last step ({why}): what it made is kept"
+        job.error_kind = "Unavailable"
+        job.ended = time.time()
+        store.put(job)
+        runner.LIVE.pop(job.id, None)
+        log.warning("job %s (%s) %s", job.id, job.title, job.error)
+        return job
     started = [s for s in job.steps if s.state in ("running", "done")]
     failed: list[str] = []
     for step in reversed(started):
@@ -77,9 +112,9 @@ def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobR
         try:
             if fn is None:
                 raise RuntimeError(f"no undo registered for {step.undo.kind!r}")
-            fn(ctx, **step.undo.args)
+            fn(ctx.for_step(step), **step.undo.args)
             step.state, step.error = "undone", None
-        except NeedsManager:
+        except (NeedsManager, Busy, Unavailable):  # not now (etcd away too); a later recovery does the rest
             store.put(job)  # what was undone so far stays undone
             raise
         except Exception as e:  # noqa: BLE001 - record it, undo the rest

@@ -9,6 +9,8 @@ drives (an import whose data the CLI copies) learns it from its next renewal.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import time
@@ -18,6 +20,7 @@ from virtua.errors import Cancelled, InvalidArgument, VirtuaError
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, JobRecord, JobStore, Owner, StepRecord, new_job_id
 
+log = logging.getLogger("virtua.jobs")
 PROGRESS_EVERY = 0.25  # seconds between progress writes
 # a client-driven job whose client stops renewing this long is recovered
 LEASE = float(os.environ.get("VIRTUA_JOB_LEASE", "15"))
@@ -43,19 +46,30 @@ class Job:
         self.check_cancel()
         self._step = i
         self.record.steps[i].state = "running"
+        self.record.steps[i].began = time.time()
         self.store.put(self.record)  # on disk before the step touches anything
         _failpoint(f"{self.record.op}:{i}:begin")
 
     def end_step(self, i: int) -> None:
         _failpoint(f"{self.record.op}:{i}:end")  # its work is done, its journal says running
         self.record.steps[i].state = "done"
+        self.record.steps[i].ended = time.time()
         self.store.put(self.record)
 
     def undone_step(self, i: int, error: BaseException | None = None) -> None:
         step = self.record.steps[i]
         step.state = "undo-failed" if error else "undone"
         step.error = str(error) if error else None
-        self.store.put(self.record)
+        self._put_after_the_fact()
+
+    def _put_after_the_fact(self) -> None:
+        """Journal what was undone, if the journal can be written: if not (a full disk),
+        the record still names every step that may have touched something, and undoing
+        them again is harmless (undo kinds are idempotent), so the undo goes on."""
+        try:
+            self.store.put(self.record)
+        except VirtuaError as e:
+            log.error("job %s: cannot journal its undo: %s", self.id, e.message)
 
     def fail(self, i: int, error: BaseException) -> None:
         step = self.record.steps[i]
@@ -69,6 +83,7 @@ class Job:
         self._end("failed", error=error)
 
     def finish(self, result: Any) -> Any:
+        _failpoint(f"{self.record.op}:finish")  # every step done (and what follows them), not yet ended
         self.record.result = result
         if self.record.progress.total:
             self.record.progress.done = self.record.progress.total
@@ -82,9 +97,15 @@ class Job:
             r.error = _message(error)
             r.error_kind = type(error).__name__ if isinstance(error, VirtuaError) else "VirtuaError"
         r.ended = time.time()
-        self.store.put(r)
-        LIVE.pop(r.id, None)
-        self.store.prune()
+        try:
+            if state == "done":
+                self.store.put(r)  # a result that cannot be journalled is the caller's error
+            else:
+                self._put_after_the_fact()
+        finally:
+            LIVE.pop(r.id, None)
+        with contextlib.suppress(VirtuaError):
+            self.store.prune()
 
     # -- progress and cancel -----------------------------------------------------------
 
@@ -156,9 +177,10 @@ def cancel(store: JobStore, job_id: str) -> JobRecord:
 
 
 def _failpoint(where: str) -> None:
-    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end|progress kills this process there
-    (SIGKILL, no clean-up): at a step boundary, or at the step's first progress report
-    after some of its work is done, so recovery is tested against real kills."""
+    """Crash tests: VIRTUA_JOB_CRASH=OP:STEP:begin|end|progress (or OP:finish) kills this
+    process there (SIGKILL, no clean-up): at a step boundary, at the step's first progress
+    report after some of its work is done, or after the last step, so recovery is tested
+    against real kills."""
     if os.environ.get("VIRTUA_JOB_CRASH") == where:
         os.kill(os.getpid(), signal.SIGKILL)
 
