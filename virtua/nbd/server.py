@@ -27,7 +27,7 @@ from typing import Any, Literal
 from virtua.edge.limits import Admission, ConnectionLimits, source_of
 from virtua.errors import VirtuaError
 from virtua.nbd import proto as P
-from virtua.nbd.bulk import BulkWorkers, SendJob
+from virtua.nbd.bulk import BulkWorkers
 from virtua.nbd.exports import ExportProvider
 from virtua.nbd.tls import TLSConfig, peer_identity
 from virtua.storage.device import BlockDevice, FileDevice, pread_padded
@@ -185,7 +185,6 @@ class NBDServer:
         self._device_error_last = -DEVICE_ERROR_LOG_INTERVAL
         self._device_errors_unlogged = 0
         self.bulk: BulkWorkers | None = None  # started with the server (it needs the loop)
-        self.bulk_reads = False  # large plain reads sent by a worker too
         # per device (id): the writes a worker is executing, each done when its reply is
         # decided; a FLUSH waits for those in flight when it arrives
         self.bulk_writes: dict[int, set[asyncio.Future[None]]] = {}
@@ -202,7 +201,6 @@ class NBDServer:
         self._closed = asyncio.Event()
         if os.environ.get("VIRTUA_NBD_BULK", "1") != "0":  # 0: every request inline (A/B runs)
             self.bulk = BulkWorkers(loop)
-            self.bulk_reads = os.environ.get("VIRTUA_NBD_BULK_READS", "1") != "0"
         if host is not None and port is not None:
             srv = await loop.create_server(
                 lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
@@ -346,9 +344,6 @@ class _Connection(asyncio.BufferedProtocol):
         # after a bulk write the next read is of one request header only, so that a
         # following bulk payload lands in its own buffer and is not copied there
         self._header_next = False
-        # the large read reply a worker is sending (SendJob): until it is done nothing
-        # else is written to the socket and no further request is parsed
-        self._send_job: SendJob | None = None
         # FLUSH and FUA replies waiting for the device's flush_async (off the loop)
         self._durable_waits: set[asyncio.Task[None]] = set()
         self.peer = ""
@@ -402,7 +397,7 @@ class _Connection(asyncio.BufferedProtocol):
             w.set_exception(ConnectionResetError("client disconnected"))
         self._pool.clear()
         self._lent.clear()
-        if self._sock_dup is not None and self._send_job is None:  # else once the job is done
+        if self._sock_dup is not None:
             self._sock_dup.close()
             self._sock_dup = None
 
@@ -447,10 +442,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._header_next = False
         self.end += nbytes
         if self.transmission:
-            if self._send_job is not None:  # parsing waits for the worker: read no more
-                if self.end - self.start >= len(self.rbuf) // 2:
-                    self._pause_reading()
-                return
             self._process()
         else:
             w = self._waiter
@@ -499,7 +490,7 @@ class _Connection(asyncio.BufferedProtocol):
     def busy(self) -> bool:
         if self.closed:
             return False
-        if self._durable_waits or self._bw_inflight or self._send_job is not None:
+        if self._durable_waits or self._bw_inflight:
             return True
         try:
             return bool(self.transport.get_write_buffer_size())
@@ -551,7 +542,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _flush_out(self) -> None:
         out = self.out
-        if not out or self._send_job is not None:  # a worker is writing to the socket
+        if not out:
             return
         t = self.transport
         if self.closed and t.is_closing():
@@ -923,7 +914,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         rbuf = self.rbuf
         try:
-            while not self.write_paused and self._send_job is None:
+            while not self.write_paused:
                 if self._skip:
                     k = min(self._skip, self.end - self.start)
                     self._skip -= k
@@ -1206,12 +1197,16 @@ class _Connection(asyncio.BufferedProtocol):
             room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - queued
         except OSError:
             return False
-        fd, pos = where
-        if self.srv.bulk_reads and self._bulk_read(handle, offset, length, fd, pos):
-            return True
         if length + 64 > room:
             return False
-        hdr = self._read_header(handle, offset, length)
+        fd, pos = where
+        if self.structured:
+            hdr = bytearray(28)
+            _pack_data_hdr_into(hdr, 0, _STRUCT_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA,
+                                handle, length + 8, offset)
+        else:
+            hdr = bytearray(16)
+            _pack_simple_into(hdr, 0, _SIMPLE_MAGIC, 0, handle)
         view = None
         if self._physical_view is not None:
             try:
@@ -1251,60 +1246,6 @@ class _Connection(asyncio.BufferedProtocol):
             except OSError as e:  # the header is out: the stream cannot be repaired
                 self._abort(f"read failed after its reply header was sent: {e}")
         return True
-
-    def _read_header(self, handle: int, offset: int, length: int) -> bytearray:
-        """The header of a read reply whose data follows in one piece."""
-        if self.structured:
-            hdr = bytearray(28)
-            _pack_data_hdr_into(hdr, 0, _STRUCT_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA,
-                                handle, length + 8, offset)
-        else:
-            hdr = bytearray(16)
-            _pack_simple_into(hdr, 0, _SIMPLE_MAGIC, 0, handle)
-        return hdr
-
-    def _bulk_read(self, handle: int, offset: int, length: int, fd: int, pos: int) -> bool:
-        """Hand the reply to a worker (SendJob), from a mapping of the file: the loop
-        serves other connections meanwhile. Called with nothing queued in the transport.
-        False: the range has no mapping (the tail of a data file)."""
-        try:
-            view = self._physical_view(pos, length) if self._physical_view is not None else None
-        except (OSError, ValueError):
-            view = None
-        if view is None or self._sock_dup is None:
-            return False
-        job = SendJob(self._sock_dup.fileno(), bytes(self._read_header(handle, offset, length)), view, fd, pos)
-        inflight = getattr(self.dev, "inflight", None)
-        if inflight is not None:  # the pool recycles no freed chunk while a worker reads
-            inflight.add(job)
-        self._send_job = job
-        assert self.srv.bulk is not None
-        self.srv.bulk.submit(job, lambda: self._bulk_read_done(job, handle, offset, length))
-        return True
-
-    def _bulk_read_done(self, job: SendJob, handle: int, offset: int, length: int) -> None:
-        job.end()
-        self._send_job = None
-        if self.closed:
-            if self._sock_dup is not None:
-                self._sock_dup.close()
-                self._sock_dup = None
-            return
-        t = self.transport
-        if job.error is not None and job.sent:
-            self._abort(f"read failed after its reply header was sent: {job.error}")
-            return
-        if not job.sent:  # nothing went out (no room, or a page the file cannot supply)
-            self._read_chunk(handle, offset, length, True)  # the copy path answers
-        elif job.rest is not None:  # the client reads slowly: the transport queues the rest
-            hl = len(job.hdr)
-            if job.sent < hl:
-                t.write(job.hdr[job.sent :])
-            t.write(job.rest)
-        self._flush_out()
-        self._process()
-        if not self.write_paused and self._send_job is None:
-            self._resume_reading()
 
     def _read_chunk(self, handle: int, offset: int, length: int, done: bool) -> bool:
         """Reply with data copied into a pooled buffer behind its header: a simple reply,

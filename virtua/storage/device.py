@@ -12,7 +12,7 @@ import mmap
 import os
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from virtua.storage.inflight import InflightIO, WritePlan
+from virtua.storage.inflight import InflightWrites, WritePlan
 
 # Extent flags, chosen to equal NBD's base:allocation bits.
 HOLE = 1  # not allocated
@@ -117,7 +117,7 @@ class FileDevice:
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
         self._map = FileMap(self.fd)
-        self.inflight = InflightIO()
+        self.inflight = InflightWrites()
 
     @property
     def size(self) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeVar
 
 
 class WritePlan:
@@ -37,7 +36,7 @@ class WritePlan:
         self.done = threading.Event()
         self.ended = False
         self._finish = finish
-        self._owner: InflightIO | None = None
+        self._owner: InflightWrites | None = None
 
     def execute(self) -> None:
         """Write the data (any thread); an error is kept for the loop to answer with."""
@@ -60,31 +59,19 @@ class WritePlan:
             self._finish(self)
 
 
-class Job(Protocol):
-    done: threading.Event
-    _owner: InflightIO | None
-
-    def end(self) -> None: ...
-
-
-J = TypeVar("J", bound=Job)
-
-
-class InflightIO:
-    """The I/O of one pool (or file) a worker may still be doing: planned writes whose
-    data is on its way, and large reads a worker sends from the file (freed chunks are
-    not recycled beside one: Pool._recycle waits for them)."""
+class InflightWrites:
+    """The planned writes of one pool (or file) whose data may still be on its way."""
 
     def __init__(self) -> None:
-        self.plans: set[Job] = set()
+        self.plans: set[WritePlan] = set()
 
-    def add(self, plan: J) -> J:
+    def add(self, plan: WritePlan) -> WritePlan:
         plan._owner = self
         self.plans.add(plan)
         return plan
 
     def wait(self) -> None:
-        """On the loop thread: let all I/O in flight finish, and end it."""
+        """On the loop thread: let every write in flight finish, and end it."""
         while self.plans:
             plan = next(iter(self.plans))
             plan.done.wait()

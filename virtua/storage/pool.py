@@ -38,7 +38,7 @@ from virtua.errors import (
 from virtua.storage.blockmap import HOLE_V, ZERO_V, BlockMap
 from virtua.storage.device import FileMap
 from virtua.storage.fallocate import punch_hole, start_writeback
-from virtua.storage.inflight import InflightIO
+from virtua.storage.inflight import InflightWrites
 from virtua.storage.meta import SCHEMA_VERSION, MetaDB, Tx, connect
 from virtua.storage.names import check_name
 from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
@@ -144,7 +144,7 @@ class Pool:
         # set by every data write: a flush with nothing to sync or commit returns at once
         self.data_dirty = False
         self.unsynced = 0  # bytes written since writeback was last started
-        self.inflight = InflightIO()  # writes a worker thread is putting in the data file
+        self.inflight = InflightWrites()  # writes a worker thread is putting in the data file
         self._writeback: asyncio.Future[None] | None = None
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
         self.data_map = FileMap(self.data_fd)
@@ -519,8 +519,6 @@ class Pool:
             self._pending = job.rows
             self._pending_free = job.freed + self._pending_free
             return
-        if job.freed:
-            self.inflight.wait()  # as in _recycle
         self._unwiped.extend(job.freed)
         if self._unwiped:
             self._wipe_unwiped()
@@ -538,7 +536,6 @@ class Pool:
 
     def _recycle(self) -> None:
         """Chunks freed by a durable commit: wipe them, then they may be allocated again."""
-        self.inflight.wait()  # a large read a worker sends may still be in a freed chunk
         freed, self._pending_free = self._pending_free, []
         self._unwiped.extend(freed)
         if self._unwiped:

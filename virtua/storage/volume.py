@@ -14,7 +14,7 @@ from collections.abc import Callable
 from virtua.errors import InvalidArgument, NoSpace, NotFound, ReadOnly
 from virtua.storage.blockmap import HOLE_V, SEG_MASK, SEG_SHIFT, ZERO_V, BlockMap
 from virtua.storage.device import HOLE, ZERO, Extent
-from virtua.storage.inflight import InflightIO, WritePlan
+from virtua.storage.inflight import WritePlan
 from virtua.storage.pool import WRITEBACK_AFTER, Pool, Snapshot, Volume, _copy
 
 
@@ -106,11 +106,6 @@ class _Reader:
             if m.get(first + i) != start + i:
                 return None
         return pool.data_fd, (start << sh) + (offset & pool.chunk_mask)
-
-    @property
-    def inflight(self) -> InflightIO:
-        """The pool's I/O with a worker: a large read a worker sends registers here."""
-        return self.pool.inflight
 
     def physical_view(self, pos: int, length: int) -> memoryview | None:
         """A view of [pos, pos+length) of the pool's data file (a position from
