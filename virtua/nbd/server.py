@@ -7,7 +7,9 @@ phase is a manual parser in buffer_updated() that executes every request inline
 requests to threads costs 5-10x).  Replies are batched per receive into one
 writelines() call; read buffers come from a per-connection pool and go back to
 it as soon as the transport reports an empty write buffer.  Large write payloads
-are streamed to the device straight from the receive buffer as they arrive.
+on plain connections are received into a buffer of their own and written to the device
+by a worker thread (virtua.nbd.bulk) while the loop receives the next one; on TLS
+connections they are streamed to the device straight from the receive buffer.
 """
 
 from __future__ import annotations
