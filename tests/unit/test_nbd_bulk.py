@@ -303,3 +303,20 @@ def test_large_reads_to_a_client_that_reads_slowly(served: Served) -> None:
         got[r.handle] = r.data
     assert [got[h] for h in handles] == [data[i * MiB : (i + 1) * MiB] for i in range(8)]
     c.disconnect()
+
+
+def test_flush_sent_behind_a_large_write_waits_for_it(served: Served) -> None:
+    """WRITE and FLUSH pipelined: the FLUSH arrives while a worker still has the write, and
+    is answered after it, with its rows committed (the server covers writes in flight
+    when a FLUSH arrives, not only those already acknowledged)."""
+    c = served.client()
+    data = os.urandom(2 * MiB)
+    hw = c.send_request(P.CMD_WRITE, 5 * MiB, len(data), 0, data)
+    hf = c.send_request(P.CMD_FLUSH)
+    first, second = c.recv_reply(), c.recv_reply()
+    assert (first.handle, second.handle) == (hw, hf) and first.error == second.error == 0
+    pending = served.st.call(lambda: dict(served.pool._pending))
+    layer = served.pool.volume("v").layer
+    assert not {(layer, 5 * MiB // CHUNK + i) for i in range(2 * MiB // CHUNK)} & set(pending)
+    assert c.read(5 * MiB, len(data)) == data
+    c.disconnect()
