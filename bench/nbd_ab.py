@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--where", default="disk", choices=sorted(LOCATIONS))
     ap.add_argument("--restart", action="store_true", help="start each server afresh for each run")
+    ap.add_argument("--scratch-suffix", default="", help="as nbd_bench's: the data directory's suffix")
     args = ap.parse_args(argv)
-    directory = LOCATIONS[args.where]
+    directory = LOCATIONS[args.where] + args.scratch_suffix
     image = os.path.join(directory, "disk.img")
     home = os.path.join(directory, "virtua-home")
     if not os.path.exists(image):

@@ -14,6 +14,10 @@ Servers (all on the same backing filesystem, one per --where):
   first write to each chunk is a copy-on-write, later rounds overwrite the clone's own.
 * virtua: `python -m virtua.nbd --dir`, virtua's NBD server over the plain file.
 * qemu-nbd and nbdkit (file plugin) over the plain file.
+* nbdkit-memory: nbdkit's memory plugin (no file system, no page cache): with
+  --ceiling, the upper bound of an NBD server on this machine, beside the loopback
+  TCP throughput of one and two plain socket streams (what is left once the storage and
+  the protocol cost nothing).
 * virtua-vol-tls: the virtua-vol process and export over TLS (nbds://, the cluster CA's
   admin certificate as client certificate); nbdkit-tls: nbdkit --tls=require
   --tls-verify-peer with the same CA and the manager's certificate.  Both pairs show what
@@ -33,6 +37,7 @@ CMD is a shell command template with {port}, {dir} and {file}; EXPORT is the exp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -85,7 +90,8 @@ def cpu_ticks(pid: int) -> int:
 def start(srv: Server, directory: str, file: str) -> None:
     srv.port = free_port()
     cmd = srv.cmd.format(
-        port=srv.port, dir=directory, file=file, python=sys.executable, apiport=free_port()
+        port=srv.port, dir=directory, file=file, python=sys.executable, apiport=free_port(),
+        size=os.path.getsize(file),
     )
     srv.log = os.path.join(directory, f"{srv.name}.log")
     with open(srv.log, "ab") as log:
@@ -178,6 +184,49 @@ def run_fio(srv: Server, rw: str, bs: str, depth: int, conns: int, duration: int
     }
 
 
+def loopback_mbps(streams: int, seconds: float) -> float:
+    """MB/s of `streams` TCP connections over loopback, each a thread sending 1 MiB
+    buffers and a thread receiving them (send and recv drop the GIL: what this measures
+    is the kernel's two copies and TCP, the floor any NBD reply pays)."""
+    import threading
+
+    buf = bytes(1 << 20)
+    total = [0] * streams
+    stop_at = time.monotonic() + seconds
+    threads: list[threading.Thread] = []
+    socks: list[socket.socket] = []
+    for i in range(streams):
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        tx = socket.create_connection(ls.getsockname())
+        rx, _ = ls.accept()
+        ls.close()
+        socks += [tx, rx]
+
+        def send(tx: socket.socket = tx) -> None:
+            with contextlib.suppress(OSError):
+                while time.monotonic() < stop_at:
+                    tx.sendall(buf)
+            tx.close()
+
+        def recv(rx: socket.socket = rx, i: int = i) -> None:
+            mv = memoryview(bytearray(1 << 20))
+            while n := rx.recv_into(mv):
+                total[i] += n
+
+        threads += [threading.Thread(target=send), threading.Thread(target=recv)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    return sum(total) / elapsed / 1e6
+
+
 def prepare(directory: str, size: int) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "disk.img")
@@ -241,6 +290,10 @@ def main() -> None:
     ap.add_argument("--virtua-cmd", default="{python} -m virtua.nbd --dir {dir} --port {port}")
     ap.add_argument("--add-server", action="append", default=[], metavar="NAME=CMD@EXPORT")
     ap.add_argument("--json-out", help="also write raw results here")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also measure loopback TCP (1 and 2 streams) once per --where, after the runs")
+    ap.add_argument("--scratch-suffix", default="",
+                    help="append this to the data directories (another user's bench may use the default ones)")
     args = ap.parse_args()
 
     for b in ("fio", "qemu-nbd", "nbdkit"):
@@ -255,6 +308,7 @@ def main() -> None:
         "qemu-nbd": Server("qemu-nbd", "qemu-nbd -f raw -x disk.img -p {port} -b 127.0.0.1 -t -e 16 "
                            "--cache=writeback --aio=threads {file}", "disk.img"),
         "nbdkit": Server("nbdkit", "nbdkit -f -i 127.0.0.1 -p {port} file file={file}", ""),
+        "nbdkit-memory": Server("nbdkit-memory", "nbdkit -f -i 127.0.0.1 -p {port} memory size={size}", ""),
         # TLS 1.3 with client certificates from the cluster CA (the admin's), both sides
         "virtua-vol-tls": Server("virtua-vol-tls", serve, "p/vol", share="virtua-vol",
                                  tls_dir="{home}/pki/admin"),
@@ -273,8 +327,9 @@ def main() -> None:
     workloads = WORKLOADS if args.workloads == "all" else [WORKLOADS[int(i)] for i in args.workloads.split(",")]
     conns_list = [int(c) for c in args.conns.split(",")]
     rows = []
+    ceilings: dict[tuple[str, int], float] = {}
     for where in args.where.split(","):
-        directory = LOCATIONS[where]
+        directory = LOCATIONS[where] + args.scratch_suffix
         path = prepare(directory, size)
         if any(s.name.startswith("virtua-") or s.tls_dir for s in servers):
             home = prepare_storage(directory, path, size)
@@ -323,8 +378,15 @@ def main() -> None:
         finally:
             for s in servers:
                 stop(s)
+        if args.ceiling:
+            for conns in conns_list:
+                ceilings[(where, conns)] = loopback_mbps(conns, max(args.duration, 2))
     ref = {(r["where"], r["workload"], r["conns"]): r["mbps"] for r in rows if r["server"] == "nbdkit"}
     print(f"Medians of {args.rounds} run(s) of {args.duration} s each.\n")
+    for (where, conns), mbps in ceilings.items():
+        print(f"Loopback TCP ceiling ({where} run, {conns} stream(s)): {mbps:.0f} MB/s")
+    if ceilings:
+        print()
     print("| where | workload | conns | server | MB/s | IOPS | p99 (us) | server CPU % | fio CPU ms/GB | vs nbdkit |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -7,7 +7,9 @@ phase is a manual parser in buffer_updated() that executes every request inline
 requests to threads costs 5-10x).  Replies are batched per receive into one
 writelines() call; read buffers come from a per-connection pool and go back to
 it as soon as the transport reports an empty write buffer.  Large write payloads
-are streamed to the device straight from the receive buffer as they arrive.
+on plain connections are received into a buffer of their own and written to the device
+by a worker thread (virtua.nbd.bulk) while the loop receives the next one; on TLS
+connections they are streamed to the device straight from the receive buffer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Literal
 from virtua.edge.limits import Admission, ConnectionLimits, source_of
 from virtua.errors import VirtuaError
 from virtua.nbd import proto as P
+from virtua.nbd.bulk import BulkWorkers
 from virtua.nbd.exports import ExportProvider
 from virtua.nbd.tls import TLSConfig, peer_identity
 from virtua.storage.device import BlockDevice, FileDevice, pread_padded
@@ -55,6 +58,13 @@ _SPARSE_READ_MIN = 64 * 1024  # structured reads this big report holes as OFFSET
 # batch, so the client receives it while the next reads of the batch run.
 _EAGER_REPLY = 128 * 1024
 _SENDFILE_MIN = 128 * 1024  # below this the copy path is as cheap as two syscalls
+# Write payloads at least this big, on plain connections to a device with start_write,
+# are received into a buffer of their own and written to the device by a worker thread
+# (virtua.nbd.bulk) while the loop receives the next one.
+_BULK_WRITE_MIN = 256 * 1024
+# At most this many of a connection's writes with a worker at once; past it the
+# connection stops reading until one is done (bounded memory: payload buffers).
+_BULK_PER_CONN = 8
 
 
 _REQ_MAGIC = P.REQUEST_MAGIC
@@ -176,6 +186,10 @@ class NBDServer:
         self.device_error_interval = DEVICE_ERROR_LOG_INTERVAL
         self._device_error_last = -DEVICE_ERROR_LOG_INTERVAL
         self._device_errors_unlogged = 0
+        self.bulk: BulkWorkers | None = None  # started with the server (it needs the loop)
+        # per device (id): the writes a worker is executing, each done when its reply is
+        # decided; a FLUSH waits for those in flight when it arrives
+        self.bulk_writes: dict[int, set[asyncio.Future[None]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -187,6 +201,8 @@ class NBDServer:
     ) -> None:
         loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
+        if os.environ.get("VIRTUA_NBD_BULK", "1") != "0":  # 0: every request inline (A/B runs)
+            self.bulk = BulkWorkers(loop)
         if host is not None and port is not None:
             srv = await loop.create_server(
                 lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
@@ -242,6 +258,8 @@ class NBDServer:
                 self.log.exception("nbd: internal error flushing a device on close")
         for c in conns:
             c.close()
+        if self.bulk is not None:
+            self.bulk.close()
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 2.0)
@@ -316,6 +334,18 @@ class _Connection(asyncio.BufferedProtocol):
         self._ws_handle = 0
         self._ws_fua = False
         self._ws_err: tuple[int, str] | None = None
+        # the large write whose payload is being received into a buffer of its own
+        # (get_buffer hands libuv that buffer); then a worker writes it to the device
+        self._bw_buf: bytearray | None = None
+        self._bw_view: memoryview | None = None
+        self._bw_fill = 0
+        self._bw_off = 0
+        self._bw_handle = 0
+        self._bw_fua = False
+        self._bw_inflight = 0  # this connection's writes with a worker
+        # after a bulk write the next read is of one request header only, so that a
+        # following bulk payload lands in its own buffer and is not copied there
+        self._header_next = False
         # FLUSH and FUA replies waiting for the device's flush_async (off the loop)
         self._durable_waits: set[asyncio.Task[None]] = set()
         self.peer = ""
@@ -386,6 +416,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._bw_view is not None:
+            return self._bw_view[self._bw_fill :]
+        if self._header_next and self.start == self.end:
+            self.start = self.end = 0
+            return self.rmv[:_REQ_SIZE]
         free = len(self.rbuf) - self.end
         if free < 65536:
             self._compact()
@@ -401,6 +436,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.rmv = memoryview(nb)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._bw_view is not None:
+            self._bw_fill += nbytes
+            if self._bw_fill == len(self._bw_view):
+                self._bulk_write_received()
+            return
+        self._header_next = False
         self.end += nbytes
         if self.transmission:
             self._process()
@@ -431,7 +472,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self.reading_paused and not self.closed and not self.shutting_down:
+        if self.reading_paused and not self.closed and not self.shutting_down and self._bw_inflight < _BULK_PER_CONN:
             self.reading_paused = False
             with contextlib.suppress(Exception):
                 self.transport.resume_reading()
@@ -451,7 +492,7 @@ class _Connection(asyncio.BufferedProtocol):
     def busy(self) -> bool:
         if self.closed:
             return False
-        if self._durable_waits:
+        if self._durable_waits or self._bw_inflight:
             return True
         try:
             return bool(self.transport.get_write_buffer_size())
@@ -906,6 +947,10 @@ class _Connection(asyncio.BufferedProtocol):
                         self.holder.bytes_written += length  # type: ignore[union-attr]
                         self._write(flags, handle, offset, self.rmv[p : p + length])
                         continue
+                    if length >= _BULK_WRITE_MIN and self._bulk_write_ok(flags, offset, length):
+                        self.holder.bytes_written += length  # type: ignore[union-attr]
+                        self._bulk_write_begin(flags, handle, offset, length, start + _REQ_SIZE)
+                        break
                     if length >= _STREAM_MIN:
                         if len(rbuf) < _RBUF_LARGE:
                             self._grow(_RBUF_LARGE)  # this client writes big: read big
@@ -928,7 +973,7 @@ class _Connection(asyncio.BufferedProtocol):
                 elif cmd == 2:  # NBD_CMD_DISC
                     self.disconnecting = True
                     self._flush_out()
-                    if not self._durable_waits:  # else the last of them closes
+                    if not self._durable_waits and not self._bw_inflight:  # else the last of them closes
                         self.close()
                     return
                 else:
@@ -944,6 +989,78 @@ class _Connection(asyncio.BufferedProtocol):
         self._flush_out()
         if self.write_paused:
             self._pause_reading()
+
+    def _bulk_write_ok(self, flags: int, offset: int, length: int) -> bool:
+        """A write to hand to a worker: plain connection, device that can plan one, and
+        nothing to refuse (refused payloads take the streaming path, which drops them)."""
+        return (
+            self.srv.bulk is not None
+            and not self.tls_active
+            and self._write_check(flags, offset, length) is None
+            and getattr(self.dev, "start_write", None) is not None
+        )
+
+    def _bulk_write_begin(self, flags: int, handle: int, offset: int, length: int, payload: int) -> None:
+        """Receive the payload into a buffer of its own: what the receive buffer already
+        holds of it is copied there, the rest libuv reads into it directly."""
+        buf = self._get_buf(length)
+        have = self.end - payload  # < length: the payload runs past the buffered bytes
+        buf[:have] = self.rmv[payload : self.end]
+        self.start = self.end = 0
+        self._bw_buf = buf
+        self._bw_view = memoryview(buf)
+        self._bw_fill = have
+        self._bw_off = offset
+        self._bw_handle = handle
+        self._bw_fua = bool(flags & P.CMD_FLAG_FUA)
+
+    def _bulk_write_received(self) -> None:
+        """The whole payload is in: plan the write here (the block map has one writer),
+        hand its pwrite to a worker, and go on reading."""
+        buf, view = self._bw_buf, self._bw_view
+        assert buf is not None and view is not None
+        self._bw_buf = self._bw_view = None
+        self._header_next = True
+        handle, fua = self._bw_handle, self._bw_fua
+        dev = self.dev
+        try:
+            plan = dev.start_write(self._bw_off, view)  # type: ignore[union-attr]
+        except DEVICE_ERRORS as e:
+            self._put_buf(buf)
+            self._device_error(handle, e, "write", 1)
+            self._flush_out()
+            return
+        srv = self.srv
+        assert srv.bulk is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writes = srv.bulk_writes.setdefault(id(dev), set())
+        writes.add(fut)
+        self._bw_inflight += 1
+        if self._bw_inflight >= _BULK_PER_CONN:
+            self._pause_reading()
+
+        def done() -> None:
+            plan.end()  # its rows, unless a flush of the pool ended it first
+            writes.discard(fut)
+            fut.set_result(None)
+            self._bw_inflight -= 1
+            self._put_buf(buf)
+            if self.closed:
+                return
+            if plan.error is not None:
+                self._device_error(handle, plan.error, "write", 1)
+            elif fua:
+                self._reply_when_durable(handle, 1)
+            else:
+                self.out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
+            self._flush_out()
+            if self.disconnecting:
+                if not self._durable_waits and not self._bw_inflight:
+                    self.close()
+            elif not self.write_paused:
+                self._resume_reading()
+
+        srv.bulk.submit(plan, done)
 
     def _stream_write(self) -> bool:
         """Write what the buffer holds of a streamed payload; True once it is complete."""
@@ -1258,11 +1375,18 @@ class _Connection(asyncio.BufferedProtocol):
             except DEVICE_ERRORS as e:
                 return self._device_error(handle, e, "flush", cmd)
             return self._ok(handle)
-        task = asyncio.get_running_loop().create_task(self._durable_then_reply(flush_async, handle, cmd))
+        # writes a worker is executing now first: one may be acknowledged on another
+        # connection before this FLUSH is (NBD asks only for those acknowledged before)
+        writes = list(self.srv.bulk_writes.get(id(dev), ()))
+        task = asyncio.get_running_loop().create_task(self._durable_then_reply(flush_async, handle, cmd, writes))
         self._durable_waits.add(task)
 
-    async def _durable_then_reply(self, flush_async: Any, handle: int, cmd: int) -> None:
+    async def _durable_then_reply(
+        self, flush_async: Any, handle: int, cmd: int, writes: list[asyncio.Future[None]]
+    ) -> None:
         try:
+            if writes:
+                await asyncio.wait(writes)
             await flush_async()
         except DEVICE_ERRORS as e:
             self._device_error(handle, e, "flush", cmd)
@@ -1277,7 +1401,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._durable_waits.discard(asyncio.current_task())  # type: ignore[arg-type]
         self._flush_out()
-        if self.disconnecting and not self._durable_waits:
+        if self.disconnecting and not self._durable_waits and not self._bw_inflight:
             self.close()
 
     def _block_status(self, flags: int, handle: int, offset: int, length: int) -> None:

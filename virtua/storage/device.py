@@ -12,6 +12,8 @@ import mmap
 import os
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from virtua.storage.inflight import InflightWrites, WritePlan
+
 # Extent flags, chosen to equal NBD's base:allocation bits.
 HOLE = 1  # not allocated
 ZERO = 2  # reads as zeros
@@ -115,6 +117,7 @@ class FileDevice:
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
         self._map = FileMap(self.fd)
+        self.inflight = InflightWrites()
 
     @property
     def size(self) -> int:
@@ -145,6 +148,12 @@ class FileDevice:
         if fua:
             os.fdatasync(self.fd)
 
+    def start_write(self, offset: int, data: memoryview) -> WritePlan:
+        """A write for a worker thread to execute() (see storage.inflight)."""
+        if offset < 0 or offset + len(data) > self._size:
+            raise ValueError(f"write of {len(data)} at {offset} is outside the file (size {self._size})")
+        return self.inflight.add(WritePlan(self.fd, [(offset, 0, len(data))], data))
+
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         from virtua.storage.fallocate import punch_hole
 
@@ -157,6 +166,7 @@ class FileDevice:
         self.write_zeroes(offset, length, may_trim=True)
 
     def flush(self) -> None:
+        self.inflight.wait()
         os.fdatasync(self.fd)
 
     def physical_run(self, offset: int, length: int) -> tuple[int, int] | None:

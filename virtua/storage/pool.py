@@ -38,6 +38,7 @@ from virtua.errors import (
 from virtua.storage.blockmap import HOLE_V, ZERO_V, BlockMap
 from virtua.storage.device import FileMap
 from virtua.storage.fallocate import punch_hole, start_writeback
+from virtua.storage.inflight import InflightWrites
 from virtua.storage.meta import SCHEMA_VERSION, MetaDB, Tx, connect
 from virtua.storage.names import check_name
 from virtua.storage.reserve import SpaceGuard, release_if_full, reserve_size
@@ -144,6 +145,7 @@ class Pool:
         # set by every data write: a flush with nothing to sync or commit returns at once
         self.data_dirty = False
         self.unsynced = 0  # bytes written since writeback was last started
+        self.inflight = InflightWrites()  # writes a worker thread is putting in the data file
         self._writeback: asyncio.Future[None] | None = None
         self.data_fd = os.open(self.path / "data", os.O_RDWR | os.O_CREAT, 0o644)
         self.data_map = FileMap(self.data_fd)
@@ -423,6 +425,7 @@ class Pool:
 
     def flush(self) -> None:
         """Data first, then the metadata that points at it, then recycle freed chunks."""
+        self.inflight.wait()  # their rows first; and no admin operation beside them
         if not (self.data_dirty or self._pending or self._pending_free or self._job):
             return  # nothing written since the last flush (a removal of 200 clones flushes 200 times)
         self._wait_flush_job()

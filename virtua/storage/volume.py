@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 from virtua.errors import InvalidArgument, NoSpace, NotFound, ReadOnly
 from virtua.storage.blockmap import HOLE_V, SEG_MASK, SEG_SHIFT, ZERO_V, BlockMap
 from virtua.storage.device import HOLE, ZERO, Extent
+from virtua.storage.inflight import WritePlan
 from virtua.storage.pool import WRITEBACK_AFTER, Pool, Snapshot, Volume, _copy
 
 
@@ -227,6 +229,41 @@ class VolumeDevice(_Reader):
                 if fua:
                     pool.flush()
                 return
+        plan, undo = self._plan_write(offset, mv)
+        plan.execute()
+        if plan.error is not None:
+            # A failed write (EIO, the file system full) maps no new chunk: half-copied
+            # or half-written chunks go back to be wiped, the old entries stay.
+            undo()
+            plan.ended = True
+            err = plan.error
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise _no_space(pool) from err
+            raise err
+        plan.end()
+        if fua:
+            pool.flush()
+
+    def start_write(self, offset: int, data: memoryview) -> WritePlan:
+        """Plan a write on the loop thread (chunks allocated and copied on write, in the
+        map at once) for a worker to execute(); end() it on the loop thread once done.
+        Unlike write(), a failed one keeps its new chunks: a later write may already
+        have gone into them, and they hold the old data (or zeros) but for the failed
+        range, which NBD leaves undefined."""
+        self._check_range(offset, len(data))
+        return self.pool.inflight.add(self._plan_write(offset, data)[0])
+
+    def _plan_write(self, offset: int, mv: memoryview) -> tuple[WritePlan, Callable[[], None]]:
+        """The plan of a write that is not a plain overwrite, and how to undo its mapping."""
+        n = len(mv)
+        pool = self.pool
+        sh = pool.chunk_shift
+        m = self._map()
+        top = self.vol.layer
+        owner = pool.owner
+        fd = pool.data_fd
+        first = offset >> sh
+        last = (offset + n - 1) >> sh if n else first - 1
         need = 0
         for c in range(first, last + 1):
             v = m.get(c)
@@ -239,8 +276,15 @@ class VolumeDevice(_Reader):
         run_start = -1
         run_buf = 0
         run_len = 0
+        runs: list[tuple[int, int, int]] = []
         new_rows: list[tuple[int, int]] = []
         replaced: list[int] = []  # what each new chunk's entry was, to undo a failed write
+
+        def undo() -> None:
+            for (c, _), v in zip(new_rows, replaced, strict=True):
+                m.set(c, v)
+            pool.release(phys for _, phys in new_rows)
+
         pool.data_dirty = True
         try:
             for c in range(first, last + 1):
@@ -263,29 +307,28 @@ class VolumeDevice(_Reader):
                     run_len += piece
                 else:
                     if run_len:
-                        _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
+                        runs.append((run_start, run_buf, run_len))
                     run_start, run_buf, run_len = at, pos, piece
                 pos += piece
             if run_len:
-                _pwrite_full(fd, mv[run_buf : run_buf + run_len], run_start)
-        except BaseException as e:
-            # A failed write (EIO, the file system full) maps no new chunk: half-copied
-            # or half-written chunks go back to be wiped, the old entries stay.
-            for (c, _), v in zip(new_rows, replaced, strict=True):
-                m.set(c, v)
-            pool.release(phys for _, phys in new_rows)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise _no_space(pool) from e
+                runs.append((run_start, run_buf, run_len))
+        except BaseException:  # a failed copy-on-write: nothing is written yet
+            undo()
             raise
-        # Rows only after the data is written: an automatic commit must never point at
-        # a chunk whose data is still on its way.
-        for c, phys in new_rows:
-            pool.set_row(top, c, phys)
-        pool.unsynced += n
-        if pool.unsynced >= WRITEBACK_AFTER:
-            pool.start_writeback()
-        if fua:
-            pool.flush()
+
+        def finish(plan: WritePlan) -> None:
+            # Rows only after the data is written: an automatic commit must never point
+            # at a chunk whose data is still on its way.
+            e = plan.error
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                plan.error = _no_space(pool)
+            for c, phys in new_rows:
+                pool.set_row(top, c, phys)
+            pool.unsynced += n
+            if pool.unsynced >= WRITEBACK_AFTER:
+                pool.start_writeback()
+
+        return WritePlan(fd, runs, mv, finish), undo
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         self._check_range(offset, length)
@@ -340,9 +383,3 @@ def _preadv_full(fd: int, buf: memoryview, pos: int, zeros: bytes) -> None:
             buf[got:] = bytes(len(buf) - got)
             return
         got += more
-
-
-def _pwrite_full(fd: int, data: memoryview, pos: int) -> None:
-    done = os.pwrite(fd, data, pos)
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], pos + done)
