@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from virtua.cluster.fence import Fence, _read
+from virtua.cluster.fence import Fence, _read, fence_clock
 
 SLEEPER = "import time, sys; time.sleep(120)"
 
@@ -45,7 +45,7 @@ def test_past_the_deadline_the_guests_are_killed_and_it_says_so(home: Path) -> N
     g1, g2 = guest(home, "a~a-1"), guest(home, "a~a-2")
     other = guest(home, "reused", names_pidfile=False)  # its pid is in a pidfile, but it is not that QEMU
     fence = Fence(home)
-    fence.arm(time.monotonic() + 1.5)
+    fence.arm(fence_clock() + 1.5)
     log = home / "fence.log"
     wd = watchdog(home, log)
     try:
@@ -63,12 +63,12 @@ def test_past_the_deadline_the_guests_are_killed_and_it_says_so(home: Path) -> N
 def test_an_agent_that_keeps_renewing_keeps_its_guests(home: Path) -> None:
     g = guest(home, "b~b-1")
     fence = Fence(home)
-    fence.arm(time.monotonic() + 1.0)
+    fence.arm(fence_clock() + 1.0)
     wd = watchdog(home, home / "fence.log")
     try:
         for _ in range(12):  # 3 s: three deadlines' worth, each moved on in time
             time.sleep(0.25)
-            fence.arm(time.monotonic() + 1.0)
+            fence.arm(fence_clock() + 1.0)
         assert g.poll() is None
         fence.disarm("test")
         time.sleep(1.5)
@@ -80,8 +80,8 @@ def test_an_agent_that_keeps_renewing_keeps_its_guests(home: Path) -> None:
 
 def test_it_exits_when_the_agent_is_gone_and_nothing_is_left(home: Path) -> None:
     agent = subprocess.Popen([sys.executable, "-c",
-                              "import sys, time; from pathlib import Path; from virtua.cluster.fence import Fence;"
-                              f"Fence(Path({str(home)!r})).arm(time.monotonic() + 1.0); time.sleep(0.2)"],
+                              "import sys, time; from pathlib import Path; from virtua.cluster.fence import Fence, fence_clock;"
+                              f"Fence(Path({str(home)!r})).arm(fence_clock() + 1.0); time.sleep(0.2)"],
                              env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert agent.wait(timeout=30) == 0
     g = guest(home, "c~c-1")
@@ -93,7 +93,7 @@ def test_it_exits_when_the_agent_is_gone_and_nothing_is_left(home: Path) -> None
 
 def test_one_watchdog_per_home(home: Path) -> None:
     fence = Fence(home)
-    fence.arm(time.monotonic() + 30)
+    fence.arm(fence_clock() + 30)
     fence.ensure_watchdog()
     first = (home / "fence.pid").read_text()
     fence.ensure_watchdog()
@@ -110,7 +110,7 @@ def test_a_guest_started_after_the_fence_fired_is_killed_too(home: Path) -> None
     fired once per deadline); now every guest is killed for as long as the deadline is past."""
     g1 = guest(home, "c~c-1")
     fence = Fence(home)
-    fence.arm(time.monotonic() + 0.5)
+    fence.arm(fence_clock() + 0.5)
     log = home / "fence.log"
     wd = watchdog(home, log)
     late = None

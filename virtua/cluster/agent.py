@@ -26,7 +26,7 @@ import httpx
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from virtua.cluster.fence import Fence
+from virtua.cluster.fence import Fence, fence_clock
 from virtua.cluster.model import VMLaunch
 from virtua.edge import web
 from virtua.errors import (
@@ -189,7 +189,7 @@ class Agent:
                     r.raise_for_status()
                     registered = True
                     log.info("registered with %s", self.cfg.manager)
-                sent = time.monotonic()  # the lease runs from the manager's receipt, later than this
+                sent = fence_clock()  # the lease runs from the manager's receipt, later than this
                 r = await self.http.post(
                     f"{self.cfg.manager}/v1/hosts/{self.cfg.name}/heartbeat", json={"vms": self.report(), "accel": self.accel}
                 )

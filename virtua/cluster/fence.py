@@ -58,6 +58,13 @@ def _alive(pid: Any, ticks: Any) -> bool:
     return isinstance(pid, int) and pid > 0 and start_ticks(pid) == ticks
 
 
+def fence_clock() -> float:
+    """The clock of fence deadlines: CLOCK_BOOTTIME, which counts time the host spent
+    suspended or frozen (CLOCK_MONOTONIC does not: after a resume the guests would run on
+    while their lease, which the manager counts on its own clock, ran out long ago)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Fence:
     """The agent's side: arm (move the deadline), disarm, and keep the watchdog running."""
 
@@ -66,10 +73,10 @@ class Fence:
         self.deadline: float | None = None
 
     def arm(self, deadline: float) -> None:
-        """Fence at monotonic time `deadline` unless armed again before."""
+        """Fence at fence_clock() time `deadline` unless armed again before."""
         if self.deadline is None:
             log.info("fencing armed: this host's guests are killed if its lease is not renewed for %.1f s",
-                     deadline - time.monotonic())
+                     deadline - fence_clock())
         self.deadline = deadline
         self._save()
 
@@ -139,9 +146,9 @@ def watch(home: Path) -> int:
         # every guest while the deadline is past, not once per deadline: a QEMU that an agent
         # resumed after a stop (SIGSTOP, a wedged loop) starts late must not run beside its
         # restart elsewhere
-        if isinstance(deadline, int | float) and time.monotonic() > deadline:
+        if isinstance(deadline, int | float) and fence_clock() > deadline:
             if running:
-                late = time.monotonic() - deadline
+                late = fence_clock() - deadline
                 for _name, pid in running:
                     try:
                         os.kill(pid, signal.SIGKILL)

@@ -115,7 +115,10 @@ class Manager:
         self._own_networks = [str(n) for n in self.host_networks]
         self._routes: dict[str, str] = {}
         self._watch: asyncio.Task[None] | None = None
-        self._liveness_grace_from = 0.0  # the store was last unreachable then (see _watch_hosts)
+        # monotonic: the store was last unreachable then (see _watch_hosts); and when this
+        # manager started (a host it has not heard from yet has a lease from then)
+        self._liveness_grace_from = float("-inf")
+        self._began = time.monotonic()
 
     @property
     def api_url(self) -> str:
@@ -254,11 +257,11 @@ class Manager:
         return fence_after(self.lease_ttl) if self.restart_dead else None
 
     def _leased(self, h: HostRecord) -> bool:
-        """Whether h's lease still runs. Right after this manager started, a host it has not
-        heard from yet is judged by the wall clock of its last record (the only clue)."""
-        renewed = self._renewed.get(h.name)
-        if renewed is None:
-            return time.time() - h.last_seen < self.lease_ttl
+        """Whether h's lease still runs, by this process's monotonic clock only. A host not
+        heard from since this manager started has a lease from that start: its record's
+        wall-clock time says nothing safe (a clock stepped forward would call live hosts
+        dead and restart their VMs beside them), and waiting one lease is the safe side."""
+        renewed = self._renewed.get(h.name, self._began)
         return time.monotonic() - renewed < self.lease_ttl
 
     def network_for(self, host: str) -> dict[str, Any]:
@@ -1384,7 +1387,7 @@ class Manager:
                 await self._check_hosts()
             except Unavailable as e:  # the store (etcd) is away: one line, and keep watching
                 # heartbeats could not be recorded meanwhile: no host is silent for that
-                self._liveness_grace_from = time.time()
+                self._liveness_grace_from = time.monotonic()
                 if e.message != said:
                     log.warning("host watch: %s", e.message)
                 said = e.message
@@ -1415,7 +1418,7 @@ class Manager:
         for h in self.hosts():
             # a lease that ran out while the store was down is not a dead host (its beats
             # could not be recorded): a lease's worth of grace after the store comes back
-            if h.state == "offline" or self._leased(h) or time.time() - self._liveness_grace_from < self.lease_ttl:
+            if h.state == "offline" or self._leased(h) or time.monotonic() - self._liveness_grace_from < self.lease_ttl:
                 continue
             h.state = "offline"
             self._put_host(h)
