@@ -27,14 +27,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tests.helpers.netcluster import NetCluster
+from tests.helpers.netcluster import NetCluster, guest_instances
 
 console = Console()
 
 
 def instances(vc: str, node: str) -> int:
-    r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/{vc}~{node}/"], capture_output=True, text=True)
-    return len(r.stdout.split())
+    return len(guest_instances(vc, node))
 
 
 def scenario(c: NetCluster, kind: str, n: int) -> dict[str, float | int | str]:

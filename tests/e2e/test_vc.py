@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.netcluster import NetCluster, running_cluster
+from tests.helpers.netcluster import NetCluster, guest_instances, running_cluster
 from virtua.cluster.netplan import tap_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -258,8 +258,7 @@ def test_an_agent_killed_alone_leaves_no_second_writer(cluster: NetCluster) -> N
     name, disk = node["name"], node["disk"]
 
     def instances() -> list[int]:
-        r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/hb~{name}/"], capture_output=True, text=True)
-        return [int(p) for p in r.stdout.split()]
+        return guest_instances("hb", name)
 
     def disk_holders() -> list[str | None]:
         return [h["tls_identity"] for h in c.json("volume", "status", disk)["connections"]]
@@ -313,8 +312,7 @@ def test_a_stopped_agent_fences_its_guests_and_they_run_once_elsewhere(cluster: 
     name = node["name"]
 
     def instances() -> int:
-        r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/st~{name}/"], capture_output=True, text=True)
-        return len(r.stdout.split())
+        return len(guest_instances("st", name))
 
     assert instances() == 1
     agent = c.agents["h2"]
@@ -350,8 +348,7 @@ def test_a_partitioned_host_fences_its_guest_and_it_runs_once_elsewhere(cluster:
     name = node["name"]
 
     def instances() -> int:
-        r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/pt~{name}/"], capture_output=True, text=True)
-        return len(r.stdout.split())
+        return len(guest_instances("pt", name))
 
     assert instances() == 1
     subprocess.run(["ip", "-n", c.ns["h3"], "link", "set", "eth0", "down"], check=True)

@@ -24,6 +24,24 @@ from virtua.net.lab import Lab
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def guest_instances(vc: str, node: str) -> list[int]:
+    """The QEMU processes running guest VC/NODE, on any host: one per instance. QEMU's
+    -daemonize forks (parent, child, grandchild) while it starts, so a process whose parent
+    is another of them is the same instance starting, not a second one."""
+    r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/{vc}~{node}/"], capture_output=True, text=True)
+    pids = [int(p) for p in r.stdout.split()]
+    tops = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid not in pids:
+            tops.append(pid)
+    return tops
+
+
 class NetCluster:
     """A manager in the root namespace and N agents, each in its own namespace."""
 
