@@ -25,21 +25,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def guest_instances(vc: str, node: str) -> list[int]:
-    """The QEMU processes running guest VC/NODE, on any host: one per instance. QEMU's
-    -daemonize forks (parent, child, grandchild) while it starts, so a process whose parent
-    is another of them is the same instance starting, not a second one."""
+    """The QEMU processes running guest VC/NODE, on any host: one per instance, the process
+    its QEMU pid file names (`-pidfile`, written by the daemon itself). While QEMU starts,
+    its -daemonize parent is alive beside the daemon with the same command line: that is
+    one instance starting, not two; a pid file whose process is gone names none."""
     r = subprocess.run(["pgrep", "-f", f"qemu-system.*/vms/{vc}~{node}/"], capture_output=True, text=True)
-    pids = [int(p) for p in r.stdout.split()]
-    tops = []
-    for pid in pids:
+    out = []
+    for pid in (int(p) for p in r.stdout.split()):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            pidfile = Path(cmd[cmd.index(b"-pidfile") + 1].decode())
+            if int(pidfile.read_text().strip()) == pid:
+                out.append(pid)
         except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        if ppid not in pids:
-            tops.append(pid)
-    return tops
+            continue  # gone meanwhile, or its pid file not written yet
+    return out
 
 
 class NetCluster:
