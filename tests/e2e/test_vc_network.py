@@ -147,3 +147,43 @@ def test_connectivity_follows_remap_and_destroy_leaves_nothing(cluster: NetClust
             break
         assert time.monotonic() < deadline, f"leftovers after destroy: {left}"
         time.sleep(0.5)
+
+
+def test_guests_fenced_during_a_manager_outage_start_again_on_their_hosts(cluster: NetCluster) -> None:
+    """serve frozen (SIGSTOP) past the hosts' fence deadline (TTL - 3 s) but within their
+    lease: every host kills its guests, as it must when it cannot renew its lease. When
+    serve continues, the hosts report them fenced, and the manager starts each again on
+    its own host (it used to leave them stopped for good); one instance each, never two."""
+    import os
+    import signal
+
+    from tests.helpers.netcluster import guest_instances
+
+    c = cluster
+    info = c.json("vc", "create", "fz", "--template", "tiny", "--nodes", "2", "--strategy", "cyclic",
+                  "--memory", "128M", "--start")
+    placed = {n["name"]: n["host"] for n in info["nodes"]}
+    assert c.serve is not None
+    os.kill(c.serve.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 8.5
+        while time.monotonic() < deadline and any(guest_instances("fz", n) for n in placed):
+            time.sleep(0.2)
+        assert not any(guest_instances("fz", n) for n in placed), "every guest fenced while the manager is away"
+        time.sleep(max(0.0, deadline - time.monotonic()))
+    finally:
+        os.kill(c.serve.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 90
+    while True:
+        now = {n["name"]: n for n in nodes(c, "fz")}
+        counts = {n: len(guest_instances("fz", n)) for n in placed}
+        assert max(counts.values()) <= 1, f"never two instances: {counts}"
+        if all(v["state"] == "running" for v in now.values()) and all(counts.values()):
+            break
+        assert time.monotonic() < deadline, f"not started again: {now}"
+        time.sleep(0.5)
+    assert {n: v["host"] for n, v in now.items()} == placed, "each on its own host again"
+    for name in placed:
+        assert c.exec(f"fz/{name}", "hostname").strip() == name
+    assert any("FENCED" in (c.tmp / f"agent-{h}" / "agent.out").read_text() for h in set(placed.values()))
+    c.json("vc", "destroy", "fz", "--force")

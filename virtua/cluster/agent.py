@@ -26,7 +26,7 @@ import httpx
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from virtua.cluster.fence import Fence, fence_clock
+from virtua.cluster.fence import FENCED_ERROR, Fence, fence_clock, fenced
 from virtua.cluster.model import VMLaunch
 from virtua.edge import web
 from virtua.errors import (
@@ -231,10 +231,16 @@ class Agent:
 
     def report(self) -> list[dict[str, Any]]:
         out = []
+        killed = None
         for vm in self.vms.values():
             if vm.state in ("running", "starting") and not vm.spawning and not vm.proc.is_running():
                 vm.state = "stopped"
-                vm.error = "QEMU exited"
+                if killed is None:
+                    killed = fenced(self.cfg.home)
+                if killed.get(_safe(vm.id)) == vm.proc.pid:  # this very instance
+                    vm.error = FENCED_ERROR
+                else:
+                    vm.error = "QEMU exited"
             out.append({"id": vm.id, "state": vm.state, "error": vm.error[-1000:] if vm.error else None, "pid": vm.proc.pid})
         return out
 

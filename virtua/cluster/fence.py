@@ -129,6 +129,33 @@ def guests(home: Path) -> list[tuple[str, int]]:
     return out
 
 
+FENCED_FILE = "fenced.json"  # run dir -> pid of each guest the watchdog killed
+FENCED_ERROR = "fenced: its host's lease was not renewed in time"  # an agent's report of such a guest
+
+
+def record_fenced(home: Path, killed: list[tuple[str, int]]) -> None:
+    """Say which guests the fence killed (run dir, pid), for the agent's reports: the
+    manager restarts those once it hears from the host again (it did not stop them)."""
+    try:
+        known = json.loads((home / FENCED_FILE).read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    known.update({name: pid for name, pid in killed})
+    tmp = home / f"{FENCED_FILE}.tmp"
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, home / FENCED_FILE)
+
+
+def fenced(home: Path) -> dict[str, int]:
+    """run dir -> pid of the guests the fence killed (record_fenced)."""
+    try:
+        known = json.loads((home / FENCED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, int)} if isinstance(known, dict) else {}
+
+
 def watch(home: Path) -> int:
     """The watchdog's loop (its own process)."""
     if _watchdog_alive(home):
@@ -154,6 +181,7 @@ def watch(home: Path) -> int:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         continue
+                record_fenced(home, running)
                 log.error(
                     "FENCED: this host's lease was not renewed in time (the agent %s; %.1f s past the fence "
                     "deadline): killed %d guest(s) before the manager may restart them elsewhere: %s",

@@ -25,7 +25,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from virtua.cluster import netplan
-from virtua.cluster.fence import LEASE_TTL, fence_after
+from virtua.cluster.fence import FENCED_ERROR, LEASE_TTL, fence_after
 from virtua.cluster.model import HostRecord, NicLaunch, TemplateRecord, VCRecord, VMLaunch, VMRecord
 from virtua.cluster.placement import HostCapacity, HostLoad, VMRequest, place, restart_plan
 from virtua.cluster.store import StateStore
@@ -119,6 +119,7 @@ class Manager:
         # manager started (a host it has not heard from yet has a lease from then)
         self._liveness_grace_from = float("-inf")
         self._began = time.monotonic()
+        self._fenced_restarts: set[str] = set()  # VMs being started again after their host fenced them
 
     @property
     def api_url(self) -> str:
@@ -243,6 +244,8 @@ class Manager:
                 rec.state = state
                 rec.error = report.get("error")
                 self._put_vm(rec)
+                if self.restart_dead and rec.error == FENCED_ERROR:
+                    self._restart_fenced(rec, name)
         if set(stop) != self._told_to_stop.get(name, set()):  # one line per change, not per beat
             if stop:
                 log.warning("host %s holds %d VM(s) the records place elsewhere or no longer have: telling it to "
@@ -252,6 +255,38 @@ class Manager:
         revoked = sorted(f"{s:x}" for s in self.authority.revoked) if self.authority else []
         return {"ok": True, "network": self.network_for(name), "revoked": revoked, "stop": stop,
                 "lease_ttl": self.lease_ttl, "fence_after": self._fence_after()}
+
+    def _restart_fenced(self, vm: VMRecord, host: str) -> None:
+        """A guest its own host killed because its lease ran out while this manager was
+        away (the host is back and nobody restarted the VM elsewhere): start it again on
+        that host, unless the VM was stopped, moved or destroyed meanwhile."""
+        key = vm.key
+        if key in self._fenced_restarts:
+            return
+        self._fenced_restarts.add(key)
+
+        async def restart() -> None:
+            try:
+                async with self.lock(f"vc/{vm.vc}"):
+                    now = self._vm_or_none(key)
+                    if now is None or now.host != host or now.state not in ("stopped", "failed") \
+                            or now.error != FENCED_ERROR:
+                        return  # stopped, moved or destroyed meanwhile: not ours to start
+                    log.warning("restarting %s on %s: its host fenced it while the manager was away", key, host)
+                    await self._start_vm(self.vc(vm.vc), now)
+            except VirtuaError as e:
+                log.warning("restart of fenced %s on %s failed: %s", key, host, e.message)
+            finally:
+                self._fenced_restarts.discard(key)
+
+        try:
+            task = asyncio.get_running_loop().create_task(restart())
+        except RuntimeError:  # no loop (a heartbeat handled outside serve): nothing to run it on
+            self._fenced_restarts.discard(key)
+            restart().close()
+            return
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
 
     def _fence_after(self) -> float | None:
         return fence_after(self.lease_ttl) if self.restart_dead else None
@@ -1130,6 +1165,7 @@ class Manager:
                 if not force:
                     raise
         vm.state = "stopped"
+        vm.error = None  # stopped on purpose: not a fenced VM to start again (_restart_fenced)
         self._put_vm(vm)
 
     async def vc_stop(self, name: str, force: bool = False) -> dict[str, Any]:

@@ -125,7 +125,7 @@ class Job:
         now = time.monotonic()
         if now - self._progress_written >= PROGRESS_EVERY or (p.total and done >= p.total):
             self._progress_written = now
-            self.store.put(self.record)
+            self.store.put(self.record, durable=False)
 
     def check_cancel(self) -> None:
         if not self.cancel_requested and self.store.cancel_requested(self.id):  # from any process
