@@ -3,20 +3,26 @@ and the undo kinds of storage steps (what recovery runs after a crash)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import stat
 import time
 from typing import Annotated, Any
 
 from pydantic import Field
 
-from virtua.api.ops import op
-from virtua.errors import Cancelled, DependencyError, InvalidArgument
+from virtua.api.ops import _serving, op
+from virtua.errors import Cancelled, DependencyError, InvalidArgument, VirtuaError
 from virtua.jobs import runner
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, Undo
 from virtua.jobs.recovery import Context, undo_kind
+from virtua.storage import filecopy
 from virtua.storage.names import parse_ref
+from virtua.storage.pool import Pin
 from virtua.storage.service import Storage
+from virtua.storage.volume import SnapshotDevice, VolumeDevice
 
 log = logging.getLogger("virtua.jobs")
 
@@ -124,17 +130,154 @@ def import_begin(
 
 
 @op("job.renew")
-def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] = 0) -> dict[str, Any]:
-    """A client-driven job's heartbeat and progress; says whether to stop."""
+def job_renew(st: Storage, id: JobId, done: Annotated[int, Field(ge=0)] | None = None) -> dict[str, Any]:
+    """A client-driven job's heartbeat and progress (done: none while the daemon itself
+    copies, volume.import.file); says whether to stop, and how far the job is."""
     job = runner.live(id)
     if job.record.lease_until is None:  # a lease on it would let the reaper undo it under its runner
         raise InvalidArgument(f"job {id} ({job.record.title}) is not driven by a client: nothing to renew")
     job.renew()
     try:
-        job.progress(done)
+        if done is None:
+            job.check_cancel()
+        else:
+            job.progress(done)
     except Cancelled:
-        return {"cancel": True}
-    return {"cancel": False}
+        return {"cancel": True, "done": job.record.progress.done}
+    return {"cancel": False, "done": job.record.progress.done}
+
+
+def _client_job(id: str, op_name: str, what: str) -> runner.Job:
+    job = runner.live(id)
+    if job.record.op != op_name:
+        raise InvalidArgument(f"job {id} ({job.record.title}) is not {what}")
+    return job
+
+
+@op("volume.import.file")
+def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1, max_length=4096)],
+                device: int, inode: int) -> Any:
+    """Copy a file on this machine into the import job's volume without NBD (see
+    virtua.storage.filecopy); `device` and `inode` are what the client's own open of
+    `path` found, so the daemon copies the file the client may read and no other.
+    {"copied": false, "why": ...} when it cannot (then the client copies over NBD)."""
+    job = _client_job(id, "volume.import", "an import")
+    ref, fmt, size = str(job.record.args["ref"]), str(job.record.args["format"]), int(job.record.args["size"])
+    r = parse_ref(ref, snapshot=False)
+    pool = st.pool(r.pool)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
+    st_ = os.fstat(fd)
+    if (st_.st_dev, st_.st_ino) != (device, inode) or not stat.S_ISREG(st_.st_mode):
+        os.close(fd)
+        return {"copied": False, "why": f"{path} is another file here than the client's"}
+    dev = VolumeDevice(pool, pool.volume(r.volume))
+
+    def progress(done: int) -> None:
+        job.renew()  # the daemon is the one at work: its lease must not run out meanwhile
+        job.progress(done)
+
+    def copied(n: int) -> dict[str, Any]:
+        return {"copied": True, "bytes": n}
+
+    if not _serving():
+        try:
+            runs = filecopy.image_runs(fd, fmt, size)
+            if isinstance(runs, str):
+                return {"copied": False, "why": runs}
+            pin = pool.pin(dev.vol, "being imported")
+            try:
+                return copied(filecopy.copy_in(dev, fd, runs, progress))
+            finally:
+                pool.unpin(dev.vol.id, pin)
+        finally:
+            os.close(fd)
+
+    async def go() -> dict[str, Any]:
+        import asyncio
+
+        try:
+            runs = await asyncio.get_running_loop().run_in_executor(None, filecopy.image_runs, fd, fmt, size)
+            if isinstance(runs, str):
+                return {"copied": False, "why": runs}
+            pin = pool.pin(dev.vol, "being imported")
+            try:
+                return copied(await filecopy.copy_in_async(dev, fd, runs, progress))
+            finally:
+                pool.unpin(dev.vol.id, pin)
+        finally:
+            os.close(fd)
+
+    return go()
+
+
+# ---------------------------------------------------------------------- a local export
+
+
+EXPORT_PINS: dict[str, tuple[str, int, Pin]] = {}  # job -> (pool, volume id, pin) in this process
+
+
+@undo_kind("export.release")
+def _undo_export(ctx: Context, job: str, snapshot: str | None = None) -> None:
+    """Unpin what the export held, and remove the snapshot it took (if it made it)."""
+    held = EXPORT_PINS.pop(job, None)
+    if held is not None and held[0] in ctx.storage.pool_paths():
+        ctx.storage.pool(held[0]).unpin(held[1], held[2])
+    if snapshot is not None:
+        _undo_snapshot(ctx, snapshot)
+
+
+@op("volume.export.begin")
+def export_begin(st: Storage, ref: str) -> dict[str, Any]:
+    """Hold an image still while a local client reads it from the pool's data file: a
+    volume through a snapshot taken now (its writers go on; the copy is of this moment),
+    a snapshot as it is. Returns the job, the data file and where each run of the image
+    is in it (see virtua.storage.filecopy); volume.export.end releases it."""
+    r = parse_ref(ref)
+    pool = st.pool(r.pool)
+    vol = pool.volume(r.volume)
+    plan = Plan(f"export {ref}")
+    plan.add(f"hold {ref}", lambda: None)
+    plan.add("copy the data out", lambda: None)
+    job = runner.start(st.jobs, "volume.export", {"ref": str(r)}, plan, client_driven=True, unit="bytes")
+    snap_ref = None if r.snapshot is not None else f"{r}@export-{job.id}"
+    job.record.steps[0].undo = Undo(kind="export.release", args={"job": job.id, "snapshot": snap_ref})
+    try:
+        job.begin_step(0)
+        if r.snapshot is None:
+            snap = pool.create_snapshot(r.volume, f"export-{job.id}")
+        else:
+            snap = pool.snapshot(r.volume, r.snapshot)
+        pin = pool.pin(vol, f"being exported (job {job.id})")
+        EXPORT_PINS[job.id] = (pool.name, vol.id, pin)
+        job.end_step(0)
+        job.begin_step(1)
+        dev = SnapshotDevice(pool, snap)
+        extents = filecopy.data_extents(dev, os.fstat(pool.data_fd).st_size)
+    except BaseException as e:
+        with contextlib.suppress(VirtuaError):
+            _undo_export(Context(st).for_step(job.record.steps[0]), job.id, snap_ref)
+        job.fail(0 if job.record.steps[1].state == "pending" else 1, e)
+        raise
+    job.progress(0, dev.size)
+    return {"job": job.id, "size": dev.size, "data_file": str(pool.path / "data"), "extents": extents}
+
+
+@op("volume.export.end")
+def export_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=2000)] | None = None) -> dict[str, Any]:
+    """The client's copy ended: release what export.begin held."""
+    job = _client_job(id, "volume.export", "an export")
+    undo = job.record.steps[0].undo
+    assert undo is not None
+    _undo_export(Context(st).for_step(job.record.steps[0]), id, undo.args.get("snapshot"))
+    if error is None and not job.cancel_requested:
+        job.end_step(1)
+        return job.finish({"name": job.record.args["ref"]})
+    why: Exception = Cancelled(f"job {id} was cancelled") if error is None else InvalidArgument(error)
+    job.fail(1, why)
+    raise why
 
 
 @op("volume.import.end")

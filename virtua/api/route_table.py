@@ -196,6 +196,9 @@ ROUTES: dict[str, Route] = {
     "job.renew": R("POST", "/v1/jobs/{job}/renew", id="{job}"),
     "volume.import.begin": R("POST", _P + "/imports", ref="{pool}/{name}"),
     "volume.import.end": R("POST", "/v1/imports/{job}/end", id="{job}"),
+    "volume.import.file": R("POST", "/v1/imports/{job}/file", id="{job}"),
+    "volume.export.begin": R("POST", _I + "/exports", ref=IMAGE),
+    "volume.export.end": R("POST", "/v1/exports/{job}/end", id="{job}"),
 }
 
 # The daemon's other endpoints (virtua.api.daemon.build_api): no operation may shadow them.

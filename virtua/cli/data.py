@@ -100,7 +100,7 @@ def import_image(home: Path, client: Client, source: str, ref: str, stream_size:
 
                 return imageio.run_copy(imageio.import_command(image, uri), both)
 
-        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed, shown)
+        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed, shown, path)
 
 
 COPY_SLACK = 64 << 20  # less free than this after a failed copy: the pool filled up
@@ -126,7 +126,7 @@ def _import_stream(home: Path, client: Client, ref: str, size: int) -> dict[str,
 
 def _into_new_volume(
     home: Path, client: Client, ref: str, size: int, fmt: str, copy: Callable[[str, Callable[[float], None]], str],
-    failed: Callable[[str, str], VirtuaError], source: str = "an image",
+    failed: Callable[[str, str], VirtuaError], source: str = "an image", local_file: str | None = None,
 ) -> dict[str, Any]:
     """An import job: the daemon (or this process) creates ref (size rounded up to a
     sector) and records it; copy(its NBD URI, a percent callback) fills it while a thread
@@ -137,15 +137,19 @@ def _into_new_volume(
     size = (size + SECTOR - 1) // SECTOR * SECTOR
     job = str(client.call("volume.import.begin", ref=ref, size=size, format=fmt, source=source)["job"])
     lock = threading.Lock()  # one call at a time on the client
-    done = [0]
+    done: list[int | None] = [0]  # None: the daemon copies, and says how far it is
     stop = threading.Event()
     cancel = threading.Event()
+    bar_of_daemon: list[Callable[[float], None]] = [lambda percent: None]
 
     def renew() -> None:
         while not stop.wait(RENEW_EVERY):
             with contextlib.suppress(VirtuaError), lock:
-                if client.call("job.renew", id=job, done=done[0]).get("cancel"):
+                answer = client.call("job.renew", id=job, done=done[0])
+                if answer.get("cancel"):
                     cancel.set()
+                if done[0] is None and size:
+                    bar_of_daemon[0](100 * int(answer.get("done") or 0) / size)
 
     def progress(percent: float) -> None:
         done[0] = int(size * percent / 100)
@@ -155,10 +159,19 @@ def _into_new_volume(
     renewer = threading.Thread(target=renew, name="virtua-import-renew", daemon=True)
     renewer.start()
     try:
-        with nbd_socket(home, client) as sock:
-            err = copy(imageio.nbd_uri(sock, str(r)), progress)
-        if err:
-            raise failed(err, r.pool)
+        copied = False
+        if local_file is not None:
+            done[0] = None
+            with progress_bar(f"import {ref}", size) as bar:
+                bar_of_daemon[0] = bar
+                copied = _copy_file_in(client, job, local_file, lock)
+                bar_of_daemon[0] = lambda percent: None
+            done[0] = 0
+        if not copied:
+            with nbd_socket(home, client) as sock:
+                err = copy(imageio.nbd_uri(sock, str(r)), progress)
+            if err:
+                raise failed(err, r.pool)
     except BaseException as e:
         stop.set()
         renewer.join()
@@ -172,10 +185,35 @@ def _into_new_volume(
     info["written"] = info["allocated"]
     info["format"] = fmt
     info["job"] = job
+    info["via"] = "file" if copied else "nbd"  # the daemon copied the file itself, or NBD carried it
     return info
 
 
 RENEW_EVERY = 1.0
+
+
+def _copy_file_in(client: Client, job: str, path: str, lock: threading.Lock) -> bool:
+    """The daemon (or this process) copies the file itself, no NBD between (see
+    virtua.storage.filecopy); False when it cannot, and says why in the log. Through
+    serve the call runs unlocked: the renewing thread meanwhile asks how far it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # the NBD copy gives the error a person reads
+    try:
+        st = os.fstat(fd)
+        args = {"id": job, "path": os.path.abspath(path), "device": st.st_dev, "inode": st.st_ino}
+        if isinstance(client, LocalClient):
+            with lock:
+                answer = client.call("volume.import.file", **args)
+        else:
+            answer = client.call("volume.import.file", **args)
+    finally:
+        os.close(fd)
+    if not answer.get("copied"):
+        logging.getLogger("virtua.cli").info("import over NBD: %s", answer.get("why"))
+        return False
+    return True
 
 
 def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False) -> dict[str, Any]:
@@ -201,16 +239,20 @@ def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, forc
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
     try:
-        with nbd_socket(home, client) as sock, progress_bar(f"export {ref}", size) as bar:
-            cmd = imageio.export_command(imageio.nbd_uri(sock, str(r)), tmp or "-", fmt)
-            err = imageio.run_copy(cmd, bar, stdout=sys.stdout.fileno() if tmp is None else None)
+        via = "nbd"
+        if tmp is not None:
+            err, via = _export_held(home, client, str(r), tmp, fmt, size)
+        else:
+            with nbd_socket(home, client) as sock, progress_bar(f"export {ref}", size) as bar:
+                cmd = imageio.export_command(imageio.nbd_uri(sock, str(r)), "-", fmt)
+                err = imageio.run_copy(cmd, bar, stdout=sys.stdout.fileno())
         if err:
             if "No space left" in err or "Disk quota" in err:
                 raise NoSpace(f"no space left to write {dest}: its filesystem is full")
             if tmp is None and ("Broken pipe" in err or "EPIPE" in err):
                 raise InvalidArgument("export to stdout: the reader closed the pipe")
             raise InvalidArgument(f"cannot export {ref} to {dest}: {_last_line(err)}")
-        result: dict[str, Any] = {"name": str(r), "file": dest, "format": fmt, "size": size}
+        result: dict[str, Any] = {"name": str(r), "file": dest, "format": fmt, "size": size, "via": via}
         if tmp is not None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -222,6 +264,72 @@ def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, forc
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _export_held(home: Path, client: Client, ref: str, dest: str, fmt: str, size: int) -> tuple[str, str]:
+    """Export to a file as a job that holds the image still (volume.export.begin: a
+    volume through a snapshot of this moment). qemu-img reads the runs of the pool's
+    data file itself (virtua.storage.filecopy) where it can, else the held image over
+    NBD. Returns the copy's stderr on failure (else '') and which way it went (file, nbd)."""
+    from virtua.storage import filecopy
+
+    begin = client.call("volume.export.begin", ref=ref)
+    job = str(begin["job"])
+    held = ref if "@" in ref else f"{ref}@export-{job}"
+    lock = threading.Lock()
+    done = [0]
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(RENEW_EVERY):
+            with contextlib.suppress(VirtuaError), lock:
+                client.call("job.renew", id=job, done=done[0])
+
+    def progress(bar: Callable[[float], None]) -> Callable[[float], None]:
+        def both(percent: float) -> None:
+            bar(percent)
+            done[0] = int(size * percent / 100)
+        return both
+
+    renewer = threading.Thread(target=renew, name="virtua-export-renew", daemon=True)
+    renewer.start()
+    err = ""
+    try:
+        extents = begin["extents"]
+        with progress_bar(f"export {ref}", size) as bar:
+            if len(extents) <= filecopy.MAX_SOURCES:
+                _enough_files(len(extents) + 64)
+                cmd = ["qemu-img", "convert", "-p", "-O", fmt,  # in order: -W fragments a raw file on ext4
+                       *filecopy.concat_sources(str(begin["data_file"]), extents), dest]
+                err = imageio.run_copy(cmd, progress(bar))
+                if err and "Could not open" in err:  # the pool's data file is not ours to read
+                    logging.getLogger("virtua.cli").info("export over NBD: %s", _last_line(err))
+                    with contextlib.suppress(OSError):
+                        os.truncate(dest, 0)
+                else:
+                    return err, "file"
+            with nbd_socket(home, client) as sock:
+                cmd = imageio.export_command(imageio.nbd_uri(sock, held), dest, fmt)
+                err = imageio.run_copy(cmd, progress(bar))
+        return err, "nbd"
+    finally:
+        stop.set()
+        renewer.join()
+        with lock:
+            if err:
+                with contextlib.suppress(VirtuaError):
+                    client.call("volume.export.end", id=job, error=_last_line(err)[:2000])
+            else:
+                client.call("volume.export.end", id=job)
+
+
+def _enough_files(n: int) -> None:
+    """Let qemu-img (our child) open n files: one per window of the data file."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
 
 
 def _size_of(client: Client, ref: str) -> int:

@@ -12,6 +12,7 @@ on its way, and a FLUSH never commits a row whose data is not written.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -59,6 +60,27 @@ class WritePlan:
             self._finish(self)
 
 
+class CopyPlan(WritePlan):
+    """A planned write whose bytes come from another file (an image being imported):
+    the worker copies them in the kernel (copy_file_range), with no buffer in between."""
+
+    __slots__ = ("src_fd", "src_pos")
+
+    def __init__(self, plan: WritePlan, src_fd: int, src_pos: int) -> None:
+        super().__init__(plan.fd, plan.runs, plan.data, plan._finish)
+        self.src_fd = src_fd
+        self.src_pos = src_pos  # where the write's first byte is in the source file
+
+    def execute(self) -> None:
+        try:
+            for pos, off, n in self.runs:
+                copy_range(self.src_fd, self.src_pos + off, self.fd, pos, n)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop thread
+            self.error = e
+        finally:
+            self.done.set()
+
+
 class InflightWrites:
     """The planned writes of one pool (or file) whose data may still be on its way."""
 
@@ -82,3 +104,32 @@ def pwrite_full(fd: int, data: memoryview, pos: int) -> None:
     done = os.pwrite(fd, data, pos)
     while done < len(data):
         done += os.pwrite(fd, data[done:], pos + done)
+
+
+COPY_BUFFER = 4 << 20
+
+
+def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> None:
+    """length bytes from src_fd at src to dst_fd at dst: copy_file_range where the
+    kernel can (same or like file systems), else pread/pwrite. A source that ends
+    early is an error (the image was cut while being read), never zeros."""
+    kernel = True
+    while length > 0:
+        if kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, length, src, dst)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                kernel = False
+                continue
+        else:
+            data = os.pread(src_fd, min(length, COPY_BUFFER), src)
+            n = len(data)
+            if n:
+                pwrite_full(dst_fd, memoryview(data), dst)
+        if n == 0:
+            raise OSError(errno.EIO, f"the source file ends at byte {src}, {length} bytes short of what it maps")
+        src += n
+        dst += n
+        length -= n

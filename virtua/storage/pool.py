@@ -153,7 +153,7 @@ class Pool:
         self.closed = False
         self._closing = False  # close(): no more work handed to threads
         # volume id -> the flatten at work on it (FlattenJob): its layers stay put meanwhile
-        self.busy: dict[int, FlattenJob] = {}
+        self.busy: dict[int, FlattenJob | Pin] = {}
         self._load()
 
     # ------------------------------------------------------------------ creation / open
@@ -955,8 +955,20 @@ class Pool:
         """Busy if an operation that runs in slices (a flatten) is at work on one of vols."""
         for vol in vols:
             if vol.id in self.busy:
-                raise Busy(f"cannot {doing}: volume {self.name}/{vol.name} is being flattened; "
+                raise Busy(f"cannot {doing}: volume {self.name}/{vol.name} is {self.busy[vol.id].doing}; "
                            "try again when that is done")
+
+    def pin(self, vol: Volume, doing: str) -> Pin:
+        """Hold vol's layers as they are while a reader outside the pool (an export
+        reading the data file itself) uses them: every operation that could free or
+        move their chunks refuses (check_idle) until unpin()."""
+        self.check_idle([vol], doing)
+        pin = self.busy[vol.id] = Pin(doing)
+        return pin
+
+    def unpin(self, vol_id: int, pin: Pin) -> None:
+        if self.busy.get(vol_id) is pin:
+            del self.busy[vol_id]
 
     def tree(self, vol: Volume) -> list[Volume]:
         """vol and every clone of its snapshots, recursively (what a recursive removal takes)."""
@@ -1394,6 +1406,16 @@ class _FlushJob:
     ended: bool = False
 
 
+class Pin:
+    """What Pool.busy holds for a pinned volume (see Pool.pin): nothing runs in a thread."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+        self.stopped = False
+        self.idle = threading.Event()
+        self.idle.set()
+
+
 class FlattenJob:
     """One flatten, in slices of FLATTEN_SLICE bytes. Each slice allocates its chunks and
     yields a callable that copies their data (pure I/O on the data file: a worker thread
@@ -1402,6 +1424,8 @@ class FlattenJob:
     the rows at the next flush. A chunk the guest wrote or zeroed meanwhile keeps the
     guest's version and the copy is freed. Whatever point it stops at, every mapped copy
     holds what it replaced: the volume reads the same, the rows are ordinary ones."""
+
+    doing = "being flattened"
 
     def __init__(self, pool: Pool, vol: Volume, bottom: Layer) -> None:
         self.pool = pool

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from virtua.errors import InvalidArgument, NoSpace, NotFound, ReadOnly
 from virtua.storage.blockmap import HOLE_V, SEG_MASK, SEG_SHIFT, ZERO_V, BlockMap
 from virtua.storage.device import HOLE, ZERO, Extent
-from virtua.storage.inflight import WritePlan
+from virtua.storage.inflight import CopyPlan, WritePlan
 from virtua.storage.pool import WRITEBACK_AFTER, Pool, Snapshot, Volume, _copy
 
 
@@ -253,9 +253,20 @@ class VolumeDevice(_Reader):
         self._check_range(offset, len(data))
         return self.pool.inflight.add(self._plan_write(offset, data)[0])
 
-    def _plan_write(self, offset: int, mv: memoryview) -> tuple[WritePlan, Callable[[], None]]:
-        """The plan of a write that is not a plain overwrite, and how to undo its mapping."""
-        n = len(mv)
+    def start_copy(self, offset: int, src_fd: int, src_pos: int, length: int) -> WritePlan:
+        """start_write() of `length` bytes that a worker copies from another file (at
+        src_pos of src_fd) instead of from a buffer: an import from a local image file."""
+        self._check_range(offset, length)
+        plan, _ = self._plan_write(offset, None, length)
+        return self.pool.inflight.add(CopyPlan(plan, src_fd, src_pos))
+
+    def _plan_write(
+        self, offset: int, mv: memoryview | None, n: int = 0,
+    ) -> tuple[WritePlan, Callable[[], None]]:
+        """The plan of a write that is not a plain overwrite, and how to undo its mapping
+        (mv None: n bytes whose source the caller's plan knows)."""
+        if mv is not None:
+            n = len(mv)
         pool = self.pool
         sh = pool.chunk_shift
         m = self._map()
@@ -328,7 +339,7 @@ class VolumeDevice(_Reader):
             if pool.unsynced >= WRITEBACK_AFTER:
                 pool.start_writeback()
 
-        return WritePlan(fd, runs, mv, finish), undo
+        return WritePlan(fd, runs, mv if mv is not None else memoryview(b""), finish), undo
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         self._check_range(offset, length)

@@ -1,0 +1,229 @@
+"""Images in and out without NBD in between (virtua.storage.filecopy), offline and beside
+`virtua serve`: the daemon copies a local image's data runs into the volume itself, and
+an export reads a held snapshot's runs of the pool's data file with qemu-img. What comes
+out is checked byte for byte through another path (an NBD export, `qemu-img compare`);
+what cannot go that way (compressed, backing file, too many runs) still goes over NBD,
+and correctly; the held snapshot blocks what could free its chunks, and goes away when
+the export ends, fails or its client dies."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli_support import Serve, V
+
+pytestmark = pytest.mark.interop
+
+MIB = 1 << 20
+
+
+@pytest.fixture(params=["offline", "serve"])
+def v(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[V]:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "2G")
+    if request.param == "offline":
+        yield cli
+        return
+    serve = Serve(cli.home, env={"VIRTUA_JOB_LEASE": "3"})
+    try:
+        yield cli
+    finally:
+        serve.stop()
+
+
+def qemu_io(image: str, fmt: str, *cmds: str) -> None:
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run([*args, image], check=True, capture_output=True)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def raw_of(image: Path, fmt: str, tmp: Path) -> bytes:
+    out = tmp / f"{image.name}.check.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(out)], check=True)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def qcow2_with_everything(tmp: Path, name: str = "img.qcow2", extra: tuple[str, ...] = ()) -> Path:
+    """Data, an explicit zero range over data, holes, and a tail that ends inside a chunk."""
+    img = tmp / name
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", *extra, str(img), str(24 * MIB + 12345 // 512 * 512)],
+                   check=True, capture_output=True)
+    qemu_io(str(img), "qcow2", "write -P 0x11 0 3M", "write -P 0x22 5M 1M", "write -z 1M 512k",
+            "write -P 0x33 20M 4M", f"write -P 0x44 {24 * MIB} 4096", "write -P 0x55 7340544 1024")
+    return img
+
+
+def test_a_qcow2_goes_in_and_out_without_nbd_byte_for_byte(v: V, tmp_path: Path) -> None:
+    img = qcow2_with_everything(tmp_path)
+    want = raw_of(img, "qcow2", tmp_path)
+    got = v.json("volume", "import", str(img), "p/a")
+    assert got["via"] == "file" and got["format"] == "qcow2"
+    assert got["size"] == len(want)
+    assert got["allocated"] < 16 * MIB  # holes and zeros were not written
+    # read back through NBD (nbdcopy to stdout), not the way it went in
+    assert sha(v.run("volume", "export", "p/a", "-").stdout) == sha(want)
+    # and out again as qcow2 and raw, read from the pool's data file by qemu-img
+    q = tmp_path / "out.qcow2"
+    out = v.json("volume", "export", "p/a", str(q), "-O", "qcow2")
+    assert out["via"] == "file" and out["size"] == len(want)
+    assert sha(raw_of(q, "qcow2", tmp_path)) == sha(want)
+    subprocess.run(["qemu-img", "check", str(q)], check=True, capture_output=True)
+    r = tmp_path / "out.raw"
+    assert v.json("volume", "export", "p/a", str(r))["via"] == "file"
+    assert sha(r.read_bytes()) == sha(want)
+    assert os.stat(r).st_blocks * 512 < 16 * MIB  # sparse: its holes stayed holes
+    # nothing left behind: no held snapshot, jobs done, the pool clean
+    assert v.json("snapshot", "list", "p/a") == []
+    jobs = [j for j in v.json("job", "list", "--all") if j["op"] == "volume.export"]
+    assert len(jobs) == 2 and all(j["state"] == "done" for j in jobs)
+    assert v.json("pool", "check", "p")["problems"] == []
+
+
+def test_raw_and_snapshots_too(v: V, tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    with open(img, "wb") as f:
+        f.write(os.urandom(3 * MIB))
+        f.seek(9 * MIB)
+        f.write(os.urandom(MIB + 512))
+    want = img.read_bytes()
+    assert v.json("volume", "import", str(img), "p/r")["via"] == "file"
+    v.run("snapshot", "create", "p/r@s1")
+    with open(img, "r+b") as f:  # the volume changes after the snapshot: the export is of s1
+        f.write(b"\xee" * MIB)
+    v.run("volume", "import", str(img), "p/tmp")  # (just more data in the pool)
+    out = tmp_path / "s1.qcow2"
+    assert v.json("volume", "export", "p/r@s1", str(out), "-O", "qcow2")["via"] == "file"
+    assert sha(raw_of(out, "qcow2", tmp_path)) == sha(want)
+    assert [s["name"] for s in v.json("snapshot", "list", "p/r")] == ["p/r@s1"]
+
+
+@pytest.mark.parametrize("kind", ["compressed", "backing"])
+def test_what_cannot_go_as_a_file_goes_over_nbd(v: V, tmp_path: Path, kind: str) -> None:
+    if kind == "compressed":
+        plain = qcow2_with_everything(tmp_path, "plain.qcow2")
+        img = tmp_path / "c.qcow2"
+        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(img)], check=True)
+    else:  # an overlay: its data is partly in the backing file
+        base = qcow2_with_everything(tmp_path, "base.qcow2")
+        img = tmp_path / "over.qcow2"
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(img)],
+                       check=True, capture_output=True)
+        qemu_io(str(img), "qcow2", "write -P 0x66 2M 2M")
+    want = raw_of(img, "qcow2", tmp_path)
+    got = v.json("volume", "import", str(img), "p/x")
+    assert got["via"] == "nbd"
+    assert sha(v.run("volume", "export", "p/x", "-").stdout) == sha(want)
+
+
+def test_a_fragmented_volume_is_exported_over_nbd_from_the_held_snapshot(v: V, tmp_path: Path) -> None:
+    img = tmp_path / "holes.raw"
+    with open(img, "wb") as f:  # 450 data runs with holes between (64 KiB chunks)
+        for i in range(450):
+            f.seek(i * 128 * 1024)
+            f.write(os.urandom(4096))
+        f.truncate(450 * 128 * 1024)
+    v.run("volume", "import", str(img), "p/f")
+    out = tmp_path / "f.qcow2"
+    assert v.json("volume", "export", "p/f", str(out), "-O", "qcow2")["via"] == "nbd"
+    assert sha(raw_of(out, "qcow2", tmp_path)) == sha(img.read_bytes())
+    assert v.json("snapshot", "list", "p/f") == []
+
+
+# ---------------------------------------------------------------------- the daemon's side
+
+
+class Unix(http.client.HTTPConnection):
+    def __init__(self, home: Path) -> None:
+        super().__init__("virtua", timeout=60)
+        self.path_ = str(home / "virtua.sock")
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.path_)
+
+
+def api(home: Path, path: str, body: dict) -> tuple[int, dict]:  # type: ignore[type-arg]
+    c = Unix(home)
+    try:
+        c.request("POST", path, body=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[V]:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "2G")
+    serve = Serve(cli.home, env={"VIRTUA_JOB_LEASE": "3"})
+    try:
+        yield cli
+    finally:
+        serve.stop()
+
+
+def test_the_daemon_copies_only_the_file_the_client_opened(served: V, tmp_path: Path) -> None:
+    mine = tmp_path / "mine.raw"
+    mine.write_bytes(os.urandom(MIB))
+    other = tmp_path / "other.raw"
+    other.write_bytes(b"\x77" * MIB)
+    code, begin = api(served.home, "/v1/pools/p/imports", {"name": "i", "size": MIB, "format": "raw"})
+    assert code == 200, begin
+    st = os.stat(other)  # the client opened `other`, and names `mine`: the daemon refuses it
+    code, got = api(served.home, f"/v1/imports/{begin['job']}/file",
+                    {"path": str(mine), "device": st.st_dev, "inode": st.st_ino})
+    assert code == 200 and got["copied"] is False and "another file" in got["why"], got
+    code, got = api(served.home, f"/v1/imports/{begin['job']}/file",
+                    {"path": str(tmp_path / "nope"), "device": 1, "inode": 1})
+    assert got["copied"] is False and "cannot open" in got["why"], got
+    st = os.stat(mine)
+    code, got = api(served.home, f"/v1/imports/{begin['job']}/file",
+                    {"path": str(mine), "device": st.st_dev, "inode": st.st_ino})
+    assert got == {"copied": True, "bytes": MIB}, got
+    code, _ = api(served.home, f"/v1/imports/{begin['job']}/end", {})
+    assert code == 200
+    assert served.run("volume", "export", "p/i", "-").stdout == mine.read_bytes()
+
+
+def test_a_held_export_blocks_what_would_free_its_chunks_and_a_dead_client_releases_it(
+    served: V, tmp_path: Path,
+) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(os.urandom(2 * MIB))
+    served.run("volume", "import", str(img), "p/d")
+    code, begin = api(served.home, "/v1/pools/p/volumes/d/exports", {})
+    assert code == 200, begin
+    held = f"export-{begin['job']}"
+    assert [s["name"] for s in served.json("snapshot", "list", "p/d")] == [f"p/d@{held}"]
+    # while held: no removal, not even forced, of the volume or of the held snapshot
+    served.fails(8, "volume", "rm", "p/d", "--now", "--force", match="being exported")
+    served.fails(8, "snapshot", "rm", f"p/d@{held}", "--force", match="being exported")
+    # the volume itself stays writable (a guest's disk goes on): the export is of the snapshot
+    served.run("volume", "import", str(img), "p/other")
+    # the client never renews, never ends: its lease (3 s here) runs out, the daemon releases it
+    deadline = time.monotonic() + 30
+    while served.json("snapshot", "list", "p/d"):
+        assert time.monotonic() < deadline, "the held snapshot stayed"
+        time.sleep(0.5)
+    job = next(j for j in served.json("job", "list", "--all") if j["id"] == begin["job"])
+    assert job["state"] in ("failed", "interrupted", "undone"), job
+    served.run("volume", "rm", "p/d", "--now")
+    assert served.json("pool", "check", "p")["problems"] == []
