@@ -194,6 +194,12 @@ def test_the_daemon_copies_only_the_file_the_client_opened(served: V, tmp_path: 
     code, got = api(served.home, f"/v1/imports/{begin['job']}/file",
                     {"path": str(tmp_path / "nope"), "device": 1, "inode": 1})
     assert got["copied"] is False and "cannot open" in got["why"], got
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it would block the daemon until someone writes
+    st = os.stat(fifo)
+    code, got = api(served.home, f"/v1/imports/{begin['job']}/file",
+                    {"path": str(fifo), "device": st.st_dev, "inode": st.st_ino})
+    assert got["copied"] is False, got
     st = os.stat(mine)
     code, got = api(served.home, f"/v1/imports/{begin['job']}/file",
                     {"path": str(mine), "device": st.st_dev, "inode": st.st_ino})
@@ -225,5 +231,9 @@ def test_a_held_export_blocks_what_would_free_its_chunks_and_a_dead_client_relea
         time.sleep(0.5)
     job = next(j for j in served.json("job", "list", "--all") if j["id"] == begin["job"])
     assert job["state"] in ("failed", "interrupted", "undone"), job
+    # a client that wakes up now learns that its copy may hold freed chunks: the CLI
+    # then deletes what it wrote (virtua.cli.data._export_held)
+    code, _ = api(served.home, f"/v1/exports/{begin['job']}/end", {})
+    assert code != 200
     served.run("volume", "rm", "p/d", "--now")
     assert served.json("pool", "check", "p")["problems"] == []

@@ -166,7 +166,11 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        # a FIFO or a device is never opened (an open could block the loop, or act)
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode) or (before.st_dev, before.st_ino) != (device, inode):
+            return {"copied": False, "why": f"{path} is another file here than the client's"}
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
         return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
     st_ = os.fstat(fd)
