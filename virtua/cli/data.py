@@ -216,7 +216,9 @@ def _copy_file_in(client: Client, job: str, path: str, lock: threading.Lock) -> 
     return True
 
 
-def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False) -> dict[str, Any]:
+def export_image(
+    home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False, sync: bool = True,
+) -> dict[str, Any]:
     r = parse_ref(ref)
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
@@ -241,7 +243,7 @@ def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, forc
     try:
         via = "nbd"
         if tmp is not None:
-            err, via = _export_held(home, client, str(r), tmp, fmt, size)
+            err, via = _export_held(home, client, str(r), tmp, fmt, size, sync)
         else:
             with nbd_socket(home, client) as sock, progress_bar(f"export {ref}", size) as bar:
                 cmd = imageio.export_command(imageio.nbd_uri(sock, str(r)), "-", fmt)
@@ -254,8 +256,9 @@ def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, forc
             raise InvalidArgument(f"cannot export {ref} to {dest}: {_last_line(err)}")
         result: dict[str, Any] = {"name": str(r), "file": dest, "format": fmt, "size": size, "via": via}
         if tmp is not None:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            if sync:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
             os.replace(tmp, dest)
             tmp = None
             result["file_size"] = os.path.getsize(dest)
@@ -266,7 +269,9 @@ def export_image(home: Path, client: Client, ref: str, dest: str, fmt: str, forc
                 os.unlink(tmp)
 
 
-def _export_held(home: Path, client: Client, ref: str, dest: str, fmt: str, size: int) -> tuple[str, str]:
+def _export_held(
+    home: Path, client: Client, ref: str, dest: str, fmt: str, size: int, sync: bool = True,
+) -> tuple[str, str]:
     """Export to a file as a job that holds the image still (volume.export.begin: a
     volume through a snapshot of this moment). qemu-img reads the runs of the pool's
     data file itself (virtua.storage.filecopy) where it can, else the held image over
@@ -301,7 +306,7 @@ def _export_held(home: Path, client: Client, ref: str, dest: str, fmt: str, size
                 _enough_files(len(extents) + 64)
                 # in order (-W fragments a raw file on ext4), and past the page cache where
                 # the file system can: the fsync that makes the export durable is then free
-                cache = ["-t", "none"] if _direct_io(dest) else []
+                cache = ["-t", "none"] if sync and _direct_io(dest) else []
                 cmd = ["qemu-img", "convert", "-p", *cache, "-O", fmt,
                        *filecopy.concat_sources(str(begin["data_file"]), extents), dest]
                 err = imageio.run_copy(cmd, progress(bar))
