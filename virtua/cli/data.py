@@ -273,9 +273,9 @@ def _export_held(
     home: Path, client: Client, ref: str, dest: str, fmt: str, size: int, sync: bool = True,
 ) -> tuple[str, str]:
     """Export to a file as a job that holds the image still (volume.export.begin: a
-    volume through a snapshot of this moment). qemu-img reads the runs of the pool's
-    data file itself (virtua.storage.filecopy) where it can, else the held image over
-    NBD. Returns the copy's stderr on failure (else '') and which way it went (file, nbd)."""
+    volume through a snapshot of this moment). For qcow2, qemu-img reads the runs of the
+    pool's data file itself (virtua.storage.filecopy) where it can; raw, and the rest,
+    read the held image over NBD. Returns the copy's stderr on failure (else '') and which way it went (file, nbd)."""
     from virtua.storage import filecopy
 
     begin = client.call("volume.export.begin", ref=ref)
@@ -302,7 +302,9 @@ def _export_held(
     try:
         extents = begin["extents"]
         with progress_bar(f"export {ref}", size) as bar:
-            if len(extents) <= filecopy.MAX_SOURCES:
+            # raw: nbdcopy over NBD (of the held snapshot) beats qemu-img writing a raw
+            # file here (ext4: 0.96 s against 1.34 s a GiB, both durable)
+            if fmt == "qcow2" and len(extents) <= filecopy.MAX_SOURCES:
                 _enough_files(len(extents) + 64)
                 # in order (-W fragments a raw file on ext4), and past the page cache where
                 # the file system can: the fsync that makes the export durable is then free
