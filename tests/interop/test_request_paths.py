@@ -159,6 +159,16 @@ def test_import_of_a_host_file_outside_the_import_dir_is_refused(daemon: Daemon,
         link.unlink()
     refused(d.cli("template", "import", "leak", "missing.raw", "--kernel", "vmlinuz"), 3,
             "no such image in the import directory: missing.raw")
+    # an image inside the directory whose backing file is outside it: serve's qemu-img
+    # would read /etc/shadow into the template (its guests' disks)
+    overlay = d.import_dir / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", "-u", str(overlay), "1M"],
+                   check=True, capture_output=True)
+    try:
+        refused(d.cli("template", "import", "leak", "overlay.qcow2", "--kernel", "vmlinuz"), 2,
+                "refers to other file(s) (/etc/shadow)")
+    finally:
+        overlay.unlink()
     nothing_imported(d)
 
 

@@ -17,26 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from virtua.errors import InvalidArgument, NotFound, Unavailable
 from virtua.storage.device import BlockDevice
 
 Progress = Callable[[int], None]  # bytes done so far
 COPY_BLOCK = 4 << 20
-
-
-def image_format(path: str) -> str:
-    """'raw' or what qemu-img says ('qcow2', ...)."""
-    if path == "-" or not os.path.isfile(path):
-        return "raw"
-    if shutil.which("qemu-img") is None:
-        return "raw"
-    out = subprocess.run(
-        ["qemu-img", "info", "--output=json", path], capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        return "raw"
-    return str(json.loads(out.stdout).get("format", "raw"))
 
 
 @contextmanager
@@ -51,7 +38,7 @@ def raw_source(path: str) -> Iterator[str]:
                 _copy_sparse_stream(sys.stdin.buffer, f)
             yield dst
             return
-        fmt = image_format(path)
+        fmt = probe(path).format  # damaged, truncated or naming other host files: refused
         if fmt == "raw":
             yield path
             return
@@ -232,6 +219,13 @@ def probe(path: str) -> Image:
         raise InvalidArgument(f"{path}: {what}: {_first_line(r.stderr).removeprefix('qemu-img: ')}")
     info = json.loads(r.stdout)
     fmt = str(info.get("format", "raw"))
+    others = _other_files(info, path)
+    if others:
+        # qemu-img would read them into the volume: an image must not pull host files in
+        # (a backing file, a qcow2 data file, a VMDK extent naming /etc/shadow)
+        raise InvalidArgument(f"{path}: the {fmt} image refers to other file(s) ({', '.join(others[:3])}): "
+                              "only self-contained images are imported; make one with "
+                              f"`qemu-img convert -O qcow2 {path} NEW.qcow2` if you trust what it names")
     if fmt == "raw":
         return Image(path, "raw", file_size, file_size)
     r = subprocess.run(["qemu-img", "check", "--output=json", "-f", fmt, path], capture_output=True, text=True)
@@ -247,6 +241,30 @@ def probe(path: str) -> Image:
             why += f"; the file is truncated (it ends at {file_size} bytes, its tables reach past it)"
         raise InvalidArgument(f"{path}: damaged {fmt} image: qemu-img check found {why}")
     return Image(path, fmt, int(info["virtual-size"]), file_size)
+
+
+_FILE_KEYS = ("filename", "backing-filename", "full-backing-filename", "data-file", "backing_file")
+
+
+def _other_files(info: Any, path: str) -> list[str]:
+    """Every file name in qemu-img info's answer that is not the image itself."""
+    me = os.path.realpath(path)
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in _FILE_KEYS and isinstance(v, str):
+                    if k != "filename" or os.path.realpath(v) != me:
+                        found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(info)
+    return list(dict.fromkeys(found))
 
 
 def nbd_uri(socket_path: str, export: str) -> str:
