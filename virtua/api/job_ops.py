@@ -287,9 +287,7 @@ def export_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=20
 @op("volume.import.end")
 def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=2000)] | None = None) -> dict[str, Any]:
     """The client's copy ended: keep the volume, or (error, or a cancel) remove it."""
-    job = runner.live(id)
-    if job.record.op != "volume.import":
-        raise InvalidArgument(f"job {id} ({job.record.title}) is not an import")
+    job = _client_job(id, "volume.import", "an import")
     ref = str(job.record.args["ref"])
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
