@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +437,6 @@ def trash_purge(pool: str, all_: bool = typer.Option(False, "--all", help="also 
 
 # ---------------------------------------------------------------------- entry point
 
-EXTRA_COMMANDS: list[Callable[[typer.Typer], None]] = []
 JSON_HELP = "--json (anywhere on the line): print the result as JSON, sizes in bytes."
 
 
@@ -453,6 +451,42 @@ def _polish(cmd: Any, root: bool = False) -> Any:
     return cmd
 
 
+_GLOBAL_VALUED = ("--home", "--api", "--cert", "--token-file", "--ca")
+
+
+def _command_named(args: list[str]) -> str | None:
+    """The command or group the line names, if it is sure to need no other: building
+    typer's whole tree of ~70 commands costs every invocation tens of milliseconds."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("-"):
+            return a
+        if a in _GLOBAL_VALUED:
+            i += 2
+        elif a.split("=", 1)[0] in _GLOBAL_VALUED:
+            i += 1
+        else:  # --help, --version, completion, or a mistake: the root with everything
+            return None
+    return None
+
+
+def _tree(args: list[str]) -> Any:
+    """The click command for this line: only the group or command it names (the same
+    command as in the whole tree), or the whole tree when the root itself must answer."""
+    name = _command_named(args)
+    groups = [g for g in app.registered_groups if g.name == name]
+    commands = [c for c in app.registered_commands if (c.name or c.callback.__name__.replace("_", "-")) == name]
+    if name is None or not (groups or commands):
+        return typer.main.get_command(app)
+    whole = app.registered_groups, app.registered_commands
+    app.registered_groups, app.registered_commands = groups, commands
+    try:
+        return typer.main.get_command(app)
+    finally:
+        app.registered_groups, app.registered_commands = whole
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--json" in args:  # accepted anywhere, for every command
@@ -461,9 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     from virtua.cli import cluster, daemon  # noqa: F401  (register their commands)
     try:
         # without standalone mode click returns a typer.Exit's code instead of exiting
-        code = _polish(typer.main.get_command(app), root=True).main(
-            args=args, prog_name="virtua", standalone_mode=False
-        )
+        code = _polish(_tree(args), root=True).main(args=args, prog_name="virtua", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except VirtuaError as e:

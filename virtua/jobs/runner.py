@@ -22,6 +22,7 @@ from virtua.jobs.record import ENDED, JobRecord, JobStore, Owner, StepRecord, ne
 
 log = logging.getLogger("virtua.jobs")
 PROGRESS_EVERY = 0.25  # seconds between progress writes
+CANCEL_POLL = 0.1  # seconds between looks at the journal for a cancel from another process
 # a client-driven job whose client stops renewing this long is recovered
 LEASE = float(os.environ.get("VIRTUA_JOB_LEASE", "15"))
 
@@ -34,6 +35,7 @@ class Job:
         self.record = record
         self.cancel_requested = False
         self._progress_written = 0.0
+        self._cancel_polled = 0.0
         self._step = 0
 
     @property
@@ -115,7 +117,7 @@ class Job:
         if done:
             _failpoint(f"{self.record.op}:{self._step}:progress")  # in the middle of the step's work
         if cancellable:
-            self.check_cancel()
+            self.check_cancel(every=CANCEL_POLL)
         p = self.record.progress
         p.done = done
         if total is not None:
@@ -127,9 +129,15 @@ class Job:
             self._progress_written = now
             self.store.put(self.record, durable=False)
 
-    def check_cancel(self) -> None:
-        if not self.cancel_requested and self.store.cancel_requested(self.id):  # from any process
-            self.cancel_requested = self.record.cancel_requested = True
+    def check_cancel(self, *, every: float = 0.0) -> None:
+        """Raise Cancelled if the job is to stop. A cancel in this process sets the flag at
+        once; one from another reaches the journal, looked at no more often than every
+        seconds (progress reports come per slice of a copy)."""
+        now = time.monotonic()
+        if not self.cancel_requested and now - self._cancel_polled >= every:
+            self._cancel_polled = now
+            if self.store.cancel_requested(self.id):
+                self.cancel_requested = self.record.cancel_requested = True
         if self.cancel_requested:
             raise Cancelled(f"job {self.id} ({self.record.title}) was cancelled; its finished steps are undone")
 
