@@ -476,7 +476,8 @@ def _tree(args: list[str]) -> Any:
     command as in the whole tree), or the whole tree when the root itself must answer."""
     name = _command_named(args)
     groups = [g for g in app.registered_groups if g.name == name]
-    commands = [c for c in app.registered_commands if (c.name or c.callback.__name__.replace("_", "-")) == name]
+    commands = [c for c in app.registered_commands
+                if (c.name or getattr(c.callback, "__name__", "").replace("_", "-")) == name]
     if name is None or not (groups or commands):
         return typer.main.get_command(app)
     whole = app.registered_groups, app.registered_commands
