@@ -226,7 +226,7 @@ def data_extents(dev: SnapshotDevice, data_size: int) -> list[list[int]]:
         out.append([off, n, pos])
 
     chunks = (size + (1 << sh) - 1) >> sh
-    for start, count, v in m.runs(0, chunks):
+    for start, count, v in m.linear_runs(0, chunks):  # a v > 0 run: chunks v, v+1, ...
         off = start << sh
         n = min(count << sh, size - off)
         if v <= 0:
