@@ -72,28 +72,15 @@ class BlockMap:
 
     def runs(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
         """(start chunk, count, value) runs covering chunks first..last-1; holes in bulk."""
-        c = first
-        segs = self.segs
-        while c < last:
-            si = c >> SEG_SHIFT
-            seg_end = min((si + 1) << SEG_SHIFT, last)
-            seg = segs.get(si)
-            if seg is None:
-                yield c, seg_end - c, HOLE_V
-                c = seg_end
-                continue
-            while c < seg_end:
-                v = seg[c & SEG_MASK]
-                s = c
-                c += 1
-                while c < seg_end and seg[c & SEG_MASK] == v:
-                    c += 1
-                yield s, c - s, v
+        return self._runs(first, last, 0)
 
     def linear_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
         """Like runs(), but a run of value v > 0 maps its chunks to v, v+1, v+2, ...: data
         laid out in one piece (an import, a sequential write) comes out as one run per
         16-entry segment at most, looked at a segment at a time."""
+        return self._runs(first, last, 1)
+
+    def _runs(self, first: int, last: int, step: int) -> Iterator[tuple[int, int, int]]:
         c = first
         segs = self.segs
         while c < last:
@@ -105,7 +92,7 @@ class BlockMap:
                 c = seg_end
                 continue
             v0 = seg[c & SEG_MASK]
-            if v0 > 0 and seg_end - c == SEG and seg == array("i", range(v0, v0 + SEG)):
+            if step and v0 > 0 and seg_end - c == SEG and seg == array("i", range(v0, v0 + SEG)):
                 yield c, SEG, v0
                 c = seg_end
                 continue
@@ -113,8 +100,8 @@ class BlockMap:
                 v = seg[c & SEG_MASK]
                 s = c
                 c += 1
-                step = 1 if v > 0 else 0
-                while c < seg_end and seg[c & SEG_MASK] == v + step * (c - s):
+                k = step if v > 0 else 0
+                while c < seg_end and seg[c & SEG_MASK] == v + k * (c - s):
                     c += 1
                 yield s, c - s, v
 
