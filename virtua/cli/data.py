@@ -138,48 +138,39 @@ def _into_new_volume(
     job = str(client.call("volume.import.begin", ref=ref, size=size, format=fmt, source=source)["job"])
     lock = threading.Lock()  # one call at a time on the client
     done: list[int | None] = [0]  # None: the daemon copies, and says how far it is
-    stop = threading.Event()
     cancel = threading.Event()
     bar_of_daemon: list[Callable[[float], None]] = [lambda percent: None]
 
-    def renew() -> None:
-        while not stop.wait(RENEW_EVERY):
-            with contextlib.suppress(VirtuaError), lock:
-                answer = client.call("job.renew", id=job, done=done[0])
-                if answer.get("cancel"):
-                    cancel.set()
-                if done[0] is None and size:
-                    bar_of_daemon[0](100 * int(answer.get("done") or 0) / size)
+    def answered(answer: dict[str, Any]) -> None:
+        if answer.get("cancel"):
+            cancel.set()
+        if done[0] is None and size:
+            bar_of_daemon[0](100 * int(answer.get("done") or 0) / size)
 
     def progress(percent: float) -> None:
         done[0] = int(size * percent / 100)
         if cancel.is_set():
             raise Cancelled(f"job {job} was cancelled; {ref} is removed")
 
-    renewer = threading.Thread(target=renew, name="virtua-import-renew", daemon=True)
-    renewer.start()
     try:
-        copied = False
-        if local_file is not None:
-            done[0] = None
-            with progress_bar(f"import {ref}", size) as bar:
-                bar_of_daemon[0] = bar
-                copied = _copy_file_in(client, job, local_file, lock)
-                bar_of_daemon[0] = lambda percent: None
-            done[0] = 0
-        if not copied:
-            with nbd_socket(home, client) as sock:
-                err = copy(imageio.nbd_uri(sock, str(r)), progress)
-            if err:
-                raise failed(err, r.pool)
+        with _renewing(client, job, lock, done, answered):
+            copied = False
+            if local_file is not None:
+                done[0] = None
+                with progress_bar(f"import {ref}", size) as bar:
+                    bar_of_daemon[0] = bar
+                    copied = _copy_file_in(client, job, local_file, lock)
+                    bar_of_daemon[0] = lambda percent: None
+                done[0] = 0
+            if not copied:
+                with nbd_socket(home, client) as sock:
+                    err = copy(imageio.nbd_uri(sock, str(r)), progress)
+                if err:
+                    raise failed(err, r.pool)
     except BaseException as e:
-        stop.set()
-        renewer.join()
         with contextlib.suppress(VirtuaError), lock:
             client.call("volume.import.end", id=job, error=e.message if isinstance(e, VirtuaError) else repr(e))
         raise
-    stop.set()
-    renewer.join()
     with lock:
         info: dict[str, Any] = client.call("volume.import.end", id=job)
     info["written"] = info["allocated"]
@@ -190,6 +181,30 @@ def _into_new_volume(
 
 
 RENEW_EVERY = 1.0
+
+
+@contextlib.contextmanager
+def _renewing(
+    client: Client, job: str, lock: threading.Lock, done: list[int | None],
+    answered: Callable[[dict[str, Any]], None] = lambda answer: None,
+) -> Iterator[None]:
+    """While the block runs, a thread renews a client-driven job every RENEW_EVERY with
+    how far it is (done[0]): its lease must not run out under a copy that is still going,
+    and must run out soon when this process dies. answered() sees each reply."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(RENEW_EVERY):
+            with contextlib.suppress(VirtuaError), lock:
+                answered(client.call("job.renew", id=job, done=done[0]))
+
+    renewer = threading.Thread(target=renew, name=f"virtua-renew-{job}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def _copy_file_in(client: Client, job: str, path: str, lock: threading.Lock) -> bool:
@@ -282,13 +297,7 @@ def _export_held(
     job = str(begin["job"])
     held = ref if "@" in ref else f"{ref}@export-{job}"
     lock = threading.Lock()
-    done = [0]
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(RENEW_EVERY):
-            with contextlib.suppress(VirtuaError), lock:
-                client.call("job.renew", id=job, done=done[0])
+    done: list[int | None] = [0]
 
     def progress(bar: Callable[[float], None]) -> Callable[[float], None]:
         def both(percent: float) -> None:
@@ -296,35 +305,32 @@ def _export_held(
             done[0] = int(size * percent / 100)
         return both
 
-    renewer = threading.Thread(target=renew, name="virtua-export-renew", daemon=True)
-    renewer.start()
     err = ""
     try:
-        extents = begin["extents"]
-        with progress_bar(f"export {ref}", size) as bar:
-            # raw: nbdcopy over NBD (of the held snapshot) beats qemu-img writing a raw
-            # file here (ext4: 0.96 s against 1.34 s a GiB, both durable)
-            if fmt == "qcow2" and len(extents) <= filecopy.MAX_SOURCES:
-                _enough_files(len(extents) + 64)
-                # in order (-W fragments a raw file on ext4), and past the page cache where
-                # the file system can: the fsync that makes the export durable is then free
-                cache = ["-t", "none"] if sync and _direct_io(dest) else []
-                cmd = ["qemu-img", "convert", "-p", *cache, "-O", fmt,
-                       *filecopy.concat_sources(str(begin["data_file"]), extents), dest]
-                err = imageio.run_copy(cmd, progress(bar))
-                if err and "Could not open" in err:  # the pool's data file is not ours to read
-                    logging.getLogger("virtua.cli").info("export over NBD: %s", _last_line(err))
-                    with contextlib.suppress(OSError):
-                        os.truncate(dest, 0)
-                else:
-                    return err, "file"
-            with nbd_socket(home, client) as sock:
-                cmd = imageio.export_command(imageio.nbd_uri(sock, held), dest, fmt)
-                err = imageio.run_copy(cmd, progress(bar))
-        return err, "nbd"
+        with _renewing(client, job, lock, done):
+            extents = begin["extents"]
+            with progress_bar(f"export {ref}", size) as bar:
+                # raw: nbdcopy over NBD (of the held snapshot) beats qemu-img writing a raw
+                # file here (ext4: 0.96 s against 1.34 s a GiB, both durable)
+                if fmt == "qcow2" and len(extents) <= filecopy.MAX_SOURCES:
+                    _enough_files(len(extents) + 64)
+                    # in order (-W fragments a raw file on ext4), and past the page cache where
+                    # the file system can: the fsync that makes the export durable is then free
+                    cache = ["-t", "none"] if sync and _direct_io(dest) else []
+                    cmd = ["qemu-img", "convert", "-p", *cache, "-O", fmt,
+                           *filecopy.concat_sources(str(begin["data_file"]), extents), dest]
+                    err = imageio.run_copy(cmd, progress(bar))
+                    if err and "Could not open" in err:  # the pool's data file is not ours to read
+                        logging.getLogger("virtua.cli").info("export over NBD: %s", _last_line(err))
+                        with contextlib.suppress(OSError):
+                            os.truncate(dest, 0)
+                    else:
+                        return err, "file"
+                with nbd_socket(home, client) as sock:
+                    cmd = imageio.export_command(imageio.nbd_uri(sock, held), dest, fmt)
+                    err = imageio.run_copy(cmd, progress(bar))
+            return err, "nbd"
     finally:
-        stop.set()
-        renewer.join()
         with lock:
             if err:
                 with contextlib.suppress(VirtuaError):
