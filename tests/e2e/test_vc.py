@@ -110,6 +110,8 @@ def test_vc_of_three_nodes_on_three_hosts(cluster: NetCluster, tmp_path: Path) -
     assert after >= before, f"counter restarted: {before} -> {after}"
     time.sleep(1)
     assert counter(c, "lab/lab-1") > after, "the counter keeps running after resume"
+    done = {(j["op"], j["args"].get("name"), j["state"]) for j in c.json("job", "list", "--all")}
+    assert {("vc.suspend", "lab", "done"), ("vc.resume", "lab", "done")} <= done, done
 
     # each clone holds its own hostname; the template is unchanged
     c.json("vc", "stop", "lab")
@@ -457,6 +459,19 @@ def test_bad_input(cluster: NetCluster) -> None:
     assert job["progress"] == {"done": 1, "total": 1, "unit": "VMs"}, job["progress"]
     assert [n["state"] for n in c.json("vc", "info", "dup")["nodes"]] == ["running"]
     fails(5, "vc", "destroy", "dup", match="running.*--force")
+    # stop, suspend and resume are jobs too; what refuses them does so before one is recorded
+    fails(3, "vc", "stop", "nope", match="does not exist")
+    fails(2, "vc", "resume", "dup", match="not suspended")
+    began = c.json("vc", "stop", "dup", "--no-wait")
+    while (job := c.json("job", "show", began["job"]))["state"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "done" and job["op"] == "vc.stop", job
+    assert job["progress"] == {"done": 1, "total": 1, "unit": "VMs"}, job["progress"]
+    assert [n["state"] for n in c.json("vc", "info", "dup")["nodes"]] == ["stopped"]
+    fails(2, "vc", "suspend", "dup", match="no running node")
+    ops = [j["op"] for j in c.json("job", "list", "--all") if j["args"].get("name") == "dup"]
+    assert "vc.stop" in ops and "vc.suspend" not in ops and "vc.resume" not in ops, ops
     c.json("vc", "destroy", "dup", "--force")
     assert c.json("vc", "list") == []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -212,44 +212,62 @@ def vc_call(op: str, **args: object) -> None:
         render.emit(result, False)
 
 
-@vc_app.command("start")
-def vc_start(
-    name: str,
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job to its end (else print its ID)"),
-) -> None:
-    """Boot every node (waits until each is up). A recorded job (`virtua job list`)."""
+WAIT_HELP = "follow the job to its end (else print its ID)"
+
+
+def _vc_job(op: str, name: str, wait: bool, **args: Any) -> None:
+    """Start a VC-wide job (a recorded job: `virtua job list`) and follow it to its end."""
     client = State.client()
-    began = client.call("vc.start", name=name, wait=False)
+    began = client.call(f"vc.{op}", name=name, wait=False, **args)
     if not wait:
         render.emit(began, State.json)
         return
     from virtua.cli.follow import follow
 
-    follow(client, began["job"], f"vc start {name}", name_job=False)
+    follow(client, began["job"], f"vc {op} {name}", name_job=False)
     vc_call("vc.info", name=name)
 
 
-for _op in ("suspend", "resume", "reset", "info"):
+@vc_app.command("start")
+def vc_start(name: str, wait: bool = typer.Option(True, "--wait/--no-wait", help=WAIT_HELP)) -> None:
+    """Boot every node (waits until each is up). A recorded job (`virtua job list`)."""
+    _vc_job("start", name, wait)
+
+
+@vc_app.command("stop")
+def vc_stop(
+    name: str,
+    force: bool = typer.Option(False, "--force", help="kill instead of powering off"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help=WAIT_HELP),
+) -> None:
+    """Power off every node, wherever it runs. A recorded job."""
+    _vc_job("stop", name, wait, force=force)
+
+
+@vc_app.command("suspend")
+def vc_suspend(name: str, wait: bool = typer.Option(True, "--wait/--no-wait", help=WAIT_HELP)) -> None:
+    """Save every node's memory state and stop it; resume continues where it stopped. A recorded job."""
+    _vc_job("suspend", name, wait)
+
+
+@vc_app.command("resume")
+def vc_resume(name: str, wait: bool = typer.Option(True, "--wait/--no-wait", help=WAIT_HELP)) -> None:
+    """Resume a suspended VC (on the hosts its mapping names now). A recorded job."""
+    _vc_job("resume", name, wait)
+
+
+for _op in ("reset", "info"):
     def _make(op: str) -> None:
         def cmd(name: str) -> None:
             vc_call(f"vc.{op}", name=name)
 
         cmd.__doc__ = {
-            "suspend": "Save every node's memory state and stop it; resume continues where it stopped.",
-            "resume": "Resume a suspended VC (on the hosts its mapping names now).",
             "reset": "Every node disk back to the template snapshot (VC must be stopped).",
             "info": "Nodes, host of each, state, address, disk unique/shared.",
         }[op]
         vc_app.command(op)(cmd)
 
     _make(_op)
-
-
-
-@vc_app.command("stop")
-def vc_stop(name: str, force: bool = typer.Option(False, "--force", help="kill instead of powering off")) -> None:
-    """Power off every node."""
-    vc_call("vc.stop", name=name, force=force)
 
 
 @vc_app.command("destroy")

@@ -1109,13 +1109,21 @@ class Manager:
         self._put_vm(vm)
 
     async def vc_start(self, name: str, wait: bool = True) -> dict[str, Any]:
-        """A recorded job of one step, its progress the nodes up; wait=False returns
-        {"job": ID} once it is recorded (the CLI follows it), else the VC's info. Nothing to
-        undo: a node that did not start is recorded failed, the VC degraded."""
+        """Boot every node. Nothing to undo: a node that did not start is recorded failed,
+        the VC degraded."""
         self._check_startable(name)  # before a job: what would refuse it at once
-        plan = Plan(f"vc start {name}")
-        plan.add(f"start the nodes of {name}", lambda: self._start_vc(name, job))
-        job = runner.start(self.storage.jobs, "vc.start", {"name": name}, plan, unit="VMs")
+        return await self._vc_job("vc.start", name, "start", lambda job: self._start_vc(name, job), wait)
+
+    async def _vc_job(
+        self, op: str, name: str, verb: str, work: Callable[[runner.Job], Awaitable[None]], wait: bool,
+        args: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A VC-wide operation as a recorded job of one step, its progress the nodes done;
+        wait=False returns {"job": ID} once it is recorded (the CLI follows it), else the
+        VC's info. work(job) takes the VC's lock itself and checks again under it."""
+        plan = Plan(f"vc {verb} {name}")
+        plan.add(f"{verb} the nodes of {name}", lambda: work(job))
+        job = runner.start(self.storage.jobs, op, {"name": name, **(args or {})}, plan, unit="VMs")
 
         async def run() -> dict[str, Any]:
             await plan.run(job)
@@ -1131,6 +1139,22 @@ class Manager:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded in the job
         return {"job": job.id, "name": name}
 
+    async def _each_counted(
+        self, vms: list[VMRecord], fn: Callable[[VMRecord], Awaitable[None]], job: runner.Job | None,
+    ) -> list[str]:
+        """_each, with the job's progress the VMs done (a node done stays done: not cancellable)."""
+        done = [0]
+
+        async def one(v: VMRecord) -> None:
+            await fn(v)
+            done[0] += 1
+            if job is not None:
+                job.progress(done[0], len(vms), cancellable=False)
+
+        if job is not None:
+            job.progress(0, len(vms), cancellable=False)
+        return await self._each(vms, one)
+
     def _check_startable(self, name: str) -> None:
         self.vc(name)
         if any(v.state == "suspended" for v in self.vc_vms(name)):
@@ -1141,17 +1165,7 @@ class Manager:
             self._check_startable(name)
             vc = self.vc(name)
             vms = [v for v in self.vc_vms(name) if v.state in ("stopped", "defined", "failed")]
-            up = [0]
-
-            async def start(v: VMRecord) -> None:
-                await self._start_vm(vc, v)
-                up[0] += 1
-                if job is not None:
-                    job.progress(up[0], len(vms), cancellable=False)  # a started node stays started
-
-            if job is not None:
-                job.progress(0, len(vms), cancellable=False)
-            errors = await self._each(vms, start)
+            errors = await self._each_counted(vms, lambda v: self._start_vm(vc, v), job)
             vc.state = "running" if not errors else "degraded"
             self._put_vc(vc)
             if errors:
@@ -1168,23 +1182,33 @@ class Manager:
         vm.error = None  # stopped on purpose: not a fenced VM to start again (_restart_fenced)
         self._put_vm(vm)
 
-    async def vc_stop(self, name: str, force: bool = False) -> dict[str, Any]:
+    def _check_stoppable(self, name: str, force: bool) -> list[VMRecord]:
+        self.vc(name)
+        vms = self.vc_vms(name)
+        if any(v.state == "suspended" for v in vms) and not force:
+            raise InvalidArgument(f"VC {name} is suspended: resume it first, or stop --force to drop the saved state")
+        return vms
+
+    async def vc_stop(self, name: str, force: bool = False, wait: bool = True) -> dict[str, Any]:
+        """Power off (force: kill) every node, wherever it runs."""
+        self._check_stoppable(name, force)
+        return await self._vc_job("vc.stop", name, "stop", lambda job: self._stop_vc(name, force, job), wait,
+                                  {"force": force})
+
+    async def _stop_vc(self, name: str, force: bool, job: runner.Job | None = None) -> None:
         async with self.lock(f"vc/{name}"):
+            vms = self._check_stoppable(name, force)
             vc = self.vc(name)
-            vms = self.vc_vms(name)
-            if any(v.state == "suspended" for v in vms) and not force:
-                raise InvalidArgument(f"VC {name} is suspended: resume it first, or stop --force to drop the saved state")
             for v in vms:
                 if v.state == "suspended":
                     self._drop_state(v)
                     v.state = "stopped"
                     self._put_vm(v)
-            errors = await self._each(vms, lambda v: self._stop_vm(v, force))
+            errors = await self._each_counted(vms, lambda v: self._stop_vm(v, force), job)
             vc.state = "stopped" if not errors else "degraded"
             self._put_vc(vc)
             if errors:
                 raise Unavailable(f"VC {name}: " + "; ".join(errors))
-        return self.vc_info(name)
 
     def _state_path(self, vm: VMRecord) -> Path:
         return self.states_dir / vm.vc / f"{vm.name}.state"
@@ -1209,18 +1233,27 @@ class Manager:
         vm.suspended_state = str(self._state_path(vm))
         self._put_vm(vm)
 
-    async def vc_suspend(self, name: str) -> dict[str, Any]:
+    def _check_suspendable(self, name: str) -> list[VMRecord]:
+        self.vc(name)
+        vms = self.vc_vms(name)
+        if not any(v.state == "running" for v in vms):
+            raise InvalidArgument(f"VC {name} has no running node to suspend")
+        return vms
+
+    async def vc_suspend(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Save every running node's memory state and stop it."""
+        self._check_suspendable(name)
+        return await self._vc_job("vc.suspend", name, "suspend", lambda job: self._suspend_vc(name, job), wait)
+
+    async def _suspend_vc(self, name: str, job: runner.Job | None = None) -> None:
         async with self.lock(f"vc/{name}"):
+            vms = self._check_suspendable(name)
             vc = self.vc(name)
-            vms = self.vc_vms(name)
-            if not any(v.state == "running" for v in vms):
-                raise InvalidArgument(f"VC {name} has no running node to suspend")
-            errors = await self._each(vms, self._suspend_vm)
+            errors = await self._each_counted(vms, self._suspend_vm, job)
             vc.state = "suspended" if not errors else "degraded"
             self._put_vc(vc)
             if errors:
                 raise Unavailable(f"VC {name}: " + "; ".join(errors))
-        return self.vc_info(name)
 
     async def _resume_vm(self, vc: VCRecord, vm: VMRecord) -> None:
         if vm.state != "suspended":
@@ -1239,18 +1272,27 @@ class Manager:
         vm.state, vm.accel = _started(r, vm, vm.accel)
         self._put_vm(vm)
 
-    async def vc_resume(self, name: str) -> dict[str, Any]:
+    def _check_resumable(self, name: str) -> list[VMRecord]:
+        self.vc(name)
+        vms = self.vc_vms(name)
+        if not any(v.state == "suspended" for v in vms):
+            raise InvalidArgument(f"VC {name} is not suspended")
+        return vms
+
+    async def vc_resume(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Resume every suspended node, on the host its mapping names now."""
+        self._check_resumable(name)
+        return await self._vc_job("vc.resume", name, "resume", lambda job: self._resume_vc(name, job), wait)
+
+    async def _resume_vc(self, name: str, job: runner.Job | None = None) -> None:
         async with self.lock(f"vc/{name}"):
+            vms = self._check_resumable(name)
             vc = self.vc(name)
-            vms = self.vc_vms(name)
-            if not any(v.state == "suspended" for v in vms):
-                raise InvalidArgument(f"VC {name} is not suspended")
-            errors = await self._each(vms, lambda v: self._resume_vm(vc, v))
+            errors = await self._each_counted(vms, lambda v: self._resume_vm(vc, v), job)
             vc.state = "running" if not errors else "degraded"
             self._put_vc(vc)
             if errors:
                 raise Unavailable(f"VC {name}: " + "; ".join(errors))
-        return self.vc_info(name)
 
     async def vc_remap(self, name: str, strategy: str | None = None, mode: str | None = None) -> dict[str, Any]:
         async with self.lock(f"vc/{name}"):
