@@ -156,12 +156,17 @@ def _client_job(id: str, op_name: str, what: str) -> runner.Job:
 
 @op("volume.import.file")
 def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1, max_length=4096)],
-                device: int, inode: int) -> Any:
+                device: int, inode: int, caller_is_local: bool = False) -> Any:
     """Copy a file on this machine into the import job's volume without NBD (see
     virtua.storage.filecopy); `device` and `inode` are what the client's own open of
     `path` found, so the daemon copies the file the client may read and no other.
-    {"copied": false, "why": ...} when it cannot (then the client copies over NBD)."""
+    {"copied": false, "why": ...} when it cannot (then the client copies over NBD).
+    Only for a caller on this machine as root (the unix socket; caller_is_local comes
+    from the transport): the daemon opens the path as root, and stat(2) tells anyone a
+    file's device and inode, so a TCP caller (even with the admin certificate) names none."""
     job = _client_job(id, "volume.import", "an import")
+    if not caller_is_local:
+        return {"copied": False, "why": "the daemon copies files only for a caller on its unix socket"}
     ref, fmt, size = str(job.record.args["ref"]), str(job.record.args["format"]), int(job.record.args["size"])
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
