@@ -8,12 +8,14 @@ the export ends, fails or its client dies."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.cli_support import Serve, V
+from virtua.cli.client import LocalClient
+from virtua.errors import VirtuaError
 
 pytestmark = pytest.mark.interop
 
@@ -257,3 +261,64 @@ def test_a_held_export_blocks_what_would_free_its_chunks_and_a_dead_client_relea
     assert code != 200
     served.run("volume", "rm", "p/d", "--now")
     assert served.json("pool", "check", "p")["problems"] == []
+
+
+def test_the_daemon_never_opens_what_the_path_becomes_after_its_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user who owns the image's directory swaps the name (a symlink) between the
+    daemon's look at the path and its open. Whatever the fstat after the open says, the
+    open itself must not reach a FIFO or a device (as root: opening /dev/watchdog arms
+    it); here a FIFO, whose open would wake the writer waiting on it."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(MIB))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(img)
+    st = os.stat(img)
+    woke = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # until someone opens it for reading
+        woke.set()
+        os.close(fd)
+
+    waiting = threading.Thread(target=writer, daemon=True)
+    waiting.start()
+    swapped: list[str] = []
+
+    def then_swap(fn):  # type: ignore[no-untyped-def]
+        def call(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = fn(path, *args, **kwargs)
+            if not swapped and isinstance(path, str | Path) and os.fspath(path) == str(link):
+                swapped.append(fn.__name__)  # the daemon's first look at the name: now it is the FIFO
+                (tmp_path / "new").symlink_to(fifo)
+                os.replace(tmp_path / "new", link)
+            return out
+        return call
+
+    client = LocalClient(cli.home)
+    try:
+        job = client.call("volume.import.begin", ref="p/x", size=MIB)["job"]
+        with monkeypatch.context() as m:
+            m.setattr(os, "stat", then_swap(os.stat))
+            m.setattr(os, "open", then_swap(os.open))
+            got = client.call("volume.import.file", id=job, path=str(link), device=st.st_dev, inode=st.st_ino)
+        assert swapped, "control: the name was swapped"
+        opened = woke.wait(0.5)
+        if got.get("copied"):
+            client.call("volume.import.end", id=job)
+        else:
+            with contextlib.suppress(VirtuaError):
+                client.call("volume.import.end", id=job, error="refused")
+    finally:
+        if not woke.is_set():
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        waiting.join(5)
+        client.close()
+    assert not opened, "the daemon opened the FIFO the name had become"
+    assert got == {"copied": True, "bytes": MIB}, got  # the file it looked at, the client's
+    assert cli.run("volume", "export", "p/x", "-").stdout == img.read_bytes()

@@ -171,17 +171,22 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     try:
-        # a FIFO or a device is never opened (an open could block the loop, or act)
-        before = os.stat(path)
-        if not stat.S_ISREG(before.st_mode) or (before.st_dev, before.st_ino) != (device, inode):
-            return {"copied": False, "why": f"{path} is another file here than the client's"}
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        # A FIFO or a device is never opened (an open could block the loop, or act: a
+        # watchdog arms). The name is resolved once, to an O_PATH descriptor (which opens
+        # nothing); only the regular file the client opened is then opened, through it,
+        # so a name swapped after the check cannot lead the open elsewhere.
+        where = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
         return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
-    st_ = os.fstat(fd)
-    if (st_.st_dev, st_.st_ino) != (device, inode) or not stat.S_ISREG(st_.st_mode):
-        os.close(fd)
-        return {"copied": False, "why": f"{path} is another file here than the client's"}
+    try:
+        st_ = os.fstat(where)
+        if not stat.S_ISREG(st_.st_mode) or (st_.st_dev, st_.st_ino) != (device, inode):
+            return {"copied": False, "why": f"{path} is another file here than the client's"}
+        fd = os.open(f"/proc/self/fd/{where}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
+    finally:
+        os.close(where)
     dev = VolumeDevice(pool, pool.volume(r.volume))
 
     def progress(done: int) -> None:
