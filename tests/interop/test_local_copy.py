@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -322,3 +323,87 @@ def test_the_daemon_never_opens_what_the_path_becomes_after_its_check(
     assert not opened, "the daemon opened the FIFO the name had become"
     assert got == {"copied": True, "bytes": MIB}, got  # the file it looked at, the client's
     assert cli.run("volume", "export", "p/x", "-").stdout == img.read_bytes()
+
+
+# ---------------------------------------------------------------------- serve killed (SIGKILL)
+
+
+def data_filled(tmp: Path) -> Path:
+    """256 MiB with a MiB of data every 2 MiB: 16 slices of the daemon's copy, half holes."""
+    img = tmp / "big.raw"
+    block = os.urandom(MIB)
+    with open(img, "wb") as f:
+        for i in range(128):
+            f.seek(2 * i * MIB)
+            f.write(block[i:] + block[:i])
+        f.truncate(256 * MIB)
+    return img
+
+
+def killed(serve: Serve) -> None:
+    assert serve.proc.wait(30) == -9, "control: serve was killed (SIGKILL), not stopped"
+    for pipe in (serve.proc.stdout, serve.proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def test_serve_killed_in_the_middle_of_a_file_import_undoes_it_at_its_next_start(tmp_path: Path) -> None:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "2G")
+    img = data_filled(tmp_path)
+    # SIGKILL at the copy's first progress past zero: a slice copied, the next ones planned or in flight
+    serve = Serve(cli.home, env={"VIRTUA_JOB_CRASH": "volume.import:1:progress"})
+    r = cli.run("volume", "import", str(img), "p/half", ok=False)
+    killed(serve)
+    assert r.returncode != 0 and b"not answering" in r.stderr, r.stderr
+    # control, without a CLI (it would recover the job): the copy was under way, part done
+    db = sqlite3.connect(f"file:{cli.home / 'jobs.db'}?mode=ro", uri=True)
+    try:
+        (row,) = db.execute("SELECT record FROM jobs WHERE state = 'running'").fetchall()
+    finally:
+        db.close()
+    assert [s["state"] for s in json.loads(row[0])["steps"]] == ["done", "running"]
+    assert 0 < os.stat(cli.home / "pools" / "p" / "data").st_blocks * 512 < 128 * MIB
+    serve = Serve(cli.home)  # its start undoes the killed serve's job, before any client sees the pool
+    try:
+        assert cli.json("volume", "list") == [], "no half-imported volume"
+        job = next(j for j in cli.json("job", "list", "--all") if j["op"] == "volume.import")
+        assert job["state"] == "undone" and "interrupted" in job["error"], job
+        assert [s["state"] for s in job["steps"]] == ["undone", "undone"], job
+        check = cli.json("pool", "check", "p")
+        assert check["problems"] == [] and cli.json("pool", "info", "p")["used"] == 0, check
+        got = cli.json("volume", "import", str(img), "p/half")  # the name is free; a whole copy is whole
+        assert got["via"] == "file" and got["allocated"] == 128 * MIB
+        assert sha(cli.run("volume", "export", "p/half", "-").stdout) == sha(img.read_bytes())
+    finally:
+        serve.stop()
+
+
+def test_serve_killed_while_an_export_is_held_releases_it_at_its_next_start(tmp_path: Path) -> None:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "2G")
+    serve = Serve(cli.home)
+    img = data_filled(tmp_path)
+    assert cli.json("volume", "import", str(img), "p/d")["via"] == "file"
+    code, begin = api(cli.home, "/v1/pools/p/volumes/d/exports", {})  # a reader holds it: the copy is under way
+    assert code == 200, begin
+    held = cli.json("job", "list")
+    assert [(j["id"], j["op"], j["state"]) for j in held] == [(begin["job"], "volume.export", "running")], held
+    assert [s["name"] for s in cli.json("snapshot", "list", "p/d")] == [f"p/d@export-{begin['job']}"]
+    serve.proc.kill()
+    killed(serve)
+    serve = Serve(cli.home)
+    try:
+        assert cli.json("snapshot", "list", "p/d") == [], "the held snapshot is gone"
+        job = next(j for j in cli.json("job", "list", "--all") if j["id"] == begin["job"])
+        assert job["state"] == "undone" and "interrupted" in job["error"], job
+        code, _ = api(cli.home, f"/v1/exports/{begin['job']}/end", {})
+        assert code != 200, "a late end of the killed serve's export is refused (the CLI drops its copy)"
+        assert cli.json("pool", "check", "p")["problems"] == []
+        out = tmp_path / "d.qcow2"  # nothing holds the volume any more: it exports, and goes
+        assert cli.json("volume", "export", "p/d", str(out), "-O", "qcow2")["via"] == "file"
+        assert sha(raw_of(out, "qcow2", tmp_path)) == sha(img.read_bytes())
+        cli.run("volume", "rm", "p/d", "--now")
+        assert cli.json("pool", "check", "p")["problems"] == [] and cli.json("pool", "info", "p")["used"] == 0
+    finally:
+        serve.stop()
