@@ -312,3 +312,22 @@ def test_the_daemon_copies_no_host_file_for_a_tcp_caller(daemon: Daemon, tmp_pat
     r = d.tcp_op("volume.import.end", admin, id=job, error="refused")
     assert r.status_code == 400, r.text
     nothing_imported(d)
+
+
+def test_an_export_names_the_pools_data_file_only_to_the_unix_socket(daemon: Daemon) -> None:
+    """A held export tells a local reader where the image lies in the pool's data file.
+    A TCP caller may be on another machine, where that path is another file (its own
+    pool's, at the same default path): qemu-img there would write its bytes into the
+    exported image. Over TLS the answer names no file, and the CLI reads over NBD."""
+    d = daemon
+    admin = Credentials(d.pki / "admin")
+    assert d.tcp_op("volume.create", admin, ref="default/e", size="1M").status_code == 200
+    try:
+        r = d.tcp_op("volume.export.begin", admin, ref="default/e")
+        assert r.status_code == 200, r.text
+        assert r.json()["data_file"] is None and r.json()["extents"] == [], r.text
+        assert d.tcp_op("volume.export.end", admin, id=r.json()["job"]).status_code == 200
+        r = d.tcp_op("volume.export.begin", admin, ref="default/e", caller_is_local=True)
+        assert r.status_code == 400 and "caller_is_local is not an argument" in r.json()["message"], r.text
+    finally:
+        d.json("volume", "rm", "default/e", "--now")

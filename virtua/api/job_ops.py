@@ -244,11 +244,13 @@ def _undo_export(ctx: Context, job: str, snapshot: str | None = None) -> None:
 
 
 @op("volume.export.begin")
-def export_begin(st: Storage, ref: str) -> dict[str, Any]:
+def export_begin(st: Storage, ref: str, caller_is_local: bool = False) -> dict[str, Any]:
     """Hold an image still while a local client reads it from the pool's data file: a
     volume through a snapshot taken now (its writers go on; the copy is of this moment),
     a snapshot as it is. Returns the job, the data file and where each run of the image
-    is in it (see virtua.storage.filecopy); volume.export.end releases it."""
+    is in it (see virtua.storage.filecopy); volume.export.end releases it. A TCP caller
+    (caller_is_local false: it may be on another machine, where that path is another
+    file) is told no file, data_file null: it reads the held image over NBD."""
     r = parse_ref(ref)
     pool = st.pool(r.pool)
     vol = pool.volume(r.volume)
@@ -276,6 +278,8 @@ def export_begin(st: Storage, ref: str) -> dict[str, Any]:
         job.fail(0 if job.record.steps[1].state == "pending" else 1, e)
         raise
     job.progress(0, dev.size)
+    if not caller_is_local:
+        return {"job": job.id, "size": dev.size, "data_file": None, "extents": []}
     return {"job": job.id, "size": dev.size, "data_file": str(pool.path / "data"), "extents": extents}
 
 

@@ -37,9 +37,10 @@ CLUSTER_OPS: dict[str, Op] = {}  # these need the manager, i.e. `virtua serve`
 _MODELS: dict[Any, type[BaseModel]] = {}
 # These read host files that the caller names: they are told whether it is an administrator.
 HOST_PATH_OPS = {"template.import"}
-# These open a file of this machine by the caller's path, as the daemon (root): they are
-# told whether the caller is on this machine as root (the unix socket, or the CLI itself).
-LOCAL_FILE_OPS = {"volume.import.file"}
+# These open a file of this machine by the caller's path, as the daemon (root), or name
+# one for the caller to read: they are told whether the caller is on this machine as
+# root (the unix socket, or the CLI itself).
+LOCAL_FILE_OPS = {"volume.import.file", "volume.export.begin"}
 
 
 def op(name: str) -> Callable[[Op], Op]:
