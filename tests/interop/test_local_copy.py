@@ -25,7 +25,8 @@ import pytest
 
 from tests.cli_support import Serve, V
 from virtua.cli.client import LocalClient
-from virtua.errors import VirtuaError
+from virtua.errors import InvalidArgument, VirtuaError
+from virtua.storage import filecopy
 
 pytestmark = pytest.mark.interop
 
@@ -407,3 +408,35 @@ def test_serve_killed_while_an_export_is_held_releases_it_at_its_next_start(tmp_
         assert cli.json("pool", "check", "p")["problems"] == [] and cli.json("pool", "info", "p")["used"] == 0
     finally:
         serve.stop()
+
+
+def test_an_image_cut_while_it_is_copied_fails_its_import_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image's owner truncates it after the daemon mapped it: the copy finds it short.
+    That is the image's fault, said as such (not an internal error, HTTP 500 through
+    serve), and the job removes its volume."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    img = tmp_path / "cut.raw"
+    img.write_bytes(os.urandom(8 * MIB))
+    mapped = filecopy.image_runs
+
+    def then_cut(fd: int, fmt: str, size: int) -> object:
+        runs = mapped(fd, fmt, size)
+        os.truncate(img, MIB)
+        return runs
+
+    monkeypatch.setattr(filecopy, "image_runs", then_cut)
+    st = os.stat(img)
+    client = LocalClient(cli.home)
+    try:
+        job = client.call("volume.import.begin", ref="p/cut", size=8 * MIB)["job"]
+        with pytest.raises(InvalidArgument, match="ends at byte 1048576"):
+            client.call("volume.import.file", id=job, path=str(img), device=st.st_dev, inode=st.st_ino)
+        with pytest.raises(InvalidArgument):
+            client.call("volume.import.end", id=job, error="cut")
+    finally:
+        client.close()
+    assert cli.json("volume", "list") == []
+    assert cli.json("pool", "check", "p")["problems"] == []
