@@ -25,7 +25,7 @@ import pytest
 
 from tests.cli_support import Serve, V
 from virtua.cli.client import LocalClient
-from virtua.errors import InvalidArgument, VirtuaError
+from virtua.errors import Busy, InvalidArgument, VirtuaError
 from virtua.storage import filecopy
 
 pytestmark = pytest.mark.interop
@@ -440,3 +440,41 @@ def test_an_image_cut_while_it_is_copied_fails_its_import_with_the_reason(
         client.close()
     assert cli.json("volume", "list") == []
     assert cli.json("pool", "check", "p")["problems"] == []
+
+
+def test_an_import_cannot_end_or_lose_its_volume_while_the_daemon_looks_at_its_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the daemon probes the image (qemu-img check of a big qcow2 takes a while),
+    another call ends the import as a success, or removes the volume: the first left a
+    volume of partial data that looks whole (the copy went on into a finished job's
+    volume; a crash kept it half full), the second failed the copy half way. Both are
+    Busy now, until the copy ends."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(2 * MIB))
+    st = os.stat(img)
+    client = LocalClient(cli.home)
+    meanwhile: list[str] = []
+    probe = filecopy.image_runs
+
+    def and_meanwhile(fd: int, fmt: str, size: int) -> object:
+        for op, args in (("volume.import.end", {"id": job}), ("volume.rm", {"ref": "p/i", "now": True})):
+            try:
+                client.call(op, **args)
+                meanwhile.append(f"{op} done")
+            except Busy:
+                meanwhile.append(f"{op} busy")
+        return probe(fd, fmt, size)
+
+    monkeypatch.setattr(filecopy, "image_runs", and_meanwhile)
+    try:
+        job = client.call("volume.import.begin", ref="p/i", size=2 * MIB)["job"]
+        got = client.call("volume.import.file", id=job, path=str(img), device=st.st_dev, inode=st.st_ino)
+        assert meanwhile == ["volume.import.end busy", "volume.rm busy"], meanwhile
+        assert got == {"copied": True, "bytes": 2 * MIB}
+        assert client.call("volume.import.end", id=job)["name"] == "p/i"
+    finally:
+        client.close()
+    assert cli.run("volume", "export", "p/i", "-").stdout == img.read_bytes()

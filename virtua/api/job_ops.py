@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from virtua.api.ops import _serving, op
-from virtua.errors import Cancelled, DependencyError, InvalidArgument, VirtuaError
+from virtua.errors import Busy, Cancelled, DependencyError, InvalidArgument, VirtuaError
 from virtua.jobs import runner
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, Undo
@@ -154,6 +154,9 @@ def _client_job(id: str, op_name: str, what: str) -> runner.Job:
     return job
 
 
+IMPORTING = "being imported"  # the daemon's own copy into an import's volume (its pin)
+
+
 @op("volume.import.file")
 def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1, max_length=4096)],
                 device: int, inode: int, caller_is_local: bool = False) -> Any:
@@ -187,7 +190,14 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
         return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
     finally:
         os.close(where)
-    dev = VolumeDevice(pool, pool.volume(r.volume))
+    try:
+        dev = VolumeDevice(pool, pool.volume(r.volume))
+        # pinned from the first look at the image: no removal of the volume, no end of
+        # the job as a success (its volume half full) until the copy ends (Busy)
+        pin = pool.pin(dev.vol, IMPORTING)
+    except BaseException:
+        os.close(fd)
+        raise
 
     def progress(done: int) -> None:
         job.renew()  # the daemon is the one at work: its lease must not run out meanwhile
@@ -201,12 +211,9 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
             runs = filecopy.image_runs(fd, fmt, size)
             if isinstance(runs, str):
                 return {"copied": False, "why": runs}
-            pin = pool.pin(dev.vol, "being imported")
-            try:
-                return copied(filecopy.copy_in(dev, fd, runs, progress))
-            finally:
-                pool.unpin(dev.vol.id, pin)
+            return copied(filecopy.copy_in(dev, fd, runs, progress))
         finally:
+            pool.unpin(dev.vol.id, pin)
             os.close(fd)
 
     async def go() -> dict[str, Any]:
@@ -216,12 +223,9 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
             runs = await asyncio.get_running_loop().run_in_executor(None, filecopy.image_runs, fd, fmt, size)
             if isinstance(runs, str):
                 return {"copied": False, "why": runs}
-            pin = pool.pin(dev.vol, "being imported")
-            try:
-                return copied(await filecopy.copy_in_async(dev, fd, runs, progress))
-            finally:
-                pool.unpin(dev.vol.id, pin)
+            return copied(await filecopy.copy_in_async(dev, fd, runs, progress))
         finally:
+            pool.unpin(dev.vol.id, pin)
             os.close(fd)
 
     return go()
@@ -306,6 +310,8 @@ def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=20
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     if error is None and not job.cancel_requested:
+        if getattr(pool.busy.get(pool.volume(r.volume).id), "doing", None) == IMPORTING:
+            raise Busy(f"cannot end the import into {ref}: the daemon is still copying its image (volume.import.file)")
         job.end_step(1)
         return job.finish(pool.volume_info(r.volume))
     _undo_volumes(Context(st).for_step(job.record.steps[0]), [ref])
