@@ -357,14 +357,15 @@ def test_serve_killed_in_the_middle_of_a_file_import_undoes_it_at_its_next_start
     r = cli.run("volume", "import", str(img), "p/half", ok=False)
     killed(serve)
     assert r.returncode != 0 and b"not answering" in r.stderr, r.stderr
-    # control, without a CLI (it would recover the job): the copy was under way, part done
+    # control, without a CLI (it would recover the job): the copy was under way, far from done
+    # (its first slice planned, its copy in flight or just written)
     db = sqlite3.connect(f"file:{cli.home / 'jobs.db'}?mode=ro", uri=True)
     try:
         (row,) = db.execute("SELECT record FROM jobs WHERE state = 'running'").fetchall()
     finally:
         db.close()
     assert [s["state"] for s in json.loads(row[0])["steps"]] == ["done", "running"]
-    assert 0 < os.stat(cli.home / "pools" / "p" / "data").st_blocks * 512 < 128 * MIB
+    assert os.stat(cli.home / "pools" / "p" / "data").st_blocks * 512 <= 2 * MIB
     serve = Serve(cli.home)  # its start undoes the killed serve's job, before any client sees the pool
     try:
         assert cli.json("volume", "list") == [], "no half-imported volume"
