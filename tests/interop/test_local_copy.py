@@ -8,12 +8,15 @@ the export ends, fails or its client dies."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import socket
+import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +24,9 @@ from pathlib import Path
 import pytest
 
 from tests.cli_support import Serve, V
+from virtua.cli.client import LocalClient
+from virtua.errors import Busy, InvalidArgument, VirtuaError
+from virtua.storage import filecopy
 
 pytestmark = pytest.mark.interop
 
@@ -257,3 +263,247 @@ def test_a_held_export_blocks_what_would_free_its_chunks_and_a_dead_client_relea
     assert code != 200
     served.run("volume", "rm", "p/d", "--now")
     assert served.json("pool", "check", "p")["problems"] == []
+
+
+def test_the_daemon_never_opens_what_the_path_becomes_after_its_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user who owns the image's directory swaps the name (a symlink) between the
+    daemon's look at the path and its open. Whatever the fstat after the open says, the
+    open itself must not reach a FIFO or a device (as root: opening /dev/watchdog arms
+    it); here a FIFO, whose open would wake the writer waiting on it."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(MIB))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(img)
+    st = os.stat(img)
+    woke = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # until someone opens it for reading
+        woke.set()
+        os.close(fd)
+
+    waiting = threading.Thread(target=writer, daemon=True)
+    waiting.start()
+    swapped: list[str] = []
+
+    def then_swap(fn):  # type: ignore[no-untyped-def]
+        def call(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = fn(path, *args, **kwargs)
+            if not swapped and isinstance(path, str | Path) and os.fspath(path) == str(link):
+                swapped.append(fn.__name__)  # the daemon's first look at the name: now it is the FIFO
+                (tmp_path / "new").symlink_to(fifo)
+                os.replace(tmp_path / "new", link)
+            return out
+        return call
+
+    client = LocalClient(cli.home)
+    try:
+        job = client.call("volume.import.begin", ref="p/x", size=MIB)["job"]
+        with monkeypatch.context() as m:
+            m.setattr(os, "stat", then_swap(os.stat))
+            m.setattr(os, "open", then_swap(os.open))
+            got = client.call("volume.import.file", id=job, path=str(link), device=st.st_dev, inode=st.st_ino)
+        assert swapped, "control: the name was swapped"
+        opened = woke.wait(0.5)
+        if got.get("copied"):
+            client.call("volume.import.end", id=job)
+        else:
+            with contextlib.suppress(VirtuaError):
+                client.call("volume.import.end", id=job, error="refused")
+    finally:
+        if not woke.is_set():
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        waiting.join(5)
+        client.close()
+    assert not opened, "the daemon opened the FIFO the name had become"
+    assert got == {"copied": True, "bytes": MIB}, got  # the file it looked at, the client's
+    assert cli.run("volume", "export", "p/x", "-").stdout == img.read_bytes()
+
+
+# ---------------------------------------------------------------------- serve killed (SIGKILL)
+
+
+def data_filled(tmp: Path) -> Path:
+    """256 MiB with a MiB of data every 2 MiB: 16 slices of the daemon's copy, half holes."""
+    img = tmp / "big.raw"
+    block = os.urandom(MIB)
+    with open(img, "wb") as f:
+        for i in range(128):
+            f.seek(2 * i * MIB)
+            f.write(block[i:] + block[:i])
+        f.truncate(256 * MIB)
+    return img
+
+
+def killed(serve: Serve) -> None:
+    assert serve.proc.wait(30) == -9, "control: serve was killed (SIGKILL), not stopped"
+    for pipe in (serve.proc.stdout, serve.proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def test_serve_killed_in_the_middle_of_a_file_import_undoes_it_at_its_next_start(tmp_path: Path) -> None:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "2G")
+    img = data_filled(tmp_path)
+    # SIGKILL at the copy's first progress past zero: a slice copied, the next ones planned or in flight
+    serve = Serve(cli.home, env={"VIRTUA_JOB_CRASH": "volume.import:1:progress"})
+    r = cli.run("volume", "import", str(img), "p/half", ok=False)
+    killed(serve)
+    assert r.returncode != 0 and b"not answering" in r.stderr, r.stderr
+    # control, without a CLI (it would recover the job): the copy was under way, far from done
+    # (its first slice planned, its copy in flight or just written)
+    db = sqlite3.connect(f"file:{cli.home / 'jobs.db'}?mode=ro", uri=True)
+    try:
+        (row,) = db.execute("SELECT record FROM jobs WHERE state = 'running'").fetchall()
+    finally:
+        db.close()
+    assert [s["state"] for s in json.loads(row[0])["steps"]] == ["done", "running"]
+    assert os.stat(cli.home / "pools" / "p" / "data").st_blocks * 512 <= 2 * MIB
+    serve = Serve(cli.home)  # its start undoes the killed serve's job, before any client sees the pool
+    try:
+        assert cli.json("volume", "list") == [], "no half-imported volume"
+        job = next(j for j in cli.json("job", "list", "--all") if j["op"] == "volume.import")
+        assert job["state"] == "undone" and "interrupted" in job["error"], job
+        assert [s["state"] for s in job["steps"]] == ["undone", "undone"], job
+        check = cli.json("pool", "check", "p")
+        assert check["problems"] == [] and cli.json("pool", "info", "p")["used"] == 0, check
+        got = cli.json("volume", "import", str(img), "p/half")  # the name is free; a whole copy is whole
+        assert got["via"] == "file" and got["allocated"] == 128 * MIB
+        assert sha(cli.run("volume", "export", "p/half", "-").stdout) == sha(img.read_bytes())
+    finally:
+        serve.stop()
+
+
+def test_serve_killed_while_an_export_is_held_releases_it_at_its_next_start(tmp_path: Path) -> None:
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "2G")
+    serve = Serve(cli.home)
+    img = data_filled(tmp_path)
+    assert cli.json("volume", "import", str(img), "p/d")["via"] == "file"
+    code, begin = api(cli.home, "/v1/pools/p/volumes/d/exports", {})  # a reader holds it: the copy is under way
+    assert code == 200, begin
+    held = cli.json("job", "list")
+    assert [(j["id"], j["op"], j["state"]) for j in held] == [(begin["job"], "volume.export", "running")], held
+    assert [s["name"] for s in cli.json("snapshot", "list", "p/d")] == [f"p/d@export-{begin['job']}"]
+    serve.proc.kill()
+    killed(serve)
+    serve = Serve(cli.home)
+    try:
+        assert cli.json("snapshot", "list", "p/d") == [], "the held snapshot is gone"
+        job = next(j for j in cli.json("job", "list", "--all") if j["id"] == begin["job"])
+        assert job["state"] == "undone" and "interrupted" in job["error"], job
+        code, _ = api(cli.home, f"/v1/exports/{begin['job']}/end", {})
+        assert code != 200, "a late end of the killed serve's export is refused (the CLI drops its copy)"
+        assert cli.json("pool", "check", "p")["problems"] == []
+        out = tmp_path / "d.qcow2"  # nothing holds the volume any more: it exports, and goes
+        assert cli.json("volume", "export", "p/d", str(out), "-O", "qcow2")["via"] == "file"
+        assert sha(raw_of(out, "qcow2", tmp_path)) == sha(img.read_bytes())
+        cli.run("volume", "rm", "p/d", "--now")
+        assert cli.json("pool", "check", "p")["problems"] == [] and cli.json("pool", "info", "p")["used"] == 0
+    finally:
+        serve.stop()
+
+
+def test_an_image_cut_while_it_is_copied_fails_its_import_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image's owner truncates it after the daemon mapped it: the copy finds it short.
+    That is the image's fault, said as such (not an internal error, HTTP 500 through
+    serve), and the job removes its volume."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    img = tmp_path / "cut.raw"
+    img.write_bytes(os.urandom(8 * MIB))
+    mapped = filecopy.image_runs
+
+    def then_cut(fd: int, fmt: str, size: int) -> object:
+        runs = mapped(fd, fmt, size)
+        os.truncate(img, MIB)
+        return runs
+
+    monkeypatch.setattr(filecopy, "image_runs", then_cut)
+    st = os.stat(img)
+    client = LocalClient(cli.home)
+    try:
+        job = client.call("volume.import.begin", ref="p/cut", size=8 * MIB)["job"]
+        with pytest.raises(InvalidArgument, match="ends at byte 1048576"):
+            client.call("volume.import.file", id=job, path=str(img), device=st.st_dev, inode=st.st_ino)
+        with pytest.raises(InvalidArgument):
+            client.call("volume.import.end", id=job, error="cut")
+    finally:
+        client.close()
+    assert cli.json("volume", "list") == []
+    assert cli.json("pool", "check", "p")["problems"] == []
+
+
+def test_an_import_cannot_end_or_lose_its_volume_while_the_daemon_looks_at_its_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the daemon probes the image (qemu-img check of a big qcow2 takes a while),
+    another call ends the import as a success, or removes the volume: the first left a
+    volume of partial data that looks whole (the copy went on into a finished job's
+    volume; a crash kept it half full), the second failed the copy half way. Both are
+    Busy now, until the copy ends."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(2 * MIB))
+    st = os.stat(img)
+    client = LocalClient(cli.home)
+    meanwhile: list[str] = []
+    probe = filecopy.image_runs
+
+    def and_meanwhile(fd: int, fmt: str, size: int) -> object:
+        for op, args in (("volume.import.end", {"id": job}), ("volume.rm", {"ref": "p/i", "now": True})):
+            try:
+                client.call(op, **args)
+                meanwhile.append(f"{op} done")
+            except Busy:
+                meanwhile.append(f"{op} busy")
+        return probe(fd, fmt, size)
+
+    monkeypatch.setattr(filecopy, "image_runs", and_meanwhile)
+    try:
+        job = client.call("volume.import.begin", ref="p/i", size=2 * MIB)["job"]
+        got = client.call("volume.import.file", id=job, path=str(img), device=st.st_dev, inode=st.st_ino)
+        assert meanwhile == ["volume.import.end busy", "volume.rm busy"], meanwhile
+        assert got == {"copied": True, "bytes": 2 * MIB}
+        assert client.call("volume.import.end", id=job)["name"] == "p/i"
+    finally:
+        client.close()
+    assert cli.run("volume", "export", "p/i", "-").stdout == img.read_bytes()
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: the NBD fallback's qemu-img convert opens the image by name "
+                   "again after the probe, and follows what its header says then (see the report)")
+def test_an_image_rewritten_after_its_probe_pulls_in_no_host_file(tmp_path: Path) -> None:
+    """The image's owner adds a backing file to its header (qemu-img rebase -u) once the
+    probe has found it self-contained; a compressed qcow2 goes over NBD, where the CLI's
+    qemu-img convert (root) reads the header again and follows the backing file."""
+    cli = V(tmp_path / "home")
+    cli.run("pool", "create", "p", "--capacity", "1G")
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(MIB // 2) + b"HOST-SECRET\n" * 64)
+    secret.chmod(0o600)
+    plain = tmp_path / "plain.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(plain), "1M"], check=True, capture_output=True)
+    qemu_io(str(plain), "qcow2", "write -P 7 0 64k")
+    img = tmp_path / "c.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(img)], check=True)
+    race = tmp_path / "bin"
+    race.mkdir()
+    (race / "qemu-img").write_text(  # stands in for the owner's timing: the header changes before convert opens it
+        f'#!/bin/sh\n[ "$1" = convert ] && /usr/bin/qemu-img rebase -u -b {secret} -F raw {img}\n'
+        'exec /usr/bin/qemu-img "$@"\n')
+    (race / "qemu-img").chmod(0o755)
+    cli.env["PATH"] = f"{race}:{cli.env['PATH']}"
+    cli.run("volume", "import", str(img), "p/x", ok=False)
+    volumes = [v["name"] for v in cli.json("volume", "list")]
+    assert "p/x" not in volumes or b"HOST-SECRET" not in cli.run("volume", "export", "p/x", "-").stdout

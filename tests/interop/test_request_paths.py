@@ -286,3 +286,48 @@ def test_templates_and_snapshots_are_read_only_over_nbd(daemon: Daemon, tmp_path
     assert r.stdout.split("\n")[:3] == ["readonly False", "written", "data 77777777"], r.stdout + r.stderr
     d.json("volume", "rm", "default/node")
     d.json("template", "rm", "t1")
+
+
+def test_the_daemon_copies_no_host_file_for_a_tcp_caller(daemon: Daemon, tmp_path: Path) -> None:
+    """`volume.import.file` opens a file of the daemon's machine by the caller's path, as
+    root: only for the unix socket's caller (root here already). Over TLS, even the admin
+    certificate may not name one (template import keeps it to the import directory): a
+    user who holds it without being root, or a manager elsewhere, would have /etc/shadow
+    or the CA's key read into a volume (stat(2) gives its device and inode to anyone)."""
+    d = daemon
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(b"NOT-YOURS".ljust(1 << 20, b"\0"))
+    secret.chmod(0o600)
+    st = os.stat(secret)
+    admin = Credentials(d.pki / "admin")
+    r = d.tcp_op("volume.import.begin", admin, ref="default/leak", size=1 << 20, format="raw")
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    r = d.tcp_op("volume.import.file", admin, id=job, path=str(secret), device=st.st_dev, inode=st.st_ino)
+    assert r.status_code == 200 and r.json()["copied"] is False, r.text
+    assert "unix socket" in r.json()["why"], r.text
+    r = d.tcp_op("volume.import.file", admin, id=job, path=str(secret), device=st.st_dev, inode=st.st_ino,
+                 caller_is_local=True)
+    assert r.status_code == 400 and "caller_is_local is not an argument" in r.json()["message"], r.text
+    r = d.tcp_op("volume.import.end", admin, id=job, error="refused")
+    assert r.status_code == 400, r.text
+    nothing_imported(d)
+
+
+def test_an_export_names_the_pools_data_file_only_to_the_unix_socket(daemon: Daemon) -> None:
+    """A held export tells a local reader where the image lies in the pool's data file.
+    A TCP caller may be on another machine, where that path is another file (its own
+    pool's, at the same default path): qemu-img there would write its bytes into the
+    exported image. Over TLS the answer names no file, and the CLI reads over NBD."""
+    d = daemon
+    admin = Credentials(d.pki / "admin")
+    assert d.tcp_op("volume.create", admin, ref="default/e", size="1M").status_code == 200
+    try:
+        r = d.tcp_op("volume.export.begin", admin, ref="default/e")
+        assert r.status_code == 200, r.text
+        assert r.json()["data_file"] is None and r.json()["extents"] == [], r.text
+        assert d.tcp_op("volume.export.end", admin, id=r.json()["job"]).status_code == 200
+        r = d.tcp_op("volume.export.begin", admin, ref="default/e", caller_is_local=True)
+        assert r.status_code == 400 and "caller_is_local is not an argument" in r.json()["message"], r.text
+    finally:
+        d.json("volume", "rm", "default/e", "--now")

@@ -20,6 +20,7 @@ from virtua.api.daemon import build_api
 from virtua.api.routes import (
     OTHER_ROUTES,
     ROUTES,
+    TRANSPORT_ARGUMENTS,
     PoolInfo,
     Route,
     SnapshotInfo,
@@ -95,7 +96,7 @@ def test_openapi_documents_every_operation(tmp_path: Path) -> None:
         # no argument of the operation is left undocumented: path, template field, body or query
         model = ops.argument_model(name, Manager)
         assert not set(route.fields) & set(model.model_fields), f"{name}: a template field shadows an argument"
-        assert set(model.model_fields) - {"caller_is_admin"} == set(route.args) | set(body["properties"]) - set(
+        assert set(model.model_fields) - TRANSPORT_ARGUMENTS == set(route.args) | set(body["properties"]) - set(
             route.fields), name
         assert {"200", "400", "404", "409"} <= set(operation["responses"]), name
     # the example of the issue: volume.create's body

@@ -178,12 +178,18 @@ class Heartbeat(BaseModel):
 _STATE_SLACK = 64 << 20
 
 
-def caller_is_admin(request: Request) -> bool:
-    """Whether the caller is an administrator: whoever reaches the unix socket (uvicorn
-    reports no port for it), or a TCP caller the AuthMiddleware authenticated as one (the
-    admin certificate or the admin token: virtua.api.auth.Caller.admin)."""
+def caller_is_local(request: Request) -> bool:
+    """Whether the caller reached the unix socket (root on this machine: uvicorn reports no
+    port for it), not TCP, whatever certificate or token it holds."""
     server = request.scope.get("server")
-    if server is not None and server[1] is None:
+    return server is not None and server[1] is None
+
+
+def caller_is_admin(request: Request) -> bool:
+    """Whether the caller is an administrator: whoever reaches the unix socket, or a TCP
+    caller the AuthMiddleware authenticated as one (the admin certificate or the admin
+    token: virtua.api.auth.Caller.admin)."""
+    if caller_is_local(request):
         return True
     caller = getattr(request.state, "virtua_caller", None)
     return caller is not None and caller.admin is True
@@ -208,7 +214,8 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
     from virtua.api.routes import add_routes
 
     def run(name: str, args: dict[str, Any], request: Request) -> Any:
-        return ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request))
+        return ops.run(storage, name, args, manager, caller_is_admin=caller_is_admin(request),
+                       caller_is_local=caller_is_local(request))
 
     if manager is not None:
         manager_type: type = type(manager)

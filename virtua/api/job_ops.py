@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from virtua.api.ops import _serving, op
-from virtua.errors import Cancelled, DependencyError, InvalidArgument, VirtuaError
+from virtua.errors import Busy, Cancelled, DependencyError, InvalidArgument, VirtuaError
 from virtua.jobs import runner
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, Undo
@@ -154,30 +154,50 @@ def _client_job(id: str, op_name: str, what: str) -> runner.Job:
     return job
 
 
+IMPORTING = "being imported"  # the daemon's own copy into an import's volume (its pin)
+
+
 @op("volume.import.file")
 def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1, max_length=4096)],
-                device: int, inode: int) -> Any:
+                device: int, inode: int, caller_is_local: bool = False) -> Any:
     """Copy a file on this machine into the import job's volume without NBD (see
     virtua.storage.filecopy); `device` and `inode` are what the client's own open of
     `path` found, so the daemon copies the file the client may read and no other.
-    {"copied": false, "why": ...} when it cannot (then the client copies over NBD)."""
+    {"copied": false, "why": ...} when it cannot (then the client copies over NBD).
+    Only for a caller on this machine as root (the unix socket; caller_is_local comes
+    from the transport): the daemon opens the path as root, and stat(2) tells anyone a
+    file's device and inode, so a TCP caller (even with the admin certificate) names none."""
     job = _client_job(id, "volume.import", "an import")
+    if not caller_is_local:
+        return {"copied": False, "why": "the daemon copies files only for a caller on its unix socket"}
     ref, fmt, size = str(job.record.args["ref"]), str(job.record.args["format"]), int(job.record.args["size"])
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     try:
-        # a FIFO or a device is never opened (an open could block the loop, or act)
-        before = os.stat(path)
-        if not stat.S_ISREG(before.st_mode) or (before.st_dev, before.st_ino) != (device, inode):
-            return {"copied": False, "why": f"{path} is another file here than the client's"}
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        # A FIFO or a device is never opened (an open could block the loop, or act: a
+        # watchdog arms). The name is resolved once, to an O_PATH descriptor (which opens
+        # nothing); only the regular file the client opened is then opened, through it,
+        # so a name swapped after the check cannot lead the open elsewhere.
+        where = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
         return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
-    st_ = os.fstat(fd)
-    if (st_.st_dev, st_.st_ino) != (device, inode) or not stat.S_ISREG(st_.st_mode):
+    try:
+        st_ = os.fstat(where)
+        if not stat.S_ISREG(st_.st_mode) or (st_.st_dev, st_.st_ino) != (device, inode):
+            return {"copied": False, "why": f"{path} is another file here than the client's"}
+        fd = os.open(f"/proc/self/fd/{where}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        return {"copied": False, "why": f"the daemon cannot open {path}: {e.strerror}"}
+    finally:
+        os.close(where)
+    try:
+        dev = VolumeDevice(pool, pool.volume(r.volume))
+        # pinned from the first look at the image: no removal of the volume, no end of
+        # the job as a success (its volume half full) until the copy ends (Busy)
+        pin = pool.pin(dev.vol, IMPORTING)
+    except BaseException:
         os.close(fd)
-        return {"copied": False, "why": f"{path} is another file here than the client's"}
-    dev = VolumeDevice(pool, pool.volume(r.volume))
+        raise
 
     def progress(done: int) -> None:
         job.renew()  # the daemon is the one at work: its lease must not run out meanwhile
@@ -191,12 +211,9 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
             runs = filecopy.image_runs(fd, fmt, size)
             if isinstance(runs, str):
                 return {"copied": False, "why": runs}
-            pin = pool.pin(dev.vol, "being imported")
-            try:
-                return copied(filecopy.copy_in(dev, fd, runs, progress))
-            finally:
-                pool.unpin(dev.vol.id, pin)
+            return copied(filecopy.copy_in(dev, fd, runs, progress))
         finally:
+            pool.unpin(dev.vol.id, pin)
             os.close(fd)
 
     async def go() -> dict[str, Any]:
@@ -206,12 +223,9 @@ def import_file(st: Storage, id: JobId, path: Annotated[str, Field(min_length=1,
             runs = await asyncio.get_running_loop().run_in_executor(None, filecopy.image_runs, fd, fmt, size)
             if isinstance(runs, str):
                 return {"copied": False, "why": runs}
-            pin = pool.pin(dev.vol, "being imported")
-            try:
-                return copied(await filecopy.copy_in_async(dev, fd, runs, progress))
-            finally:
-                pool.unpin(dev.vol.id, pin)
+            return copied(await filecopy.copy_in_async(dev, fd, runs, progress))
         finally:
+            pool.unpin(dev.vol.id, pin)
             os.close(fd)
 
     return go()
@@ -234,11 +248,13 @@ def _undo_export(ctx: Context, job: str, snapshot: str | None = None) -> None:
 
 
 @op("volume.export.begin")
-def export_begin(st: Storage, ref: str) -> dict[str, Any]:
+def export_begin(st: Storage, ref: str, caller_is_local: bool = False) -> dict[str, Any]:
     """Hold an image still while a local client reads it from the pool's data file: a
     volume through a snapshot taken now (its writers go on; the copy is of this moment),
     a snapshot as it is. Returns the job, the data file and where each run of the image
-    is in it (see virtua.storage.filecopy); volume.export.end releases it."""
+    is in it (see virtua.storage.filecopy); volume.export.end releases it. A TCP caller
+    (caller_is_local false: it may be on another machine, where that path is another
+    file) is told no file, data_file null: it reads the held image over NBD."""
     r = parse_ref(ref)
     pool = st.pool(r.pool)
     vol = pool.volume(r.volume)
@@ -266,6 +282,8 @@ def export_begin(st: Storage, ref: str) -> dict[str, Any]:
         job.fail(0 if job.record.steps[1].state == "pending" else 1, e)
         raise
     job.progress(0, dev.size)
+    if not caller_is_local:
+        return {"job": job.id, "size": dev.size, "data_file": None, "extents": []}
     return {"job": job.id, "size": dev.size, "data_file": str(pool.path / "data"), "extents": extents}
 
 
@@ -292,6 +310,8 @@ def import_end(st: Storage, id: JobId, error: Annotated[str, Field(max_length=20
     r = parse_ref(ref, snapshot=False)
     pool = st.pool(r.pool)
     if error is None and not job.cancel_requested:
+        if getattr(pool.busy.get(pool.volume(r.volume).id), "doing", None) == IMPORTING:
+            raise Busy(f"cannot end the import into {ref}: the daemon is still copying its image (volume.import.file)")
         job.end_step(1)
         return job.finish(pool.volume_info(r.volume))
     _undo_volumes(Context(st).for_step(job.record.steps[0]), [ref])

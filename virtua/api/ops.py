@@ -37,6 +37,10 @@ CLUSTER_OPS: dict[str, Op] = {}  # these need the manager, i.e. `virtua serve`
 _MODELS: dict[Any, type[BaseModel]] = {}
 # These read host files that the caller names: they are told whether it is an administrator.
 HOST_PATH_OPS = {"template.import"}
+# These open a file of this machine by the caller's path, as the daemon (root), or name
+# one for the caller to read: they are told whether the caller is on this machine as
+# root (the unix socket, or the CLI itself).
+LOCAL_FILE_OPS = {"volume.import.file", "volume.export.begin"}
 
 
 def op(name: str) -> Callable[[Op], Op]:
@@ -78,16 +82,21 @@ def argument_model(name: str, manager_type: type | None = None) -> type[BaseMode
 
 
 def run(
-    storage: Storage, name: str, args: dict[str, Any], manager: Any = None, *, caller_is_admin: bool = False
+    storage: Storage, name: str, args: dict[str, Any], manager: Any = None, *, caller_is_admin: bool = False,
+    caller_is_local: bool = False,
 ) -> Any:
     """Run an operation; a cluster operation, or a long one in serve (flatten), may return an
     awaitable (the daemon awaits it).
     ``caller_is_admin`` comes from the transport (see virtua.api.daemon.caller_is_admin),
-    never from the request's arguments."""
-    if "caller_is_admin" in args:
-        raise InvalidArgument(f"{name}: caller_is_admin is not an argument")
+    never from the request's arguments; so does ``caller_is_local`` (the unix socket, or
+    the CLI running the operation in-process)."""
+    for transport in ("caller_is_admin", "caller_is_local"):
+        if transport in args:
+            raise InvalidArgument(f"{name}: {transport} is not an argument")
     if name in HOST_PATH_OPS:
         args = {**args, "caller_is_admin": caller_is_admin}
+    if name in LOCAL_FILE_OPS:
+        args = {**args, "caller_is_local": caller_is_local}
     fn = OPS.get(name)
     if fn is not None:
         return fn(storage, **check_arguments(name, _MODELS[fn], args))

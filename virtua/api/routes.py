@@ -175,8 +175,8 @@ def body_schema(name: str, manager_type: type) -> dict[str, Any]:
     return out
 
 
-# the transport supplies these (ops.HOST_PATH_OPS): a request naming one is refused
-TRANSPORT_ARGUMENTS = frozenset({"caller_is_admin"})
+# the transport supplies these (ops.HOST_PATH_OPS, ops.LOCAL_FILE_OPS): a request naming one is refused
+TRANSPORT_ARGUMENTS = frozenset({"caller_is_admin", "caller_is_local"})
 
 
 def _openapi(name: str, route: Route, manager_type: type) -> dict[str, Any]:

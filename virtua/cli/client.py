@@ -53,7 +53,7 @@ class LocalClient(Client):
     def call(self, op: str, **args: Any) -> Any:
         from virtua.api import ops
 
-        return ops.run(self.storage, op, args)
+        return ops.run(self.storage, op, args, caller_is_local=True)  # this process, as its user
 
     def close(self) -> None:
         self.storage.close()

@@ -20,7 +20,6 @@ Anything else (a compressed qcow2, too many runs, another machine) goes over NBD
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import subprocess
@@ -127,7 +126,7 @@ def nonzero_parts(src_fd: int, piece: Run, chunk: int) -> list[tuple[int, int]]:
             else:
                 out.append((a, k))
         elif len(head) < min(16, k):
-            raise OSError(errno.EIO, f"the image file ends at byte {f + a + len(head)}, before what it maps")
+            raise InvalidArgument(f"the image file ends at byte {f + a + len(head)}, before what it maps")
         a = b
     return out
 

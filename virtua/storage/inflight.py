@@ -17,6 +17,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from virtua.errors import InvalidArgument
+
 
 class WritePlan:
     """One write: where its bytes go, and what to do on the loop once they are there."""
@@ -112,7 +114,7 @@ COPY_BUFFER = 4 << 20
 def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> None:
     """length bytes from src_fd at src to dst_fd at dst: copy_file_range where the
     kernel can (same or like file systems), else pread/pwrite. A source that ends
-    early is an error (the image was cut while being read), never zeros."""
+    early is the image's error (it was cut while being read: InvalidArgument), never zeros."""
     kernel = True
     while length > 0:
         if kernel:
@@ -129,7 +131,8 @@ def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, length: int) -> Non
             if n:
                 pwrite_full(dst_fd, memoryview(data), dst)
         if n == 0:
-            raise OSError(errno.EIO, f"the source file ends at byte {src}, {length} bytes short of what it maps")
+            raise InvalidArgument(f"the image file ends at byte {src}, {length} bytes short of what it maps: "
+                                  "it was cut while being imported")
         src += n
         dst += n
         length -= n
