@@ -15,6 +15,16 @@ have appeared or changed under a prefix it ranged over; otherwise nothing is wri
 Several endpoints: a request that cannot connect goes to the next one. A cluster that
 cannot be reached, or that does not answer in time or says it has no leader, is
 `Unavailable` with a message saying which.
+
+A transaction whose answer is lost (sent, then a read timeout or "leader changed") is not
+reported as a failure at once: every transaction also puts this serve's marker key
+(PREFIX/.txn while it holds the prefix's claim, else PREFIX/.txn/<process id>) to a fresh
+nonce, on condition that the marker is still at the revision this store last saw. The
+outcome is then settled by a fence: a compare-and-swap of the marker from that revision to
+a tombstone nonce. It succeeds: the lost transaction was not applied and never can be (its
+condition on the marker is false for good). It fails and the marker holds the lost
+transaction's nonce: it was applied (success). etcd unreachable for RESOLVE_WAIT:
+`OutcomeUnknown`; the next write (or `settle`) settles it first.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import base64
 import contextlib
 import copy
 import json
+import os
+import secrets
 import ssl
 import threading
 import time
@@ -34,7 +46,7 @@ from typing import Any
 import httpx
 
 from virtua.cluster.store import StoreConflict
-from virtua.errors import Busy, InvalidArgument, NoSpace, Unavailable, VirtuaError
+from virtua.errors import Busy, InvalidArgument, NoSpace, OutcomeUnknown, Unavailable, VirtuaError
 from virtua.pki.credentials import Credentials
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
@@ -53,6 +65,14 @@ _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "
 _ELECTING = ("no leader", "leader changed")
 ELECTION_WAIT = 2.5  # seconds: etcd elects a new leader within its election timeout (1 s in a lab)
 ELECTION_POLL = 0.1
+MARKER = "/.txn"  # this serve's transaction marker (under the prefix; no name starts with '.')
+RESOLVE_WAIT = 6.0  # seconds to settle a lost transaction's outcome before OutcomeUnknown
+KEEP_OUTCOMES = 64  # settled outcomes remembered for `settle(txn)` (job recovery)
+_txns_sent = 0  # this process's state transactions, for the failpoints (VIRTUA_ETCD_*)
+
+
+class _AnswerLost(Unavailable):
+    """A non-idempotent request was sent and its answer lost: applied or not, unknown."""
 
 
 class _Electing(Unavailable):
@@ -111,6 +131,8 @@ class _Txn:
 
 
 class EtcdStateStore:
+    txn_overhead = 1  # the marker every transaction puts (one operation past the caller's)
+
     def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  max_txn_ops: int = DEFAULT_MAX_TXN_OPS, tls: Credentials | None = None) -> None:
@@ -151,6 +173,11 @@ class EtcdStateStore:
         self._claim_lost: str | None = None  # why this serve may not write any more
         self._claim_who: dict[str, Any] = {}
         self._claim_ttl = 10
+        self._id = secrets.token_hex(8)  # this process's marker key when it holds no claim
+        self._marks: dict[str, int] = {}  # marker key -> its mod revision as last seen
+        self._pending: tuple[str, int, str, str] | None = None  # a lost txn: marker, its rev, nonce, why
+        self._fences: set[str] = set()  # tombstone nonces this store tried (a fence's answer may be lost too)
+        self._outcomes: dict[str, bool] = {}  # settled lost txns: nonce -> applied
         if check:
             self.check()
 
@@ -168,6 +195,8 @@ class EtcdStateStore:
                     time.sleep(ELECTION_POLL)
                     continue
                 self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                if not (idempotent or e.not_applied):  # "leader changed" after proposing it
+                    raise _AnswerLost(e.message + "; the write may or may not have been applied") from None
                 raise Unavailable(e.message) from None
             except Unavailable as e:
                 self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
@@ -190,7 +219,7 @@ class EtcdStateStore:
             except httpx.TimeoutException:
                 msg = f"{url} gave no answer within {self.read_timeout:g} s"
                 if not idempotent:
-                    raise Unavailable(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
+                    raise _AnswerLost(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
                 failures.append(msg)
                 answered += 1  # it is there, and cannot answer without a quorum
                 continue
@@ -212,6 +241,8 @@ class EtcdStateStore:
                 not_applied = not_applied and "no leader" in message
                 if idempotent:
                     continue
+                if not electing and "timed out" in message:  # proposed, then timed out: who knows
+                    raise _AnswerLost(_no_quorum(failures, answered, n, electing, not_applied).message)
                 raise _no_quorum(failures, answered, n, electing, not_applied)
             if "too large" in message:
                 raise NoSpace(f"etcd refused the request as too large ({message}): documents are at most "
@@ -365,20 +396,120 @@ class EtcdStateStore:
             if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
             for k, v in t.writes.items()
         ]
-        longest = max(len(compare), len(success))
+        longest = max(len(compare), len(success)) + 1  # and the marker (below)
         if longest > self.max_txn_ops:
             raise InvalidArgument(
                 f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
                 "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
                 "with the same --etcd-max-txn-ops")
         compare += self._claim_compare()
-        doc = self._call("kv/txn", {"compare": compare, "success": success}, idempotent=False)
-        if not doc.get("succeeded"):
+        mark, mark_rev = self._marker()
+        nonce = secrets.token_hex(12)
+        compare.append({"key": _b64(mark), "target": "MOD", "result": "EQUAL", "mod_revision": mark_rev})
+        success.append({"request_put": {"key": _b64(mark), "value": _b64(json.dumps({"nonce": nonce}))}})
+        try:
+            doc = self._send_txn({"compare": compare, "success": success})
+        except _AnswerLost as e:
+            self._pending = (mark, mark_rev, nonce, e.message)
+            if self._settle_pending():
+                return  # it was applied: the caller's write is there
+            raise Unavailable(f"etcd transaction not applied ({e.message}): its answer was lost, and etcd "
+                              "confirmed it was not applied and now never can be") from None
+        if doc.get("succeeded"):
+            self._marks[mark] = int(doc["header"]["revision"])
+        else:
             self._check_claim()
             changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
                 self._short(p.encode()) + "*" for p in t.ranges)
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+
+    # ------------------------------------------------------------------ a lost answer
+
+    def _send_txn(self, body: dict[str, Any]) -> dict[str, Any]:
+        """kv/txn, with two failpoints for tests: VIRTUA_ETCD_LOSE_ANSWER=N loses the answer
+        of this process's Nth state transaction after etcd applied it (if it could),
+        VIRTUA_ETCD_DROP_TXN=N drops the Nth before it is sent; both then look like a read
+        timeout."""
+        global _txns_sent
+        _txns_sent += 1
+        n = str(_txns_sent)
+        if os.environ.get("VIRTUA_ETCD_DROP_TXN") == n:
+            raise _AnswerLost(f"failpoint VIRTUA_ETCD_DROP_TXN={n}: the transaction was not sent; "
+                              "the write may or may not have been applied")
+        doc = self._call("kv/txn", body, idempotent=False)
+        if os.environ.get("VIRTUA_ETCD_LOSE_ANSWER") == n:
+            raise _AnswerLost(f"failpoint VIRTUA_ETCD_LOSE_ANSWER={n}: the answer was lost; "
+                              "the write may or may not have been applied")
+        return doc
+
+    def _marker(self) -> tuple[str, int]:
+        """This serve's marker key and its mod revision (a lost txn of before settled first)."""
+        if self._pending is not None:
+            self._settle_pending()
+        key = self.prefix + (MARKER if self._claim_rev else f"{MARKER}/{self._id}")
+        if key not in self._marks:  # the claim's marker may be a predecessor's (same prefix)
+            kvs = self._range_page(key, None, 0, None).get("kvs") or []
+            self._marks[key] = int(kvs[0]["mod_revision"]) if kvs else 0
+        return key, self._marks[key]
+
+    def settle(self, txn: str | None = None, *, wait: float | None = None) -> bool | None:
+        """Whether the transaction `txn` (OutcomeUnknown.txn), whose answer was lost, was
+        applied: True or False for good once etcd answers (OutcomeUnknown while it does
+        not); None if this store never sent it (another process did) or has forgotten it.
+        Without txn: settles the pending one, if any. wait: seconds to keep trying
+        (RESOLVE_WAIT by default; 0: one attempt, for a caller on the event loop)."""
+        with self._lock:
+            if self._pending is not None and (txn is None or self._pending[2] == txn):
+                return self._settle_pending(RESOLVE_WAIT if wait is None else wait)
+            return None if txn is None else self._outcomes.get(txn)
+
+    def _settle_pending(self, wait: float = RESOLVE_WAIT) -> bool:
+        """Settle the lost transaction: fence the marker at the revision the txn was
+        conditional on (then it was not applied, and never can be), or find its nonce there
+        (applied). Raises OutcomeUnknown if etcd does not answer within RESOLVE_WAIT."""
+        assert self._pending is not None
+        key, rev, nonce, why = self._pending
+        deadline = time.monotonic() + wait
+        last = why
+        while True:
+            fence = "fence-" + secrets.token_hex(8)
+            self._fences.add(fence)
+            body = {"compare": [{"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": rev}],
+                    "success": [{"request_put": {"key": _b64(key), "value": _b64(json.dumps({"nonce": fence}))}}],
+                    "failure": [{"request_range": {"key": _b64(key)}}]}
+            try:
+                doc = self._request("kv/txn", body, idempotent=True)  # a compare-and-swap: safe to repeat
+            except Unavailable as e:
+                last = e.message
+                if time.monotonic() >= deadline:
+                    raise OutcomeUnknown(
+                        f"etcd did not answer a transaction ({why}) and stayed unreachable for {wait:g} s "
+                        f"while its outcome was checked ({last}): it may or may not have been applied; the next "
+                        f"write to etcd settles it (marker {key}, nonce {nonce})", txn=nonce) from None
+                time.sleep(ELECTION_POLL * 2)
+                continue
+            if doc.get("succeeded"):
+                return self._settled(key, int(doc["header"]["revision"]), nonce, False)
+            kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+            held = _holder(kvs[0]).get("nonce") if kvs else None
+            if held == nonce:
+                return self._settled(key, int(kvs[0]["mod_revision"]), nonce, True)
+            if held in self._fences:  # an earlier fence of this store, whose answer was lost
+                return self._settled(key, int(kvs[0]["mod_revision"]), nonce, False)
+            self._pending = None
+            self._marks.pop(key, None)
+            raise OutcomeUnknown(f"etcd did not answer a transaction ({why}), and its marker {key} was changed "
+                                 "by another writer meanwhile: whether it was applied cannot be told", txn=nonce)
+
+    def _settled(self, key: str, rev: int, nonce: str, applied: bool) -> bool:
+        self._marks[key] = rev
+        self._pending = None
+        self._down_until = 0.0  # etcd answered
+        self._outcomes[nonce] = applied
+        while len(self._outcomes) > KEEP_OUTCOMES:
+            del self._outcomes[next(iter(self._outcomes))]
+        return applied
 
     # ------------------------------------------------------------------ one manager per prefix
 
