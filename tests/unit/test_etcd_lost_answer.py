@@ -63,7 +63,7 @@ def lose(s: EtcdStateStore, *, applied: bool, then: Callable[[], None] | None = 
             raise httpx.ReadTimeout("lost by the test")
         return real(url, **kw)
 
-    s._http.post = post  # type: ignore[method-assign]
+    s._http.post = post  # type: ignore[method-assign,assignment]
     return lost
 
 
