@@ -142,6 +142,10 @@ def test_etcd_away_after_a_lost_answer_is_outcome_unknown_then_settled(
             with s.txn():
                 s.put("/vcs/a", {"v": 1})
         assert e.value.txn
+        with pytest.raises(Unavailable, match="not sent") as later:  # another write: definitely not applied
+            with s.txn():
+                s.put("/vcs/b", {"v": 2})
+        assert not isinstance(later.value, OutcomeUnknown)
         os.killpg(pid, signal.SIGCONT)
         assert s.settle(e.value.txn) is applied
         assert s.settle(e.value.txn) is applied  # remembered

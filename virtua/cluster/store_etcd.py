@@ -446,7 +446,11 @@ class EtcdStateStore:
     def _marker(self) -> tuple[str, int]:
         """This serve's marker key and its mod revision (a lost txn of before settled first)."""
         if self._pending is not None:
-            self._settle_pending()
+            try:
+                self._settle_pending(0)  # one attempt: the caller's own write has not been sent
+            except OutcomeUnknown as e:
+                raise Unavailable(f"etcd transaction not sent (so not applied): an earlier one's outcome is "
+                                  f"still being settled: {e.message}") from None
         key = self.prefix + (MARKER if self._claim_rev else f"{MARKER}/{self._id}")
         if key not in self._marks:  # the claim's marker may be a predecessor's (same prefix)
             kvs = self._range_page(key, None, 0, None).get("kvs") or []
