@@ -465,6 +465,9 @@ class EtcdStateStore:
         (RESOLVE_WAIT by default; 0: one attempt, for a caller on the event loop)."""
         with self._lock:
             if self._pending is not None and (txn is None or self._pending[2] == txn):
+                if wait == 0 and time.monotonic() < self._down_until:  # it just failed: not again yet
+                    raise OutcomeUnknown(f"etcd is away ({self._down_said}): the outcome of transaction "
+                                         f"{self._pending[2]} is not settled yet", txn=self._pending[2])
                 return self._settle_pending(RESOLVE_WAIT if wait is None else wait)
             return None if txn is None else self._outcomes.get(txn)
 
@@ -486,6 +489,7 @@ class EtcdStateStore:
                 doc = self._request("kv/txn", body, idempotent=True)  # a compare-and-swap: safe to repeat
             except Unavailable as e:
                 last = e.message
+                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
                 if time.monotonic() >= deadline:
                     raise OutcomeUnknown(
                         f"etcd did not answer a transaction ({why}) and stayed unreachable for {wait:g} s "
@@ -634,6 +638,10 @@ class EtcdStateStore:
                     f"({self.prefix or ''}/): stop it first, or give this serve a prefix of its own (--etcd-prefix)")
 
     def close(self) -> None:
+        own = self.prefix + f"{MARKER}/{self._id}"  # a store without a claim: its marker goes with it
+        if self._marks.get(own) and self._pending is None:
+            with contextlib.suppress(VirtuaError):
+                self._request("kv/deleterange", {"key": _b64(own)}, idempotent=True)
         self._http.close()
 
 
