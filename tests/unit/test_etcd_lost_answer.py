@@ -48,14 +48,20 @@ def frozen_etcd(tmp_path: Path) -> Iterator[tuple[str, int]]:
         yield members[0].client_url, pids[0]
 
 
+def _is_marker_only(body: dict[str, Any]) -> bool:
+    """A txn that writes nothing but the store's own marker (its creation, a fence)."""
+    ops = body.get("success") or []
+    return bool(ops) and all(b"/.txn" in base64.b64decode(next(iter(op.values()))["key"]) for op in ops)
+
+
 def lose(s: EtcdStateStore, *, applied: bool, then: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """The store's next kv/txn loses its answer: sent and applied, or never sent. Returns
-    the bodies of the txns it lost (to replay them)."""
+    """The store's next kv/txn of a write (not the creation of its marker) loses its answer:
+    sent and applied, or never sent. Returns the bodies of the txns it lost (to replay them)."""
     real = s._http.post
     lost: list[dict[str, Any]] = []
 
     def post(url: str, **kw: Any) -> httpx.Response:
-        if url.endswith("/v3/kv/txn") and not lost:
+        if url.endswith("/v3/kv/txn") and not lost and not _is_marker_only(kw["json"]):
             lost.append(kw["json"])
             if applied:
                 real(url, **kw)
@@ -257,3 +263,120 @@ def test_a_job_whose_record_write_is_outcome_unknown_undoes_nothing_and_recovery
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGCONT)
         s.close()
+
+
+# ---------------------------------------------------------------- a lost write arriving late
+
+
+def hold(s: EtcdStateStore) -> list[tuple[str, dict[str, Any]]]:
+    """The store's next write request (a put, a delete or a txn, not one of its marker's own)
+    is held, as a frozen member holds a request in its socket: not delivered now, the client
+    sees a read timeout. Returns (url, body) of what was held, for the test to deliver later,
+    as the member does when it resumes."""
+    real = s._http.post
+    held: list[tuple[str, dict[str, Any]]] = []
+
+    def post(url: str, **kw: Any) -> httpx.Response:
+        path = url.split("/v3/", 1)[1]
+        if not held and path in ("kv/put", "kv/deleterange", "kv/txn") and not _is_marker_only(kw["json"]):
+            held.append((url, kw["json"]))
+            raise httpx.ReadTimeout("held by the test")
+        return real(url, **kw)
+
+    s._http.post = post  # type: ignore[method-assign,assignment]
+    return held
+
+
+def _write(s: EtcdStateStore, kind: str) -> None:
+    if kind == "put":
+        s.put("/q", {"n": 3})
+    elif kind == "delete":
+        s.delete("/q")
+    else:
+        with s.txn():
+            s.put("/q", {"n": 3})
+
+
+@pytest.mark.parametrize("claimed", [False, True], ids=["no-claim", "claim"])
+@pytest.mark.parametrize("kind", ["put", "delete", "txn"])
+def test_a_write_without_an_answer_arriving_late_does_not_overwrite_an_acknowledged_one(
+    etcd_url: str, kind: str, claimed: bool,
+) -> None:
+    """The lost-write sequence of test_state_store_contract's quorum test, made deterministic:
+    put n=1; a write gets no answer (it sits in a frozen member's socket); the caller is told
+    it failed; put n=4 is acknowledged; the member resumes and applies the held request. A
+    plain put/delete (no compare) then overwrote n=4: get said n=3 (or nothing) after n=4
+    was acknowledged. Every write is now conditional on the marker, and the lost one was
+    fenced before n=4 was sent: it can no longer apply."""
+    prefix = f"/t{uuid.uuid4().hex[:8]}/"
+    s = EtcdStateStore(etcd_url, prefix=prefix)
+    try:
+        if claimed:
+            s.claim({"pid": os.getpid()}, ttl=30)
+        s.put("/q", {"n": 1})
+        held = hold(s)
+        with pytest.raises(Unavailable, match="not applied") as e:
+            _write(s, kind)
+        assert not isinstance(e.value, OutcomeUnknown)
+        assert held, "the write was held"
+        assert s.get("/q") == {"n": 1}
+        s.put("/q", {"n": 4})  # acknowledged
+        url, body = held[0]
+        httpx.post(url, json=body, timeout=5).raise_for_status()  # the held request arrives late
+        assert raw_get(etcd_url, prefix + "q") == {"n": 4}, "an acknowledged write was overwritten"
+        assert s.get("/q") == {"n": 4}
+    finally:
+        s.close()
+
+
+def test_a_lost_first_write_can_not_apply_once_its_store_closed(etcd_url: str) -> None:
+    """A store without a claim removes its marker key on close: a lost transaction that was
+    conditional on the marker being absent (the store's first write) could then apply, after
+    writes that were acknowledged. The marker exists before any write is conditional on it."""
+    prefix = f"/t{uuid.uuid4().hex[:8]}/"
+    s = EtcdStateStore(etcd_url, prefix=prefix)
+    held = hold(s)
+    with pytest.raises(Unavailable, match="not applied"), s.txn():
+        s.put("/q", {"n": 3})
+    s.put("/q", {"n": 4})
+    s.close()
+    url, body = held[0]
+    httpx.post(url, json=body, timeout=5).raise_for_status()
+    assert raw_get(etcd_url, prefix + "q") == {"n": 4}
+
+
+def test_an_unanswered_put_held_by_a_frozen_member_does_not_apply_after_a_later_acknowledged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The quorum test's sequence with real members, resumed one at a time: two of three
+    frozen, put n=3 gets no answer; one resumes (quorum), put n=4 is acknowledged; the other
+    resumes with what it was sent while frozen. The put used to be retried on every member
+    (repeating it was thought harmless) and the third member applied it late, after n=4."""
+    monkeypatch.setattr(store_etcd, "RESOLVE_WAIT", 2.0)
+    monkeypatch.setattr(store_etcd, "HOLD_DOWN", 0.0)
+    with etcd_cluster(tmp_path / "etcd", ["127.0.0.1"] * 3) as (members, pids):
+        s = EtcdStateStore(",".join(m.client_url for m in members), prefix="/z/", read_timeout=1.0)
+        try:
+            s.put("/q", {"n": 1})
+            for pid in pids[1:]:
+                os.killpg(pid, signal.SIGSTOP)
+            with pytest.raises(Unavailable, match="no quorum"):
+                s.put("/q", {"n": 3})
+            os.killpg(pids[1], signal.SIGCONT)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    s.put("/q", {"n": 4})
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline, "no recovery after the quorum came back"
+                    time.sleep(0.3)
+            os.killpg(pids[2], signal.SIGCONT)
+            time.sleep(3)  # the third member catches up and handles what it holds
+            assert s.get("/q") == {"n": 4}
+            assert raw_get(members[0].client_url, "/z/q") == {"n": 4}
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGCONT)
+            s.close()
