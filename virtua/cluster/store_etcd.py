@@ -16,15 +16,19 @@ Several endpoints: a request that cannot connect goes to the next one. A cluster
 cannot be reached, or that does not answer in time or says it has no leader, is
 `Unavailable` with a message saying which.
 
-A transaction whose answer is lost (sent, then a read timeout or "leader changed") is not
-reported as a failure at once: every transaction also puts this serve's marker key
-(PREFIX/.txn while it holds the prefix's claim, else PREFIX/.txn/<process id>) to a fresh
-nonce, on condition that the marker is still at the revision this store last saw. The
-outcome is then settled by a fence: a compare-and-swap of the marker from that revision to
-a tombstone nonce. It succeeds: the lost transaction was not applied and never can be (its
-condition on the marker is false for good). It fails and the marker holds the lost
-transaction's nonce: it was applied (success). etcd unreachable for RESOLVE_WAIT:
-`OutcomeUnknown`; the next write (or `settle`) settles it first.
+Every write (a `put` or `delete` outside `txn()` too: each is a transaction of one) also
+puts this serve's marker key (PREFIX/.txn while it holds the prefix's claim, else
+PREFIX/.txn/<process id>) to a fresh nonce, on condition that the marker is still at the
+mod revision this store last saw (never 0: the marker is created first, alone). A write
+whose answer is lost (sent, then a read timeout, a cut connection, "leader changed" or
+"request timed out") is never sent again, and no other write is sent until it is settled
+by a fence: a compare-and-swap of the marker from that revision to a tombstone nonce. It
+succeeds: the lost write was not applied and never can be, however late a member hands
+it to the leader (its condition on the marker is false for good: a mod revision never
+comes back). It fails and the marker holds the lost write's nonce: it was applied
+(success). etcd unreachable for RESOLVE_WAIT: `OutcomeUnknown`; the next write (or
+`settle`) settles it first. So a write acknowledged after a lost one is never overwritten
+by it.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "
 
 # answers that say an election is under way (the leader went): worth a short wait
 _ELECTING = ("no leader", "leader changed")
+# of those, the answers etcd gives before it proposes a write (so it was not applied)
+_REFUSED = ("no leader", "not capable", "too many requests")
 ELECTION_WAIT = 2.5  # seconds: etcd elects a new leader within its election timeout (1 s in a lab)
 ELECTION_POLL = 0.1
 MARKER = "/.txn"  # this serve's transaction marker (under the prefix; no name starts with '.')
@@ -224,6 +230,9 @@ class EtcdStateStore:
                 answered += 1  # it is there, and cannot answer without a quorum
                 continue
             except httpx.HTTPError as e:
+                if not idempotent:  # connected and (maybe) sent, then cut: it may be applied
+                    raise _AnswerLost(f"etcd at {url} cut the connection ({_reason(e)}); the write may or may "
+                                      "not have been applied") from None
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
             self._current = (self._current + i) % n
@@ -241,7 +250,7 @@ class EtcdStateStore:
                 not_applied = not_applied and "no leader" in message
                 if idempotent:
                     continue
-                if not electing and "timed out" in message:  # proposed, then timed out: who knows
+                if not electing and not any(s in message for s in _REFUSED):  # maybe proposed: who knows
                     raise _AnswerLost(_no_quorum(failures, answered, n, electing, not_applied).message)
                 raise _no_quorum(failures, answered, n, electing, not_applied)
             if "too large" in message:
@@ -321,28 +330,22 @@ class EtcdStateStore:
             if self._txn is not None:
                 self._txn.writes[key] = json.loads(data)  # a copy: later changes to value are not written
                 return
-            if self._claim_lost is not None:
-                raise Busy(self._claim_lost)
-            if self._claim_rev:
-                self._fenced({"request_put": {"key": _b64(self._full(key)), "value": _b64(data)}})
-                return
-            self._call("kv/put", {"key": _b64(self._full(key)), "value": _b64(data)}, idempotent=True)
+            # a transaction of one, conditional on the marker like every write: a plain put
+            # retried on another member, or held by a frozen one, could apply late, over a
+            # later write that was acknowledged
+            self._commit(_Txn(writes={key: json.loads(data)}))
 
     def delete(self, key: str) -> None:
         with self._lock:
             if self._txn is not None:
                 self._txn.writes[key] = None
                 return
-            if self._claim_lost is not None:
-                raise Busy(self._claim_lost)
-            if self._claim_rev:
-                self._fenced({"request_delete_range": {"key": _b64(self._full(key))}})
-                return
-            self._call("kv/deleterange", {"key": _b64(self._full(key))}, idempotent=True)
+            self._commit(_Txn(writes={key: None}))
 
     def range(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
             rows, revision = self._range_raw(prefix)
+            rows = [r for r in rows if not r[0].startswith("/.")]  # the claim, the markers: the store's own
             t = self._txn
             if t is None:
                 return [(k, v) for k, v, _ in rows]
@@ -396,33 +399,52 @@ class EtcdStateStore:
             if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
             for k, v in t.writes.items()
         ]
-        longest = max(len(compare), len(success)) + 1  # and the marker (below)
+        claim = self._claim_compare()
+        longest = max(len(compare) + len(claim), len(success)) + 1  # and the marker (below)
         if longest > self.max_txn_ops:
             raise InvalidArgument(
                 f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
                 "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
                 "with the same --etcd-max-txn-ops")
-        compare += self._claim_compare()
-        mark, mark_rev = self._marker()
-        nonce = secrets.token_hex(12)
-        compare.append({"key": _b64(mark), "target": "MOD", "result": "EQUAL", "mod_revision": mark_rev})
-        success.append({"request_put": {"key": _b64(mark), "value": _b64(json.dumps({"nonce": nonce}))}})
-        try:
-            doc = self._send_txn({"compare": compare, "success": success})
-        except _AnswerLost as e:
-            self._pending = (mark, mark_rev, nonce, e.message)
-            if self._settle_pending():
-                return  # it was applied: the caller's write is there
-            raise Unavailable(f"etcd transaction not applied ({e.message}): its answer was lost, and etcd "
-                              "confirmed it was not applied and now never can be") from None
-        if doc.get("succeeded"):
-            self._marks[mark] = int(doc["header"]["revision"])
-        else:
-            self._check_claim()
-            changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
-                self._short(p.encode()) + "*" for p in t.ranges)
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+        compare += claim
+        for attempt in range(2):
+            mark, mark_rev = self._marker()  # a lost write of before is settled first
+            nonce = secrets.token_hex(12)
+            body = {
+                "compare": [*compare, {"key": _b64(mark), "target": "MOD", "result": "EQUAL", "mod_revision": mark_rev}],
+                "success": [*success, {"request_put": {"key": _b64(mark), "value": _b64(json.dumps({"nonce": nonce}))}}],
+                "failure": [{"request_range": {"key": _b64(mark)}}],
+            }
+            try:
+                doc = self._send_txn(body)
+            except _AnswerLost as e:
+                self._pending = (mark, mark_rev, nonce, e.message)
+                if self._settle_pending():
+                    return  # it was applied: the caller's write is there
+                raise Unavailable(f"etcd transaction not applied ({e.message}): its answer was lost, and etcd "
+                                  "confirmed it was not applied and now never can be") from None
+            if doc.get("succeeded"):
+                self._marks[mark] = int(doc["header"]["revision"])
+                return
+            held, held_rev = _marker_in(doc)
+            if held == nonce:  # sent again after "no leader" and an earlier copy was applied after all
+                self._marks[mark] = held_rev
+                return
+            if held_rev == mark_rev or attempt:
+                break
+            # the marker moved though this store wrote nothing since: another store on the same
+            # marker (a serve before this one on the prefix). The write was not applied: once more
+            if held_rev:
+                self._marks[mark] = held_rev
+            else:  # gone: made again (a write is never conditional on its absence)
+                self._marks.pop(mark, None)
+        self._check_claim()
+        changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
+            self._short(p.encode()) + "*" for p in t.ranges)
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        if not changed:
+            raise StoreConflict("etcd write not applied: its condition failed")
+        raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
 
     # ------------------------------------------------------------------ a lost answer
 
@@ -446,6 +468,9 @@ class EtcdStateStore:
     def _marker(self) -> tuple[str, int]:
         """This serve's marker key and its mod revision (a lost txn of before settled first)."""
         if self._pending is not None:
+            if time.monotonic() < self._down_until:  # it just failed: not again yet (no wait per write)
+                raise Unavailable(f"etcd transaction not sent (so not applied): an earlier one's outcome is "
+                                  f"still being settled: etcd is away ({self._down_said})")
             try:
                 self._settle_pending(0)  # one attempt: the caller's own write has not been sent
             except OutcomeUnknown as e:
@@ -453,9 +478,25 @@ class EtcdStateStore:
                                   f"still being settled: {e.message}") from None
         key = self.prefix + (MARKER if self._claim_rev else f"{MARKER}/{self._id}")
         if key not in self._marks:  # the claim's marker may be a predecessor's (same prefix)
-            kvs = self._range_page(key, None, 0, None).get("kvs") or []
-            self._marks[key] = int(kvs[0]["mod_revision"]) if kvs else 0
+            self._marks[key] = self._make_marker(key)
         return key, self._marks[key]
+
+    def _make_marker(self, key: str) -> int:
+        """The marker's mod revision, creating it first if absent (create-only, alone): a
+        write is never conditional on the marker being absent, since the marker can be
+        absent again (a store without a claim removes its own on close) and a write lost
+        on that condition would then apply. Repeating the creation is harmless."""
+        doc = self._call("kv/txn", {
+            "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(json.dumps({"nonce": "created"}))}}],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        }, idempotent=True)
+        if doc.get("succeeded"):
+            return int(doc["header"]["revision"])
+        _, rev = _marker_in(doc)
+        if not rev:
+            raise VirtuaError(f"etcd answered a transaction on {key} without it")
+        return rev
 
     def settle(self, txn: str | None = None, *, wait: float | None = None) -> bool | None:
         """Whether the transaction `txn` (OutcomeUnknown.txn), whose answer was lost, was
@@ -499,12 +540,11 @@ class EtcdStateStore:
                 continue
             if doc.get("succeeded"):
                 return self._settled(key, int(doc["header"]["revision"]), nonce, False)
-            kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
-            held = _holder(kvs[0]).get("nonce") if kvs else None
+            held, held_rev = _marker_in(doc)
             if held == nonce:
-                return self._settled(key, int(kvs[0]["mod_revision"]), nonce, True)
+                return self._settled(key, held_rev, nonce, True)
             if held in self._fences:  # an earlier fence of this store, whose answer was lost
-                return self._settled(key, int(kvs[0]["mod_revision"]), nonce, False)
+                return self._settled(key, held_rev, nonce, False)
             self._pending = None
             self._marks.pop(key, None)
             raise OutcomeUnknown(f"etcd did not answer a transaction ({why}), and its marker {key} was changed "
@@ -513,6 +553,7 @@ class EtcdStateStore:
     def _settled(self, key: str, rev: int, nonce: str, applied: bool) -> bool:
         self._marks[key] = rev
         self._pending = None
+        self._fences.clear()  # a fence still in flight is conditional on the old revision: it cannot apply
         self._down_until = 0.0  # etcd answered
         self._outcomes[nonce] = applied
         while len(self._outcomes) > KEEP_OUTCOMES:
@@ -565,12 +606,6 @@ class EtcdStateStore:
             return []
         return [{"key": _b64(self.prefix + CLAIM), "target": "CREATE", "result": "EQUAL",
                  "create_revision": self._claim_rev}]
-
-    def _fenced(self, op: dict[str, Any]) -> None:
-        doc = self._call("kv/txn", {"compare": self._claim_compare(), "success": [op]}, idempotent=True)
-        if not doc.get("succeeded"):
-            self._check_claim()
-            raise StoreConflict("etcd write not applied: its condition failed")
 
     def _check_claim(self, *, absent_is_lost: bool = True) -> None:
         """Busy if the claim this serve made is not the prefix's claim any more; from then
@@ -638,8 +673,10 @@ class EtcdStateStore:
                     f"({self.prefix or ''}/): stop it first, or give this serve a prefix of its own (--etcd-prefix)")
 
     def close(self) -> None:
-        own = self.prefix + f"{MARKER}/{self._id}"  # a store without a claim: its marker goes with it
-        if self._marks.get(own) and self._pending is None:
+        # a store without a claim: its marker goes with it (safe: no write was ever conditional
+        # on its absence, so none still in flight can apply once it is gone)
+        own = self.prefix + f"{MARKER}/{self._id}"
+        if self._marks.pop(own, None) and self._pending is None and not self._http.is_closed:
             with contextlib.suppress(VirtuaError):
                 self._request("kv/deleterange", {"key": _b64(own)}, idempotent=True)
         self._http.close()
@@ -651,6 +688,15 @@ class _Taken(Busy):
     def __init__(self, message: str, holder: dict[str, Any], revision: int) -> None:
         super().__init__(message)
         self.holder, self.revision = holder, revision
+
+
+def _marker_in(doc: dict[str, Any]) -> tuple[str | None, int]:
+    """The nonce and mod revision of the marker in a failed txn's answer (its failure range)."""
+    kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+    if not kvs:
+        return None, 0
+    nonce = _holder(kvs[0]).get("nonce")
+    return (nonce if isinstance(nonce, str) else None), int(kvs[0].get("mod_revision", 0))
 
 
 def _holder(kv: dict[str, Any]) -> dict[str, Any]:
