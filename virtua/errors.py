@@ -91,6 +91,16 @@ class Unavailable(VirtuaError):
     errno = errno.EIO
 
 
+class OutcomeUnknown(Unavailable):
+    """A write was sent but its answer was lost, and the store stayed unreachable while
+    its outcome was checked: it may or may not have been applied. Nothing that depends on
+    it may be undone until the store says which (the next write, or job recovery, settles it)."""
+
+    def __init__(self, message: str, txn: str | None = None) -> None:
+        super().__init__(message)
+        self.txn = txn  # the store's id of the write (EtcdStateStore.settle)
+
+
 class Unauthenticated(VirtuaError):
     """No valid credential: no client certificate, or a bad, expired or used join token."""
 
@@ -138,6 +148,7 @@ ERROR_TYPES: dict[str, type[VirtuaError]] = {
         StoreConflict,
         PlacementError,
         Unavailable,
+        OutcomeUnknown,
         Unauthenticated,
         Forbidden,
         Cancelled,

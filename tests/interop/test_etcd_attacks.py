@@ -22,17 +22,17 @@ def etcd() -> Iterator[str]:
 
 
 def test_a_vc_past_etcds_transaction_limit_is_refused_before_anything_is_made(tmp_path: Path, etcd: str) -> None:
-    """etcd's default --max-txn-ops is 128 and recording a VC is one put per node and one
-    for the VC: `vc create --nodes 200` cloned 400 volumes, wrote 200 seeds and then failed
+    """etcd's default --max-txn-ops is 128 and recording a VC is one put per node, one
+    for the VC and one for the store's transaction marker: `vc create --nodes 200` cloned 400 volumes, wrote 200 seeds and then failed
     at its last step. Now it is refused up front, saying the limit and what to change;
     told of a larger limit (--etcd-max-txn-ops), serve goes on to the next check."""
     v = V(tmp_path / "home")
     serve = Serve(v.home, "--etcd", etcd, "--etcd-prefix", "/a1/")
     try:
         line = v.fails(2, "vc", "create", "big", "--template", "none", "--nodes", "200", match="--max-txn-ops")
-        assert "201 operations" in line and "allows 128" in line and "--etcd-max-txn-ops" in line, line
+        assert "202 operations" in line and "allows 128" in line and "--etcd-max-txn-ops" in line, line
         assert v.json("job", "list", "--all") == [], "no job: nothing was started"
-        v.fails(3, "vc", "create", "ok", "--template", "none", "--nodes", "127", match="template")  # control: it fits
+        v.fails(3, "vc", "create", "ok", "--template", "none", "--nodes", "126", match="template")  # control: it fits
     finally:
         serve.stop()
     serve = Serve(v.home, "--etcd", etcd, "--etcd-prefix", "/a1/", "--etcd-max-txn-ops", "2048")

@@ -1035,6 +1035,7 @@ class Manager:
         """Refuse, before anything is made, an operation whose one store transaction would
         be past the store's limit (etcd's --max-txn-ops; SQLite has none)."""
         limit = getattr(self.store, "max_txn_ops", None)
+        ops += getattr(self.store, "txn_overhead", 0)  # etcd: each transaction's marker (store_etcd)
         if isinstance(limit, int) and ops > limit:
             raise InvalidArgument(
                 f"{what} is recorded in one etcd transaction of {ops} operations, and this etcd allows {limit} "

@@ -15,6 +15,20 @@ have appeared or changed under a prefix it ranged over; otherwise nothing is wri
 Several endpoints: a request that cannot connect goes to the next one. A cluster that
 cannot be reached, or that does not answer in time or says it has no leader, is
 `Unavailable` with a message saying which.
+
+Every write (a `put` or `delete` outside `txn()` too: each is a transaction of one) also
+puts this serve's marker key (PREFIX/.txn while it holds the prefix's claim, else
+PREFIX/.txn/<process id>) to a fresh nonce, on condition that the marker is still at the
+mod revision this store last saw (never 0: the marker is created first, alone). A write
+whose answer is lost (sent, then a read timeout, a cut connection, "leader changed" or
+"request timed out") is never sent again, and no other write is sent until it is settled
+by a fence: a compare-and-swap of the marker from that revision to a tombstone nonce. It
+succeeds: the lost write was not applied and never can be, however late a member hands
+it to the leader (its condition on the marker is false for good: a mod revision never
+comes back). It fails and the marker holds the lost write's nonce: it was applied
+(success). etcd unreachable for RESOLVE_WAIT: `OutcomeUnknown`; the next write (or
+`settle`) settles it first. So a write acknowledged after a lost one is never overwritten
+by it.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ import base64
 import contextlib
 import copy
 import json
+import os
+import secrets
 import ssl
 import threading
 import time
@@ -34,7 +50,7 @@ from typing import Any
 import httpx
 
 from virtua.cluster.store import StoreConflict
-from virtua.errors import Busy, InvalidArgument, NoSpace, Unavailable, VirtuaError
+from virtua.errors import Busy, InvalidArgument, NoSpace, OutcomeUnknown, Unavailable, VirtuaError
 from virtua.pki.credentials import Credentials
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
@@ -51,8 +67,18 @@ _NO_QUORUM = ("no leader", "request timed out", "leader changed", "timed out", "
 
 # answers that say an election is under way (the leader went): worth a short wait
 _ELECTING = ("no leader", "leader changed")
+# of those, the answers etcd gives before it proposes a write (so it was not applied)
+_REFUSED = ("no leader", "not capable", "too many requests")
 ELECTION_WAIT = 2.5  # seconds: etcd elects a new leader within its election timeout (1 s in a lab)
 ELECTION_POLL = 0.1
+MARKER = "/.txn"  # this serve's transaction marker (under the prefix; no name starts with '.')
+RESOLVE_WAIT = 6.0  # seconds to settle a lost transaction's outcome before OutcomeUnknown
+KEEP_OUTCOMES = 64  # settled outcomes remembered for `settle(txn)` (job recovery)
+_txns_sent = 0  # this process's state transactions, for the failpoints (VIRTUA_ETCD_*)
+
+
+class _AnswerLost(Unavailable):
+    """A non-idempotent request was sent and its answer lost: applied or not, unknown."""
 
 
 class _Electing(Unavailable):
@@ -111,6 +137,8 @@ class _Txn:
 
 
 class EtcdStateStore:
+    txn_overhead = 1  # the marker every transaction puts (one operation past the caller's)
+
     def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  max_txn_ops: int = DEFAULT_MAX_TXN_OPS, tls: Credentials | None = None) -> None:
@@ -151,6 +179,11 @@ class EtcdStateStore:
         self._claim_lost: str | None = None  # why this serve may not write any more
         self._claim_who: dict[str, Any] = {}
         self._claim_ttl = 10
+        self._id = secrets.token_hex(8)  # this process's marker key when it holds no claim
+        self._marks: dict[str, int] = {}  # marker key -> its mod revision as last seen
+        self._pending: tuple[str, int, str, str] | None = None  # a lost txn: marker, its rev, nonce, why
+        self._fences: set[str] = set()  # tombstone nonces this store tried (a fence's answer may be lost too)
+        self._outcomes: dict[str, bool] = {}  # settled lost txns: nonce -> applied
         if check:
             self.check()
 
@@ -168,6 +201,8 @@ class EtcdStateStore:
                     time.sleep(ELECTION_POLL)
                     continue
                 self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                if not (idempotent or e.not_applied):  # "leader changed" after proposing it
+                    raise _AnswerLost(e.message + "; the write may or may not have been applied") from None
                 raise Unavailable(e.message) from None
             except Unavailable as e:
                 self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
@@ -190,11 +225,14 @@ class EtcdStateStore:
             except httpx.TimeoutException:
                 msg = f"{url} gave no answer within {self.read_timeout:g} s"
                 if not idempotent:
-                    raise Unavailable(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
+                    raise _AnswerLost(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
                 failures.append(msg)
                 answered += 1  # it is there, and cannot answer without a quorum
                 continue
             except httpx.HTTPError as e:
+                if not idempotent:  # connected and (maybe) sent, then cut: it may be applied
+                    raise _AnswerLost(f"etcd at {url} cut the connection ({_reason(e)}); the write may or may "
+                                      "not have been applied") from None
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
             self._current = (self._current + i) % n
@@ -212,6 +250,8 @@ class EtcdStateStore:
                 not_applied = not_applied and "no leader" in message
                 if idempotent:
                     continue
+                if not electing and not any(s in message for s in _REFUSED):  # maybe proposed: who knows
+                    raise _AnswerLost(_no_quorum(failures, answered, n, electing, not_applied).message)
                 raise _no_quorum(failures, answered, n, electing, not_applied)
             if "too large" in message:
                 raise NoSpace(f"etcd refused the request as too large ({message}): documents are at most "
@@ -290,28 +330,22 @@ class EtcdStateStore:
             if self._txn is not None:
                 self._txn.writes[key] = json.loads(data)  # a copy: later changes to value are not written
                 return
-            if self._claim_lost is not None:
-                raise Busy(self._claim_lost)
-            if self._claim_rev:
-                self._fenced({"request_put": {"key": _b64(self._full(key)), "value": _b64(data)}})
-                return
-            self._call("kv/put", {"key": _b64(self._full(key)), "value": _b64(data)}, idempotent=True)
+            # a transaction of one, conditional on the marker like every write: a plain put
+            # retried on another member, or held by a frozen one, could apply late, over a
+            # later write that was acknowledged
+            self._commit(_Txn(writes={key: json.loads(data)}))
 
     def delete(self, key: str) -> None:
         with self._lock:
             if self._txn is not None:
                 self._txn.writes[key] = None
                 return
-            if self._claim_lost is not None:
-                raise Busy(self._claim_lost)
-            if self._claim_rev:
-                self._fenced({"request_delete_range": {"key": _b64(self._full(key))}})
-                return
-            self._call("kv/deleterange", {"key": _b64(self._full(key))}, idempotent=True)
+            self._commit(_Txn(writes={key: None}))
 
     def range(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
             rows, revision = self._range_raw(prefix)
+            rows = [r for r in rows if not r[0].startswith("/.")]  # the claim, the markers: the store's own
             t = self._txn
             if t is None:
                 return [(k, v) for k, v, _ in rows]
@@ -365,20 +399,166 @@ class EtcdStateStore:
             if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
             for k, v in t.writes.items()
         ]
-        longest = max(len(compare), len(success))
+        claim = self._claim_compare()
+        longest = max(len(compare) + len(claim), len(success)) + 1  # and the marker (below)
         if longest > self.max_txn_ops:
             raise InvalidArgument(
                 f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
                 "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
                 "with the same --etcd-max-txn-ops")
-        compare += self._claim_compare()
-        doc = self._call("kv/txn", {"compare": compare, "success": success}, idempotent=False)
-        if not doc.get("succeeded"):
-            self._check_claim()
-            changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
-                self._short(p.encode()) + "*" for p in t.ranges)
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+        compare += claim
+        for attempt in range(2):
+            mark, mark_rev = self._marker()  # a lost write of before is settled first
+            nonce = secrets.token_hex(12)
+            body = {
+                "compare": [*compare, {"key": _b64(mark), "target": "MOD", "result": "EQUAL", "mod_revision": mark_rev}],
+                "success": [*success, {"request_put": {"key": _b64(mark), "value": _b64(json.dumps({"nonce": nonce}))}}],
+                "failure": [{"request_range": {"key": _b64(mark)}}],
+            }
+            try:
+                doc = self._send_txn(body)
+            except _AnswerLost as e:
+                self._pending = (mark, mark_rev, nonce, e.message)
+                if self._settle_pending():
+                    return  # it was applied: the caller's write is there
+                raise Unavailable(f"etcd transaction not applied ({e.message}): its answer was lost, and etcd "
+                                  "confirmed it was not applied and now never can be") from None
+            if doc.get("succeeded"):
+                self._marks[mark] = int(doc["header"]["revision"])
+                return
+            held, held_rev = _marker_in(doc)
+            if held == nonce:  # sent again after "no leader" and an earlier copy was applied after all
+                self._marks[mark] = held_rev
+                return
+            if held_rev == mark_rev or attempt:
+                break
+            # the marker moved though this store wrote nothing since: another store on the same
+            # marker (a serve before this one on the prefix). The write was not applied: once more
+            if held_rev:
+                self._marks[mark] = held_rev
+            else:  # gone: made again (a write is never conditional on its absence)
+                self._marks.pop(mark, None)
+        self._check_claim()
+        changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
+            self._short(p.encode()) + "*" for p in t.ranges)
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        if not changed:
+            raise StoreConflict("etcd write not applied: its condition failed")
+        raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+
+    # ------------------------------------------------------------------ a lost answer
+
+    def _send_txn(self, body: dict[str, Any]) -> dict[str, Any]:
+        """kv/txn, with two failpoints for tests: VIRTUA_ETCD_LOSE_ANSWER=N loses the answer
+        of this process's Nth state transaction after etcd applied it (if it could),
+        VIRTUA_ETCD_DROP_TXN=N drops the Nth before it is sent; both then look like a read
+        timeout."""
+        global _txns_sent
+        _txns_sent += 1
+        n = str(_txns_sent)
+        if os.environ.get("VIRTUA_ETCD_DROP_TXN") == n:
+            raise _AnswerLost(f"failpoint VIRTUA_ETCD_DROP_TXN={n}: the transaction was not sent; "
+                              "the write may or may not have been applied")
+        doc = self._call("kv/txn", body, idempotent=False)
+        if os.environ.get("VIRTUA_ETCD_LOSE_ANSWER") == n:
+            raise _AnswerLost(f"failpoint VIRTUA_ETCD_LOSE_ANSWER={n}: the answer was lost; "
+                              "the write may or may not have been applied")
+        return doc
+
+    def _marker(self) -> tuple[str, int]:
+        """This serve's marker key and its mod revision (a lost txn of before settled first)."""
+        if self._pending is not None:
+            if time.monotonic() < self._down_until:  # it just failed: not again yet (no wait per write)
+                raise Unavailable(f"etcd transaction not sent (so not applied): an earlier one's outcome is "
+                                  f"still being settled: etcd is away ({self._down_said})")
+            try:
+                self._settle_pending(0)  # one attempt: the caller's own write has not been sent
+            except OutcomeUnknown as e:
+                raise Unavailable(f"etcd transaction not sent (so not applied): an earlier one's outcome is "
+                                  f"still being settled: {e.message}") from None
+        key = self.prefix + (MARKER if self._claim_rev else f"{MARKER}/{self._id}")
+        if key not in self._marks:  # the claim's marker may be a predecessor's (same prefix)
+            self._marks[key] = self._make_marker(key)
+        return key, self._marks[key]
+
+    def _make_marker(self, key: str) -> int:
+        """The marker's mod revision, creating it first if absent (create-only, alone): a
+        write is never conditional on the marker being absent, since the marker can be
+        absent again (a store without a claim removes its own on close) and a write lost
+        on that condition would then apply. Repeating the creation is harmless."""
+        doc = self._call("kv/txn", {
+            "compare": [{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(json.dumps({"nonce": "created"}))}}],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        }, idempotent=True)
+        if doc.get("succeeded"):
+            return int(doc["header"]["revision"])
+        _, rev = _marker_in(doc)
+        if not rev:
+            raise VirtuaError(f"etcd answered a transaction on {key} without it")
+        return rev
+
+    def settle(self, txn: str | None = None, *, wait: float | None = None) -> bool | None:
+        """Whether the transaction `txn` (OutcomeUnknown.txn), whose answer was lost, was
+        applied: True or False for good once etcd answers (OutcomeUnknown while it does
+        not); None if this store never sent it (another process did) or has forgotten it.
+        Without txn: settles the pending one, if any. wait: seconds to keep trying
+        (RESOLVE_WAIT by default; 0: one attempt, for a caller on the event loop)."""
+        with self._lock:
+            if self._pending is not None and (txn is None or self._pending[2] == txn):
+                if wait == 0 and time.monotonic() < self._down_until:  # it just failed: not again yet
+                    raise OutcomeUnknown(f"etcd is away ({self._down_said}): the outcome of transaction "
+                                         f"{self._pending[2]} is not settled yet", txn=self._pending[2])
+                return self._settle_pending(RESOLVE_WAIT if wait is None else wait)
+            return None if txn is None else self._outcomes.get(txn)
+
+    def _settle_pending(self, wait: float = RESOLVE_WAIT) -> bool:
+        """Settle the lost transaction: fence the marker at the revision the txn was
+        conditional on (then it was not applied, and never can be), or find its nonce there
+        (applied). Raises OutcomeUnknown if etcd does not answer within RESOLVE_WAIT."""
+        assert self._pending is not None
+        key, rev, nonce, why = self._pending
+        deadline = time.monotonic() + wait
+        last = why
+        while True:
+            fence = "fence-" + secrets.token_hex(8)
+            self._fences.add(fence)
+            body = {"compare": [{"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": rev}],
+                    "success": [{"request_put": {"key": _b64(key), "value": _b64(json.dumps({"nonce": fence}))}}],
+                    "failure": [{"request_range": {"key": _b64(key)}}]}
+            try:
+                doc = self._request("kv/txn", body, idempotent=True)  # a compare-and-swap: safe to repeat
+            except Unavailable as e:
+                last = e.message
+                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                if time.monotonic() >= deadline:
+                    raise OutcomeUnknown(
+                        f"etcd did not answer a transaction ({why}) and stayed unreachable for {wait:g} s "
+                        f"while its outcome was checked ({last}): it may or may not have been applied; the next "
+                        f"write to etcd settles it (marker {key}, nonce {nonce})", txn=nonce) from None
+                time.sleep(ELECTION_POLL * 2)
+                continue
+            if doc.get("succeeded"):
+                return self._settled(key, int(doc["header"]["revision"]), nonce, False)
+            held, held_rev = _marker_in(doc)
+            if held == nonce:
+                return self._settled(key, held_rev, nonce, True)
+            if held in self._fences:  # an earlier fence of this store, whose answer was lost
+                return self._settled(key, held_rev, nonce, False)
+            self._pending = None
+            self._marks.pop(key, None)
+            raise OutcomeUnknown(f"etcd did not answer a transaction ({why}), and its marker {key} was changed "
+                                 "by another writer meanwhile: whether it was applied cannot be told", txn=nonce)
+
+    def _settled(self, key: str, rev: int, nonce: str, applied: bool) -> bool:
+        self._marks[key] = rev
+        self._pending = None
+        self._fences.clear()  # a fence still in flight is conditional on the old revision: it cannot apply
+        self._down_until = 0.0  # etcd answered
+        self._outcomes[nonce] = applied
+        while len(self._outcomes) > KEEP_OUTCOMES:
+            del self._outcomes[next(iter(self._outcomes))]
+        return applied
 
     # ------------------------------------------------------------------ one manager per prefix
 
@@ -426,12 +606,6 @@ class EtcdStateStore:
             return []
         return [{"key": _b64(self.prefix + CLAIM), "target": "CREATE", "result": "EQUAL",
                  "create_revision": self._claim_rev}]
-
-    def _fenced(self, op: dict[str, Any]) -> None:
-        doc = self._call("kv/txn", {"compare": self._claim_compare(), "success": [op]}, idempotent=True)
-        if not doc.get("succeeded"):
-            self._check_claim()
-            raise StoreConflict("etcd write not applied: its condition failed")
 
     def _check_claim(self, *, absent_is_lost: bool = True) -> None:
         """Busy if the claim this serve made is not the prefix's claim any more; from then
@@ -499,6 +673,12 @@ class EtcdStateStore:
                     f"({self.prefix or ''}/): stop it first, or give this serve a prefix of its own (--etcd-prefix)")
 
     def close(self) -> None:
+        # a store without a claim: its marker goes with it (safe: no write was ever conditional
+        # on its absence, so none still in flight can apply once it is gone)
+        own = self.prefix + f"{MARKER}/{self._id}"
+        if self._marks.pop(own, None) and self._pending is None and not self._http.is_closed:
+            with contextlib.suppress(VirtuaError):
+                self._request("kv/deleterange", {"key": _b64(own)}, idempotent=True)
         self._http.close()
 
 
@@ -508,6 +688,15 @@ class _Taken(Busy):
     def __init__(self, message: str, holder: dict[str, Any], revision: int) -> None:
         super().__init__(message)
         self.holder, self.revision = holder, revision
+
+
+def _marker_in(doc: dict[str, Any]) -> tuple[str | None, int]:
+    """The nonce and mod revision of the marker in a failed txn's answer (its failure range)."""
+    kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+    if not kvs:
+        return None, 0
+    nonce = _holder(kvs[0]).get("nonce")
+    return (nonce if isinstance(nonce, str) else None), int(kvs[0].get("mod_revision", 0))
 
 
 def _holder(kv: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from virtua.errors import OutcomeUnknown
 from virtua.jobs.record import Undo
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class Plan:
                 finished.append(step)  # its work is done: from here on, undone with the rest
                 if job is not None:
                     job.end_step(i)  # may fail (a full disk): the step is undone all the same
+            except OutcomeUnknown as e:
+                _keep(self, step, e, i, job)
+                raise
             except BaseException as e:
                 log.warning("%s: step %r failed (%s); undoing %d step(s)", self.title, step.name, e, len(finished))
                 for prev in reversed(finished):
@@ -76,6 +80,9 @@ class Plan:
                 finished.append(step)
                 if job is not None:
                     job.end_step(i)
+            except OutcomeUnknown as e:
+                _keep(self, step, e, i, job)
+                raise
             except BaseException as e:
                 log.warning("%s: step %r failed (%s); undoing %d step(s)", self.title, step.name, e, len(finished))
                 for prev in reversed(finished):
@@ -84,6 +91,15 @@ class Plan:
                     job.fail(i, e)
                 raise
             self.done.append(step.name)
+
+
+def _keep(plan: Plan, step: Step, e: OutcomeUnknown, i: int, job: Job | None) -> None:
+    """A step whose store write may or may not have been applied: undoing the steps before
+    it could leave a record of what is gone (a VC without its disks), so nothing is undone;
+    the job stays for recovery, which asks the store and then keeps or undoes it all."""
+    log.error("%s: step %r: %s; nothing is undone, recovery settles it", plan.title, step.name, e.message)
+    if job is not None:
+        job.outcome_unknown(i, e)
 
 
 async def _undo_one(plan: Plan, step: Step, job: Job | None) -> None:

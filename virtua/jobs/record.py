@@ -20,7 +20,9 @@ from virtua.errors import NoSpace, NotFound, VirtuaError
 from virtua.procs import start_ticks
 
 JobState = Literal["running", "done", "failed", "cancelled", "undone"]
-StepState = Literal["pending", "running", "done", "undone", "undo-failed"]
+# unknown: the step's last store write was sent and its answer lost (OutcomeUnknown):
+# nothing is undone until recovery learns from the store whether it was applied
+StepState = Literal["pending", "running", "done", "undone", "undo-failed", "unknown"]
 ENDED: tuple[str, ...] = ("done", "failed", "cancelled", "undone")
 log = logging.getLogger("virtua.jobs")
 KEEP_ENDED = 500  # ended jobs kept for `job list`; older ones are dropped
@@ -43,6 +45,7 @@ class StepRecord(BaseModel):
     # recovery takes back only that, never what has the same name but was made since
     began: float | None = None
     ended: float | None = None
+    txn: str | None = None  # unknown: the store's id of the lost write (OutcomeUnknown.txn)
 
 
 class Progress(BaseModel):

@@ -63,16 +63,20 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
     now = time.time()
     for job in store.running():
         mine = job.id in runner.LIVE
-        if expired_only:
+        # a step whose store write's answer was lost: its runner left it to recovery
+        stuck = not mine and any(s.state == "unknown" for s in job.steps)
+        if expired_only and not stuck:
             if not (mine and job.lease_until is not None and job.lease_until < now):
                 continue
             why = f"its client stopped renewing it during step {job.current!r}"
+        elif stuck and (expired_only or job.owner.alive()):
+            why = f"the answer to a store write of step {job.current!r} was lost"
         else:
             if mine or job.owner.alive():
                 continue
             why = f"process {job.owner.pid} stopped during step {job.current!r}"
         gone = job.owner
-        if not expired_only:  # one recoverer per job: another process may be at it right now
+        if not expired_only or stuck:  # one recoverer per job: another process may be at it right now
             claimed = store.claim(job.id, gone)
             if claimed is None:
                 continue
@@ -80,7 +84,7 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
         try:
             out.append(undo_record(store, job, ctx, why))
         except (NeedsManager, Busy, Unavailable) as e:
-            if not expired_only:  # the claim goes back: the next start of serve or the CLI finds it
+            if not expired_only or stuck:  # the claim goes back: the next start of serve or the CLI finds it
                 job.owner = gone
                 store.put(job)
             if isinstance(e, NeedsManager):
@@ -90,7 +94,37 @@ def recover(store: JobStore, ctx: Context, *, expired_only: bool = False) -> lis
     return out
 
 
+def _settle(ctx: Context, step: StepRecord) -> bool | None:
+    """Whether the lost store write of an unknown step was applied (None: the store cannot
+    say, e.g. it was sent by a process gone since, whose claim on the store is gone too, so
+    it can never apply now: the step is undone like a started one, which is idempotent)."""
+    if ctx.manager is None:
+        raise NeedsManager()
+    settle = getattr(ctx.manager.store, "settle", None)
+    if settle is None or step.txn is None:
+        return None
+    outcome: bool | None = settle(step.txn, wait=0)  # OutcomeUnknown (Unavailable): later
+    return outcome
+
+
 def undo_record(store: JobStore, job: JobRecord, ctx: Context, why: str) -> JobRecord:
+    settled = False
+    for step in job.steps:
+        if step.state == "unknown":
+            outcome = _settle(ctx, step)
+            step.state = "done" if outcome else "undone" if outcome is False else "running"
+            step.error = None if outcome else step.error
+            settled = settled or bool(outcome)
+            why = f"{why} (the store says it was {'not ' if not outcome else ''}applied)" if outcome is not None else why
+    if settled and all(s.state == "done" for s in job.steps):
+        # the lost write was the last step's and it was applied: the job did all it does
+        job.state, job.error, job.error_kind = "done", None, None
+        job.result = {"settled": f"{why}: what it made is kept"}
+        job.ended = time.time()
+        store.put(job)
+        runner.LIVE.pop(job.id, None)
+        log.warning("job %s (%s) %s: what it made is kept", job.id, job.title, why)
+        return job
     if job.steps and all(s.state == "done" for s in job.steps):
         # past its last step: what it made is whole (e.g. a VC made, its VMs starting: undoing
         # it would remove the disks under running guests); it is kept, and the job says so

@@ -16,7 +16,7 @@ import signal
 import time
 from typing import Any
 
-from virtua.errors import Cancelled, InvalidArgument, VirtuaError
+from virtua.errors import Cancelled, InvalidArgument, OutcomeUnknown, VirtuaError
 from virtua.jobs.plan import Plan
 from virtua.jobs.record import ENDED, JobRecord, JobStore, Owner, StepRecord, new_job_id
 
@@ -79,6 +79,21 @@ class Job:
             step.state = "undone"
             step.error = _message(error)
         self._end("cancelled" if isinstance(error, Cancelled) else "failed", error=error)
+
+    def outcome_unknown(self, i: int, error: OutcomeUnknown) -> None:
+        """Step i's store write was sent and its answer lost: the job stays running, with
+        nothing undone, no longer this process's to run; recovery (serve's job reaper, or
+        the next start of serve) asks the store whether the write was applied, then keeps
+        what the job made or undoes all of it."""
+        step = self.record.steps[i]
+        step.state, step.error, step.txn, step.ended = "unknown", error.message, error.txn, time.time()
+        r = self.record
+        r.error = (f"step {step.name!r}: {error.message}. Nothing was undone: recovery settles it once the "
+                   "cluster store answers (it keeps what the job made if the write was applied, else undoes "
+                   f"it all); see `virtua job show {r.id}`")
+        r.error_kind = type(error).__name__
+        self._put_after_the_fact()
+        LIVE.pop(r.id, None)
 
     def failed_after(self, error: BaseException) -> None:
         """Every step done, then what followed them failed (e.g. starting a created VC)."""
