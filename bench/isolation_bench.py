@@ -76,7 +76,10 @@ def main(argv: list[str]) -> int:
     port = free_port()
     serve = subprocess.Popen([*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{port}",
                               "--api-listen", f"127.0.0.1:{free_port()}"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.PIPE, text=True,
+                             # VIRTUA_BENCH_SERVE_LOG=FILE keeps serve's log (e.g. with
+                             # PYTHONASYNCIODEBUG=1: which callback held the loop, and how long)
+                             stderr=open(os.environ.get("VIRTUA_BENCH_SERVE_LOG", os.devnull), "w"))
     assert serve.stdout is not None and serve.stdout.readline().startswith("VIRTUA_READY")
     try:
         guest = work / "guest.raw"
