@@ -503,7 +503,7 @@ def _ended(task: asyncio.Task[Any]) -> None:
 
 
 @op("clone")
-def clone(st: Storage, source: str, new: str, count: int = 1, dry_run: bool = False) -> dict[str, Any]:
+def clone(st: Storage, source: str, new: str, count: int = 1, dry_run: bool = False) -> Any:
     """A job: the implicit snapshot (when source names none), then the clones in one
     transaction; a crash between them undoes the snapshot (virtua.jobs.recovery)."""
     s = parse_ref(source)
@@ -525,10 +525,23 @@ def clone(st: Storage, source: str, new: str, count: int = 1, dry_run: bool = Fa
              record=Undo(kind="volumes.rm", args={"refs": refs}))
     if dry_run:
         return {"plan": plan.describe(), "origin": snap_ref, "clones": refs}
-    job = runner.start(st.jobs, "clone", {"source": source, "new": new, "count": count}, plan,
-                       total=len(plan.steps))
-    plan.run_sync(job)
-    return job.finish({"origin": snap_ref, "clones": refs, "job": job.id})
+    def start() -> runner.Job:
+        return runner.start(st.jobs, "clone", {"source": source, "new": new, "count": count}, plan,
+                            total=len(plan.steps))
+
+    result = {"origin": snap_ref, "clones": refs}
+    if not _serving():
+        job = start()
+        plan.run_sync(job)
+        return job.finish({**result, "job": job.id})
+
+    async def go() -> dict[str, Any]:  # the journal's fsyncs in a thread (see Plan.run)
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, start)
+        await plan.run(job)
+        return await loop.run_in_executor(None, job.finish, {**result, "job": job.id})
+
+    return go()
 
 
 # ---------------------------------------------------------------------- snapshots

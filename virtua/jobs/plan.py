@@ -9,6 +9,7 @@ record of its undo (`Undo`), so a crash in the middle can be undone by the next 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,9 @@ class Plan:
         for i, step in enumerate(self.steps):
             try:
                 if job is not None:
-                    job.begin_step(i)
+                    # in a thread: its fsync may wait behind the file system's writeback
+                    # (tens of milliseconds beside a big copy), and the loop serves guests
+                    await asyncio.get_running_loop().run_in_executor(None, job.begin_step, i)
                 await _call(step.do)
                 finished.append(step)  # its work is done: from here on, undone with the rest
                 if job is not None:
