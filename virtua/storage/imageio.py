@@ -44,7 +44,7 @@ def raw_source(path: str) -> Iterator[str]:
             return
         dst = os.path.join(tmp, "image.raw")
         r = subprocess.run(
-            ["qemu-img", "convert", "-f", fmt, "-O", "raw", path, dst], capture_output=True, text=True
+            ["qemu-img", "convert", *_source_args(path, fmt), "-O", "raw", dst], capture_output=True, text=True
         )
         if r.returncode != 0:
             raise InvalidArgument(f"cannot read {path} ({fmt}): {r.stderr.strip()}")
@@ -279,8 +279,19 @@ def import_command(image: Image, uri: str) -> list[str]:
     if image.format == "raw":
         _need("nbdcopy", "libnbd-bin")
         return ["nbdcopy", "--destination-is-zero", "--flush", f"--progress={PROGRESS_FD}", image.path, uri]
-    return ["qemu-img", "convert", "-p", "-n", "--target-is-zero", "-W", "-f", image.format,
-            "-O", "raw", image.path, uri]
+    return ["qemu-img", "convert", "-p", "-n", "--target-is-zero", "-W", *_source_args(image.path, image.format), "-O", "raw", uri]
+
+
+# formats whose header may name a backing file: opened with it forbidden, whatever the
+# header says by the time qemu-img reads it (its owner may rewrite it after the probe)
+_BACKED_FORMATS = ("qcow2", "qed", "vmdk", "qcow")
+
+
+def _source_args(path: str, fmt: str) -> list[str]:
+    if fmt not in _BACKED_FORMATS:
+        return ["-f", fmt, path]
+    spec = {"driver": fmt, "backing": None, "file": {"driver": "file", "filename": path}}
+    return ["json:" + json.dumps(spec, separators=(",", ":"))]
 
 
 def stream_import_command(uri: str) -> list[str]:
