@@ -383,6 +383,44 @@ def test_a_partitioned_host_fences_its_guest_and_it_runs_once_elsewhere(cluster:
     c.json("vc", "destroy", "pt", "--force")
 
 
+def test_guests_ride_out_an_etcd_quorum_loss(cluster: NetCluster) -> None:
+    """Two of the three etcd members frozen for longer than a host's lease: admin commands
+    fail at once with "no quorum" (exit 10), and the running guest keeps running, once,
+    on its host. Nothing can be restarted elsewhere without the store, so the hosts the
+    manager knows keep their leases (availability; docs/control-plane.md, "What survives
+    what"). With the quorum back, everything works again."""
+    c = cluster
+    info = c.json("vc", "create", "qq", "--template", "tiny", "--nodes", "1", "--memory", "128M", "--start")
+    (node,) = info["nodes"]
+    ref = f"qq/{node['name']}"
+    c.exec(ref, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) & sleep 1")
+    before = counter(c, ref)
+    members = [int((c.home / "lab" / h / "etcd" / "etcd.pid").read_text()) for h in ("h1", "h2")]
+    for pid in members:
+        os.killpg(pid, signal.SIGSTOP)
+    try:
+        out = time.monotonic()
+        r = c.cli("host", "drain", "h3", check=False)
+        assert r.returncode == 10 and "no quorum" in r.stderr, (r.returncode, r.stderr)
+        counts = []
+        while time.monotonic() - out < 15:  # past TTL - 3 s, when a host that lost its lease fences
+            counts.append(len(guest_instances("qq", node["name"])))
+            time.sleep(0.5)
+        assert set(counts) == {1}, f"one instance all along, never fenced: {counts}"
+    finally:
+        for pid in members:
+            os.killpg(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while (r := c.cli("vc", "info", "qq", check=False)).returncode != 0:
+        assert time.monotonic() < deadline, r.stderr
+        time.sleep(0.5)
+    after = counter(c, ref)
+    assert after >= before + 100, f"the guest kept counting through the outage: {before} -> {after}"
+    (now,) = c.json("vc", "info", "qq")["nodes"]
+    assert (now["host"], now["state"]) == (node["host"], "running"), now
+    c.json("vc", "destroy", "qq", "--force")
+
+
 def test_template_import(cluster: NetCluster, tmp_path: Path) -> None:
     c = cluster
     img = c.home / "import" / "root.raw"  # the daemon's import directory: the only place it reads
