@@ -140,7 +140,11 @@ class NetCluster:
     def wait_hosts(self, n: int, timeout: float = 60) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
-            hosts = self.json("host", "list")
+            r = self.cli("host", "list", "--json", check=False)
+            if r.returncode == 10 and time.monotonic() < deadline:  # the store away for a moment (an etcd election)
+                time.sleep(0.3)
+                continue
+            hosts = json.loads(r.stdout) if r.returncode == 0 else self.json("host", "list")
             alive = [h for h in hosts if h["alive"] and h["state"] == "online"]
             if len(alive) >= n:
                 return hosts

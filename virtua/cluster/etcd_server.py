@@ -88,6 +88,10 @@ def member_command(
         # Short timeouts: the lab's members share one machine and a loopback-fast network.
         "--heartbeat-interval", "100",
         "--election-timeout", "1000",
+        # a member cut off and back (a host's link down, then up) must not depose a leader
+        # that kept its quorum: without pre-vote its raised term forced an election, and
+        # every member stopped answering for seconds after the link came back
+        "--pre-vote",
         "--max-txn-ops", str(max_txn_ops),
         "--logger", "zap",
         "--log-level", "warn",

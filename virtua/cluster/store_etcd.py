@@ -37,6 +37,7 @@ import base64
 import contextlib
 import copy
 import json
+import logging
 import os
 import secrets
 import ssl
@@ -52,6 +53,8 @@ import httpx
 from virtua.cluster.store import StoreConflict
 from virtua.errors import Busy, InvalidArgument, NoSpace, OutcomeUnknown, Unavailable, VirtuaError
 from virtua.pki.credentials import Credentials
+
+log = logging.getLogger("virtua.store")
 
 CONNECT_TIMEOUT = 1.0  # loopback or a LAN: a member that does not accept in 1 s is down
 READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
@@ -620,6 +623,20 @@ class EtcdStateStore:
         if not kvs and not absent_is_lost:
             return
         self._claim_lease = None
+        if not kvs:
+            # gone with its lease while etcd was away (nobody can claim without a quorum
+            # either): taken again, as keep_claim() does, unless another serve has it by now.
+            # A write that found it gone first used to stop serve after any etcd outage
+            # longer than the claim's TTL.
+            self._claim_rev = 0
+            try:
+                self._take_claim()
+                log.warning("took the claim on etcd prefix %s/ again: its lease ran out while etcd was away",
+                            self.prefix)
+                return
+            except _Taken as e:
+                self._claim_lost = "this serve no longer manages the cluster state: " + e.message
+                raise Busy(self._claim_lost) from None
         said = self._busy(self.prefix + "/", kvs[0]).message if kvs else (
             f"its claim on etcd prefix {self.prefix}/ ran out")
         self._claim_lost = "this serve no longer manages the cluster state: " + said
