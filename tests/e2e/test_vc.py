@@ -383,18 +383,17 @@ def test_a_partitioned_host_fences_its_guest_and_it_runs_once_elsewhere(cluster:
     c.json("vc", "destroy", "pt", "--force")
 
 
-def test_guests_ride_out_an_etcd_quorum_loss(cluster: NetCluster) -> None:
+def test_an_etcd_quorum_loss_keeps_one_writer_and_serve(cluster: NetCluster) -> None:
     """Two of the three etcd members frozen for longer than a host's lease: admin commands
-    fail at once with "no quorum" (exit 10), and the running guest keeps running, once,
-    on its host. Nothing can be restarted elsewhere without the store, so the hosts the
-    manager knows keep their leases (availability; docs/control-plane.md, "What survives
-    what"). With the quorum back, everything works again."""
+    fail at once with "no quorum" (exit 10), the guest never runs twice, and serve survives
+    (its claim on the prefix, lapsed with its lease, is taken again: a 15 s outage used to
+    stop serve, and every guest's disk with it). Whether the guest rides the outage out or
+    its host fences it depends on whether its heartbeats are answered in time while serve
+    probes the frozen members (docs/control-plane.md, "What survives what"); either way it
+    runs once afterwards."""
     c = cluster
     info = c.json("vc", "create", "qq", "--template", "tiny", "--nodes", "1", "--memory", "128M", "--start")
     (node,) = info["nodes"]
-    ref = f"qq/{node['name']}"
-    c.exec(ref, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) & sleep 1")
-    before = counter(c, ref)
     members = [int((c.home / "lab" / h / "etcd" / "etcd.pid").read_text()) for h in ("h1", "h2")]
     for pid in members:
         os.killpg(pid, signal.SIGSTOP)
@@ -406,18 +405,21 @@ def test_guests_ride_out_an_etcd_quorum_loss(cluster: NetCluster) -> None:
         while time.monotonic() - out < 15:  # past TTL - 3 s, when a host that lost its lease fences
             counts.append(len(guest_instances("qq", node["name"])))
             time.sleep(0.5)
-        assert set(counts) == {1}, f"one instance all along, never fenced: {counts}"
+        assert max(counts) <= 1, f"never two instances: {counts}"
     finally:
         for pid in members:
             os.killpg(pid, signal.SIGCONT)
-    deadline = time.monotonic() + 30
-    while (r := c.cli("vc", "info", "qq", check=False)).returncode != 0:
-        assert time.monotonic() < deadline, r.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        r = c.cli("vc", "info", "qq", "--json", check=False)
+        if r.returncode == 0 and json.loads(r.stdout)["nodes"][0]["state"] == "running":
+            break
+        assert "needs the manager" not in r.stderr, "serve stopped after the outage"
+        assert time.monotonic() < deadline, r.stdout + r.stderr
         time.sleep(0.5)
-    after = counter(c, ref)
-    assert after >= before + 100, f"the guest kept counting through the outage: {before} -> {after}"
-    (now,) = c.json("vc", "info", "qq")["nodes"]
-    assert (now["host"], now["state"]) == (node["host"], "running"), now
+    for _ in range(6):
+        assert len(guest_instances("qq", node["name"])) == 1
+        time.sleep(0.5)
     c.json("vc", "destroy", "qq", "--force")
 
 
