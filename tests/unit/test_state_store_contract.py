@@ -407,6 +407,47 @@ def test_etcd_without_quorum_is_unavailable_within_bounds(
         s.close()
 
 
+def test_a_sick_etcd_costs_an_event_loop_caller_one_bounded_call(trio: tuple[list[Member], list[int]]) -> None:
+    """serve calls its store on the loop its guests' disks and heartbeats share. With two of
+    three members frozen, every probe of the cluster used to hold that loop for a read
+    timeout per member, again after each HOLD_DOWN: hosts went unanswered past their fence
+    deadline and killed their guests. Now the first call is bounded by CALL_BUDGET, every
+    later one fails at once, and a thread of the store sees the quorum come back."""
+    members, pids = trio
+    s = EtcdStateStore(",".join(m.client_url for m in members), probe_in_background=True)
+    try:
+        s.put("/q", {"n": 1})
+        for pid in pids[1:]:
+            os.killpg(pid, signal.SIGSTOP)
+        took: list[float] = []
+        until = time.monotonic() + 3 * store_etcd.HOLD_DOWN + store_etcd.CALL_BUDGET
+        while time.monotonic() < until:
+            t = time.monotonic()
+            with pytest.raises(Unavailable, match="no quorum"):
+                s.get("/q") if len(took) % 2 else s.put("/q", {"n": 2})
+            took.append(time.monotonic() - t)
+            time.sleep(0.05)
+        assert took[0] < store_etcd.CALL_BUDGET + 0.5, took[0]
+        slow = [round(d, 3) for d in took[1:] if d > 0.05]
+        assert not slow, f"calls after the first waited on the frozen cluster: {slow}"
+        for pid in pids[1:]:
+            os.killpg(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while True:  # the background probe lets calls through again
+            try:
+                s.put("/q", {"n": 3})
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "the store never let a call through again"
+                time.sleep(0.1)
+        assert s.get("/q") == {"n": 3}
+    finally:
+        for pid in pids[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGCONT)
+        s.close()
+
+
 def test_a_serve_whose_claim_was_taken_writes_nothing(etcd_url: str) -> None:
     """A serve stalled (SIGSTOP, a long GC pause, a frozen VM) past its claim's lease: a
     second serve claims the prefix meanwhile. When the first resumes, its writes must not

@@ -543,8 +543,10 @@ async def serve(cfg: ServeConfig) -> None:
     # first: an etcd that does not answer stops serve before anything starts (Unavailable)
     store: StateStore | None = None
     if cfg.etcd:
+        # serve calls its store on the loop its guests' disks and heartbeats share: a sick
+        # etcd costs that loop one bounded call per outage, then a thread watches for it
         store = EtcdStateStore(cfg.etcd, prefix=cfg.etcd_prefix, max_txn_ops=cfg.etcd_max_txn_ops,
-                               tls=_etcd_credentials(cfg))
+                               tls=_etcd_credentials(cfg), probe_in_background=True)
     _check_free(cfg.listen)
     _check_free(cfg.api_listen)
     cfg.home.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ have appeared or changed under a prefix it ranged over; otherwise nothing is wri
 
 Several endpoints: a request that cannot connect goes to the next one. A cluster that
 cannot be reached, or that does not answer in time or says it has no leader, is
-`Unavailable` with a message saying which.
+`Unavailable` with a message saying which. For a caller on an event loop
+(`probe_in_background`: serve) a call costs at most CALL_BUDGET in all, and after one
+failed, calls fail at once until a thread of the store sees etcd answer again.
 
 Every write (a `put` or `delete` outside `txn()` too: each is a transaction of one) also
 puts this serve's marker key (PREFIX/.txn while it holds the prefix's claim, else
@@ -61,6 +63,10 @@ READ_TIMEOUT = 2.0  # etcd answers in ms; a member without quorum never does
 # after the cluster failed to answer, calls fail at once for this long (the manager's event
 # loop must not wait a read timeout per call while etcd is away), then one probes again
 HOLD_DOWN = 2.0
+# one call's whole time, every member and every wait for an election included: what a sick
+# cluster can cost the caller's event loop once (serve's guests' disks share that loop)
+CALL_BUDGET = 3.0
+PROBE_EVERY = 0.5  # seconds between the background probes of a cluster that failed a call
 PAGE = 500  # keys per range request (a prefix range pages on)
 DEFAULT_MAX_TXN_OPS = 128  # etcd's own default --max-txn-ops
 CLAIM = "/.claim"  # the key of the serve that manages a prefix (no name starts with '.')
@@ -144,9 +150,14 @@ class EtcdStateStore:
 
     def __init__(self, urls: str, prefix: str = "/virtua/", *, check: bool = True,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                 max_txn_ops: int = DEFAULT_MAX_TXN_OPS, tls: Credentials | None = None) -> None:
+                 max_txn_ops: int = DEFAULT_MAX_TXN_OPS, tls: Credentials | None = None,
+                 probe_in_background: bool = False) -> None:
         """tls: the client certificate of virtua's etcd CA (virtua.cluster.etcd_pki), for
-        https:// endpoints: members are verified against that CA, and it is presented."""
+        https:// endpoints: members are verified against that CA, and it is presented.
+        probe_in_background: once a call failed, every call fails at once (no wait) until a
+        thread of this store has seen the cluster answer a linearizable read again; for a
+        caller on an event loop, which then waits on a sick cluster once per outage, not
+        once per HOLD_DOWN (serve: its heartbeats, whose answers keep the guests alive)."""
         self.urls = parse_urls(urls)
         if max_txn_ops < 1:
             raise InvalidArgument(f"bad etcd transaction limit {max_txn_ops}: at least 1")
@@ -170,6 +181,8 @@ class EtcdStateStore:
                 verify = client_context(tls)
             except (OSError, ssl.SSLError) as e:
                 raise InvalidArgument(f"cannot load the etcd client credentials in {tls.dir}: {e}") from e
+        self.connect_timeout = connect_timeout
+        self._verify = verify
         self._http = httpx.Client(timeout=httpx.Timeout(read_timeout, connect=connect_timeout), verify=verify)
         self._current = 0  # the endpoint that answered last
         self._lock = threading.RLock()
@@ -177,6 +190,12 @@ class EtcdStateStore:
         self._txn: _Txn | None = None
         self._down_until = 0.0
         self._down_said = ""
+        self._probe_in_background = probe_in_background
+        self._sick = False  # a call failed and the background probe has not seen etcd answer since
+        self._probing = False  # a probe thread runs (it clears _sick once etcd answers)
+        self._probe_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._op_deadline: float | None = None  # the end of the public call under way (CALL_BUDGET)
         self._claim_lease: str | None = None
         self._claim_rev = 0  # the create revision of the claim this serve holds (0: none)
         self._claim_lost: str | None = None  # why this serve may not write any more
@@ -192,41 +211,107 @@ class EtcdStateStore:
 
     # ------------------------------------------------------------------ transport
 
+    @contextmanager
+    def _op(self) -> Iterator[None]:
+        """One public call, under the lock; for an event loop's store (probe_in_background)
+        within CALL_BUDGET in all: members, waits for an election, settling a lost write."""
+        with self._lock:
+            if self._op_deadline is not None or not self._probe_in_background:
+                yield
+                return
+            self._op_deadline = time.monotonic() + CALL_BUDGET
+            try:
+                yield
+            finally:
+                self._op_deadline = None
+
+    def _held_down(self) -> bool:
+        """etcd failed a call just now (HOLD_DOWN), or since (background probe): fail at once."""
+        return self._sick or time.monotonic() < self._down_until
+
+    def _went_down(self, message: str) -> None:
+        self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, message
+        if self._probe_in_background and not self._closed.is_set():
+            with self._probe_lock:
+                self._sick = True
+                if not self._probing:
+                    self._probing = True
+                    threading.Thread(target=self._probe_until_back, name="etcd-probe", daemon=True).start()
+
+    def _came_back(self, *, prober: bool = False) -> None:
+        with self._probe_lock:
+            self._sick = False
+            self._down_until = 0.0
+            if prober:
+                self._probing = False
+
+    def _probe_until_back(self) -> None:
+        """Until a member answers a linearizable read (a quorum agrees again), on a client
+        of its own; then calls go to etcd again."""
+        key = _b64(self.prefix + MARKER)
+        with httpx.Client(timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
+                          verify=self._verify) as http:
+            while not self._closed.wait(PROBE_EVERY):
+                for url in self.urls:
+                    try:
+                        r = http.post(f"{url}/v3/kv/range", json={"key": key, "count_only": True})
+                    except httpx.HTTPError:
+                        continue
+                    if r.status_code == 200 and "header" in r.text:
+                        log.info("etcd answers again (%s)", url)
+                        self._came_back(prober=True)
+                        return
+        with self._probe_lock:
+            self._probing = False
+
     def _call(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
-        if time.monotonic() < self._down_until:
+        if self._held_down():
             raise Unavailable(self._down_said)
-        deadline = time.monotonic() + ELECTION_WAIT
+        start = time.monotonic()
+        budget = self._op_deadline or start + CALL_BUDGET
+        elected_by = min(start + ELECTION_WAIT, budget)
         while True:
             try:
-                return self._request(path, body, idempotent=idempotent)
+                return self._request(path, body, idempotent=idempotent, deadline=budget)
             except _Electing as e:  # a member answered: a new leader is being elected
-                if (idempotent or e.not_applied) and time.monotonic() < deadline:
+                if (idempotent or e.not_applied) and time.monotonic() + ELECTION_POLL < elected_by:
                     time.sleep(ELECTION_POLL)
                     continue
-                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                self._went_down(e.message)
                 if not (idempotent or e.not_applied):  # "leader changed" after proposing it
                     raise _AnswerLost(e.message + "; the write may or may not have been applied") from None
                 raise Unavailable(e.message) from None
             except Unavailable as e:
-                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                self._went_down(e.message)
                 raise
 
-    def _request(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+    def _request(self, path: str, body: dict[str, Any], *, idempotent: bool,
+                 deadline: float | None = None) -> dict[str, Any]:
         """One request; on a connection failure the next endpoint. A request that was sent
-        but got no answer goes to the next endpoint only if repeating it is harmless."""
+        but got no answer goes to the next endpoint only if repeating it is harmless. By
+        deadline (monotonic), if given: the members not tried by then are not."""
         failures: list[str] = []
         n = len(self.urls)
         answered = 0  # members reached that cannot answer (no quorum behind them)
         electing, not_applied = False, True
         for i in range(n):
             url = self.urls[(self._current + i) % n]
+            timeout: Any = httpx.USE_CLIENT_DEFAULT
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left < 0.05:
+                    failures.append(f"no time left for etcd at {url} (a call's budget is {CALL_BUDGET:g} s)")
+                    continue
+                if left < self.read_timeout:
+                    timeout = httpx.Timeout(left, connect=min(self.connect_timeout, left))
             try:
-                r = self._http.post(f"{url}/v3/{path}", json=body)
+                r = self._http.post(f"{url}/v3/{path}", json=body, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
             except httpx.TimeoutException:
-                msg = f"{url} gave no answer within {self.read_timeout:g} s"
+                waited = self.read_timeout if timeout is httpx.USE_CLIENT_DEFAULT else timeout.read
+                msg = f"{url} gave no answer within {waited:.3g} s"
                 if not idempotent:
                     raise _AnswerLost(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
                 failures.append(msg)
@@ -318,7 +403,7 @@ class EtcdStateStore:
     # ------------------------------------------------------------------ StateStore
 
     def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
+        with self._op():
             t = self._txn
             if t is not None and key in t.writes:
                 return copy.deepcopy(t.writes[key])  # the caller's changes are not the txn's
@@ -329,7 +414,7 @@ class EtcdStateStore:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         data = json.dumps(value, sort_keys=True)
-        with self._lock:
+        with self._op():
             if self._txn is not None:
                 self._txn.writes[key] = json.loads(data)  # a copy: later changes to value are not written
                 return
@@ -339,14 +424,14 @@ class EtcdStateStore:
             self._commit(_Txn(writes={key: json.loads(data)}))
 
     def delete(self, key: str) -> None:
-        with self._lock:
+        with self._op():
             if self._txn is not None:
                 self._txn.writes[key] = None
                 return
             self._commit(_Txn(writes={key: None}))
 
     def range(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-        with self._lock:
+        with self._op():
             rows, revision = self._range_raw(prefix)
             rows = [r for r in rows if not r[0].startswith("/.")]  # the claim, the markers: the store's own
             t = self._txn
@@ -367,7 +452,7 @@ class EtcdStateStore:
 
     @contextmanager
     def txn(self) -> Iterator[None]:
-        with self._lock:
+        with self._op():
             outer = self._depth == 0
             if outer:
                 self._txn = _Txn()
@@ -471,7 +556,7 @@ class EtcdStateStore:
     def _marker(self) -> tuple[str, int]:
         """This serve's marker key and its mod revision (a lost txn of before settled first)."""
         if self._pending is not None:
-            if time.monotonic() < self._down_until:  # it just failed: not again yet (no wait per write)
+            if self._held_down():  # it just failed: not again yet (no wait per write)
                 raise Unavailable(f"etcd transaction not sent (so not applied): an earlier one's outcome is "
                                   f"still being settled: etcd is away ({self._down_said})")
             try:
@@ -507,9 +592,9 @@ class EtcdStateStore:
         not); None if this store never sent it (another process did) or has forgotten it.
         Without txn: settles the pending one, if any. wait: seconds to keep trying
         (RESOLVE_WAIT by default; 0: one attempt, for a caller on the event loop)."""
-        with self._lock:
+        with self._op():
             if self._pending is not None and (txn is None or self._pending[2] == txn):
-                if wait == 0 and time.monotonic() < self._down_until:  # it just failed: not again yet
+                if wait == 0 and self._held_down():  # it just failed: not again yet
                     raise OutcomeUnknown(f"etcd is away ({self._down_said}): the outcome of transaction "
                                          f"{self._pending[2]} is not settled yet", txn=self._pending[2])
                 return self._settle_pending(RESOLVE_WAIT if wait is None else wait)
@@ -522,6 +607,8 @@ class EtcdStateStore:
         assert self._pending is not None
         key, rev, nonce, why = self._pending
         deadline = time.monotonic() + wait
+        if self._op_deadline is not None:
+            deadline = min(deadline, self._op_deadline)
         last = why
         while True:
             fence = "fence-" + secrets.token_hex(8)
@@ -530,10 +617,11 @@ class EtcdStateStore:
                     "success": [{"request_put": {"key": _b64(key), "value": _b64(json.dumps({"nonce": fence}))}}],
                     "failure": [{"request_range": {"key": _b64(key)}}]}
             try:
-                doc = self._request("kv/txn", body, idempotent=True)  # a compare-and-swap: safe to repeat
+                # a compare-and-swap: safe to repeat
+                doc = self._request("kv/txn", body, idempotent=True, deadline=self._op_deadline)
             except Unavailable as e:
                 last = e.message
-                self._down_until, self._down_said = time.monotonic() + HOLD_DOWN, e.message
+                self._went_down(e.message)
                 if time.monotonic() >= deadline:
                     raise OutcomeUnknown(
                         f"etcd did not answer a transaction ({why}) and stayed unreachable for {wait:g} s "
@@ -557,7 +645,7 @@ class EtcdStateStore:
         self._marks[key] = rev
         self._pending = None
         self._fences.clear()  # a fence still in flight is conditional on the old revision: it cannot apply
-        self._down_until = 0.0  # etcd answered
+        self._came_back()  # etcd answered
         self._outcomes[nonce] = applied
         while len(self._outcomes) > KEEP_OUTCOMES:
             del self._outcomes[next(iter(self._outcomes))]
@@ -572,7 +660,7 @@ class EtcdStateStore:
         holds a prefix inside this one or around it (its keys would be in this one's ranges).
         stale(holder): whether the prefix's own claim is one this process may take over (a
         killed serve of the same home on the same host, whose home lock this one now holds)."""
-        with self._lock:
+        with self._op():
             parts = [p for p in self.prefix.split("/") if p]
             for i in range(len(parts)):  # around: /, /a for /a/b
                 around = "".join("/" + p for p in parts[:i])
@@ -662,7 +750,7 @@ class EtcdStateStore:
     def keep_claim(self) -> None:
         """Renew the claim; a claim whose lease ran out (etcd away longer than it) is taken
         again, unless another serve has it by now (Busy: this one must stop managing)."""
-        with self._lock:
+        with self._op():
             if self._claim_lost is not None:  # a write found it taken: this serve stops
                 raise Busy(self._claim_lost)
             if self._claim_lease is None:
@@ -675,7 +763,7 @@ class EtcdStateStore:
                 self._take_claim()
 
     def release_claim(self) -> None:
-        with self._lock:
+        with self._op():
             lease, self._claim_lease = self._claim_lease, None
             self._claim_rev = 0
             if lease is not None:
@@ -690,6 +778,7 @@ class EtcdStateStore:
                     f"({self.prefix or ''}/): stop it first, or give this serve a prefix of its own (--etcd-prefix)")
 
     def close(self) -> None:
+        self._closed.set()
         # a store without a claim: its marker goes with it (safe: no write was ever conditional
         # on its absence, so none still in flight can apply once it is gone)
         own = self.prefix + f"{MARKER}/{self._id}"
