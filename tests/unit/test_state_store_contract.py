@@ -448,6 +448,47 @@ def test_a_sick_etcd_costs_an_event_loop_caller_one_bounded_call(trio: tuple[lis
         s.close()
 
 
+@pytest.mark.parametrize("noticed_by", ["keep_claim", "a write"])
+def test_a_claim_gone_with_its_lease_is_taken_again_unless_another_serve_has_it(
+    etcd_url: str, noticed_by: str
+) -> None:
+    """etcd away longer than the claim's TTL: its lease runs out (here: revoked, as etcd
+    does then). The serve that held it takes it again, found by its renewal or by its next
+    write (which used to stop serve, and every guest's disk with it); if another serve has
+    claimed the prefix meanwhile, it writes nothing and says who has it."""
+    from virtua.errors import Busy
+
+    prefix = f"/t{uuid.uuid4().hex[:8]}/"
+    first, second = EtcdStateStore(etcd_url, prefix=prefix), EtcdStateStore(etcd_url, prefix=prefix)
+
+    def notice() -> None:
+        first.keep_claim() if noticed_by == "keep_claim" else first.put("/hosts/a", {"by": "first, later"})
+
+    try:
+        first.claim({"pid": 1}, ttl=30)
+        first.put("/hosts/a", {"by": "first"})
+        before = second._get_raw("/.claim")
+        first._call("lease/revoke", {"ID": first._claim_lease}, idempotent=True)
+        assert second.get("/.claim") is None
+        notice()
+        after = second._get_raw("/.claim")
+        assert after[0] == before[0] == {"pid": 1} and after[1] > before[1], "the same serve's claim, made again"
+        first.put("/hosts/a", {"by": "first, again"})
+        assert second.get("/hosts/a") == {"by": "first, again"}
+
+        first._call("lease/revoke", {"ID": first._claim_lease}, idempotent=True)
+        second.claim({"pid": 2}, ttl=30)  # meanwhile another serve took the prefix
+        with pytest.raises(Busy, match="another virtua serve .*pid 2"):
+            notice()
+        with pytest.raises(Busy, match="no longer manages"):
+            first.put("/hosts/a", {"by": "first, stale"})
+        assert second.get("/hosts/a") == {"by": "first, again"}
+    finally:
+        second.release_claim()
+        first.close()
+        second.close()
+
+
 def test_a_serve_whose_claim_was_taken_writes_nothing(etcd_url: str) -> None:
     """A serve stalled (SIGSTOP, a long GC pause, a frozen VM) past its claim's lease: a
     second serve claims the prefix meanwhile. When the first resumes, its writes must not

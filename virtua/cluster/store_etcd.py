@@ -487,14 +487,26 @@ class EtcdStateStore:
             if v is not None else {"request_delete_range": {"key": _b64(self._full(k))}}
             for k, v in t.writes.items()
         ]
-        claim = self._claim_compare()
-        longest = max(len(compare) + len(claim), len(success)) + 1  # and the marker (below)
+        longest = max(len(compare) + len(self._claim_compare()), len(success)) + 1  # and the marker (below)
         if longest > self.max_txn_ops:
             raise InvalidArgument(
                 f"etcd transaction of {longest} operations: etcd's --max-txn-ops ({self.max_txn_ops} here) bounds "
                 "the keys one transaction reads and writes; start etcd with a larger --max-txn-ops and serve "
                 "with the same --etcd-max-txn-ops")
-        compare += claim
+        for _ in range(2):
+            if self._send_commit([*compare, *self._claim_compare()], success):
+                return
+            if not self._check_claim():  # True: the claim had gone, and is this serve's again
+                break
+        changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
+            self._short(p.encode()) + "*" for p in t.ranges)
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        if not changed:
+            raise StoreConflict("etcd write not applied: its condition failed")
+        raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+
+    def _send_commit(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
+        """One transaction on this serve's marker: True if applied, False if its condition failed."""
         for attempt in range(2):
             mark, mark_rev = self._marker()  # a lost write of before is settled first
             nonce = secrets.token_hex(12)
@@ -508,16 +520,16 @@ class EtcdStateStore:
             except _AnswerLost as e:
                 self._pending = (mark, mark_rev, nonce, e.message)
                 if self._settle_pending():
-                    return  # it was applied: the caller's write is there
+                    return True  # it was applied: the caller's write is there
                 raise Unavailable(f"etcd transaction not applied ({e.message}): its answer was lost, and etcd "
                                   "confirmed it was not applied and now never can be") from None
             if doc.get("succeeded"):
                 self._marks[mark] = int(doc["header"]["revision"])
-                return
+                return True
             held, held_rev = _marker_in(doc)
             if held == nonce:  # sent again after "no leader" and an earlier copy was applied after all
                 self._marks[mark] = held_rev
-                return
+                return True
             if held_rev == mark_rev or attempt:
                 break
             # the marker moved though this store wrote nothing since: another store on the same
@@ -526,13 +538,7 @@ class EtcdStateStore:
                 self._marks[mark] = held_rev
             else:  # gone: made again (a write is never conditional on its absence)
                 self._marks.pop(mark, None)
-        self._check_claim()
-        changed = sorted(self._short(k.encode()) for k in t.read_revs) + sorted(
-            self._short(p.encode()) + "*" for p in t.ranges)
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        if not changed:
-            raise StoreConflict("etcd write not applied: its condition failed")
-        raise StoreConflict(f"etcd transaction not applied: a key it read changed meanwhile ({shown})")
+        return False
 
     # ------------------------------------------------------------------ a lost answer
 
@@ -698,37 +704,37 @@ class EtcdStateStore:
         return [{"key": _b64(self.prefix + CLAIM), "target": "CREATE", "result": "EQUAL",
                  "create_revision": self._claim_rev}]
 
-    def _check_claim(self, *, absent_is_lost: bool = True) -> None:
-        """Busy if the claim this serve made is not the prefix's claim any more; from then
-        on every write is refused (this serve must stop managing)."""
+    def _check_claim(self) -> bool:
+        """Busy if the claim this serve made is another serve's now; from then on every
+        write is refused (this serve must stop managing). A claim gone with its lease is
+        taken again (_retake_claim): True."""
         if self._claim_lost is not None:
             raise Busy(self._claim_lost)
         if not self._claim_rev:
-            return
+            return False
         kvs = self._range_page(self.prefix + CLAIM, None, 0, None).get("kvs") or []
         if kvs and int(kvs[0].get("create_revision", 0)) == self._claim_rev:
-            return
-        if not kvs and not absent_is_lost:
-            return
+            return False
         self._claim_lease = None
         if not kvs:
-            # gone with its lease while etcd was away (nobody can claim without a quorum
-            # either): taken again, as keep_claim() does, unless another serve has it by now.
-            # A write that found it gone first used to stop serve after any etcd outage
-            # longer than the claim's TTL.
-            self._claim_rev = 0
-            try:
-                self._take_claim()
-                log.warning("took the claim on etcd prefix %s/ again: its lease ran out while etcd was away",
-                            self.prefix)
-                return
-            except _Taken as e:
-                self._claim_lost = "this serve no longer manages the cluster state: " + e.message
-                raise Busy(self._claim_lost) from None
-        said = self._busy(self.prefix + "/", kvs[0]).message if kvs else (
-            f"its claim on etcd prefix {self.prefix}/ ran out")
-        self._claim_lost = "this serve no longer manages the cluster state: " + said
+            self._retake_claim()
+            return True
+        self._claim_lost = "this serve no longer manages the cluster state: " + self._busy(
+            self.prefix + "/", kvs[0]).message
         raise Busy(self._claim_lost)
+
+    def _retake_claim(self) -> None:
+        """The claim went with its lease while etcd was away (nobody can claim without a
+        quorum either): take it again, unless another serve has it by now (Busy: this one
+        stops managing). Stopping instead, as a write that found it gone did, stopped serve
+        (and every guest's disk) after any etcd outage longer than the claim's TTL."""
+        self._claim_lease, self._claim_rev = None, 0
+        try:
+            self._take_claim()
+        except _Taken as e:
+            self._claim_lost = "this serve no longer manages the cluster state: " + e.message
+            raise Busy(self._claim_lost) from None
+        log.warning("took the claim on etcd prefix %s/ again: its lease ran out while etcd was away", self.prefix)
 
     def _take_claim(self) -> None:
         lease = str(self._call("lease/grant", {"TTL": self._claim_ttl}, idempotent=False)["ID"])
@@ -757,10 +763,7 @@ class EtcdStateStore:
                 return
             doc = self._call("lease/keepalive", {"ID": self._claim_lease}, idempotent=True)
             if int((doc.get("result") or {}).get("TTL") or 0) <= 0:
-                self._claim_lease = None
-                self._check_claim(absent_is_lost=False)  # taken by another serve meanwhile: Busy
-                self._claim_rev = 0  # gone with its lease, nobody else's: take it again
-                self._take_claim()
+                self._check_claim()  # gone with its lease: taken again; another serve's: Busy
 
     def release_claim(self) -> None:
         with self._op():
