@@ -7,12 +7,15 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.cli_support import free_port
 from virtua.cluster.etcd_server import Member, start_member, wait_healthy
+from virtua.errors import Unavailable
 
 
 def _kill(pid: int) -> None:
@@ -50,3 +53,15 @@ def etcd_cluster(data: Path, hosts: list[str]) -> Iterator[tuple[list[Member], l
         for p in procs:
             _kill(p.pid)
             p.wait()
+
+
+def put_once_back(store: Any, key: str, value: dict[str, Any], within: float = 20, every: float = 0.3) -> None:
+    """Put key until the store takes it (the quorum back), failing the test after within s."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            store.put(key, value)
+            return
+        except Unavailable:
+            assert time.monotonic() < deadline, f"no recovery within {within:g} s after the quorum came back"
+            time.sleep(every)
