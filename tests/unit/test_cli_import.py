@@ -72,3 +72,17 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial_file(v: V, tmp_path: 
         assert os.listdir(full) == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_an_image_qemu_img_cannot_inspect_in_time_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-img info/check of a crafted image must not hold an import forever: past the
+    probe's time limit (here one no qemu-img start can meet) it is refused, saying why."""
+    from virtua.errors import InvalidArgument
+    from virtua.storage import imageio
+
+    img = tmp_path / "slow.qcow2"
+    qcow2_with_two_regions(img)
+    assert imageio.probe(str(img)).format == "qcow2"  # control: in time, it passes
+    monkeypatch.setattr(imageio, "PROBE_TIMEOUT", 0.001)
+    with pytest.raises(InvalidArgument, match=r"slow.qcow2: `qemu-img info` did not finish within 0.001 s: refused"):
+        imageio.probe(str(img))

@@ -24,6 +24,9 @@ from virtua.storage.device import BlockDevice
 
 Progress = Callable[[int], None]  # bytes done so far
 COPY_BLOCK = 4 << 20
+# qemu-img info and check of one image to import: a crafted one must not hold the import
+# (and its job) forever; a real one of terabytes takes seconds (they read tables only)
+PROBE_TIMEOUT = 120.0
 
 
 @contextmanager
@@ -213,7 +216,7 @@ def probe(path: str) -> Image:
     _need("qemu-img", "qemu-utils")
     fmt = "qcow2" if magic == QCOW2_MAGIC else None
     args = ["qemu-img", "info", "--output=json", *(["-f", fmt] if fmt else []), path]
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = _inspect(args, path)
     if r.returncode != 0:
         what = f"damaged {fmt} image" if fmt else "unreadable image"
         raise InvalidArgument(f"{path}: {what}: {_first_line(r.stderr).removeprefix('qemu-img: ')}")
@@ -228,7 +231,7 @@ def probe(path: str) -> Image:
                               f"`qemu-img convert -O qcow2 {path} NEW.qcow2` if you trust what it names")
     if fmt == "raw":
         return Image(path, "raw", file_size, file_size)
-    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", fmt, path], capture_output=True, text=True)
+    r = _inspect(["qemu-img", "check", "--output=json", "-f", fmt, path], path)
     if r.returncode not in (0, 3, _NO_CHECK):  # 3: leaked clusters only, harmless for reading
         try:
             report = json.loads(r.stdout)
@@ -241,6 +244,14 @@ def probe(path: str) -> Image:
             why += f"; the file is truncated (it ends at {file_size} bytes, its tables reach past it)"
         raise InvalidArgument(f"{path}: damaged {fmt} image: qemu-img check found {why}")
     return Image(path, fmt, int(info["virtual-size"]), file_size)
+
+
+def _inspect(args: list[str], path: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise InvalidArgument(f"{path}: `{' '.join(args[:2])}` did not finish within {PROBE_TIMEOUT:g} s: "
+                              "refused (a damaged or crafted image)") from None
 
 
 _FILE_KEYS = ("filename", "backing-filename", "full-backing-filename", "data-file", "backing_file")
