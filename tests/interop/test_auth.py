@@ -401,3 +401,22 @@ def test_a_removed_host_is_revoked(plane: Plane) -> None:
     assert hosts == [], "the revoked agent could not register again"
     with pytest.raises(httpx.HTTPError), plane.client(host) as c:
         c.get("/v1/templates/any/kernel")
+
+
+def test_data_commands_over_the_api_are_refused_before_anything_starts(plane: Plane, tmp_path: Path) -> None:
+    """Over --api the data went through this machine's NBD socket, not the remote serve's:
+    a serve here with a volume of the same name had it read (export) or its data written
+    instead. Refused, before a job, a volume or a file exists."""
+    base = ["--api", plane.api, "--cert", str(plane.pki / "admin")]
+    src = tmp_path / "in.raw"
+    src.write_bytes(b"\1" * 65536)
+    out = tmp_path / "out.raw"
+    jobs_before = plane.cli("job", "list", "--json").stdout
+    for args in (["volume", "import", str(src), "p/fromapi"], ["volume", "export", "p/victim", str(out)],
+                 ["volume", "export-diff", "p/victim@s1", str(out)], ["volume", "import-diff", str(src), "p/victim"]):
+        r = plane.cli(*base, *args, check=False)
+        assert r.returncode == 2 and "over --api is not supported" in r.stderr, (args, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.raw.*")), "no file, not even a partial one"
+    assert "p/fromapi" not in plane.volumes()
+    assert plane.cli("job", "list", "--json").stdout == jobs_before, "no job began"

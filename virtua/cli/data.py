@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from virtua.cli.client import Client, LocalClient
+from virtua.cli.client import Client, LocalClient, RemoteClient
 from virtua.errors import AlreadyExists, Cancelled, InvalidArgument, NoSpace, VirtuaError
 from virtua.storage import imageio
 from virtua.storage.names import parse_ref
@@ -78,8 +78,20 @@ def _source_file(source: str) -> Iterator[str]:
         yield path
 
 
+def data_path_here(client: Client, verb: str) -> None:
+    """Data goes over NBD on this machine (serve's admin socket, or this process's own
+    server). A serve reached over TCP (--api) is on another machine, or as good as: its
+    data socket is not the one here, and a same-named volume of a serve here would be
+    read or written instead. Refused before anything starts."""
+    if isinstance(client, RemoteClient) and client.unix is None:
+        raise InvalidArgument(f"volume {verb} over --api is not supported: the data would go over this machine's "
+                              "NBD socket, not the remote serve's; run it on the serve's host (or copy with "
+                              "qemu-img or nbdcopy over NBD with TLS and the admin certificate)")
+
+
 def import_image(home: Path, client: Client, source: str, ref: str, stream_size: int | None = None) -> dict[str, Any]:
     parse_ref(ref, snapshot=False)  # a bad name before anything is read
+    data_path_here(client, "import")
     if stream_size is not None:
         return _import_stream(home, client, ref, stream_size)
     with _source_file(source) as path:
@@ -235,6 +247,7 @@ def export_image(
     home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False, sync: bool = True,
 ) -> dict[str, Any]:
     r = parse_ref(ref)
+    data_path_here(client, "export")
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
     if fmt == "qcow2" and dest == "-":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from virtua.cli.client import Client
-from virtua.cli.data import nbd_socket
+from virtua.cli.data import data_path_here, nbd_socket
 from virtua.errors import AlreadyExists, InvalidArgument, NotFound
 from virtua.storage.names import parse_ref
 
@@ -64,6 +64,7 @@ def _output(dest: str, force: bool) -> Iterator[IO[bytes]]:
 
 def export_diff(home: Path, client: Client, ref: str, dest: str, since: str | None, force: bool) -> dict[str, Any]:
     r = parse_ref(ref)
+    data_path_here(client, "export-diff")
     if since is not None:
         since = since.rpartition("@")[2]
     diff = client.call("volume.diff", ref=ref, since=since)
@@ -96,6 +97,7 @@ def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
 
 def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
+    data_path_here(client, "import-diff")
     if source != "-" and not os.path.isfile(source):
         raise NotFound(f"no such file: {source}")
     with contextlib.ExitStack() as stack:
