@@ -1161,16 +1161,29 @@ class Manager:
         if any(v.state == "suspended" for v in self.vc_vms(name)):
             raise InvalidArgument(f"VC {name} is suspended: use `virtua vc resume {name}`")
 
-    async def _start_vc(self, name: str, job: runner.Job | None = None) -> None:
+    async def _over_nodes(
+        self, name: str, select: Callable[[], list[VMRecord]], fn: Callable[[VCRecord, VMRecord], Awaitable[None]],
+        state: str, job: runner.Job | None, failed: str = "",
+    ) -> None:
+        """Under the VC's lock: select its nodes (checked again there), run fn on each at once,
+        record the VC as state (degraded if a node failed), and raise naming the failures."""
         async with self.lock(f"vc/{name}"):
-            self._check_startable(name)
+            vms = select()
             vc = self.vc(name)
-            vms = [v for v in self.vc_vms(name) if v.state in ("stopped", "defined", "failed")]
-            errors = await self._each_counted(vms, lambda v: self._start_vm(vc, v), job)
-            vc.state = "running" if not errors else "degraded"
+            errors = await self._each_counted(vms, lambda v: fn(vc, v), job)
+            vc.state = state if not errors else "degraded"
             self._put_vc(vc)
             if errors:
-                raise Unavailable(f"VC {name}: {len(errors)} node(s) failed to start: " + "; ".join(errors))
+                raise Unavailable(f"VC {name}: " + (f"{len(errors)} node(s) {failed}: " if failed else "")
+                                  + "; ".join(errors))
+
+    def _startable_vms(self, name: str) -> list[VMRecord]:
+        self._check_startable(name)
+        return [v for v in self.vc_vms(name) if v.state in ("stopped", "defined", "failed")]
+
+    async def _start_vc(self, name: str, job: runner.Job | None = None) -> None:
+        await self._over_nodes(name, lambda: self._startable_vms(name), self._start_vm, "running", job,
+                               "failed to start")
 
     async def _stop_vm(self, vm: VMRecord, force: bool = False) -> None:
         if vm.state in ("running", "starting", "failed"):
@@ -1196,20 +1209,19 @@ class Manager:
         return await self._vc_job("vc.stop", name, "stop", lambda job: self._stop_vc(name, force, job), wait,
                                   {"force": force})
 
+    def _stoppable_vms(self, name: str, force: bool) -> list[VMRecord]:
+        """Every node; a suspended one (force) loses its saved state and is stopped already."""
+        vms = self._check_stoppable(name, force)
+        for v in vms:
+            if v.state == "suspended":
+                self._drop_state(v)
+                v.state = "stopped"
+                self._put_vm(v)
+        return vms
+
     async def _stop_vc(self, name: str, force: bool, job: runner.Job | None = None) -> None:
-        async with self.lock(f"vc/{name}"):
-            vms = self._check_stoppable(name, force)
-            vc = self.vc(name)
-            for v in vms:
-                if v.state == "suspended":
-                    self._drop_state(v)
-                    v.state = "stopped"
-                    self._put_vm(v)
-            errors = await self._each_counted(vms, lambda v: self._stop_vm(v, force), job)
-            vc.state = "stopped" if not errors else "degraded"
-            self._put_vc(vc)
-            if errors:
-                raise Unavailable(f"VC {name}: " + "; ".join(errors))
+        await self._over_nodes(name, lambda: self._stoppable_vms(name, force),
+                               lambda _vc, v: self._stop_vm(v, force), "stopped", job)
 
     def _state_path(self, vm: VMRecord) -> Path:
         return self.states_dir / vm.vc / f"{vm.name}.state"
@@ -1247,14 +1259,8 @@ class Manager:
         return await self._vc_job("vc.suspend", name, "suspend", lambda job: self._suspend_vc(name, job), wait)
 
     async def _suspend_vc(self, name: str, job: runner.Job | None = None) -> None:
-        async with self.lock(f"vc/{name}"):
-            vms = self._check_suspendable(name)
-            vc = self.vc(name)
-            errors = await self._each_counted(vms, self._suspend_vm, job)
-            vc.state = "suspended" if not errors else "degraded"
-            self._put_vc(vc)
-            if errors:
-                raise Unavailable(f"VC {name}: " + "; ".join(errors))
+        await self._over_nodes(name, lambda: self._check_suspendable(name), lambda _vc, v: self._suspend_vm(v),
+                               "suspended", job)
 
     async def _resume_vm(self, vc: VCRecord, vm: VMRecord) -> None:
         if vm.state != "suspended":
@@ -1286,14 +1292,7 @@ class Manager:
         return await self._vc_job("vc.resume", name, "resume", lambda job: self._resume_vc(name, job), wait)
 
     async def _resume_vc(self, name: str, job: runner.Job | None = None) -> None:
-        async with self.lock(f"vc/{name}"):
-            vms = self._check_resumable(name)
-            vc = self.vc(name)
-            errors = await self._each_counted(vms, lambda v: self._resume_vm(vc, v), job)
-            vc.state = "running" if not errors else "degraded"
-            self._put_vc(vc)
-            if errors:
-                raise Unavailable(f"VC {name}: " + "; ".join(errors))
+        await self._over_nodes(name, lambda: self._check_resumable(name), self._resume_vm, "running", job)
 
     async def vc_remap(self, name: str, strategy: str | None = None, mode: str | None = None) -> dict[str, Any]:
         async with self.lock(f"vc/{name}"):
