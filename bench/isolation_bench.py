@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
                               "--api-listen", f"127.0.0.1:{free_port()}"], env=env,
                              stdout=subprocess.PIPE, text=True,
                              # VIRTUA_BENCH_SERVE_LOG=FILE keeps serve's log (e.g. with
-                             # PYTHONASYNCIODEBUG=1: which callback held the loop, and how long)
+                             # VIRTUA_SLOW_CALLBACK_MS=15: each callback that held the loop longer)
                              stderr=open(os.environ.get("VIRTUA_BENCH_SERVE_LOG", os.devnull), "w"))
     assert serve.stdout is not None and serve.stdout.readline().startswith("VIRTUA_READY")
     try:

@@ -540,6 +540,12 @@ async def serve(cfg: ServeConfig) -> None:
     from virtua.nbd.tls import TLSConfig
     from virtua.pki.ca import ClusterCA
 
+    slow = os.environ.get("VIRTUA_SLOW_CALLBACK_MS")  # a diagnostic: log what holds the loop that long
+    if slow:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = float(slow) / 1000
+
     # first: an etcd that does not answer stops serve before anything starts (Unavailable)
     store: StateStore | None = None
     if cfg.etcd:
