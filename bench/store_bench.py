@@ -1,8 +1,11 @@
 """The manager's admin operations on its two stores, in one run: `vc create` of 8 nodes
 (no boot) and `vc destroy`, with the cluster state in SQLite (`manager.db`) and in a
 3-member etcd cluster (`virtua lab up --hosts 3 --etcd`: one member per host namespace,
-TLS), alternating store by store; then etcd's leader failover as a client sees it (the
-etcd leader killed, time until a write through `virtua` succeeds).
+TLS), alternating store by store; then an etcd quorum loss as serve's loop sees it (two
+members frozen 15 s: the longest answer of `GET /v1/status` on serve's socket, asked every
+0.1 s, against before the freeze; then the time from the thaw until a write succeeds);
+then etcd's leader failover as a client sees it (the etcd leader killed, time until a
+write through `virtua` succeeds).
 
     python -m bench store [--rounds 3] [--nodes 8]
 
@@ -71,6 +74,25 @@ class Run:
             self.serve.wait(30)
         self.serve = None
 
+    def status_latencies(self, seconds: float) -> list[float]:
+        """How long serve's loop takes to answer GET /v1/status, asked every 0.1 s."""
+        from virtua.cli.client import _UnixHTTPConnection
+
+        out = []
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            c = _UnixHTTPConnection(str(self.home / "virtua.sock"), timeout=60)
+            t = time.perf_counter()
+            c.request("GET", "/v1/status")
+            c.getresponse().read()
+            out.append(time.perf_counter() - t)
+            c.close()
+            time.sleep(0.1)
+        return out
+
+    def etcd_pid(self, host: str) -> int:
+        return int((self.home / "lab" / host / "etcd" / "etcd.pid").read_text())
+
     def etcd_leader(self) -> tuple[str, int]:
         """(host, pid) of the etcd member that leads now."""
         import ssl
@@ -114,6 +136,25 @@ def main(argv: list[str] | None = None) -> int:
                     times.setdefault(f"destroy {store}", []).append(run.timed("vc", "destroy", "b", "--force"))
                     run.stop_serve()
             run.start_serve(etcd=True)
+            before = run.status_latencies(5)
+            frozen = [run.etcd_pid(h) for h in ("h1", "h2")]
+            for pid in frozen:
+                os.killpg(pid, signal.SIGSTOP)
+            try:
+                during = run.status_latencies(15)
+            finally:
+                for pid in frozen:
+                    os.killpg(pid, signal.SIGCONT)
+            t = time.perf_counter()
+            while True:
+                try:
+                    run.cli("host", "undrain", "h3")  # a write
+                    break
+                except RuntimeError:
+                    time.sleep(0.1)
+            thawed = time.perf_counter() - t
+            time.sleep(3)  # a beat or two since the thaw: "alive" is the host's last beat on record
+            alive = sum(h["alive"] for h in run.cli("host", "list"))
             host, pid = run.etcd_leader()
             t = time.perf_counter()
             os.killpg(pid, signal.SIGKILL)
@@ -135,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         s, e = med[f"{op} sqlite"], med[f"{op} etcd"]
         rounds = [" ".join(f"{x:.2f}" for x in times[f"{op} {k}"]) for k in ("sqlite", "etcd")]
         print(f"| vc {op} | {s:.2f} | {e:.2f} | {e / s:.2f}x | {rounds[0]} | {rounds[1]} |")
+    slow = [x for x in during if x > 0.1]
+    print(f"\netcd quorum loss (h1, h2 frozen 15 s): GET /v1/status max {max(during) * 1e3:.0f} ms, median "
+          f"{statistics.median(during) * 1e3:.1f} ms, {len(slow)} of {len(during)} over 100 ms "
+          f"(before: max {max(before) * 1e3:.0f} ms, median {statistics.median(before) * 1e3:.1f} ms); "
+          f"a write {thawed:.2f} s after the thaw; hosts alive afterwards: {alive} of 3")
     print(f"\netcd leader ({host}) killed -> `host drain` done: {failover:.2f} s "
           f"(a command without a failover right after: {plain:.2f} s)")
     return 0
