@@ -728,7 +728,10 @@ class EtcdStateStore:
         quorum either): take it again, unless another serve has it by now (Busy: this one
         stops managing). Stopping instead, as a write that found it gone did, stopped serve
         (and every guest's disk) after any etcd outage longer than the claim's TTL."""
-        self._claim_lease, self._claim_rev = None, 0
+        # the old create revision stays until a new claim is made: a re-take etcd fails
+        # leaves every write conditional on the lapsed claim (so refused) and the next
+        # renewal or write tries again; zeroed, writes went on with no claim condition
+        self._claim_lease = None
         try:
             self._take_claim()
         except _Taken as e:
@@ -760,6 +763,8 @@ class EtcdStateStore:
             if self._claim_lost is not None:  # a write found it taken: this serve stops
                 raise Busy(self._claim_lost)
             if self._claim_lease is None:
+                if self._claim_rev:  # a re-take that failed: again
+                    self._check_claim()
                 return
             doc = self._call("lease/keepalive", {"ID": self._claim_lease}, idempotent=True)
             if int((doc.get("result") or {}).get("TTL") or 0) <= 0:
