@@ -1,0 +1,112 @@
+"""Attacks on EtcdStateStore's call budget, background probe and claim re-take, on a real
+etcd (etcd-server 3.4 on loopback)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import virtua.cluster.store_etcd as store_etcd
+from tests.helpers.etcd import etcd_cluster, solo_etcd
+from virtua.cluster.store_etcd import EtcdStateStore
+from virtua.errors import Busy, Unavailable
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def etcd_url() -> Iterator[str]:
+    with solo_etcd() as url:
+        yield url
+
+
+def _prefix() -> str:
+    return f"/t{uuid.uuid4().hex[:8]}/"
+
+
+@pytest.mark.parametrize("noticed_by", ["keep_claim", "a write"])
+def test_a_serve_replaced_while_stalled_does_not_take_the_claim_back_after_its_successor_left(
+    etcd_url: str, noticed_by: str
+) -> None:
+    """first stalls past its lease (SIGSTOP, a frozen VM); second claims the prefix, manages
+    it (its job recovery undoes first's job step, say) and stops. When first resumes, the
+    claim is absent again: first must not take it back and write on as if it had managed
+    all along (its in-memory state and jobs predate second's). It did: _retake_claim takes
+    any absent claim, and the marker that moved under second's writes is taken as "once
+    more" by _send_commit."""
+    prefix = _prefix()
+    first, second = EtcdStateStore(etcd_url, prefix=prefix), EtcdStateStore(etcd_url, prefix=prefix)
+    try:
+        first.claim({"pid": 1}, ttl=30)
+        first.put("/jobs/j1", {"state": "running", "by": "first"})
+        first._call("lease/revoke", {"ID": first._claim_lease}, idempotent=True)  # its lease ran out
+        second.claim({"pid": 2}, ttl=30)  # meanwhile another serve took over the prefix
+        second.put("/jobs/j1", {"state": "undone", "by": "second"})  # its recovery undid first's job
+        second.release_claim()  # and it stopped
+        with pytest.raises(Busy):
+            if noticed_by == "keep_claim":
+                first.keep_claim()
+            else:
+                first.put("/jobs/j1", {"state": "done", "by": "first, stale"})
+        with pytest.raises(Busy):
+            first.put("/jobs/j1", {"state": "done", "by": "first, stale"})
+        assert second.get("/jobs/j1") == {"state": "undone", "by": "second"}
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_retake_that_fails_does_not_leave_a_serve_writing_without_its_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim went with its lease; keep_claim finds it gone and takes it again, but etcd
+    fails the lease grant (it is away again, or the call's budget ran out). The store must
+    still know it has to hold the claim: it must not go on writing with no claim condition
+    (another serve could claim the prefix and both would write) nor stop renewing."""
+    with etcd_cluster(tmp_path / "etcd", ["127.0.0.1"]) as (members, pids):
+        url = members[0].client_url
+        prefix = _prefix()
+        first = EtcdStateStore(url, prefix=prefix, probe_in_background=True)
+        second = EtcdStateStore(url, prefix=prefix)
+        try:
+            first.claim({"pid": 1}, ttl=30)
+            first.put("/hosts/a", {"by": "first"})
+            first._call("lease/revoke", {"ID": first._claim_lease}, idempotent=True)
+            real = first._call
+
+            def call(path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+                if path == "lease/grant":  # etcd goes away right then (a frozen member)
+                    monkeypatch.setattr(first, "_call", real)
+                    os.killpg(pids[0], signal.SIGSTOP)
+                    try:
+                        return real(path, body, idempotent=idempotent)
+                    finally:
+                        os.killpg(pids[0], signal.SIGCONT)
+                return real(path, body, idempotent=idempotent)
+
+            monkeypatch.setattr(first, "_call", call)
+            with pytest.raises(Unavailable):
+                first.keep_claim()
+            deadline = time.monotonic() + 10
+            while first._held_down():  # the background probe sees etcd again
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            second.claim({"pid": 2}, ttl=30)  # the prefix looks free: another serve takes it
+            with contextlib.suppress(Busy):
+                first.keep_claim()  # the renewal must not be a no-op now
+            with contextlib.suppress(Busy):
+                first.put("/hosts/a", {"by": "first, without its claim"})
+            assert second.get("/hosts/a") == {"by": "first"}, "first wrote while second held the claim"
+        finally:
+            with contextlib.suppress(Exception):
+                second.release_claim()
+            first.close()
+            second.close()
