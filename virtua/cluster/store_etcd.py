@@ -315,12 +315,16 @@ class EtcdStateStore:
                 waited = self.read_timeout if timeout is httpx.USE_CLIENT_DEFAULT else timeout.read
                 msg = f"{url} gave no answer within {waited:.3g} s"
                 if not idempotent:
+                    # what settles it (a fence, within what is left of the call's budget) starts at
+                    # the next member: it went to this silent one again, and ran out of time there
+                    self._current = (self._current + i + 1) % n
                     raise _AnswerLost(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
                 failures.append(msg)
                 answered += 1  # it is there, and cannot answer without a quorum
                 continue
             except httpx.HTTPError as e:
                 if not idempotent:  # connected and (maybe) sent, then cut: it may be applied
+                    self._current = (self._current + i + 1) % n  # settled from the next member
                     raise _AnswerLost(f"etcd at {url} cut the connection ({_reason(e)}); the write may or may "
                                       "not have been applied") from None
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
@@ -623,7 +627,8 @@ class EtcdStateStore:
         (applied). Raises OutcomeUnknown if etcd does not answer within RESOLVE_WAIT."""
         assert self._pending is not None
         key, rev, nonce, why = self._pending
-        deadline = time.monotonic() + wait
+        began = time.monotonic()
+        deadline = began + wait
         if self._op_deadline is not None:
             deadline = min(deadline, self._op_deadline)
         last = why
@@ -641,7 +646,8 @@ class EtcdStateStore:
                 self._went_down(e.message)
                 if time.monotonic() >= deadline:
                     raise OutcomeUnknown(
-                        f"etcd did not answer a transaction ({why}) and stayed unreachable for {wait:g} s "
+                        f"etcd did not answer a transaction ({why}) and stayed unreachable for "
+                        f"{time.monotonic() - began:.2g} s "
                         f"while its outcome was checked ({last}): it may or may not have been applied; the next "
                         f"write to etcd settles it (marker {key}, nonce {nonce})", txn=nonce) from None
                 time.sleep(ELECTION_POLL * 2)
