@@ -145,3 +145,37 @@ def test_one_frozen_member_of_three_leaves_an_event_loop_callers_write_settled(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGCONT)
         s.close()
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["serve", "cli"])
+def test_two_silent_members_of_five_first_in_the_list_do_not_hold_a_store_off_a_quorum(
+    tmp_path: Path, background: bool
+) -> None:
+    """Five members, the first two in the endpoint list silent (SIGSTOP; hosts gone without
+    a reset), three up: a quorum. Each call spent its 3 s budget on those two (2 s, then
+    the 1 s left) and never reached a live member, and the store's current endpoint only
+    moves on an answer: every call failed, for as long as the two stayed silent (the
+    background probe saw member 3 answer, and let the next call fail again the same way).
+    A CLI's store (no background probe) too: its calls got the same budget each."""
+    with etcd_cluster(tmp_path, ["127.0.0.1"] * 5) as (members, pids):
+        s = EtcdStateStore(",".join(m.client_url for m in members), prefix=_prefix(),
+                           probe_in_background=background)
+        try:
+            s.put("/a", {"n": 0})
+            for pid in pids[:2]:
+                os.killpg(pid, signal.SIGSTOP)
+            for call in (lambda: s.get("/a"), lambda: s.put("/a", {"n": 1})):  # reads alone, then writes
+                deadline = time.monotonic() + 15
+                while True:
+                    try:
+                        call()
+                        break
+                    except Unavailable as e:
+                        assert time.monotonic() < deadline, f"no call got through with 3 of 5 members up: {e.message}"
+                        time.sleep(0.2)
+            assert s.get("/a") == {"n": 1}
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGCONT)
+            s.close()

@@ -254,13 +254,14 @@ class EtcdStateStore:
         with httpx.Client(timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
                           verify=self._verify) as http:
             while not self._closed.wait(PROBE_EVERY):
-                for url in self.urls:
+                for i, url in enumerate(self.urls):
                     try:
                         r = http.post(f"{url}/v3/kv/range", json={"key": key, "count_only": True})
                     except httpx.HTTPError:
                         continue
                     if r.status_code == 200 and "header" in r.text:
                         log.info("etcd answers again (%s)", url)
+                        self._current = i  # the calls go to a member that answers
                         self._came_back(prober=True)
                         return
         with self._probe_lock:
@@ -270,8 +271,9 @@ class EtcdStateStore:
         if self._held_down():
             raise Unavailable(self._down_said)
         start = time.monotonic()
-        budget = self._op_deadline or start + CALL_BUDGET
-        elected_by = min(start + ELECTION_WAIT, budget)
+        # the budget is an event loop's (serve's); a CLI waits for what each member may take
+        budget = self._op_deadline or (start + CALL_BUDGET if self._probe_in_background else None)
+        elected_by = start + ELECTION_WAIT if budget is None else min(start + ELECTION_WAIT, budget)
         while True:
             try:
                 return self._request(path, body, idempotent=idempotent, deadline=budget)
@@ -296,8 +298,9 @@ class EtcdStateStore:
         n = len(self.urls)
         answered = 0  # members reached that cannot answer (no quorum behind them)
         electing, not_applied = False, True
+        first = self._current
         for i in range(n):
-            url = self.urls[(self._current + i) % n]
+            url = self.urls[(first + i) % n]
             timeout: Any = httpx.USE_CLIENT_DEFAULT
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -309,27 +312,29 @@ class EtcdStateStore:
             try:
                 r = self._http.post(f"{url}/v3/{path}", json=body, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                self._current = (first + i + 1) % n  # the next request starts past it (below)
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
             except httpx.TimeoutException:
+                # the next request (the next call, or what settles a lost write) starts at the next
+                # member: a silent one first in line used up every call's budget (two of five
+                # silent: no call reached the three that answer), as it did a lost write's fence
+                self._current = (first + i + 1) % n
                 waited = self.read_timeout if timeout is httpx.USE_CLIENT_DEFAULT else timeout.read
                 msg = f"{url} gave no answer within {waited:.3g} s"
                 if not idempotent:
-                    # what settles it (a fence, within what is left of the call's budget) starts at
-                    # the next member: it went to this silent one again, and ran out of time there
-                    self._current = (self._current + i + 1) % n
                     raise _AnswerLost(f"etcd has no quorum ({msg}); the write may or may not have been applied") from None
                 failures.append(msg)
                 answered += 1  # it is there, and cannot answer without a quorum
                 continue
             except httpx.HTTPError as e:
+                self._current = (first + i + 1) % n
                 if not idempotent:  # connected and (maybe) sent, then cut: it may be applied
-                    self._current = (self._current + i + 1) % n  # settled from the next member
                     raise _AnswerLost(f"etcd at {url} cut the connection ({_reason(e)}); the write may or may "
                                       "not have been applied") from None
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
-            self._current = (self._current + i) % n
+            self._current = (first + i) % n
             try:
                 doc = r.json()
             except ValueError:
