@@ -179,3 +179,22 @@ def test_two_silent_members_of_five_first_in_the_list_do_not_hold_a_store_off_a_
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGCONT)
             s.close()
+
+
+def test_a_call_out_of_budget_does_not_mark_a_healthy_etcd_sick(etcd_url: str) -> None:
+    """A txn() on serve's store has one budget from its start to its commit: a body that
+    takes longer (here 3 s of the caller's own time) finds no time left to commit. That
+    fails the txn, but said nothing about etcd: it was taken as etcd failing, the store
+    marked sick, and the next call on a healthy etcd failed at once too."""
+    s = EtcdStateStore(etcd_url, prefix=_prefix(), probe_in_background=True)
+    try:
+        s.put("/a", {"n": 0})
+        with pytest.raises(Unavailable, match="no time left"):
+            with s.txn():
+                s.get("/a")
+                time.sleep(store_etcd.CALL_BUDGET + 0.05)
+                s.put("/a", {"n": 1})
+        assert not s._held_down()
+        assert s.get("/a") == {"n": 0}
+    finally:
+        s.close()

@@ -90,6 +90,10 @@ class _AnswerLost(Unavailable):
     """A non-idempotent request was sent and its answer lost: applied or not, unknown."""
 
 
+class _OutOfTime(Unavailable):
+    """The call's budget ran out before any member was asked: nothing said about etcd."""
+
+
 class _Electing(Unavailable):
     def __init__(self, message: str, not_applied: bool) -> None:
         super().__init__(message)
@@ -285,6 +289,8 @@ class EtcdStateStore:
                 if not (idempotent or e.not_applied):  # "leader changed" after proposing it
                     raise _AnswerLost(e.message + "; the write may or may not have been applied") from None
                 raise Unavailable(e.message) from None
+            except _OutOfTime:
+                raise  # the caller's time, not etcd's health: no hold-down, no probe
             except Unavailable as e:
                 self._went_down(e.message)
                 raise
@@ -361,6 +367,8 @@ class EtcdStateStore:
             raise VirtuaError(f"etcd at {url} refused /v3/{path}: {message}")
         if answered:
             raise _no_quorum(failures, answered, n, electing, not_applied and answered > 0)
+        if all(f.startswith("no time left") for f in failures):
+            raise _OutOfTime("; ".join(failures))
         raise Unavailable("; ".join(failures))
 
     def check(self) -> None:
@@ -648,7 +656,8 @@ class EtcdStateStore:
                 doc = self._request("kv/txn", body, idempotent=True, deadline=self._op_deadline)
             except Unavailable as e:
                 last = e.message
-                self._went_down(e.message)
+                if not isinstance(e, _OutOfTime):
+                    self._went_down(e.message)
                 if time.monotonic() >= deadline:
                     raise OutcomeUnknown(
                         f"etcd did not answer a transaction ({why}) and stayed unreachable for "
