@@ -90,6 +90,10 @@ class _AnswerLost(Unavailable):
     """A non-idempotent request was sent and its answer lost: applied or not, unknown."""
 
 
+class _OutOfTime(Unavailable):
+    """The call's budget ran out before any member was asked: nothing said about etcd."""
+
+
 class _Electing(Unavailable):
     def __init__(self, message: str, not_applied: bool) -> None:
         super().__init__(message)
@@ -201,6 +205,8 @@ class EtcdStateStore:
         self._claim_lost: str | None = None  # why this serve may not write any more
         self._claim_who: dict[str, Any] = {}
         self._claim_ttl = 10
+        self._claim_mark = 0  # the claim's marker's mod revision as this store last moved it
+        self._granted: str | None = None  # the lease this store was granted last for its claim
         self._id = secrets.token_hex(8)  # this process's marker key when it holds no claim
         self._marks: dict[str, int] = {}  # marker key -> its mod revision as last seen
         self._pending: tuple[str, int, str, str] | None = None  # a lost txn: marker, its rev, nonce, why
@@ -252,13 +258,14 @@ class EtcdStateStore:
         with httpx.Client(timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
                           verify=self._verify) as http:
             while not self._closed.wait(PROBE_EVERY):
-                for url in self.urls:
+                for i, url in enumerate(self.urls):
                     try:
                         r = http.post(f"{url}/v3/kv/range", json={"key": key, "count_only": True})
                     except httpx.HTTPError:
                         continue
                     if r.status_code == 200 and "header" in r.text:
                         log.info("etcd answers again (%s)", url)
+                        self._current = i  # the calls go to a member that answers
                         self._came_back(prober=True)
                         return
         with self._probe_lock:
@@ -268,8 +275,9 @@ class EtcdStateStore:
         if self._held_down():
             raise Unavailable(self._down_said)
         start = time.monotonic()
-        budget = self._op_deadline or start + CALL_BUDGET
-        elected_by = min(start + ELECTION_WAIT, budget)
+        # the budget is an event loop's (serve's); a CLI waits for what each member may take
+        budget = self._op_deadline or (start + CALL_BUDGET if self._probe_in_background else None)
+        elected_by = start + ELECTION_WAIT if budget is None else min(start + ELECTION_WAIT, budget)
         while True:
             try:
                 return self._request(path, body, idempotent=idempotent, deadline=budget)
@@ -281,6 +289,8 @@ class EtcdStateStore:
                 if not (idempotent or e.not_applied):  # "leader changed" after proposing it
                     raise _AnswerLost(e.message + "; the write may or may not have been applied") from None
                 raise Unavailable(e.message) from None
+            except _OutOfTime:
+                raise  # the caller's time, not etcd's health: no hold-down, no probe
             except Unavailable as e:
                 self._went_down(e.message)
                 raise
@@ -294,8 +304,9 @@ class EtcdStateStore:
         n = len(self.urls)
         answered = 0  # members reached that cannot answer (no quorum behind them)
         electing, not_applied = False, True
+        first = self._current
         for i in range(n):
-            url = self.urls[(self._current + i) % n]
+            url = self.urls[(first + i) % n]
             timeout: Any = httpx.USE_CLIENT_DEFAULT
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -307,9 +318,14 @@ class EtcdStateStore:
             try:
                 r = self._http.post(f"{url}/v3/{path}", json=body, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                self._current = (first + i + 1) % n  # the next request starts past it (below)
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
             except httpx.TimeoutException:
+                # the next request (the next call, or what settles a lost write) starts at the next
+                # member: a silent one first in line used up every call's budget (two of five
+                # silent: no call reached the three that answer), as it did a lost write's fence
+                self._current = (first + i + 1) % n
                 waited = self.read_timeout if timeout is httpx.USE_CLIENT_DEFAULT else timeout.read
                 msg = f"{url} gave no answer within {waited:.3g} s"
                 if not idempotent:
@@ -318,12 +334,13 @@ class EtcdStateStore:
                 answered += 1  # it is there, and cannot answer without a quorum
                 continue
             except httpx.HTTPError as e:
+                self._current = (first + i + 1) % n
                 if not idempotent:  # connected and (maybe) sent, then cut: it may be applied
                     raise _AnswerLost(f"etcd at {url} cut the connection ({_reason(e)}); the write may or may "
                                       "not have been applied") from None
                 failures.append(f"etcd at {url} unreachable: {_reason(e)}")
                 continue
-            self._current = (self._current + i) % n
+            self._current = (first + i) % n
             try:
                 doc = r.json()
             except ValueError:
@@ -350,6 +367,8 @@ class EtcdStateStore:
             raise VirtuaError(f"etcd at {url} refused /v3/{path}: {message}")
         if answered:
             raise _no_quorum(failures, answered, n, electing, not_applied and answered > 0)
+        if all(f.startswith("no time left") for f in failures):
+            raise _OutOfTime("; ".join(failures))
         raise Unavailable("; ".join(failures))
 
     def check(self) -> None:
@@ -524,11 +543,11 @@ class EtcdStateStore:
                 raise Unavailable(f"etcd transaction not applied ({e.message}): its answer was lost, and etcd "
                                   "confirmed it was not applied and now never can be") from None
             if doc.get("succeeded"):
-                self._marks[mark] = int(doc["header"]["revision"])
+                self._own_mark(mark, int(doc["header"]["revision"]))
                 return True
             held, held_rev = _marker_in(doc)
             if held == nonce:  # sent again after "no leader" and an earlier copy was applied after all
-                self._marks[mark] = held_rev
+                self._own_mark(mark, held_rev)
                 return True
             if held_rev == mark_rev or attempt:
                 break
@@ -575,6 +594,15 @@ class EtcdStateStore:
             self._marks[key] = self._make_marker(key)
         return key, self._marks[key]
 
+    def _own_mark(self, key: str, rev: int) -> None:
+        """The marker as this store itself moved it (a write, a fence, the claim): under the
+        claim, what a re-take checks nobody moved since. Not so a marker found moved by
+        another store (_send_commit's "once more"): that may be a serve that had the prefix
+        while this one's claim had lapsed."""
+        self._marks[key] = rev
+        if key == self.prefix + MARKER:
+            self._claim_mark = rev
+
     def _make_marker(self, key: str) -> int:
         """The marker's mod revision, creating it first if absent (create-only, alone): a
         write is never conditional on the marker being absent, since the marker can be
@@ -612,7 +640,8 @@ class EtcdStateStore:
         (applied). Raises OutcomeUnknown if etcd does not answer within RESOLVE_WAIT."""
         assert self._pending is not None
         key, rev, nonce, why = self._pending
-        deadline = time.monotonic() + wait
+        began = time.monotonic()
+        deadline = began + wait
         if self._op_deadline is not None:
             deadline = min(deadline, self._op_deadline)
         last = why
@@ -627,10 +656,12 @@ class EtcdStateStore:
                 doc = self._request("kv/txn", body, idempotent=True, deadline=self._op_deadline)
             except Unavailable as e:
                 last = e.message
-                self._went_down(e.message)
+                if not isinstance(e, _OutOfTime):
+                    self._went_down(e.message)
                 if time.monotonic() >= deadline:
                     raise OutcomeUnknown(
-                        f"etcd did not answer a transaction ({why}) and stayed unreachable for {wait:g} s "
+                        f"etcd did not answer a transaction ({why}) and stayed unreachable for "
+                        f"{time.monotonic() - began:.2g} s "
                         f"while its outcome was checked ({last}): it may or may not have been applied; the next "
                         f"write to etcd settles it (marker {key}, nonce {nonce})", txn=nonce) from None
                 time.sleep(ELECTION_POLL * 2)
@@ -648,7 +679,7 @@ class EtcdStateStore:
                                  "by another writer meanwhile: whether it was applied cannot be told", txn=nonce)
 
     def _settled(self, key: str, rev: int, nonce: str, applied: bool) -> bool:
-        self._marks[key] = rev
+        self._own_mark(key, rev)
         self._pending = None
         self._fences.clear()  # a fence still in flight is conditional on the old revision: it cannot apply
         self._came_back()  # etcd answered
@@ -707,7 +738,8 @@ class EtcdStateStore:
     def _check_claim(self) -> bool:
         """Busy if the claim this serve made is another serve's now; from then on every
         write is refused (this serve must stop managing). A claim gone with its lease is
-        taken again (_retake_claim): True."""
+        taken again (_retake_claim): True. So is one a re-take whose answer was lost made
+        (the claim on the lease this store was granted last): adopted, True."""
         if self._claim_lost is not None:
             raise Busy(self._claim_lost)
         if not self._claim_rev:
@@ -716,6 +748,11 @@ class EtcdStateStore:
         if kvs and int(kvs[0].get("create_revision", 0)) == self._claim_rev:
             return False
         self._claim_lease = None
+        if kvs and self._granted is not None and str(kvs[0].get("lease")) == self._granted:
+            # this store's own re-take, whose answer was lost: the marker moved in it
+            self._claim_lease, self._claim_rev = self._granted, int(kvs[0]["create_revision"])
+            self._own_mark(self.prefix + MARKER, self._claim_rev)
+            return True
         if not kvs:
             self._retake_claim()
             return True
@@ -724,37 +761,57 @@ class EtcdStateStore:
         raise Busy(self._claim_lost)
 
     def _retake_claim(self) -> None:
-        """The claim went with its lease while etcd was away (nobody can claim without a
-        quorum either): take it again, unless another serve has it by now (Busy: this one
-        stops managing). Stopping instead, as a write that found it gone did, stopped serve
-        (and every guest's disk) after any etcd outage longer than the claim's TTL."""
-        # the old create revision stays until a new claim is made: a re-take etcd fails
-        # leaves every write conditional on the lapsed claim (so refused) and the next
-        # renewal or write tries again; zeroed, writes went on with no claim condition
-        self._claim_lease = None
+        """The claim went with its lease (etcd away longer than it, this serve stalled or
+        cut off): take it again, unless another serve has it by now, or had it meanwhile
+        and left (the marker moved: every claim and every write of a claim holder moves
+        it). Busy then: this one stops managing. Stopping after any lapse stopped serve
+        (and every guest's disk) after any etcd outage longer than the claim's TTL.
+        etcd failing the re-take (Unavailable) leaves this serve bound to its old claim:
+        its writes still fail their condition on it, and the next renewal or write tries
+        again (it used to go on writing with no claim condition, and stop renewing)."""
+        old, self._claim_lease = self._claim_rev, None
+        if self._pending is not None:  # the re-take moves the marker a lost write is conditional on
+            try:
+                self._settle_pending(0)
+            except OutcomeUnknown as e:
+                raise Unavailable(f"the claim on etcd prefix {self.prefix}/ is not taken again yet: {e.message}") from None
         try:
-            self._take_claim()
-        except _Taken as e:
+            self._take_claim(after=old)
+        except Busy as e:
             self._claim_lost = "this serve no longer manages the cluster state: " + e.message
             raise Busy(self._claim_lost) from None
-        log.warning("took the claim on etcd prefix %s/ again: its lease ran out while etcd was away", self.prefix)
+        log.warning("took the claim on etcd prefix %s/ again: its lease ran out", self.prefix)
 
-    def _take_claim(self) -> None:
+    def _take_claim(self, after: int | None = None) -> None:
+        """Create the claim on a new lease, and move the marker in the same transaction (so
+        a serve whose claim lapsed can tell another serve had it meanwhile). after: the
+        create revision of this serve's lapsed claim: only if the marker has not moved since
+        this serve last moved it (_claim_mark), else Busy."""
         lease = str(self._call("lease/grant", {"TTL": self._claim_ttl}, idempotent=False)["ID"])
+        self._granted = lease
         key = _b64(self.prefix + CLAIM)
+        mark = self.prefix + MARKER
+        compare = [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": 0}]
+        if after is not None:  # not moved since this serve last moved it (a serve that had the prefix did)
+            compare.append({"key": _b64(mark), "target": "MOD", "result": "EQUAL", "mod_revision": self._claim_mark})
         doc = self._call("kv/txn", {
-            "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
-            "success": [{"request_put": {"key": key, "value": _b64(json.dumps(self._claim_who)), "lease": lease}}],
+            "compare": compare,
+            "success": [{"request_put": {"key": key, "value": _b64(json.dumps(self._claim_who)), "lease": lease}},
+                        {"request_put": {"key": _b64(mark), "value": _b64(json.dumps({"nonce": "claimed-" + lease}))}}],
             "failure": [{"request_range": {"key": key}}],
         }, idempotent=False)
         if not doc.get("succeeded"):
             with contextlib.suppress(VirtuaError):
                 self._call("lease/revoke", {"ID": lease}, idempotent=True)
-            kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or [{}]
+            kvs = ((doc.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+            if not kvs:  # absent, but the marker moved: another serve claimed the prefix meanwhile, and left
+                raise Busy(f"another virtua serve managed the cluster state under etcd prefix {self.prefix}/ "
+                           "after this one's claim lapsed (and has stopped since): this one's view is stale")
             busy = self._busy(self.prefix + "/", kvs[0])
             raise _Taken(busy.message, _holder(kvs[0]), int(kvs[0].get("create_revision", 0)))
         self._claim_lease = lease
         self._claim_rev = int(doc["header"]["revision"])  # the claim key's create revision
+        self._own_mark(mark, self._claim_rev)  # moved in the same transaction
 
     def keep_claim(self) -> None:
         """Renew the claim; a claim whose lease ran out (etcd away longer than it) is taken
@@ -763,7 +820,7 @@ class EtcdStateStore:
             if self._claim_lost is not None:  # a write found it taken: this serve stops
                 raise Busy(self._claim_lost)
             if self._claim_lease is None:
-                if self._claim_rev:  # a re-take that failed: again
+                if self._claim_rev:  # a re-take etcd failed: again
                     self._check_claim()
                 return
             doc = self._call("lease/keepalive", {"ID": self._claim_lease}, idempotent=True)
