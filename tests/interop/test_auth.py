@@ -403,20 +403,107 @@ def test_a_removed_host_is_revoked(plane: Plane) -> None:
         c.get("/v1/templates/any/kernel")
 
 
-def test_data_commands_over_the_api_are_refused_before_anything_starts(plane: Plane, tmp_path: Path) -> None:
+@pytest.fixture
+def serve_here(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Another serve on this machine, in the CLI's own home, with a volume named like the
+    remote one's (p/victim, full of 0x55): over --api, the data must never go to it."""
+    env = dict(os.environ, VIRTUA_HOME=str(tmp_path / "here"), COLUMNS="200")
+
+    def cli(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "virtua.cli", *args], env=env, check=True, capture_output=True, timeout=60)
+
+    cli("pool", "create", "p", "--capacity", "1G")
+    cli("volume", "create", "p/victim", "--size", "8M")
+    filler = tmp_path / "55.raw"
+    filler.write_bytes(b"\x55" * (8 << 20))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{free_port()}",
+         "--api-listen", f"127.0.0.1:{free_port()}"],
+        env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "here.log", "w"), text=True,
+    )
+    try:
+        assert serve.stdout is not None
+        assert serve.stdout.readline().startswith("VIRTUA_READY"), (tmp_path / "here.log").read_text()
+        nbd = str(tmp_path / "here" / "nbd.sock")
+        subprocess.run(["nbdcopy", str(filler), f"nbd+unix:///p/victim?socket={nbd}"], check=True, timeout=60)
+        yield env
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=20)
+
+
+def test_data_moves_in_and_out_of_a_remote_serve_over_nbd_with_tls(
+    plane: Plane, tmp_path: Path, serve_here: dict[str, str],
+) -> None:
     """Over --api the data went through this machine's NBD socket, not the remote serve's:
     a serve here with a volume of the same name had it read (export) or its data written
-    instead. Refused, before a job, a volume or a file exists."""
-    base = ["--api", plane.api, "--cert", str(plane.pki / "admin")]
+    instead. Later it was refused. Now it goes to the remote serve's NBD port, over TLS with
+    the admin certificate: every data command round-trips there, and the serve here with a
+    same-named volume is neither read nor written."""
+    base = [sys.executable, "-m", "virtua.cli", "--api", plane.api, "--cert", str(plane.pki / "admin")]
+
+    def remote(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        r = subprocess.run([*base, *args], env=serve_here, input=stdin, capture_output=True, timeout=120)
+        assert r.returncode == 0, (args, r.stderr.decode())
+        return r
+
+    def here(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "virtua.cli", *args], env=serve_here, capture_output=True,
+                              text=True, check=True, timeout=60).stdout
+
+    data = os.urandom(3 << 20) + b"\0" * (1 << 20) + os.urandom(1 << 20)
+    src = tmp_path / "in.raw"
+    src.write_bytes(data)
+    qcow = tmp_path / "in.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(qcow)], check=True)
+
+    # export of the same-named volume: the remote one's zeros, not this machine's 0x55
+    out = tmp_path / "victim.raw"
+    remote("volume", "export", "p/victim", str(out))
+    assert out.read_bytes() == b"\0" * (8 << 20)
+    assert remote("volume", "export", "p/victim", "-").stdout == b"\0" * (8 << 20)
+
+    # imports, raw (a file of this machine: over NBD, not the serve's file copy), qcow2, stdin
+    assert json.loads(remote("volume", "import", str(src), "p/fromapi", "--json").stdout)["via"] == "nbd"
+    remote("volume", "import", str(qcow), "p/fromqcow")
+    remote("volume", "import", "-", "p/fromstdin", "--size", str(len(data)), stdin=data)
+    for name in ("p/fromapi", "p/fromqcow", "p/fromstdin"):  # read back on the serve's own machine
+        assert name in plane.volumes(), name
+        got = tmp_path / f"{name.replace('/', '_')}.raw"
+        subprocess.run(["nbdcopy", f"nbd+unix:///{name}?socket={plane.home / 'nbd.sock'}", str(got)], check=True)
+        assert got.read_bytes() == data, name
+    qout = tmp_path / "out.qcow2"
+    remote("volume", "export", "p/fromqcow", str(qout), "-O", "qcow2")
+    assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qout), str(src)]).returncode == 0
+
+    # incremental backup both ways, through the remote serve
+    remote("snapshot", "create", "p/fromapi@s1")
+    diff = tmp_path / "s1.diff"
+    remote("volume", "export-diff", "p/fromapi@s1", str(diff))
+    remote("volume", "import-diff", str(diff), "p/rebuilt")
+    assert remote("volume", "export", "p/rebuilt", "-").stdout == data
+
+    # nothing of it went to the serve on this machine
+    assert [v["name"] for v in json.loads(here("volume", "list", "--json"))] == ["p/victim"]
+    assert here("volume", "export", "p/victim", "-") == "\x55" * (8 << 20)
+
+
+def test_data_over_the_api_without_a_certificate_is_refused_before_anything_starts(
+    plane: Plane, tmp_path: Path,
+) -> None:
+    """The admin token opens the API, not NBD (TLS there takes a certificate): one line,
+    before a job, a volume or a file exists."""
+    base = ["--api", plane.api, "--token-file", str(plane.pki / "admin-token"), "--ca", str(plane.pki / "ca-cert.pem")]
+    assert plane.cli(*base, "volume", "list", "--json").returncode == 0  # the token itself works
     src = tmp_path / "in.raw"
     src.write_bytes(b"\1" * 65536)
     out = tmp_path / "out.raw"
     jobs_before = plane.cli("job", "list", "--json").stdout
-    for args in (["volume", "import", str(src), "p/fromapi"], ["volume", "export", "p/victim", str(out)],
+    for args in (["volume", "import", str(src), "p/fromtoken"], ["volume", "export", "p/victim", str(out)],
                  ["volume", "export-diff", "p/victim@s1", str(out)], ["volume", "import-diff", str(src), "p/victim"]):
         r = plane.cli(*base, *args, check=False)
-        assert r.returncode == 2 and "over --api is not supported" in r.stderr, (args, r.returncode, r.stderr)
+        assert r.returncode == 2 and "needs --cert DIR" in r.stderr, (args, r.returncode, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.raw.*")), "no file, not even a partial one"
-    assert "p/fromapi" not in plane.volumes()
+    assert "p/fromtoken" not in plane.volumes()
     assert plane.cli("job", "list", "--json").stdout == jobs_before, "no job began"

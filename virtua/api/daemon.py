@@ -209,7 +209,10 @@ def build_api(storage: Storage, manager: Any = None) -> Any:
 
     @api.get("/v1/status")
     async def status() -> dict[str, Any]:
-        return {"pid": os.getpid(), **storage.summary()}
+        said: dict[str, Any] = {"pid": os.getpid(), **storage.summary()}
+        if manager is not None:  # where a remote CLI sends its data (virtua.cli.data)
+            said["nbd"] = getattr(manager, "nbd_service", None)
+        return said
 
     from virtua.api.routes import add_routes
 
@@ -638,6 +641,8 @@ async def serve(cfg: ServeConfig) -> None:
         manager.enforce_nbd_access = True
         manager.nbd_allowed = exports.allowed  # --allow rules first, as at open
     exports.holder_label = manager.disk_user
+    if nbd.port is not None:
+        manager.nbd_service = {"port": nbd.port, "tls": tls_mode, "cluster_ca": cfg.tls == "auto"}
     await manager.start()
     reaper = _recover_jobs(storage, manager)
     stop = asyncio.Event()

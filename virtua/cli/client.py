@@ -89,6 +89,7 @@ class RemoteClient(Client):
         token_file: Path | None = None, ca: Path | None = None,
     ) -> None:
         self.unix: str | None = None
+        self.cert = cert  # the admin credentials over TCP: the API's TLS, and NBD's for data
         if api is None:
             self.unix = str(daemon_socket(home))
             return
@@ -116,6 +117,16 @@ class RemoteClient(Client):
                                   "the manager) or --token-file with --ca")
         creds = Credentials(cert).check()
         self.http = httpx.Client(base_url=api.rstrip("/"), timeout=self.TIMEOUT, verify=creds.client_context(MANAGER))
+
+    def status(self) -> dict[str, Any]:
+        status, data = self._send("GET", "/v1/status", None, None, {})
+        try:
+            body = json.loads(data)
+        except ValueError as e:
+            raise Unavailable(f"virtua serve answered /v1/status with HTTP {status} and no JSON") from e
+        if status >= 400:
+            raise from_dict(body)
+        return dict(body)
 
     def call(self, op: str, **args: Any) -> Any:
         from virtua.api.route_table import request_for

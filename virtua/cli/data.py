@@ -1,7 +1,8 @@
 """Image import/export for the CLI, with a progress bar on a terminal.
 
 Data always moves over NBD, streamed by qemu-img convert (qcow2) or nbdcopy (raw): through
-`virtua serve`'s private admin socket when it holds the pools, else through a short-lived
+`virtua serve`'s private admin socket when it holds the pools, through its TCP port with
+TLS and the admin certificate when it is reached with --api, else through a short-lived
 in-process NBD server on a private unix socket. One code path, one behaviour.
 """
 
@@ -42,16 +43,22 @@ def progress_bar(label: str, total: int) -> Iterator[Callable[[float], None]]:
 
 
 @contextlib.contextmanager
-def nbd_socket(home: Path, client: Client) -> Iterator[str]:
-    """A unix socket where every volume of the pools is an NBD export, without TLS."""
-    if not isinstance(client, LocalClient):
+def nbd_place(home: Path, client: Client) -> Iterator[imageio.NbdPlace]:
+    """Where every volume of the pools is an NBD export: serve's private unix socket (no
+    TLS), a remote serve's TCP port (TLS with the admin certificate), or this process's
+    own server on a private unix socket."""
+    if isinstance(client, RemoteClient):
+        if client.unix is None:
+            yield remote_place(client, "copy")
+            return
         from virtua.storage.home import admin_nbd_socket
 
-        yield str(admin_nbd_socket(home))
+        yield imageio.NbdPlace(socket=str(admin_nbd_socket(home)))
         return
     from virtua.nbd.testing import ServerThread
     from virtua.nbd.volumes import StorageExports
 
+    assert isinstance(client, LocalClient)
     where = tempfile.mkdtemp(prefix="virtua-nbd-")  # 0700: only we can connect
     path = os.path.join(where, "nbd.sock")
     try:
@@ -60,9 +67,33 @@ def nbd_socket(home: Path, client: Client) -> Iterator[str]:
         quiet = logging.getLogger("virtua.nbd.in-process")
         quiet.setLevel(logging.ERROR)
         with ServerThread(exports, host=None, port=None, unix_path=path, holders=client.storage.holders, log=quiet):
-            yield path
+            yield imageio.NbdPlace(socket=path)
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def remote_place(client: RemoteClient, verb: str) -> imageio.NbdPlace:
+    """A serve reached over TCP (--api) takes data on its NBD port, over TLS with the
+    admin certificate (the export policy lets `admin` open any export). What it needs is
+    checked here, before anything starts: never this machine's socket, which may be
+    another serve's with a volume of the same name."""
+    cached = getattr(client, "_nbd_place", None)
+    if cached is not None:
+        return cached
+    if client.cert is None:
+        raise InvalidArgument(f"volume {verb} over --api needs --cert DIR (the admin certificate): the data goes "
+                              "over NBD with TLS, which takes a certificate, not the API token")
+    nbd = client.status().get("nbd")
+    if not nbd:
+        raise InvalidArgument(f"volume {verb} over --api: that serve does not take NBD over TCP (--listen); "
+                              "run it on the serve's host")
+    if nbd.get("tls") == "off" or not nbd.get("cluster_ca"):
+        raise InvalidArgument(f"volume {verb} over --api: that serve's NBD does not use TLS with the cluster CA "
+                              "(--tls auto), so the admin certificate cannot open its exports; run it on the serve's host")
+    host = client.http.base_url.host
+    place = imageio.NbdPlace(host=host, port=int(nbd["port"]), certs=str(client.cert))
+    client._nbd_place = place  # type: ignore[attr-defined]
+    return place
 
 
 @contextlib.contextmanager
@@ -78,20 +109,21 @@ def _source_file(source: str) -> Iterator[str]:
         yield path
 
 
-def data_path_here(client: Client, verb: str) -> None:
-    """Data goes over NBD on this machine (serve's admin socket, or this process's own
-    server). A serve reached over TCP (--api) is on another machine, or as good as: its
-    data socket is not the one here, and a same-named volume of a serve here would be
-    read or written instead. Refused before anything starts."""
-    if isinstance(client, RemoteClient) and client.unix is None:
-        raise InvalidArgument(f"volume {verb} over --api is not supported: the data would go over this machine's "
-                              "NBD socket, not the remote serve's; run it on the serve's host (or copy with "
-                              "qemu-img or nbdcopy over NBD with TLS and the admin certificate)")
+def check_data_path(client: Client, verb: str) -> None:
+    """Before anything starts: a remote serve (--api) can take this command's data."""
+    if is_remote(client):
+        assert isinstance(client, RemoteClient)
+        remote_place(client, verb)
+
+
+def is_remote(client: Client) -> bool:
+    """A serve reached over TCP: on another machine, or as good as (its files are not ours)."""
+    return isinstance(client, RemoteClient) and client.unix is None
 
 
 def import_image(home: Path, client: Client, source: str, ref: str, stream_size: int | None = None) -> dict[str, Any]:
     parse_ref(ref, snapshot=False)  # a bad name before anything is read
-    data_path_here(client, "import")
+    check_data_path(client, "import")
     if stream_size is not None:
         return _import_stream(home, client, ref, stream_size)
     with _source_file(source) as path:
@@ -104,15 +136,17 @@ def import_image(home: Path, client: Client, source: str, ref: str, stream_size:
                 return NoSpace(f"pool {pool} is full: {shown} needs more than its {format_size(free)} free")
             return InvalidArgument(f"cannot import {shown}: {_last_line(err)}")
 
-        def copy(uri: str, job_progress: Callable[[float], None]) -> str:
+        def copy(place: imageio.NbdPlace, job_progress: Callable[[float], None]) -> str:
             with progress_bar(f"import {ref}", image.virtual_size) as bar:
                 def both(percent: float) -> None:
                     bar(percent)
                     job_progress(percent)
 
-                return imageio.run_copy(imageio.import_command(image, uri), both)
+                return imageio.run_copy(imageio.import_command(image, place, str(parse_ref(ref))), both)
 
-        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed, shown, path)
+        # a remote serve cannot read a file of this machine: the data goes over NBD
+        local_file = None if is_remote(client) else path
+        return _into_new_volume(home, client, ref, image.virtual_size, image.format, copy, failed, shown, local_file)
 
 
 COPY_SLACK = 64 << 20  # less free than this after a failed copy: the pool filled up
@@ -130,14 +164,16 @@ def _import_stream(home: Path, client: Client, ref: str, size: int) -> dict[str,
             return InvalidArgument(f"stdin holds more than --size {format_size(size)}: give its size")
         return InvalidArgument(f"cannot import stdin: {_last_line(err)}")
 
-    def copy(uri: str, job_progress: Callable[[float], None]) -> str:
-        return imageio.run_copy(imageio.stream_import_command(uri), job_progress, stdin=sys.stdin.fileno())
+    def copy(place: imageio.NbdPlace, job_progress: Callable[[float], None]) -> str:
+        return imageio.run_copy(imageio.stream_import_command(place, str(parse_ref(ref))), job_progress,
+                                stdin=sys.stdin.fileno())
 
     return _into_new_volume(home, client, ref, size, "raw", copy, failed, "stdin")
 
 
 def _into_new_volume(
-    home: Path, client: Client, ref: str, size: int, fmt: str, copy: Callable[[str, Callable[[float], None]], str],
+    home: Path, client: Client, ref: str, size: int, fmt: str,
+    copy: Callable[[imageio.NbdPlace, Callable[[float], None]], str],
     failed: Callable[[str, str], VirtuaError], source: str = "an image", local_file: str | None = None,
 ) -> dict[str, Any]:
     """An import job: the daemon (or this process) creates ref (size rounded up to a
@@ -175,8 +211,8 @@ def _into_new_volume(
                     bar_of_daemon[0] = lambda percent: None
                 done[0] = 0
             if not copied:
-                with nbd_socket(home, client) as sock:
-                    err = copy(imageio.nbd_uri(sock, str(r)), progress)
+                with nbd_place(home, client) as place:
+                    err = copy(place, progress)
                 if err:
                     raise failed(err, r.pool)
     except BaseException as e:
@@ -247,7 +283,7 @@ def export_image(
     home: Path, client: Client, ref: str, dest: str, fmt: str, force: bool = False, sync: bool = True,
 ) -> dict[str, Any]:
     r = parse_ref(ref)
-    data_path_here(client, "export")
+    check_data_path(client, "export")
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
     if fmt == "qcow2" and dest == "-":
@@ -273,8 +309,8 @@ def export_image(
         if tmp is not None:
             err, via = _export_held(home, client, str(r), tmp, fmt, size, sync)
         else:
-            with nbd_socket(home, client) as sock, progress_bar(f"export {ref}", size) as bar:
-                cmd = imageio.export_command(imageio.nbd_uri(sock, str(r)), "-", fmt)
+            with nbd_place(home, client) as place, progress_bar(f"export {ref}", size) as bar:
+                cmd = imageio.export_command(place, str(r), "-", fmt)
                 err = imageio.run_copy(cmd, bar, stdout=sys.stdout.fileno())
         if err:
             if "No space left" in err or "Disk quota" in err:
@@ -325,7 +361,8 @@ def _export_held(
             with progress_bar(f"export {ref}", size) as bar:
                 # raw: nbdcopy over NBD (of the held snapshot) beats qemu-img writing a raw
                 # file here (ext4: 0.96 s against 1.34 s a GiB, both durable)
-                if fmt == "qcow2" and begin.get("data_file") and len(extents) <= filecopy.MAX_SOURCES:
+                local = not is_remote(client)  # the pool's data file is on this machine
+                if fmt == "qcow2" and local and begin.get("data_file") and len(extents) <= filecopy.MAX_SOURCES:
                     _enough_files(len(extents) + 64)
                     # in order (-W fragments a raw file on ext4), and past the page cache where
                     # the file system can: the fsync that makes the export durable is then free
@@ -339,8 +376,8 @@ def _export_held(
                             os.truncate(dest, 0)
                     else:
                         return err, "file"
-                with nbd_socket(home, client) as sock:
-                    cmd = imageio.export_command(imageio.nbd_uri(sock, held), dest, fmt)
+                with nbd_place(home, client) as place:
+                    cmd = imageio.export_command(place, held, dest, fmt)
                     err = imageio.run_copy(cmd, progress(bar))
             return err, "nbd"
     finally:

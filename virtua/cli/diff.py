@@ -2,7 +2,8 @@
 
 The pool says which chunks changed between two snapshots (op volume.diff: same physical
 chunk = same data, so this costs no reads); the data itself moves over NBD, through the
-same socket as import/export (serve's admin socket, or an in-process server).
+same way as import/export (serve's admin socket, its TCP port with TLS over --api, or an
+in-process server).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from virtua.cli.client import Client
-from virtua.cli.data import data_path_here, nbd_socket
+from virtua.cli.data import check_data_path, nbd_place
 from virtua.errors import AlreadyExists, InvalidArgument, NotFound
 from virtua.storage.names import parse_ref
 
@@ -32,8 +33,16 @@ PIECE = 4 << 20
 def _nbd(home: Path, client: Client, export: str) -> Iterator[Any]:
     from virtua.nbd.client import NBDClient
 
-    with nbd_socket(home, client) as sock:
-        c = NBDClient.connect(unix=sock, timeout=600).open(export, structured=False)
+    with nbd_place(home, client) as place:
+        if place.socket is not None:
+            c = NBDClient.connect(unix=place.socket, timeout=600).open(export, structured=False)
+        else:  # a remote serve: TLS with the admin certificate, checking the peer is the manager
+            from virtua.pki.credentials import MANAGER, Credentials
+
+            assert place.certs is not None
+            tls = Credentials(Path(place.certs)).client_context(MANAGER)
+            c = NBDClient.connect(place.host, place.port, timeout=600)
+            c.open(export, structured=False, tls=tls, tls_hostname=place.host)
         try:
             yield c
         finally:
@@ -64,7 +73,7 @@ def _output(dest: str, force: bool) -> Iterator[IO[bytes]]:
 
 def export_diff(home: Path, client: Client, ref: str, dest: str, since: str | None, force: bool) -> dict[str, Any]:
     r = parse_ref(ref)
-    data_path_here(client, "export-diff")
+    check_data_path(client, "export-diff")
     if since is not None:
         since = since.rpartition("@")[2]
     diff = client.call("volume.diff", ref=ref, since=since)
@@ -97,7 +106,7 @@ def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
 
 def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, Any]:
     r = parse_ref(ref, snapshot=False)
-    data_path_here(client, "import-diff")
+    check_data_path(client, "import-diff")
     if source != "-" and not os.path.isfile(source):
         raise NotFound(f"no such file: {source}")
     with contextlib.ExitStack() as stack:

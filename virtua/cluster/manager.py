@@ -83,6 +83,8 @@ class Manager:
         self.store = store
         self.advertise = advertise
         self.nbd_port = nbd_port
+        # what /v1/status says of NBD over TCP ({"port", "tls", "cluster_ca"}); None: not on TCP
+        self.nbd_service: dict[str, Any] | None = None
         self.api_port = api_port
         self.host_networks = [IPv4Network(n) for n in host_networks or []]
         self.restart_dead = restart_dead

@@ -186,11 +186,12 @@ class NBDClient:
             self.recv_exact(124)
 
     def open(
-        self, name: str, structured: bool = True, meta: bool = True, tls: ssl.SSLContext | None = None
+        self, name: str, structured: bool = True, meta: bool = True, tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
     ) -> NBDClient:
         self.hello()
         if tls is not None:
-            self.starttls(tls)
+            self.starttls(tls, tls_hostname)
         if structured:
             self.structured_reply()
             if meta:

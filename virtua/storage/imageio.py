@@ -282,15 +282,54 @@ def nbd_uri(socket_path: str, export: str) -> str:
     return f"nbd+unix:///{export}?socket={socket_path}"
 
 
+# the DNS name only the manager's certificate carries (virtua.pki): qemu-img checks it
+MANAGER_TLS_NAME = "virtua-manager"
+_TLS_OBJECT = "virtua-tls"
+
+
+@dataclass(frozen=True)
+class NbdPlace:
+    """Where the exports are, as each copy tool names them: serve's (or this process's)
+    unix socket, in plaintext; or serve's TCP port, with TLS and the client certificate
+    directory `certs` (QEMU's layout: ca-cert.pem, client-cert.pem, client-key.pem)."""
+
+    socket: str | None = None
+    host: str = ""
+    port: int = 0
+    certs: str | None = None
+
+    def uri(self, export: str) -> str:
+        """For libnbd's tools (nbdcopy): they check the certificate against the CA and the host."""
+        if self.socket is not None:
+            return nbd_uri(self.socket, export)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbds://{host}:{self.port}/{export}?tls-certificates={self.certs}"
+
+    def qemu_objects(self) -> list[str]:
+        if self.socket is not None:
+            return []
+        return ["--object", f"tls-creds-x509,id={_TLS_OBJECT},dir={self.certs},endpoint=client"]
+
+    def qemu_name(self, export: str) -> str:
+        """For qemu-img, beside qemu_objects(): over TCP it checks the peer is the manager."""
+        if self.socket is not None:
+            return nbd_uri(self.socket, export)
+        nbd = {"driver": "nbd", "server": {"type": "inet", "host": self.host, "port": str(self.port)},
+               "export": export, "tls-creds": _TLS_OBJECT, "tls-hostname": MANAGER_TLS_NAME}
+        return "json:" + json.dumps({"file": nbd}, separators=(",", ":"))
+
+
 PROGRESS_FD = "{progress_fd}"  # run_copy puts the progress pipe's descriptor here
 
 
-def import_command(image: Image, uri: str) -> list[str]:
+def import_command(image: Image, place: NbdPlace, export: str) -> list[str]:
     """Copy image into an empty volume (its zeros are skipped, never written)."""
     if image.format == "raw":
         _need("nbdcopy", "libnbd-bin")
-        return ["nbdcopy", "--destination-is-zero", "--flush", f"--progress={PROGRESS_FD}", image.path, uri]
-    return ["qemu-img", "convert", "-p", "-n", "--target-is-zero", "-W", *_source_args(image.path, image.format), "-O", "raw", uri]
+        return ["nbdcopy", "--destination-is-zero", "--flush", f"--progress={PROGRESS_FD}", image.path,
+                place.uri(export)]
+    return ["qemu-img", "convert", "-p", "-n", "--target-is-zero", "-W", *place.qemu_objects(),
+            *_source_args(image.path, image.format), "-O", "raw", place.qemu_name(export)]
 
 
 # formats whose header may name a backing file: opened with it forbidden, whatever the
@@ -305,23 +344,24 @@ def _source_args(path: str, fmt: str) -> list[str]:
     return ["json:" + json.dumps(spec, separators=(",", ":"))]
 
 
-def stream_import_command(uri: str) -> list[str]:
+def stream_import_command(place: NbdPlace, export: str) -> list[str]:
     """stdin (raw) into an empty volume: nbdcopy reads a pipe in order, skipping zeros."""
     _need("nbdcopy", "libnbd-bin")
-    return ["nbdcopy", "--destination-is-zero", "--flush", "-", uri]
+    return ["nbdcopy", "--destination-is-zero", "--flush", "-", place.uri(export)]
 
 
-def export_command(uri: str, dest: str, fmt: str) -> list[str]:
+def export_command(place: NbdPlace, export: str, dest: str, fmt: str) -> list[str]:
     """Copy a volume to dest ('-' for stdout: raw only); holes stay holes."""
     if fmt == "raw":
         _need("nbdcopy", "libnbd-bin")
-        return ["nbdcopy", f"--progress={PROGRESS_FD}", uri, dest]
+        return ["nbdcopy", f"--progress={PROGRESS_FD}", place.uri(export), dest]
     if fmt != "qcow2":
         raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
     if dest == "-":
         raise InvalidArgument("qcow2 cannot be written to stdout")
     _need("qemu-img", "qemu-utils")
-    return ["qemu-img", "convert", "-p", "-W", "-f", "raw", "-O", "qcow2", uri, dest]
+    return ["qemu-img", "convert", "-p", "-W", *place.qemu_objects(), "-f", "raw", "-O", "qcow2",
+            place.qemu_name(export), dest]
 
 
 _QEMU_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
