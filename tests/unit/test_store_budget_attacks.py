@@ -198,3 +198,20 @@ def test_a_call_out_of_budget_does_not_mark_a_healthy_etcd_sick(etcd_url: str) -
         assert s.get("/a") == {"n": 0}
     finally:
         s.close()
+
+
+def test_a_store_whose_first_check_fails_leaves_no_probe_thread_behind() -> None:
+    """serve with --etcd at an address nobody answers: the constructor's check fails, and
+    before, the probe it started kept polling the dead address for the process's life."""
+    import socket
+    import threading
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(Unavailable):
+        EtcdStateStore(f"http://127.0.0.1:{port}", prefix=f"/t-{uuid.uuid4().hex[:8]}", probe_in_background=True)
+    deadline = time.monotonic() + 3 * store_etcd.PROBE_EVERY + 1
+    while any(t.name == "etcd-probe" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a probe thread outlived the store that failed to start"
+        time.sleep(0.1)

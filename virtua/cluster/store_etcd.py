@@ -213,7 +213,11 @@ class EtcdStateStore:
         self._fences: set[str] = set()  # tombstone nonces this store tried (a fence's answer may be lost too)
         self._outcomes: dict[str, bool] = {}  # settled lost txns: nonce -> applied
         if check:
-            self.check()
+            try:
+                self.check()
+            except BaseException:
+                self.close()  # and its probe thread, which the failed check may have started
+                raise
 
     # ------------------------------------------------------------------ transport
 
