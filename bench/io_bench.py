@@ -6,7 +6,9 @@ One image (DATA of random bytes followed by half as much hole), raw and qcow2. E
 times, end to end (the CLI's start-up included), interleaved:
 
 * `virtua volume import/export`, raw and qcow2, offline (the CLI holds the pool and serves
-  it to the copy tool on a private in-process NBD socket) and through `virtua serve`;
+  it to the copy tool on a private in-process NBD socket), through `virtua serve`, and
+  through the same serve reached with --api from another home (NBD on TCP, TLS, the admin
+  certificate: as from another machine);
 * the baselines: `qemu-img convert` qcow2 -> raw file and raw file -> qcow2 of the same
   image on the same filesystem, and nbdcopy between the raw file and serve's NBD export
   directly (with the same flags the CLI gives it: --destination-is-zero --flush on import;
@@ -68,10 +70,16 @@ def main(argv: list[str]) -> int:
     for env in envs.values():
         subprocess.run([*VIRTUA, "pool", "create", "p", "--capacity", format_size(4 * data)], env=env, check=True,
                        stdout=subprocess.DEVNULL)
-    serve = subprocess.Popen([*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{free_port()}",
-                              "--api-listen", f"127.0.0.1:{free_port()}"], env=envs["serve"],
+    nbd_port, api_port = free_port(), free_port()
+    serve = subprocess.Popen([*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{nbd_port}",
+                              "--api-listen", f"127.0.0.1:{api_port}"], env=envs["serve"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert serve.stdout is not None and serve.stdout.readline().startswith("VIRTUA_READY")
+    # "remote": the same serve reached as from another machine (--api, its own empty home):
+    # the data goes over NBD on TCP with TLS and the admin certificate
+    admin = homes["serve"] / "pki" / "admin"
+    envs["remote"] = dict(os.environ, VIRTUA_HOME=str(work / "h-remote"))
+    prefix = {"offline": [], "serve": [], "remote": ["--api", f"https://127.0.0.1:{api_port}", "--cert", str(admin)]}
     sock = homes["serve"] / "private" / "nbd.sock"
     out = work / "out"
     times: dict[str, list[float]] = {}
@@ -86,21 +94,28 @@ def main(argv: list[str]) -> int:
     try:
         for _ in range(args.rounds):
             for mode, env in envs.items():
+                cli = [*VIRTUA, *prefix[mode]]
                 for fmt, img in (("raw", raw), ("qcow2", qcow)):
-                    run(f"import {fmt} {mode}", [*VIRTUA, "volume", "import", str(img), "p/v"], env)
+                    run(f"import {fmt} {mode}", [*cli, "volume", "import", str(img), "p/v"], env)
                     dest = str(out) if fmt == "raw" else f"{out}.qcow2"
-                    run(f"export {fmt} {mode}", [*VIRTUA, "volume", "export", "p/v", dest, "-O", fmt], env)
+                    run(f"export {fmt} {mode}", [*cli, "volume", "export", "p/v", dest, "-O", fmt], env)
                     # like for like with qemu-img convert and nbdcopy without --flush: no fsync
-                    run(f"export {fmt} {mode} --no-sync", [*VIRTUA, "volume", "export", "p/v", dest, "-O", fmt,
+                    run(f"export {fmt} {mode} --no-sync", [*cli, "volume", "export", "p/v", dest, "-O", fmt,
                                                           "--no-sync"], env,
-                        after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
+                        after=[[*cli, "volume", "rm", "p/v", "--now"]])
             env = envs["serve"]
             uri = f"nbd+unix:///p/v?socket={sock}"
+            tls_uri = f"nbds://127.0.0.1:{nbd_port}/p/v?tls-certificates={admin}"
             subprocess.run([*VIRTUA, "volume", "create", "p/v", "--size", str(raw.stat().st_size)], env=env,
                            check=True, stdout=subprocess.DEVNULL)
             run("import raw: nbdcopy", ["nbdcopy", "--destination-is-zero", "--flush", str(raw), uri], env)
             # --flush: as durable as the CLI's export, which fsyncs the file before renaming it into place
             run("export raw: nbdcopy", ["nbdcopy", "--flush", uri, str(out)], env,
+                after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
+            subprocess.run([*VIRTUA, "volume", "create", "p/v", "--size", str(raw.stat().st_size)], env=env,
+                           check=True, stdout=subprocess.DEVNULL)
+            run("import raw: nbdcopy over TLS", ["nbdcopy", "--destination-is-zero", "--flush", str(raw), tls_uri], env)
+            run("export raw: nbdcopy over TLS", ["nbdcopy", "--flush", tls_uri, str(out)], env,
                 after=[[*VIRTUA, "volume", "rm", "p/v", "--now"]])
             run("import qcow2: qemu-img", ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(out)], env)
             run("export qcow2: qemu-img", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), f"{out}.qcow2"], env)
@@ -121,12 +136,14 @@ def main(argv: list[str]) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"image: {format_size(data)} of random data + {format_size(data // 2)} hole; {args.rounds} rounds; "
           f"seconds (median), ratio to the baseline")
-    print("| operation | offline s | via serve s | baseline | baseline s | offline / base | serve / base |")
-    print("|---|---|---|---|---|---|---|")
+    print("| operation | offline s | via serve s | --api (TLS) s | baseline | baseline s | offline / base "
+          "| serve / base | --api / base |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for op, base in (("import raw", "import raw: nbdcopy"), ("export raw", "export raw: nbdcopy"),
                      ("import qcow2", "import qcow2: qemu-img"), ("export qcow2", "export qcow2: qemu-img")):
-        off, srv, b = med[f"{op} offline"], med[f"{op} serve"], med[base]
-        print(f"| {op} | {off:.2f} | {srv:.2f} | {base.split(': ')[1]} | {b:.2f} | {off / b:.2f}x | {srv / b:.2f}x |")
+        off, srv, rem, b = med[f"{op} offline"], med[f"{op} serve"], med[f"{op} remote"], med[base]
+        print(f"| {op} | {off:.2f} | {srv:.2f} | {rem:.2f} | {base.split(': ')[1]} | {b:.2f} | {off / b:.2f}x "
+              f"| {srv / b:.2f}x | {rem / b:.2f}x |")
     print()
     print("export --no-sync (the file left in the page cache, as qemu-img convert leaves it):")
     for fmt, base in (("raw", "export raw: nbdcopy"), ("qcow2", "export qcow2: qemu-img")):
@@ -138,5 +155,8 @@ def main(argv: list[str]) -> int:
     for name in ("import qcow2: qemu-img to NBD", "export qcow2: qemu-img from NBD", "export qcow2: qemu-img + fsync"):
         op = name.split(":")[0]
         print(f"| {name} | {med[name]:.2f} s | virtua via serve / this: {med[f'{op} serve'] / med[name]:.2f}x |")
+    for name in ("import raw: nbdcopy over TLS", "export raw: nbdcopy over TLS"):
+        op = name.split(":")[0]
+        print(f"| {name} | {med[name]:.2f} s | virtua --api / this: {med[f'{op} remote'] / med[name]:.2f}x |")
     shutil.rmtree(work, ignore_errors=True)
     return 0
