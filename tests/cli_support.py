@@ -47,16 +47,30 @@ class V:
         return lines[0]
 
 
+class RemoteV(V):
+    """The CLI as on another machine: its own empty $VIRTUA_HOME, and serve reached with
+    --api and the admin certificate (data over NBD on TCP, TLS). `home` is serve's."""
+
+    def __init__(self, serve: Serve, client_home: Path) -> None:
+        super().__init__(serve.home)
+        self.env = dict(os.environ, VIRTUA_HOME=str(client_home), COLUMNS="200")
+        self.prefix = ["--api", f"https://127.0.0.1:{serve.api_port}", "--cert", str(serve.home / "pki" / "admin")]
+
+    def run(self, *args: str, input: bytes | None = None, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        return super().run(*self.prefix, *args, input=input, ok=ok, timeout=timeout)
+
+
 class Serve:
     """A real `virtua serve` on loopback for one home; stop() sends SIGTERM."""
 
     def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
+        self.api_port = free_port()
         env = dict(os.environ, VIRTUA_HOME=str(home), COLUMNS="200", **(env or {}))
         self.proc = subprocess.Popen(
             [*VIRTUA, "serve", "--no-agent", "--listen", f"127.0.0.1:{self.port}",
-             "--api-listen", f"127.0.0.1:{free_port()}", *extra],
+             "--api-listen", f"127.0.0.1:{self.api_port}", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert self.proc.stdout is not None

@@ -1,6 +1,8 @@
 """One behaviour with or without the daemon: every storage command runs in a home the CLI
-holds itself and in a home a real `virtua serve` holds; output, JSON, errors and exit codes
-must be the same (timestamps and the home's path aside)."""
+holds itself, in a home a real `virtua serve` holds, and against a third serve reached as
+from another machine (--api with the admin certificate, from an empty home: the data goes
+over NBD on TCP with TLS); output, JSON, errors and exit codes must be the same
+(timestamps and the home's path aside; and, from afar, which way the data went)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_support import Serve, V
+from tests.cli_support import RemoteV, Serve, V
 
 pytestmark = pytest.mark.interop
 
@@ -82,6 +84,11 @@ def normal(out: bytes, home: Path) -> bytes:
     return STAMP.sub(b"<time>", out.replace(str(home.parent).encode(), b"<tmp>").replace(home.name.encode(), b"<home>"))
 
 
+# which way the data went (`via`: the pool's own file copy, or NBD) and so the size of a
+# qcow2 that qemu-img wrote from one source or the other: a remote CLI has only NBD
+VIA = re.compile(rb'("via": "|via +)(file|nbd)|("file_size": |file size +)[0-9.]+[KMG]?')
+
+
 def test_every_storage_command_behaves_the_same_with_and_without_serve(tmp_path: Path) -> None:
     img = tmp_path / "img.raw"
     with open(img, "wb") as f:
@@ -97,15 +104,17 @@ def test_every_storage_command_behaves_the_same_with_and_without_serve(tmp_path:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(full)], check=True)
     offline, online = V(tmp_path / "offline"), V(tmp_path / "online_")  # same length: same column widths
     serve = Serve(online.home)
+    far = Serve(tmp_path / "remote_")
+    remote = RemoteV(far, tmp_path / "client")
     seen: list[tuple[tuple[str, ...], tuple[object, ...]]] = []
     try:
-        for v in (offline, online):
+        for v in (offline, online, remote):
             (v.home.parent / f"{v.home.name}-out").mkdir()
         for row in TABLE:
             once = row[0] == ONCE
             args = row[1:] if once else row
             results = []
-            for v in (offline, online):
+            for v in (offline, online, remote):
                 fill = {"{img}": str(img), "{qcow}": str(qcow), "{big}": str(big), "{full}": str(full),
                         "{out}": str(v.home.parent / f"{v.home.name}-out")}
                 argv = [fill.get(a, a.replace("{out}", fill["{out}"]).replace("{full}", str(full))) for a in args]
@@ -120,11 +129,14 @@ def test_every_storage_command_behaves_the_same_with_and_without_serve(tmp_path:
                 results.append((human.returncode, normal(human.stdout, v.home), normal(human.stderr, v.home),
                                 as_json.returncode, normal(as_json.stdout, v.home), normal(as_json.stderr, v.home)))
             assert results[0] == results[1], f"{' '.join(args)}: offline {results[0]!r}\n  serve {results[1]!r}"
+            near, afar = (tuple(VIA.sub(b"<via>", x) if isinstance(x, bytes) else x for x in r) for r in results[1:])
+            assert near == afar, f"{' '.join(args)}: serve {results[1]!r}\n  --api {results[2]!r}"
             seen.append((args, results[0]))
             if args[:2] == ("volume", "export") and args[-1] == "-":
                 assert results[0][1] == img.read_bytes()
     finally:
         serve.stop()
+        far.stop()
         subprocess.run(["umount", str(full)], check=True)
     # the table must exercise the errors it claims to compare
     codes = {" ".join(args): r[0] for args, r in seen}

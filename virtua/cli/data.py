@@ -129,10 +129,11 @@ def import_image(home: Path, client: Client, source: str, ref: str, stream_size:
     with _source_file(source) as path:
         image = imageio.probe(path)
         shown = "stdin" if source == "-" else source
+        # what was free before the copy: a failed one has filled the pool by then (over NBD)
+        free = client.call("pool.info", name=parse_ref(ref).pool)["free"]
 
         def failed(err: str, pool: str) -> VirtuaError:
-            if "No space left" in err:
-                free = client.call("pool.info", name=pool)["free"]
+            if "No space left" in err:  # over NBD, or the pool's own copy of the file: one message
                 return NoSpace(f"pool {pool} is full: {shown} needs more than its {format_size(free)} free")
             return InvalidArgument(f"cannot import {shown}: {_last_line(err)}")
 
@@ -207,7 +208,10 @@ def _into_new_volume(
                 done[0] = None
                 with progress_bar(f"import {ref}", size) as bar:
                     bar_of_daemon[0] = bar
-                    copied = _copy_file_in(client, job, local_file, lock)
+                    try:
+                        copied = _copy_file_in(client, job, local_file, lock)
+                    except NoSpace as e:
+                        raise failed("No space left", r.pool) from e
                     bar_of_daemon[0] = lambda percent: None
                 done[0] = 0
             if not copied:
