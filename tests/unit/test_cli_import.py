@@ -86,3 +86,20 @@ def test_an_image_qemu_img_cannot_inspect_in_time_is_refused(tmp_path: Path, mon
     monkeypatch.setattr(imageio, "PROBE_TIMEOUT", 0.001)
     with pytest.raises(InvalidArgument, match=r"slow.qcow2: `qemu-img info` did not finish within 0.001 s: refused"):
         imageio.probe(str(img))
+
+
+def test_a_remote_serve_is_reached_on_its_nbd_address_never_this_machines_loopback() -> None:
+    """Over --api the data goes to serve's NBD listener: the API's address when NBD listens
+    on every address or on loopback of the same machine, its own address when it is one;
+    NBD on loopback only, reached from elsewhere, would be this machine's loopback (maybe
+    another serve's): refused."""
+    from virtua.cli.data import _nbd_host
+    from virtua.errors import InvalidArgument
+
+    assert _nbd_host("0.0.0.0", "10.0.0.5", "import") == "10.0.0.5"
+    assert _nbd_host("::", "10.0.0.5", "import") == "10.0.0.5"
+    assert _nbd_host("10.0.0.6", "10.0.0.5", "import") == "10.0.0.6"
+    assert _nbd_host("127.0.0.1", "127.0.0.1", "import") == "127.0.0.1"
+    assert _nbd_host("127.0.0.1", "localhost", "export") == "localhost"
+    with pytest.raises(InvalidArgument, match="takes NBD on 127.0.0.1 only"):
+        _nbd_host("127.0.0.1", "10.0.0.5", "import")

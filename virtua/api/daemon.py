@@ -642,7 +642,7 @@ async def serve(cfg: ServeConfig) -> None:
         manager.nbd_allowed = exports.allowed  # --allow rules first, as at open
     exports.holder_label = manager.disk_user
     if nbd.port is not None:
-        manager.nbd_service = {"port": nbd.port, "tls": tls_mode, "cluster_ca": cfg.tls == "auto"}
+        manager.nbd_service = {"host": host, "port": nbd.port, "tls": tls_mode, "cluster_ca": cfg.tls == "auto"}
     await manager.start()
     reaper = _recover_jobs(storage, manager)
     stop = asyncio.Event()

@@ -119,14 +119,7 @@ class RemoteClient(Client):
         self.http = httpx.Client(base_url=api.rstrip("/"), timeout=self.TIMEOUT, verify=creds.client_context(MANAGER))
 
     def status(self) -> dict[str, Any]:
-        status, data = self._send("GET", "/v1/status", None, None, {})
-        try:
-            body = json.loads(data)
-        except ValueError as e:
-            raise Unavailable(f"virtua serve answered /v1/status with HTTP {status} and no JSON") from e
-        if status >= 400:
-            raise from_dict(body)
-        return dict(body)
+        return dict(self._answer("/v1/status", *self._send("GET", "/v1/status", None, None, {})))
 
     def call(self, op: str, **args: Any) -> Any:
         from virtua.api.route_table import request_for
@@ -134,11 +127,14 @@ class RemoteClient(Client):
         req = request_for(op, args)  # the daemon's route of the operation (virtua.api.routes)
         content = None if req.body is None else json.dumps(req.body).encode()
         headers = {} if content is None else {"content-type": "application/json"}
-        status, data = self._send(req.method, req.path, req.query, content, headers)
+        return self._answer(op, *self._send(req.method, req.path, req.query, content, headers))
+
+    @staticmethod
+    def _answer(what: str, status: int, data: bytes) -> Any:
         try:
             body = json.loads(data)
         except ValueError as e:
-            raise Unavailable(f"virtua serve answered {op} with HTTP {status} and no JSON") from e
+            raise Unavailable(f"virtua serve answered {what} with HTTP {status} and no JSON") from e
         if status >= 400:
             raise from_dict(body)
         return body

@@ -90,7 +90,7 @@ def remote_place(client: RemoteClient, verb: str) -> imageio.NbdPlace:
     if nbd.get("tls") == "off" or not nbd.get("cluster_ca"):
         raise InvalidArgument(f"volume {verb} over --api: that serve's NBD does not use TLS with the cluster CA "
                               "(--tls auto), so the admin certificate cannot open its exports; run it on the serve's host")
-    host = client.http.base_url.host
+    host = _nbd_host(str(nbd.get("host") or ""), client.http.base_url.host, verb)
     place = imageio.NbdPlace(host=host, port=int(nbd["port"]), certs=str(client.cert))
     client._nbd_place = place  # type: ignore[attr-defined]
     return place
@@ -107,6 +107,27 @@ def _source_file(source: str) -> Iterator[str]:
         with open(path, "wb") as f:
             imageio._copy_sparse_stream(sys.stdin.buffer, f)
         yield path
+
+
+def _nbd_host(listen: str, api_host: str, verb: str) -> str:
+    """Where to reach serve's NBD: the address it listens on, or (a wildcard) the one its
+    API was reached at. NBD on loopback only is unreachable from elsewhere, and this
+    machine's own loopback may be another serve's."""
+    import ipaddress
+
+    def loopback(host: str) -> bool:
+        try:
+            return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    if listen in ("", "0.0.0.0", "::"):
+        return api_host
+    nbd_local = loopback(listen)
+    if nbd_local and not loopback(api_host):
+        raise InvalidArgument(f"volume {verb} over --api: that serve takes NBD on {listen} only; run it on the "
+                              "serve's host, or start serve with --listen ADDRESS:PORT")
+    return api_host if nbd_local else listen
 
 
 def check_data_path(client: Client, verb: str) -> None:
