@@ -50,3 +50,23 @@ def test_import_export_under_required_tls(tmp_path: Path) -> None:
     assert "Traceback" not in err, err
     assert "TLS required with PSK" in err, "the start-up line says the TLS mode"
     assert "unknown PSK identity 'mallory'" in err, err
+
+
+def test_data_goes_through_serve_in_a_home_whose_path_has_a_space(tmp_path: Path) -> None:
+    """serve's NBD socket is inside its home: a space in that path made the URI handed to
+    nbdcopy and qemu-img unparsable ("unable to parse URI"), so every import and export
+    over NBD failed there. Now the path is percent-encoded (both tools decode it)."""
+    v = V(tmp_path / "my home")
+    v.run("pool", "create", "p", "--capacity", "64M")
+    serve = Serve(v.home)
+    try:
+        data = os.urandom(1 << 20)
+        v.run("volume", "import", "-", "p/piped", "--size", str(len(data)), input=data)  # nbdcopy over NBD
+        assert v.run("volume", "export", "p/piped", "-").stdout == data
+        q = tmp_path / "out.qcow2"
+        v.run("volume", "export", "p/piped", str(q), "-O", "qcow2")
+        back = tmp_path / "back.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(q), str(back)], check=True)
+        assert back.read_bytes() == data
+    finally:
+        serve.stop()

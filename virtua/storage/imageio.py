@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from virtua.errors import InvalidArgument, NotFound, Unavailable
 from virtua.storage.device import BlockDevice
@@ -279,7 +280,8 @@ def _other_files(info: Any, path: str) -> list[str]:
 
 
 def nbd_uri(socket_path: str, export: str) -> str:
-    return f"nbd+unix:///{export}?socket={socket_path}"
+    # percent-encoded: libnbd and qemu-img decode it; a home with a space failed to parse
+    return f"nbd+unix:///{export}?socket={quote(socket_path, safe='/')}"
 
 
 # the DNS name only the manager's certificate carries (virtua.pki): qemu-img checks it
@@ -303,7 +305,7 @@ class NbdPlace:
         if self.socket is not None:
             return nbd_uri(self.socket, export)
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbds://{host}:{self.port}/{export}?tls-certificates={self.certs}"
+        return f"nbds://{host}:{self.port}/{export}?tls-certificates={quote(self.certs or '', safe='/')}"
 
     def qemu_objects(self) -> list[str]:
         if self.socket is not None:
