@@ -103,3 +103,18 @@ def test_a_remote_serve_is_reached_on_its_nbd_address_never_this_machines_loopba
     assert _nbd_host("127.0.0.1", "localhost", "export") == "localhost"
     with pytest.raises(InvalidArgument, match="takes NBD on 127.0.0.1 only"):
         _nbd_host("127.0.0.1", "10.0.0.5", "import")
+
+
+def test_a_wildcard_or_loopback_nbd_listener_is_known_however_its_address_is_spelled() -> None:
+    """serve binds what getaddrinfo makes of --listen: `[::0]`, `0` and `0:0::0` are every
+    address, `127.1` loopback. Compared as text, they were taken for an address of serve's
+    own, so the data went to that address on this machine: its own wildcard or loopback,
+    maybe another serve's (or NBD on loopback only, reached from elsewhere, was not refused)."""
+    from virtua.cli.data import _nbd_host
+    from virtua.errors import InvalidArgument
+
+    for wildcard in ("::0", "0:0:0:0:0:0:0:0", "0", "0.0.0.0", "::"):
+        assert _nbd_host(wildcard, "10.0.0.5", "import") == "10.0.0.5", wildcard
+    for loopback in ("127.1", "127.0.0.2", "::1", "LOCALHOST"):
+        with pytest.raises(InvalidArgument, match=f"takes NBD on {loopback} only"):
+            _nbd_host(loopback, "10.0.0.5", "import")

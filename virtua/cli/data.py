@@ -114,14 +114,22 @@ def _nbd_host(listen: str, api_host: str, verb: str) -> str:
     API was reached at. NBD on loopback only is unreachable from elsewhere, and this
     machine's own loopback may be another serve's."""
     import ipaddress
+    import socket
+
+    def address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        # as serve's bind reads it (getaddrinfo): `::0`, `0` and `127.1` are addresses too
+        try:
+            found = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+            return ipaddress.ip_address(str(found[0][4][0]).partition("%")[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def loopback(host: str) -> bool:
-        try:
-            return host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        ip = address(host)
+        return host.lower() == "localhost" or (ip is not None and ip.is_loopback)
 
-    if listen in ("", "0.0.0.0", "::"):
+    listen_ip = address(listen)
+    if listen == "" or (listen_ip is not None and listen_ip.is_unspecified):
         return api_host
     nbd_local = loopback(listen)
     if nbd_local and not loopback(api_host):
