@@ -118,3 +118,36 @@ def test_a_wildcard_or_loopback_nbd_listener_is_known_however_its_address_is_spe
     for loopback in ("127.1", "127.0.0.2", "::1", "LOCALHOST"):
         with pytest.raises(InvalidArgument, match=f"takes NBD on {loopback} only"):
             _nbd_host(loopback, "10.0.0.5", "import")
+
+
+@pytest.mark.parametrize("nbd", [
+    "yes", ["10.0.0.6", 10809], {"host": "10.0.0.6", "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": "nbd", "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": 0, "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": 70000, "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": True, "tls": "require", "cluster_ca": True},
+    {"host": ["10.0.0.6"], "port": 10809, "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6/x?tls-verify-peer=false#", "port": 10809, "tls": "require", "cluster_ca": True},
+])
+def test_what_a_serve_says_of_its_nbd_listener_is_checked_before_it_is_used(nbd: object, tmp_path: Path) -> None:
+    """/v1/status is another program's answer (another version, a broken serve): a "nbd"
+    that is not an object, without a port, a port that is no TCP port, a host that is no
+    address was a KeyError, ValueError or AttributeError (a traceback), or went into the
+    URI handed to nbdcopy as it was (its query then set nbdcopy's options). One line now."""
+    import httpx
+
+    from virtua.cli.client import RemoteClient
+    from virtua.cli.data import remote_place
+    from virtua.errors import Unavailable
+
+    client = RemoteClient.__new__(RemoteClient)
+    client.unix = None
+    client.cert = tmp_path / "admin"
+    client.http = httpx.Client(base_url="https://10.0.0.5:8780")
+    client.status = lambda: {"pid": 1, "nbd": nbd}  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="virtua serve says its NBD listens on .*: not an address and port"):
+        remote_place(client, "import")
+    client.status = lambda: {"pid": 1, "nbd": {"host": "10.0.0.6", "port": 10809, "tls": "require",  # type: ignore[method-assign]
+                                               "cluster_ca": True}}
+    place = remote_place(client, "import")  # control
+    assert (place.host, place.port) == ("10.0.0.6", 10809)
