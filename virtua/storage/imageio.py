@@ -310,7 +310,9 @@ class NbdPlace:
     def qemu_objects(self) -> list[str]:
         if self.socket is not None:
             return []
-        return ["--object", f"tls-creds-x509,id={_TLS_OBJECT},dir={self.certs},endpoint=client"]
+        # QEMU's option syntax: a comma ends the value, a doubled one is a comma of the path
+        certs = (self.certs or "").replace(",", ",,")
+        return ["--object", f"tls-creds-x509,id={_TLS_OBJECT},dir={certs},endpoint=client"]
 
     def qemu_name(self, export: str) -> str:
         """For qemu-img, beside qemu_objects(): over TCP it checks the peer is the manager."""
