@@ -96,3 +96,23 @@ def test_qcow2_over_the_api_with_a_certificate_directory_whose_name_has_a_comma(
         assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(out), str(raw)]).returncode == 0
     finally:
         serve.stop()
+
+
+def test_a_diff_over_the_api_that_nbd_refuses_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """export-diff and import-diff open the export with virtua's own NBD client: over --api
+    a refusal there (here serve's --allow rule names only host h1) escaped as a Python
+    traceback (OptionError), where nbdcopy's refusal of the same export is one line."""
+    v = V(tmp_path / "home")
+    v.run("pool", "create", "p", "--capacity", "64M")
+    v.run("volume", "create", "p/vol", "--size", "4M")
+    v.run("snapshot", "create", "p/vol@s1")
+    serve = Serve(v.home, "--allow", "p/*=h1")
+    try:
+        remote = RemoteV(serve, tmp_path / "client")
+        out = tmp_path / "s1.diff"
+        line = remote.fails(12, "volume", "export-diff", "p/vol@s1", str(out), match="refused p/vol@s1: access to export 'p/vol@s1' denied")
+        assert "Traceback" not in line and not out.exists()
+        v.run("volume", "export-diff", "p/vol@s1", str(out))  # control: serve's own socket
+        remote.fails(12, "volume", "import-diff", str(out), "p/copy", match="refused p/copy: access")
+    finally:
+        serve.stop()
