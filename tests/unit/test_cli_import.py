@@ -151,3 +151,53 @@ def test_what_a_serve_says_of_its_nbd_listener_is_checked_before_it_is_used(nbd:
                                                "cluster_ca": True}}
     place = remote_place(client, "import")  # control
     assert (place.host, place.port) == ("10.0.0.6", 10809)
+
+
+def test_a_hosts_certificate_never_passes_for_the_managers_on_the_nbd_port(tmp_path: Path) -> None:
+    """nbdcopy (libnbd 1.14) checks the server's certificate against the CA and the address
+    only, and a host's certificate carries its address: every local agent's (and any agent
+    joined on loopback) says 127.0.0.1, as the manager's does. So over --api on loopback
+    (serve's own machine, or a tunnel) a process with such a key on that port got the data
+    of raw imports and fed raw exports; qemu-img (tls-hostname) refused it. Now every copy
+    over TCP checks the name only the manager's certificate carries; the manager: control."""
+    from virtua.nbd.exports import DirectoryProvider
+    from virtua.nbd.testing import ServerThread
+    from virtua.nbd.tls import TLSConfig
+    from virtua.pki.ca import ClusterCA
+    from virtua.storage import imageio
+
+    ca = ClusterCA.ensure(tmp_path / "pki", manager_sans=["127.0.0.1"])
+    cert, key = ca.issue("host", "h1", ["127.0.0.1"])
+    (tmp_path / "h1.pem").write_bytes(cert)
+    (tmp_path / "h1.key").write_bytes(key)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "disk").write_bytes(b"\x66" * (1 << 20))
+    src = tmp_path / "in.raw"
+    src.write_bytes(b"\x77" * (1 << 20))
+    image = imageio.probe(str(src))
+    for who, pem, key_file, refused in (("host", tmp_path / "h1.pem", tmp_path / "h1.key", True),
+                                        ("manager", ca.manager.cert, ca.manager.key, False)):
+        (exports / "disk").write_bytes(b"\x66" * (1 << 20))
+        tls = TLSConfig(str(pem), str(key_file), str(tmp_path / "pki" / "ca-cert.pem"))
+        with ServerThread(DirectoryProvider(str(exports)), tls=tls, tls_mode="require") as st:
+            place = imageio.NbdPlace(host="127.0.0.1", port=int(st.port or 0), certs=str(tmp_path / "pki" / "admin"))
+            out = tmp_path / f"{who}.raw"
+            errors = [
+                imageio.run_copy(imageio.export_command(place, "disk", str(out), "raw"), None),
+                imageio.run_copy(imageio.import_command(image, place, "disk"), None),
+                imageio.run_copy(imageio.export_command(place, "disk", str(tmp_path / f"{who}.qcow2"), "qcow2"), None),
+            ]
+            with open(src, "rb") as stdin:
+                errors.append(imageio.run_copy(imageio.stream_import_command(place, "disk"), None, stdin=stdin.fileno()))
+        if refused:
+            assert all(errors), errors
+            # the reason is the last line (what the CLI shows), not nbdcopy's "its qemu-nbd went away"
+            assert all(e.splitlines()[-1].endswith("Certificate does not match the hostname virtua-manager")
+                       for e in errors), errors
+            assert (exports / "disk").read_bytes() == b"\x66" * (1 << 20), "nothing written to the impostor"
+            assert not out.exists() or out.read_bytes().strip(b"\0") == b"", "nothing read from it"
+        else:
+            assert not any(errors), errors
+            assert out.read_bytes() == b"\x66" * (1 << 20)
+            assert (exports / "disk").read_bytes() == b"\x77" * (1 << 20)
