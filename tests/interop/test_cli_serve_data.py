@@ -4,12 +4,13 @@ that matches every volume: files and stdin/stdout, raw and qcow2, byte for byte.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cli_support import Serve, V
+from tests.cli_support import RemoteV, Serve, V
 
 pytestmark = pytest.mark.interop
 
@@ -68,5 +69,50 @@ def test_data_goes_through_serve_in_a_home_whose_path_has_a_space(tmp_path: Path
         back = tmp_path / "back.raw"
         subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(q), str(back)], check=True)
         assert back.read_bytes() == data
+    finally:
+        serve.stop()
+
+
+def test_qcow2_over_the_api_with_a_certificate_directory_whose_name_has_a_comma(tmp_path: Path) -> None:
+    """qemu-img takes the certificate directory in `--object tls-creds-x509,dir=DIR,...`: a
+    comma in DIR ended the value there, so every qcow2 import and export over --api failed
+    with such a --cert (nbdcopy's URI, raw, was fine). QEMU's escape is a doubled comma."""
+    v = V(tmp_path / "home")
+    v.run("pool", "create", "p", "--capacity", "64M")
+    serve = Serve(v.home)
+    try:
+        certs = tmp_path / "admin,2026"
+        shutil.copytree(v.home / "pki" / "admin", certs)
+        remote = RemoteV(serve, tmp_path / "client")
+        remote.prefix[-1] = str(certs)
+        data = os.urandom(1 << 20)
+        raw = tmp_path / "in.raw"
+        raw.write_bytes(data)
+        qcow = tmp_path / "in.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)], check=True)
+        remote.run("volume", "import", str(qcow), "p/fromqcow")
+        out = tmp_path / "out.qcow2"
+        remote.run("volume", "export", "p/fromqcow", str(out), "-O", "qcow2")
+        assert subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(out), str(raw)]).returncode == 0
+    finally:
+        serve.stop()
+
+
+def test_a_diff_over_the_api_that_nbd_refuses_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """export-diff and import-diff open the export with virtua's own NBD client: over --api
+    a refusal there (here serve's --allow rule names only host h1) escaped as a Python
+    traceback (OptionError), where nbdcopy's refusal of the same export is one line."""
+    v = V(tmp_path / "home")
+    v.run("pool", "create", "p", "--capacity", "64M")
+    v.run("volume", "create", "p/vol", "--size", "4M")
+    v.run("snapshot", "create", "p/vol@s1")
+    serve = Serve(v.home, "--allow", "p/*=h1")
+    try:
+        remote = RemoteV(serve, tmp_path / "client")
+        out = tmp_path / "s1.diff"
+        line = remote.fails(12, "volume", "export-diff", "p/vol@s1", str(out), match="refused p/vol@s1: access to export 'p/vol@s1' denied")
+        assert "Traceback" not in line and not out.exists()
+        v.run("volume", "export-diff", "p/vol@s1", str(out))  # control: serve's own socket
+        remote.fails(12, "volume", "import-diff", str(out), "p/copy", match="refused p/copy: access")
     finally:
         serve.stop()

@@ -103,3 +103,101 @@ def test_a_remote_serve_is_reached_on_its_nbd_address_never_this_machines_loopba
     assert _nbd_host("127.0.0.1", "localhost", "export") == "localhost"
     with pytest.raises(InvalidArgument, match="takes NBD on 127.0.0.1 only"):
         _nbd_host("127.0.0.1", "10.0.0.5", "import")
+
+
+def test_a_wildcard_or_loopback_nbd_listener_is_known_however_its_address_is_spelled() -> None:
+    """serve binds what getaddrinfo makes of --listen: `[::0]`, `0` and `0:0::0` are every
+    address, `127.1` loopback. Compared as text, they were taken for an address of serve's
+    own, so the data went to that address on this machine: its own wildcard or loopback,
+    maybe another serve's (or NBD on loopback only, reached from elsewhere, was not refused)."""
+    from virtua.cli.data import _nbd_host
+    from virtua.errors import InvalidArgument
+
+    for wildcard in ("::0", "0:0:0:0:0:0:0:0", "0", "0.0.0.0", "::"):
+        assert _nbd_host(wildcard, "10.0.0.5", "import") == "10.0.0.5", wildcard
+    for loopback in ("127.1", "127.0.0.2", "::1", "LOCALHOST"):
+        with pytest.raises(InvalidArgument, match=f"takes NBD on {loopback} only"):
+            _nbd_host(loopback, "10.0.0.5", "import")
+
+
+@pytest.mark.parametrize("nbd", [
+    "yes", ["10.0.0.6", 10809], {"host": "10.0.0.6", "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": "nbd", "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": 0, "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": 70000, "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6", "port": True, "tls": "require", "cluster_ca": True},
+    {"host": ["10.0.0.6"], "port": 10809, "tls": "require", "cluster_ca": True},
+    {"host": "10.0.0.6/x?tls-verify-peer=false#", "port": 10809, "tls": "require", "cluster_ca": True},
+])
+def test_what_a_serve_says_of_its_nbd_listener_is_checked_before_it_is_used(nbd: object, tmp_path: Path) -> None:
+    """/v1/status is another program's answer (another version, a broken serve): a "nbd"
+    that is not an object, without a port, a port that is no TCP port, a host that is no
+    address was a KeyError, ValueError or AttributeError (a traceback), or went into the
+    URI handed to nbdcopy as it was (its query then set nbdcopy's options). One line now."""
+    import httpx
+
+    from virtua.cli.client import RemoteClient
+    from virtua.cli.data import remote_place
+    from virtua.errors import Unavailable
+
+    client = RemoteClient.__new__(RemoteClient)
+    client.unix = None
+    client.cert = tmp_path / "admin"
+    client.http = httpx.Client(base_url="https://10.0.0.5:8780")
+    client.status = lambda: {"pid": 1, "nbd": nbd}  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="virtua serve says its NBD listens on .*: not an address and port"):
+        remote_place(client, "import")
+    client.status = lambda: {"pid": 1, "nbd": {"host": "10.0.0.6", "port": 10809, "tls": "require",  # type: ignore[method-assign]
+                                               "cluster_ca": True}}
+    place = remote_place(client, "import")  # control
+    assert (place.host, place.port) == ("10.0.0.6", 10809)
+
+
+def test_a_hosts_certificate_never_passes_for_the_managers_on_the_nbd_port(tmp_path: Path) -> None:
+    """nbdcopy (libnbd 1.14) checks the server's certificate against the CA and the address
+    only, and a host's certificate carries its address: every local agent's (and any agent
+    joined on loopback) says 127.0.0.1, as the manager's does. So over --api on loopback
+    (serve's own machine, or a tunnel) a process with such a key on that port got the data
+    of raw imports and fed raw exports; qemu-img (tls-hostname) refused it. Now every copy
+    over TCP checks the name only the manager's certificate carries; the manager: control."""
+    from virtua.nbd.exports import DirectoryProvider
+    from virtua.nbd.testing import ServerThread
+    from virtua.nbd.tls import TLSConfig
+    from virtua.pki.ca import ClusterCA
+    from virtua.storage import imageio
+
+    ca = ClusterCA.ensure(tmp_path / "pki", manager_sans=["127.0.0.1"])
+    cert, key = ca.issue("host", "h1", ["127.0.0.1"])
+    (tmp_path / "h1.pem").write_bytes(cert)
+    (tmp_path / "h1.key").write_bytes(key)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "disk").write_bytes(b"\x66" * (1 << 20))
+    src = tmp_path / "in.raw"
+    src.write_bytes(b"\x77" * (1 << 20))
+    image = imageio.probe(str(src))
+    for who, pem, key_file, refused in (("host", tmp_path / "h1.pem", tmp_path / "h1.key", True),
+                                        ("manager", ca.manager.cert, ca.manager.key, False)):
+        (exports / "disk").write_bytes(b"\x66" * (1 << 20))
+        tls = TLSConfig(str(pem), str(key_file), str(tmp_path / "pki" / "ca-cert.pem"))
+        with ServerThread(DirectoryProvider(str(exports)), tls=tls, tls_mode="require") as st:
+            place = imageio.NbdPlace(host="127.0.0.1", port=int(st.port or 0), certs=str(tmp_path / "pki" / "admin"))
+            out = tmp_path / f"{who}.raw"
+            errors = [
+                imageio.run_copy(imageio.export_command(place, "disk", str(out), "raw"), None),
+                imageio.run_copy(imageio.import_command(image, place, "disk"), None),
+                imageio.run_copy(imageio.export_command(place, "disk", str(tmp_path / f"{who}.qcow2"), "qcow2"), None),
+            ]
+            with open(src, "rb") as stdin:
+                errors.append(imageio.run_copy(imageio.stream_import_command(place, "disk"), None, stdin=stdin.fileno()))
+        if refused:
+            assert all(errors), errors
+            # the reason is the last line (what the CLI shows), not nbdcopy's "its qemu-nbd went away"
+            assert all(e.splitlines()[-1].endswith("Certificate does not match the hostname virtua-manager")
+                       for e in errors), errors
+            assert (exports / "disk").read_bytes() == b"\x66" * (1 << 20), "nothing written to the impostor"
+            assert not out.exists() or out.read_bytes().strip(b"\0") == b"", "nothing read from it"
+        else:
+            assert not any(errors), errors
+            assert out.read_bytes() == b"\x66" * (1 << 20)
+            assert (exports / "disk").read_bytes() == b"\x77" * (1 << 20)

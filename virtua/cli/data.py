@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from virtua.cli.client import Client, LocalClient, RemoteClient
-from virtua.errors import AlreadyExists, Cancelled, InvalidArgument, NoSpace, VirtuaError
+from virtua.errors import (
+    AlreadyExists,
+    Cancelled,
+    InvalidArgument,
+    NoSpace,
+    Unavailable,
+    VirtuaError,
+)
 from virtua.storage import imageio
 from virtua.storage.names import parse_ref
 from virtua.units import SECTOR, format_size
@@ -87,11 +95,16 @@ def remote_place(client: RemoteClient, verb: str) -> imageio.NbdPlace:
     if not nbd:
         raise InvalidArgument(f"volume {verb} over --api: that serve does not take NBD over TCP (--listen); "
                               "run it on the serve's host")
+    # another program's answer: what goes into nbdcopy's URI is an address and a port, or nothing
+    listen, port = (nbd.get("host") or "", nbd.get("port")) if isinstance(nbd, dict) else (None, None)
+    if not (isinstance(listen, str) and re.fullmatch(r"[A-Za-z0-9.:-]{0,253}", listen)
+            and type(port) is int and 0 < port < 65536):
+        raise Unavailable(f"virtua serve says its NBD listens on {str(nbd)[:200]!r}: not an address and port")
     if nbd.get("tls") == "off" or not nbd.get("cluster_ca"):
         raise InvalidArgument(f"volume {verb} over --api: that serve's NBD does not use TLS with the cluster CA "
                               "(--tls auto), so the admin certificate cannot open its exports; run it on the serve's host")
-    host = _nbd_host(str(nbd.get("host") or ""), client.http.base_url.host, verb)
-    place = imageio.NbdPlace(host=host, port=int(nbd["port"]), certs=str(client.cert))
+    host = _nbd_host(listen, client.http.base_url.host, verb)
+    place = imageio.NbdPlace(host=host, port=port, certs=str(client.cert))
     client._nbd_place = place  # type: ignore[attr-defined]
     return place
 
@@ -114,14 +127,22 @@ def _nbd_host(listen: str, api_host: str, verb: str) -> str:
     API was reached at. NBD on loopback only is unreachable from elsewhere, and this
     machine's own loopback may be another serve's."""
     import ipaddress
+    import socket
+
+    def address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        # as serve's bind reads it (getaddrinfo): `::0`, `0` and `127.1` are addresses too
+        try:
+            found = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+            return ipaddress.ip_address(str(found[0][4][0]).partition("%")[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def loopback(host: str) -> bool:
-        try:
-            return host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        ip = address(host)
+        return host.lower() == "localhost" or (ip is not None and ip.is_loopback)
 
-    if listen in ("", "0.0.0.0", "::"):
+    listen_ip = address(listen)
+    if listen == "" or (listen_ip is not None and listen_ip.is_unspecified):
         return api_host
     nbd_local = loopback(listen)
     if nbd_local and not loopback(api_host):

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from virtua.cli.client import Client
 from virtua.cli.data import check_data_path, nbd_place
-from virtua.errors import AlreadyExists, InvalidArgument, NotFound
+from virtua.errors import AlreadyExists, Forbidden, InvalidArgument, NotFound
 from virtua.storage.names import parse_ref
 
 MAGIC = b"virtua-diff v1\n"
@@ -31,7 +31,8 @@ PIECE = 4 << 20
 
 @contextlib.contextmanager
 def _nbd(home: Path, client: Client, export: str) -> Iterator[Any]:
-    from virtua.nbd.client import NBDClient
+    from virtua.nbd.client import NBDClient, OptionError
+    from virtua.nbd.proto import REP_ERR_POLICY
 
     with nbd_place(home, client) as place:
         if place.socket is not None:
@@ -42,7 +43,15 @@ def _nbd(home: Path, client: Client, export: str) -> Iterator[Any]:
             assert place.certs is not None
             tls = Credentials(Path(place.certs)).client_context(MANAGER)
             c = NBDClient.connect(place.host, place.port, timeout=600)
-            c.open(export, structured=False, tls=tls, tls_hostname=place.host)
+            try:
+                c.open(export, structured=False, tls=tls, tls_hostname=place.host)
+            except OptionError as e:  # serve's policy (--allow), or no such export: one line, as nbdcopy's
+                c.close()
+                why = Forbidden if e.rep == REP_ERR_POLICY else InvalidArgument
+                raise why(f"NBD at {place.host}:{place.port} refused {export}: {e.msg or 'no reason given'}") from None
+            except BaseException:
+                c.close()
+                raise
         try:
             yield c
         finally:

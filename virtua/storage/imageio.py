@@ -300,17 +300,23 @@ class NbdPlace:
     port: int = 0
     certs: str | None = None
 
-    def uri(self, export: str) -> str:
-        """For libnbd's tools (nbdcopy): they check the certificate against the CA and the host."""
+    def nbdcopy_args(self, export: str, write: bool) -> list[str]:
+        """For nbdcopy, after `--`: the socket's URI; over TCP, qemu-nbd as its end
+        (socket activation), a TLS client that checks the peer is the manager, as qemu-img
+        does. libnbd 1.14 checks the CA and the address only, which a host's certificate
+        passes where it carries that address (every local agent's says 127.0.0.1)."""
         if self.socket is not None:
-            return nbd_uri(self.socket, export)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbds://{host}:{self.port}/{export}?tls-certificates={quote(self.certs or '', safe='/')}"
+            return [nbd_uri(self.socket, export)]
+        _need("qemu-nbd", "qemu-utils")
+        return ["[", "qemu-nbd", *([] if write else ["--read-only"]), *self.qemu_objects(), "-f", "raw",
+                self.qemu_name(export), "]"]
 
     def qemu_objects(self) -> list[str]:
         if self.socket is not None:
             return []
-        return ["--object", f"tls-creds-x509,id={_TLS_OBJECT},dir={self.certs},endpoint=client"]
+        # QEMU's option syntax: a comma ends the value, a doubled one is a comma of the path
+        certs = (self.certs or "").replace(",", ",,")
+        return ["--object", f"tls-creds-x509,id={_TLS_OBJECT},dir={certs},endpoint=client"]
 
     def qemu_name(self, export: str) -> str:
         """For qemu-img, beside qemu_objects(): over TCP it checks the peer is the manager."""
@@ -328,8 +334,8 @@ def import_command(image: Image, place: NbdPlace, export: str) -> list[str]:
     """Copy image into an empty volume (its zeros are skipped, never written)."""
     if image.format == "raw":
         _need("nbdcopy", "libnbd-bin")
-        return ["nbdcopy", "--destination-is-zero", "--flush", f"--progress={PROGRESS_FD}", image.path,
-                place.uri(export)]
+        return ["nbdcopy", "--destination-is-zero", "--flush", f"--progress={PROGRESS_FD}", "--", image.path,
+                *place.nbdcopy_args(export, write=True)]
     return ["qemu-img", "convert", "-p", "-n", "--target-is-zero", "-W", *place.qemu_objects(),
             *_source_args(image.path, image.format), "-O", "raw", place.qemu_name(export)]
 
@@ -349,14 +355,14 @@ def _source_args(path: str, fmt: str) -> list[str]:
 def stream_import_command(place: NbdPlace, export: str) -> list[str]:
     """stdin (raw) into an empty volume: nbdcopy reads a pipe in order, skipping zeros."""
     _need("nbdcopy", "libnbd-bin")
-    return ["nbdcopy", "--destination-is-zero", "--flush", "-", place.uri(export)]
+    return ["nbdcopy", "--destination-is-zero", "--flush", "--", "-", *place.nbdcopy_args(export, write=True)]
 
 
 def export_command(place: NbdPlace, export: str, dest: str, fmt: str) -> list[str]:
     """Copy a volume to dest ('-' for stdout: raw only); holes stay holes."""
     if fmt == "raw":
         _need("nbdcopy", "libnbd-bin")
-        return ["nbdcopy", f"--progress={PROGRESS_FD}", place.uri(export), dest]
+        return ["nbdcopy", f"--progress={PROGRESS_FD}", "--", *place.nbdcopy_args(export, write=False), dest]
     if fmt != "qcow2":
         raise InvalidArgument(f"unknown format {fmt!r}: use raw or qcow2")
     if dest == "-":
@@ -404,5 +410,8 @@ def run_copy(cmd: list[str], progress: Callable[[float], None] | None, stdout: i
     assert proc.stderr is not None
     err = proc.stderr.read().decode(errors="replace")
     if proc.wait() != 0:
-        return err.strip() or f"{cmd[0]} exited {proc.returncode}"
+        lines = err.strip().splitlines()
+        if len(lines) > 1 and lines[-2].startswith("qemu-nbd: ") and "socket_activation" in lines[-1]:
+            lines.pop()  # nbdcopy's qemu-nbd (NbdPlace.nbdcopy_args) said why; nbdcopy, only that it went
+        return "\n".join(lines) or f"{cmd[0]} exited {proc.returncode}"
     return ""
