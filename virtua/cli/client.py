@@ -6,10 +6,13 @@ import http.client
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from virtua.errors import InvalidArgument, Unavailable, from_dict
+
+if TYPE_CHECKING:
+    from virtua.storage.imageio import NbdPlace
 
 
 def daemon_socket(home: Path) -> Path:
@@ -83,6 +86,7 @@ class RemoteClient(Client):
     client certificate (--api https://HOST:PORT --cert DIR)."""
 
     TIMEOUT = 600.0
+    nbd_place: NbdPlace | None = None  # where a TCP serve's NBD is, once asked (virtua.cli.data)
 
     def __init__(
         self, home: Path, api: str | None = None, cert: Path | None = None,

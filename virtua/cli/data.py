@@ -85,9 +85,8 @@ def remote_place(client: RemoteClient, verb: str) -> imageio.NbdPlace:
     admin certificate (the export policy lets `admin` open any export). What it needs is
     checked here, before anything starts: never this machine's socket, which may be
     another serve's with a volume of the same name."""
-    cached = getattr(client, "_nbd_place", None)
-    if cached is not None:
-        return cached
+    if client.nbd_place is not None:
+        return client.nbd_place
     if client.cert is None:
         raise InvalidArgument(f"volume {verb} over --api needs --cert DIR (the admin certificate): the data goes "
                               "over NBD with TLS, which takes a certificate, not the API token")
@@ -105,7 +104,7 @@ def remote_place(client: RemoteClient, verb: str) -> imageio.NbdPlace:
                               "(--tls auto), so the admin certificate cannot open its exports; run it on the serve's host")
     host = _nbd_host(listen, client.http.base_url.host, verb)
     place = imageio.NbdPlace(host=host, port=port, certs=str(client.cert))
-    client._nbd_place = place  # type: ignore[attr-defined]
+    client.nbd_place = place
     return place
 
 
