@@ -1011,6 +1011,10 @@ class Pool:
             return
 
     def _merge_into_child(self, lid: int, child: Layer) -> None:
+        head = next((v for v in self.volumes.values() if v.layer == child.id), None)
+        if head is not None and self.layers[lid].volume == head.id and self._rows(child.id) < self._rows(lid):
+            self._merge_head_down(lid, head)
+            return
         parent = self.layers[lid].parent
         shadowed = "SELECT chunk FROM extents WHERE layer = ?"
         with Tx(self.db) as db:
@@ -1032,6 +1036,36 @@ class Pool:
         for vol in self.volumes.values():
             if vol.layer == child.id and vol.map is not None:
                 vol.parent_map = self.frozen_map(parent)
+        self.release(freed)
+        self._recycle()
+
+    def _rows(self, lid: int) -> int:
+        return int(self.db.execute("SELECT count(*) FROM extents WHERE layer = ?", (lid,)).fetchone()[0])
+
+    def _merge_head_down(self, lid: int, vol: Volume) -> None:
+        """_merge_into_child the other way: the volume's few head rows go down into the
+        nameless layer below, which becomes its head. The same content, in O(head) rows
+        rather than O(layer): removing the snapshot an export held (an idle volume's
+        whole data below an empty head) touches almost nothing. Safe only because every
+        caller has flushed first, so no planned write still names the old head."""
+        old = vol.layer
+        shadowed = "SELECT chunk FROM extents WHERE layer = ?"
+        with Tx(self.db) as db:
+            freed = [p for (p,) in db.execute(
+                f"SELECT phys FROM extents WHERE layer = ? AND phys > 0 AND chunk IN ({shadowed})", (lid, old))]
+            moved = [p for (p,) in db.execute("SELECT phys FROM extents WHERE layer = ? AND phys > 0", (old,))]
+            db.execute(f"DELETE FROM extents WHERE layer = ? AND chunk IN ({shadowed})", (lid, old))
+            db.execute("UPDATE extents SET layer = ? WHERE layer = ?", (lid, old))
+            db.execute("UPDATE volumes SET layer = ? WHERE id = ?", (lid, vol.id))
+            db.execute("DELETE FROM layers WHERE id = ?", (old,))
+        for p in moved:
+            self.owner[p] = lid
+        # the chunks left in lid were its own already: the head now overwrites them in place
+        del self.layers[old]
+        vol.layer = lid
+        self.frozen.pop(lid, None)
+        if vol.map is not None:
+            vol.parent_map = self.frozen_map(self.layers[lid].parent)
         self.release(freed)
         self._recycle()
 
