@@ -86,14 +86,18 @@ def main(argv: list[str]) -> int:
     out = work / "out"
     times: dict[str, list[float]] = {}
 
-    ballast = work / "ballast"
+    # in memory whatever --dir is: on a disk, 2 GiB of ballast was 2 GiB of writeback that
+    # the next command (and its baseline, unevenly) then competed with
+    ballast = Path("/dev/shm") / f"virtua-io-bench-ballast-{os.getpid()}"
     zeros = bytes(16 << 20)
 
     def warm() -> None:
         """Give the next command memory that was just freed. This VM returns pages free for
         a second or two to its host (virtio-balloon free page reporting), and taking them
         back costs ~2.5 s per GiB against ~0.7 s for pages freed a moment ago: whichever
-        command ran right after a removal was 2-4x faster than the same one after a pause."""
+        command ran right after a removal was 2-4x faster than the same one after a pause.
+        First sync: what the last command left dirty is not written back under the next one."""
+        os.sync()
         with open(ballast, "wb") as f:
             for _ in range(2 * data // len(zeros) + 1):
                 f.write(zeros)

@@ -20,3 +20,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]' >&2
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# Byte-compile our own code (pip does it for the packages it installs, not for an editable
+# one): with PYTHONDONTWRITEBYTECODE set, every CLI call compiled ~25 modules, ~40 ms of
+# its ~180 ms. Up-to-date files are skipped, so this costs ~50 ms when nothing changed.
+.venv/bin/python -m compileall -q virtua bench tests >/dev/null

@@ -36,13 +36,13 @@ class Plane:
         self.tmp = tmp
         self.home = tmp / "home"
         self.env = dict(os.environ, VIRTUA_HOME=str(self.home), COLUMNS="200")
-        self.api_port, self.agent_port = free_port(), free_port()
+        self.api_port, self.agent_port, self.nbd_port = free_port(), free_port(), free_port()
         self.api = f"https://127.0.0.1:{self.api_port}"
         self.log = tmp / "serve.log"
         self.cli("pool", "create", "p", "--capacity", "1G")
         self.cli("volume", "create", "p/victim", "--size", "8M")
         self.serve = subprocess.Popen(
-            [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{free_port()}",
+            [sys.executable, "-m", "virtua.cli", "serve", "--no-agent", "--listen", f"127.0.0.1:{self.nbd_port}",
              "--api-listen", f"127.0.0.1:{self.api_port}"],
             env=self.env, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
         )
@@ -385,6 +385,40 @@ def test_bad_bodies_at_the_host_endpoints(plane: Plane) -> None:
         r = c.post("/v1/hosts/a1/heartbeat", json={"vms": "all"})
         assert r.status_code == 400 and "argument 'vms' should be a list" in r.json()["message"]
     assert "Traceback" not in plane.log.read_text()
+
+
+def test_revoking_a_certificate_ends_the_nbd_sessions_it_opened(plane: Plane, tmp_path: Path) -> None:
+    """A revocation refused new handshakes, but an NBD session opened before it kept its
+    export (reads and writes) for as long as the client liked. Now serve cuts it, also when
+    another process wrote the revocation into the shared pki directory (as here)."""
+    from virtua.nbd.client import NBDClient
+
+    ca = ca_of(plane)
+    cert, key = ca.issue("admin", "admin")
+    spare = creds_from(tmp_path / "spare", ca.ca_pem, cert, key)
+
+    def session(creds: Credentials) -> NBDClient:
+        c = NBDClient.connect("127.0.0.1", plane.nbd_port, timeout=20)
+        return c.open("p/victim", structured=False, tls=creds.client_context(MANAGER), tls_hostname="127.0.0.1")
+
+    doomed, kept = session(spare), session(Credentials(plane.pki / "admin"))
+    assert doomed.read(0, 4096) == kept.read(0, 4096), "control: both sessions read the export"
+    ca.revoke_serials([x509_serial(cert)], "a spare admin certificate")
+
+    def cut() -> bool:
+        try:
+            doomed.read(0, 4096)
+        except (OSError, ConnectionError, ssl.SSLError):
+            return True
+        time.sleep(0.2)
+        return False
+    wait_for(cut, "serve to end the session of the revoked certificate", timeout=15)
+    assert plane.log_has("is revoked", timeout=5)
+    assert len(kept.read(0, 4096)) == 4096, "a session of a certificate still valid goes on"
+    with pytest.raises((OSError, ConnectionError, ssl.SSLError)):
+        session(spare).read(0, 4096)
+    kept.disconnect()
+    doomed.close()
 
 
 def test_a_removed_host_is_revoked(plane: Plane) -> None:

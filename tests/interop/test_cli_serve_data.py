@@ -114,5 +114,6 @@ def test_a_diff_over_the_api_that_nbd_refuses_is_one_line_not_a_traceback(tmp_pa
         assert "Traceback" not in line and not out.exists()
         v.run("volume", "export-diff", "p/vol@s1", str(out))  # control: serve's own socket
         remote.fails(12, "volume", "import-diff", str(out), "p/copy", match="refused p/copy: access")
+        assert "p/copy" not in {x["name"] for x in v.json("volume", "list")}, "the volume it made is removed"
     finally:
         serve.stop()

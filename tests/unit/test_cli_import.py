@@ -147,6 +147,10 @@ def test_what_a_serve_says_of_its_nbd_listener_is_checked_before_it_is_used(nbd:
     client.status = lambda: {"pid": 1, "nbd": nbd}  # type: ignore[method-assign]
     with pytest.raises(Unavailable, match="virtua serve says its NBD listens on .*: not an address and port"):
         remote_place(client, "import")
+    client.nbd_place = None
+    client.status = lambda: {"pid": 1}  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="that serve is older than this CLI"):  # not "does not take NBD"
+        remote_place(client, "import")
     client.status = lambda: {"pid": 1, "nbd": {"host": "10.0.0.6", "port": 10809, "tls": "require",  # type: ignore[method-assign]
                                                "cluster_ca": True}}
     place = remote_place(client, "import")  # control

@@ -100,6 +100,16 @@ def test_export_diff_import_diff_rebuild_the_volume(v: V, tmp_path: Path) -> Non
     truncated = tmp_path / "cut.diff"
     truncated.write_bytes(full.read_bytes()[:5000])
     v.fails(2, "volume", "import-diff", str(truncated), "p/other", match="truncated")
+    assert "p/other" not in {x["name"] for x in v.json("volume", "list")}, \
+        "a full diff that did not apply leaves no half-restored volume behind"
+    # an incremental one cut short has changed the volume already: say how to undo it
+    v.run("volume", "import-diff", str(full), "p/third")
+    (tmp_path / "cut-inc.diff").write_bytes(inc.read_bytes()[:-100])
+    r = v.run("volume", "import-diff", str(tmp_path / "cut-inc.diff"), "p/third", ok=False)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "truncated" in err, err
+    assert "snapshot rollback p/third@s1" in err and "Traceback" not in err, err
+    assert "p/third" in {x["name"] for x in v.json("volume", "list")}
 
 
 def test_trash_keeps_a_removed_volume_until_restored_or_expired(v: V, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
@@ -38,6 +38,9 @@ from virtua.procs import lock_home, stop_process_group
 from virtua.storage.home import admin_nbd_socket
 from virtua.storage.names import check_name
 from virtua.storage.service import Storage
+
+if TYPE_CHECKING:
+    from virtua.pki.ca import ClusterCA
 
 log = logging.getLogger("virtua.serve")
 
@@ -436,6 +439,21 @@ def stop_local_agent(pid: int, agent_home: Path) -> None:
 JOB_REAP_EVERY = 2.0
 
 
+REVOCATION_POLL = 2.0
+
+
+async def _watch_revocations(authority: ClusterCA, stop: asyncio.Event) -> None:
+    """Revocations written by another process into the shared pki directory (`virtua lab`,
+    an operator's tool) reach the TLS contexts and open sessions within a poll."""
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), REVOCATION_POLL)
+        try:
+            authority.poll_revoked()
+        except (OSError, ValueError) as e:  # a revoked.json being rewritten: the next poll
+            log.warning("cannot read the revocation list: %s", e)
+
+
 def _recover_jobs(storage: Storage, manager: Any) -> asyncio.Task[None]:
     """Undo what a crashed process left half done, now (before any client can see it) and
     then whenever a client-driven job's client goes quiet; on the loop thread, like every
@@ -602,6 +620,12 @@ async def serve(cfg: ServeConfig) -> None:
             nbd.ssl_context = cluster_tls.build_context()
 
         authority.on_revoke.append(reload_crl)
+    serve_loop = asyncio.get_running_loop()
+
+    def cut_revoked() -> None:  # ... and sessions opened before it end now (from any thread)
+        serve_loop.call_soon_threadsafe(lambda: nbd.drop_revoked(authority.is_revoked))
+
+    authority.on_revoke.append(cut_revoked)
     admin_socket = cfg.admin_nbd_socket
     admin_socket.parent.mkdir(mode=0o700, exist_ok=True)
     os.chmod(admin_socket.parent, 0o700)
@@ -646,6 +670,7 @@ async def serve(cfg: ServeConfig) -> None:
     await manager.start()
     reaper = _recover_jobs(storage, manager)
     stop = asyncio.Event()
+    revocations = asyncio.create_task(_watch_revocations(authority, stop))
     claim_keeper = asyncio.create_task(_keep_claim(store, cfg.lease_ttl, stop)) if isinstance(store, EtcdStateStore) else None
     from virtua.edge.guard import MAX_HEADER_BYTES
     from virtua.edge.limits import Admission
@@ -708,6 +733,7 @@ async def serve(cfg: ServeConfig) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*api_tasks), 5)
         reaper.cancel()
+        revocations.cancel()
         if claim_keeper is not None:
             claim_keeper.cancel()
         await manager.close()

@@ -90,7 +90,11 @@ def remote_place(client: RemoteClient, verb: str) -> imageio.NbdPlace:
     if client.cert is None:
         raise InvalidArgument(f"volume {verb} over --api needs --cert DIR (the admin certificate): the data goes "
                               "over NBD with TLS, which takes a certificate, not the API token")
-    nbd = client.status().get("nbd")
+    status = client.status()
+    if "nbd" not in status:
+        raise Unavailable(f"volume {verb} over --api: that serve is older than this CLI (its /v1/status does not "
+                          "say where its NBD listens); upgrade it, or run the command on the serve's host")
+    nbd = status["nbd"]
     if not nbd:
         raise InvalidArgument(f"volume {verb} over --api: that serve does not take NBD over TCP (--listen); "
                               "run it on the serve's host")

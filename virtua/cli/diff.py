@@ -20,13 +20,16 @@ from typing import IO, Any
 
 from virtua.cli.client import Client
 from virtua.cli.data import check_data_path, nbd_place
-from virtua.errors import AlreadyExists, Forbidden, InvalidArgument, NotFound
+from virtua.cli.render import warn
+from virtua.errors import AlreadyExists, Forbidden, InvalidArgument, NotFound, VirtuaError
 from virtua.storage.names import parse_ref
 
 MAGIC = b"virtua-diff v1\n"
 RECORD = struct.Struct(">cQQ")  # tag, offset, length
 DATA, ZEROS, END = b"D", b"Z", b"E"
 PIECE = 4 << 20
+CONNECT_TIMEOUT = 10.0  # connect and handshake: a serve that is there answers in milliseconds
+IO_TIMEOUT = 600.0
 
 
 @contextlib.contextmanager
@@ -36,13 +39,13 @@ def _nbd(home: Path, client: Client, export: str) -> Iterator[Any]:
 
     with nbd_place(home, client) as place:
         if place.socket is not None:
-            c = NBDClient.connect(unix=place.socket, timeout=600).open(export, structured=False)
+            c = NBDClient.connect(unix=place.socket, timeout=CONNECT_TIMEOUT).open(export, structured=False)
         else:  # a remote serve: TLS with the admin certificate, checking the peer is the manager
             from virtua.pki.credentials import MANAGER, Credentials
 
             assert place.certs is not None
             tls = Credentials(Path(place.certs)).client_context(MANAGER)
-            c = NBDClient.connect(place.host, place.port, timeout=600)
+            c = NBDClient.connect(place.host, place.port, timeout=CONNECT_TIMEOUT)
             try:
                 c.open(export, structured=False, tls=tls, tls_hostname=place.host)
             except OptionError as e:  # serve's policy (--allow), or no such export: one line, as nbdcopy's
@@ -52,6 +55,7 @@ def _nbd(home: Path, client: Client, export: str) -> Iterator[Any]:
             except BaseException:
                 c.close()
                 raise
+        c.sock.settimeout(IO_TIMEOUT)  # a request may wait behind a busy pool, a handshake may not
         try:
             yield c
         finally:
@@ -118,6 +122,7 @@ def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, 
     check_data_path(client, "import-diff")
     if source != "-" and not os.path.isfile(source):
         raise NotFound(f"no such file: {source}")
+    done: list[bool] = [False]
     with contextlib.ExitStack() as stack:
         f: IO[bytes] = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
         if f.read(len(MAGIC)) != MAGIC:
@@ -132,6 +137,7 @@ def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, 
             if since is not None:
                 raise NotFound(f"volume {r} does not exist; apply the full diff (the one without --from) first")
             client.call("volume.create", ref=ref, size=size)
+            stack.callback(_remove_unless_done, client, ref, done)
         elif since is not None and since not in volumes[str(r)]["snapshots"]:
             raise InvalidArgument(f"{r} has no snapshot {since}: this diff applies on top of @{since}")
         elif since is None and volumes[str(r)]["allocated"]:
@@ -141,6 +147,8 @@ def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, 
         if str(r) in volumes and volumes[str(r)]["size"] != size:
             client.call("volume.resize", ref=ref, size=size, shrink=True)
         data = zeros = 0
+        if since is not None:
+            stack.callback(_say_partly_applied, ref, since, done)
         with _nbd(home, client, str(r)) as nbd:
             while True:
                 tag, offset, length = RECORD.unpack(_read_exact(f, RECORD.size, source))
@@ -157,8 +165,23 @@ def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, 
                 else:
                     raise InvalidArgument(f"{source}: unknown record {tag!r}")
             nbd.flush()
-    if to is not None:
-        client.call("snapshot.create", ref=f"{r}@{to}")
+        if to is not None:
+            client.call("snapshot.create", ref=f"{r}@{to}")
+        done[0] = True
     info: dict[str, Any] = client.call("volume.info", ref=ref)
     info.update({"written": data, "zeroed": zeros, "applied_from": since, "snapshot_taken": to})
     return info
+
+
+def _remove_unless_done(client: Client, ref: str, done: list[bool]) -> None:
+    """A full diff that did not apply leaves no volume behind (it made the volume): a
+    half-written one would look like a restored backup."""
+    if not done[0]:
+        with contextlib.suppress(VirtuaError):
+            client.call("volume.rm", ref=ref, now=True, force=True)
+
+
+def _say_partly_applied(ref: str, since: str, done: list[bool]) -> None:
+    if not done[0]:
+        warn(f"{ref} is partly changed by the diff that did not apply: "
+             f"`virtua snapshot rollback {ref}@{since}` puts it back as it was")

@@ -24,6 +24,7 @@ import ssl
 import struct
 import termios
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from virtua.edge.limits import Admission, ConnectionLimits, source_of
@@ -31,7 +32,7 @@ from virtua.errors import VirtuaError
 from virtua.nbd import proto as P
 from virtua.nbd.bulk import BulkWorkers
 from virtua.nbd.exports import ExportProvider
-from virtua.nbd.tls import TLSConfig, peer_identity
+from virtua.nbd.tls import TLSConfig, peer_identity, peer_serial
 from virtua.storage.device import BlockDevice, FileDevice, pread_padded
 from virtua.storage.holders import Holder, Holders
 
@@ -229,6 +230,16 @@ class NBDServer:
                     return int(name[1])
         return None
 
+    def drop_revoked(self, revoked: Callable[[int], bool]) -> int:
+        """Cut every connection whose client certificate is now revoked: a new handshake
+        already fails, but a session opened before would otherwise keep its export."""
+        cut = 0
+        for c in list(self.connections):
+            if c.peer_serial is not None and revoked(c.peer_serial):
+                c._abort(f"the certificate of {c.identity!r} (serial {c.peer_serial:x}) is revoked")
+                cut += 1
+        return cut
+
     async def serve_forever(self) -> None:
         if self._closed is None:
             raise RuntimeError("start() first")
@@ -312,6 +323,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.no_zeroes = False
         self.tls_active = False
         self.identity: str | None = None
+        self.peer_serial: int | None = None
         self.structured = False
         self.meta_export: str | None = None
         self.meta_base_allocation = False
@@ -690,6 +702,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = new
         self.tls_active = True
         self.identity = peer_identity(new)
+        self.peer_serial = peer_serial(new)
         # state negotiated before TLS does not carry over
         self.structured = False
         self.meta_export = None

@@ -183,6 +183,16 @@ class TLSConfig:
         return ctx
 
 
+def peer_serial(transport: Any) -> int | None:
+    """The serial number of a verified client certificate (None under PSK or without one):
+    what a revocation names."""
+    cert = transport.get_extra_info("peercert")
+    try:
+        return int(str(cert["serialNumber"]), 16) if cert else None
+    except (KeyError, ValueError):
+        return None
+
+
 def peer_identity(transport: Any) -> str | None:
     """PSK username, or the CN of a verified client certificate."""
     sslobj = transport.get_extra_info("ssl_object")

@@ -91,6 +91,7 @@ class ClusterCA:
         self.revoked: set[int] = set()
         self._revoked_mtime = -1
         self._sync_revoked()
+        self._told = len(self.revoked)  # how many revocations on_revoke has heard of
 
     # ------------------------------------------------------------------ creation
 
@@ -324,9 +325,23 @@ class ClusterCA:
             self.revoked.update(serials)
             write_private(self.dir / "revoked.json", json.dumps(sorted(self.revoked)).encode())
         self.write_crl()
+        self._tell()
+        log.info("revoked the certificate(s) of %s: %s", whose, ", ".join(f"{s:x}" for s in serials))
+
+    def poll_revoked(self) -> bool:
+        """Take in revocations another process wrote (into the shared pki directory, its
+        CRL written too) and tell on_revoke; whether there were any."""
+        with self._lock:
+            self._sync_revoked()
+            if len(self.revoked) == self._told:
+                return False
+        self._tell()
+        return True
+
+    def _tell(self) -> None:
+        self._told = len(self.revoked)
         for listener in self.on_revoke:
             listener()
-        log.info("revoked the certificate(s) of %s: %s", whose, ", ".join(f"{s:x}" for s in serials))
 
     def write_crl(self) -> None:
         now = dt.datetime.now(dt.UTC)
