@@ -1012,7 +1012,9 @@ class Pool:
 
     def _merge_into_child(self, lid: int, child: Layer) -> None:
         head = next((v for v in self.volumes.values() if v.layer == child.id), None)
-        if head is not None and self.layers[lid].volume == head.id and self._rows(child.id) < self._rows(lid):
+        # never under a flatten or an export's pin: those hold the volume's layer ids
+        if (head is not None and head.id not in self.busy and self.layers[lid].volume == head.id
+                and self._rows(child.id) < self._rows(lid)):
             self._merge_head_down(lid, head)
             return
         parent = self.layers[lid].parent
