@@ -450,7 +450,7 @@ async def _watch_revocations(authority: ClusterCA, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), REVOCATION_POLL)
         try:
             authority.poll_revoked()
-        except (OSError, ValueError) as e:  # a revoked.json being rewritten: the next poll
+        except Exception as e:  # noqa: BLE001 - a revoked.json being rewritten, or malformed: the next poll
             log.warning("cannot read the revocation list: %s", e)
 
 

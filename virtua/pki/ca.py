@@ -302,26 +302,38 @@ class ClusterCA:
         self.revoke_serials(serials, f"{role} {name}")
         return serials
 
-    def _sync_revoked(self) -> None:
+    def _sync_revoked(self, strict: bool = True) -> None:
         """Take in revocations another process wrote (`virtua lab up` and serve share the
-        pki directory); the set is only ever added to, in place."""
+        pki directory); the set is only ever added to, in place. A file that does not parse
+        (caught half written, or malformed) raises if strict, else leaves the set as it was;
+        either way it is read again next time."""
         try:
             mtime = (self.dir / "revoked.json").stat().st_mtime_ns
         except FileNotFoundError:
             return
         if mtime != self._revoked_mtime:
+            try:
+                listed = json.loads(self._read("revoked.json", "[]"))
+                if not isinstance(listed, list) or not all(type(x) is int for x in listed):
+                    raise ValueError(f"{self.dir / 'revoked.json'} is not a list of serial numbers")
+            except (OSError, ValueError):
+                if strict:
+                    raise
+                return
+            # only once it parsed: a file caught half written is read again, even when the
+            # whole one has the same mtime (a coarse file system clock)
             self._revoked_mtime = mtime
-            self.revoked.update(int(x) for x in json.loads(self._read("revoked.json", "[]")))
+            self.revoked.update(listed)
 
     def is_revoked(self, serial: int) -> bool:
-        self._sync_revoked()
+        self._sync_revoked(strict=False)  # per request: the watch (poll_revoked) reports a bad file
         return serial in self.revoked
 
     def revoke_serials(self, serials: list[int], whose: str) -> None:
         if not serials:
             return
         with self._lock:
-            self._sync_revoked()
+            self._sync_revoked(strict=False)  # a malformed file is rewritten whole below
             self.revoked.update(serials)
             write_private(self.dir / "revoked.json", json.dumps(sorted(self.revoked)).encode())
         self.write_crl()
