@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -124,6 +126,7 @@ def import_diff(home: Path, client: Client, source: str, ref: str) -> dict[str, 
         raise NotFound(f"no such file: {source}")
     done: list[bool] = [False]
     with contextlib.ExitStack() as stack:
+        _terminate_unwinds(stack)  # first: its handler is put back after the cleanups below
         f: IO[bytes] = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
         if f.read(len(MAGIC)) != MAGIC:
             raise InvalidArgument(f"{source} is not a virtua diff (from `virtua volume export-diff`)")
@@ -185,3 +188,20 @@ def _say_partly_applied(ref: str, since: str, done: list[bool]) -> None:
     if not done[0]:
         warn(f"{ref} is partly changed by the diff that did not apply: "
              f"`virtua snapshot rollback {ref}@{since}` puts it back as it was")
+
+
+def _terminate_unwinds(stack: contextlib.ExitStack) -> None:
+    """SIGTERM (a `kill`, a service manager, a CI timeout) unwinds like Ctrl-C does, so a
+    half-made volume is removed or the rollback named; its default action would end the
+    process with neither. A second one while that runs is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    seen: list[bool] = []
+
+    def terminated(signum: int, frame: object) -> None:
+        if not seen:
+            seen.append(True)
+            raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    stack.callback(signal.signal, signal.SIGTERM, previous)
