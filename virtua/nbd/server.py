@@ -160,6 +160,9 @@ class NBDServer:
         self.ssl_context: ssl.SSLContext | None = (
             tls.build_context() if tls is not None and tls_mode != "off" else None
         )
+        # what drop_revoked was last asked with: a handshake under way then took the
+        # context from before the revocation (no CRL of it), so its end asks again
+        self.revoked: Callable[[int], bool] | None = None
         self.limits = ConnectionLimits(
             max_connections=max_connections,
             max_connections_per_source=max_connections_per_source,
@@ -233,6 +236,7 @@ class NBDServer:
     def drop_revoked(self, revoked: Callable[[int], bool]) -> int:
         """Cut every connection whose client certificate is now revoked: a new handshake
         already fails, but a session opened before would otherwise keep its export."""
+        self.revoked = revoked
         cut = 0
         for c in list(self.connections):
             if c.peer_serial is not None and revoked(c.peer_serial):
@@ -703,6 +707,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.tls_active = True
         self.identity = peer_identity(new)
         self.peer_serial = peer_serial(new)
+        revoked = self.srv.revoked
+        if self.peer_serial is not None and revoked is not None and revoked(self.peer_serial):
+            raise ssl.SSLError(f"the certificate of {self.identity!r} (serial {self.peer_serial:x}) is revoked")
         # state negotiated before TLS does not carry over
         self.structured = False
         self.meta_export = None
