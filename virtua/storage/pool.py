@@ -353,8 +353,12 @@ class Pool:
         job = _WipeJob(todo)
         self._wipe_job = job
 
+        # submitted now, not from the task: a wait on this thread before the task first
+        # runs (_wait_wipe_job from reserve or close) would otherwise wait forever
+        work = loop.run_in_executor(None, self._run_wipe_job, job)
+
         async def drive() -> None:
-            await loop.run_in_executor(None, self._run_wipe_job, job)
+            await work
             self._end_wipe_job(job)
 
         task = loop.create_task(drive())
@@ -475,12 +479,16 @@ class Pool:
         job = _FlushJob(self._pending, self._pending_free)
         self._pending, self._pending_free = {}, []
         self._job = job
-        task = loop.create_task(self._drive_flush(loop, job, fut))
+        # submitted now, not from the task: a synchronous flush on this thread before the
+        # task first runs (a FUA write whose row started this commit) waits for it
+        work = loop.run_in_executor(None, self._run_flush_job, job)
+        task = loop.create_task(self._drive_flush(loop, job, fut, work))
         self._flush_tasks.add(task)
         task.add_done_callback(self._flush_tasks.discard)
 
-    async def _drive_flush(self, loop: asyncio.AbstractEventLoop, job: _FlushJob, fut: asyncio.Future[None]) -> None:
-        await loop.run_in_executor(None, self._run_flush_job, job)
+    async def _drive_flush(self, loop: asyncio.AbstractEventLoop, job: _FlushJob, fut: asyncio.Future[None],
+                           work: asyncio.Future[None]) -> None:
+        await work
         self._end_flush_job(job)
         if not fut.done():
             if job.error is not None:
